@@ -1,0 +1,178 @@
+"""Server interceptors: the one error table, and RPC metrics.
+
+Every known failure leaves a service as a gRPC status with a
+``google.rpc.Status`` detail carrying ``ErrorInfo`` (AIP-193); an unexpected
+exception becomes INTERNAL with reason INTERNAL and is logged with its trace.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram
+
+from services.common import errors
+
+log = logging.getLogger("llmesh.rpc")
+
+ERROR_DOMAIN = "llmesh"
+
+# One table from domain exception to status code; subclasses inherit.
+ERROR_TABLE: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+RPC_DURATION = Histogram(
+    "llmesh_rpc_duration_seconds",
+    "Server-side RPC duration (for streams: until the stream ends).",
+    ["method", "code"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RPC_ERRORS = Counter("llmesh_rpc_errors_total", "RPCs that ended with a non-OK status.", ["method", "code", "reason"])
+
+
+def status_code_for(exc: errors.DomainError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        code = ERROR_TABLE.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None,
+              retry_after_ms: int | None = None) -> grpc.Status:
+    detail = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
+    detail.details.add().Pack(info)
+    if retry_after_ms is not None:
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+            seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000))
+        detail.details.add().Pack(retry)
+    return rpc_status.to_status(detail)
+
+
+def status_for_exception(exc: BaseException) -> tuple[grpc.Status, str]:
+    if isinstance(exc, errors.DomainError):
+        code = status_code_for(exc)
+        return to_status(code, exc.message, exc.reason, exc.metadata, exc.retry_after_ms), exc.reason
+    return to_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"), "INTERNAL"
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    status, reason = status_for_exception(exc)
+    if reason == "INTERNAL":
+        log.exception("unexpected error in %s", method, exc_info=exc)
+    RPC_ERRORS.labels(method, status.code.name, reason).inc()
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain exceptions to status + ErrorInfo and times every RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(fn: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            result = fn(request, context)
+            if hasattr(result, "__await__"):
+                result = await result
+            return result
+        except grpc.aio.AbortError:
+            code = _context_code(context)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place exceptions become statuses
+            code = status_for_exception(exc)[0].code.name
+            await _abort(context, method, exc)
+        finally:
+            RPC_DURATION.labels(method, code).observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            async for item in fn(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            code = _context_code(context)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            code = status_for_exception(exc)[0].code.name
+            await _abort(context, method, exc)
+        finally:
+            RPC_DURATION.labels(method, code).observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if isinstance(code, grpc.StatusCode) else "ABORTED_BY_HANDLER"
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, for clients and tests."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None

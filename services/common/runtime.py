@@ -1,0 +1,161 @@
+"""The one way to build and run a llmesh gRPC service.
+
+Lifecycle: listen with health NOT_SERVING for the service (the empty name,
+liveness, is SERVING at once) -> ``app.start()`` (load the model, open the
+database) -> SERVING. On SIGTERM/SIGINT: health drains to NOT_SERVING ->
+``server.stop(grace)`` -> ``app.close()`` -> flush traces.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import start_http_server
+
+from services.common.interceptors import ErrorInterceptor
+from services.common.logs import configure_logging
+from services.common.settings import ServerSettings, load_settings
+from services.common.telemetry import configure_tracing
+
+log = logging.getLogger("llmesh.runtime")
+
+S = TypeVar("S", bound=ServerSettings)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ServiceApp(Protocol):
+    """What a service hands the runtime."""
+
+    #: Full proto names of the services it serves, e.g. "llmesh.store.v1.StoreService".
+    service_names: Sequence[str]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add servicers to the server (no I/O)."""
+
+    async def start(self) -> None:
+        """Acquire resources; the service turns SERVING when this returns."""
+
+    async def close(self) -> None:
+        """Release resources after the server stopped."""
+
+
+@dataclass
+class RunningService:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    app: ServiceApp
+    settings: ServerSettings
+    port: int
+    metrics_port: int | None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.stopped.is_set():
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s if grace is None else grace)
+        try:
+            await self.app.close()
+        finally:
+            self.stopped.set()
+
+
+def server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningService:
+    """Start serving ``app``; returns once it is ready (health SERVING)."""
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), ErrorInterceptor()],
+        options=server_options(),
+    )
+    app.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in app.service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        metrics_server, _thread = start_http_server(settings.metrics_port, addr=settings.host)
+        metrics_port = metrics_server.server_port
+    await server.start()
+    running = RunningService(server, health_servicer, app, settings, port, metrics_port)
+    try:
+        await app.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    for name in app.service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return running
+
+
+@contextlib.asynccontextmanager
+async def running_service(app: ServiceApp, settings: ServerSettings) -> AsyncIterator[RunningService]:
+    """For tests: a started service on its own port, stopped on exit."""
+    running = await start_service(app, settings)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0.5)
+
+
+async def serve(app: ServiceApp, settings: ServerSettings, service: str) -> None:
+    """Run until SIGTERM/SIGINT, then stop in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_service(app, settings)
+    # One line a launcher can parse; the rest of the logs are JSON.
+    log.info(
+        "serving",
+        extra={"event": "serving", "port": running.port, "metrics_port": running.metrics_port,
+               "services": list(app.service_names)},
+    )
+    await stop.wait()
+    log.info("draining", extra={"event": "draining", "grace_s": settings.grace_s})
+    await running.stop()
+    log.info("stopped", extra={"event": "stopped"})
+
+
+def main(service: str, settings_cls: type[S], build_app: Callable[[S], ServiceApp],
+         argv: Sequence[str] | None = None) -> None:
+    """Entry point for ``python -m services.<service>``."""
+    settings = load_settings(settings_cls, service, sys.argv[1:] if argv is None else argv)
+    configure_logging(service, settings.log_level)
+    provider = configure_tracing(service, settings)
+    try:
+        asyncio.run(serve(build_app(settings), settings, service))
+    finally:
+        if provider is not None:
+            provider.shutdown()

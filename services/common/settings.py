@@ -1,0 +1,96 @@
+"""Frozen settings dataclasses filled from the environment and the command line.
+
+A field ``grace_s`` of service ``store`` is read from ``--grace-s`` on the
+command line, else ``LLMESH_STORE_GRACE_S``, else ``LLMESH_GRACE_S``, else its
+default. Nothing is read at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+from services.common.errors import InvalidArgument
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What every service shares. Service settings subclass this."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Prometheus endpoint; 0 picks a free port, -1 disables it.
+    metrics_port: int = -1
+    # Seconds in-flight RPCs get to finish on shutdown.
+    grace_s: float = 5.0
+    log_level: str = "INFO"
+    # Where the service keeps its files (databases, logs, traces).
+    data_dir: str = "data"
+    # OTLP gRPC endpoint for traces; empty writes traces to trace_file.
+    otlp_endpoint: str = ""
+    # JSON-lines trace file, relative to data_dir; empty disables it.
+    trace_file: str = ""
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _parse(value: str, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise InvalidArgument(f"{name}: expected a boolean, got {value!r}", field=name)
+    if annotation is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected an integer, got {value!r}", field=name) from None
+    if annotation is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected a number, got {value!r}", field=name) from None
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(annotation)
+        return tuple(_parse(part.strip(), item_type, name) for part in value.split(",") if part.strip())
+    return value
+
+
+def load_settings(
+    cls: type[T],
+    service: str,
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build ``cls`` from defaults, then env, then command-line flags."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for f in fields:
+        for key in (f"LLMESH_{service.upper()}_{f.name.upper()}", f"LLMESH_{f.name.upper()}"):
+            if key in environ:
+                values[f.name] = _parse(environ[key], hints[f.name], f.name)
+                break
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
+    for f in fields:
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
+    args = parser.parse_args(list(argv) if argv is not None else [])
+    for f in fields:
+        raw = getattr(args, f.name)
+        if raw is not None:
+            values[f.name] = _parse(raw, hints[f.name], f.name)
+    return cls(**values)

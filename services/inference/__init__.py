@@ -1,0 +1,1 @@
+"""llmesh inference service: the llama.cpp inference node."""

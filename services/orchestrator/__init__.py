@@ -1,0 +1,1 @@
+"""llmesh orchestrator service: the agent orchestrator."""

@@ -1,0 +1,13 @@
+"""Settings of the agent orchestrator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import ServerSettings
+
+DEFAULT_PORT = 50052
+
+
+@dataclass(frozen=True)
+class Settings(ServerSettings):
+    port: int = DEFAULT_PORT

@@ -1,0 +1,1 @@
+"""llmesh policy service: the exec-policy and audit service."""

@@ -1,0 +1,1 @@
+"""llmesh store service: the store."""

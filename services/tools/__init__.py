@@ -1,0 +1,1 @@
+"""llmesh tools service: the tool executor."""

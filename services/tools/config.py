@@ -1,0 +1,13 @@
+"""Settings of the tool executor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import ServerSettings
+
+DEFAULT_PORT = 50053
+
+
+@dataclass(frozen=True)
+class Settings(ServerSettings):
+    port: int = DEFAULT_PORT
