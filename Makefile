@@ -1,0 +1,63 @@
+# llmesh: `make run` starts the mesh, `make test` runs the suite. Both set up
+# everything first: virtualenv, dependencies, generated code, the model.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+BUF := $(VENV)/bin/buf
+STAMP := $(VENV)/.installed
+GEN_STAMP := gen/.stamp
+PROTOS := $(shell find protos -name '*.proto')
+NODES ?= 1
+PYTEST_ARGS ?=
+# llama.cpp is compiled once; pip keeps the wheel in its cache afterwards.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+.PHONY: setup run test gen model system-deps lint-protos proto-image bench clean
+
+setup: $(STAMP) $(GEN_STAMP) model
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar off -r requirements.txt
+	echo "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llmesh-gen.pth"
+	touch $@
+
+gen: $(GEN_STAMP)
+$(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py
+	$(PY) scripts/gen_protos.py
+	touch $@
+
+model: $(STAMP)
+	@$(PY) -m services.common.model_cache >/dev/null
+
+# PostgreSQL server (store tests) and bubblewrap (tool sandbox), when missing.
+system-deps:
+	@bash scripts/system_deps.sh
+
+lint-protos: $(GEN_STAMP)
+	$(BUF) lint
+	$(BUF) breaking protos --against descriptors/llmesh-v1.binpb
+
+# Deliberate only: rewrites the committed v1 image that `buf breaking` guards.
+proto-image: $(GEN_STAMP)
+	$(BUF) build protos -o descriptors/llmesh-v1.binpb
+
+test: setup system-deps lint-protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: setup
+	$(PY) -m services.launcher --nodes $(NODES)
+
+clean:
+	rm -rf gen build .pytest_cache
+
+# Each component adds its own targets (bench-*, migrations) here.
+-include mk/*.mk
+
+# `make bench` runs every component's benchmark (each mk/<name>.mk defines
+# bench-<name>); results land in bench/results/*.json.
+BENCHES := $(patsubst mk/%.mk,bench-%,$(wildcard mk/*.mk))
+bench: $(BENCHES)

@@ -1,0 +1,248 @@
+"""Start the whole mesh on loopback: ``python -m services.launcher`` (``make run``).
+
+Starts every service as a child process with its logs in ``<data>/logs``,
+waits until each reports SERVING on its readiness health check, prints a table
+of endpoints, and stops every child on Ctrl-C or SIGTERM. A child that dies is
+reported by name with its last log lines and the mesh is stopped: nothing
+fails silently.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+PR_SET_PDEATHSIG = 1
+STOP_TIMEOUT_S = 8.0
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    name: str
+    module: str
+    full_name: str
+    port_offset: int
+    depends_on: tuple[str, ...] = ()
+
+
+SERVICES: tuple[ServiceDef, ...] = (
+    ServiceDef("store", "services.store", "llmesh.store.v1.StoreService", 4),
+    ServiceDef("policy", "services.policy", "llmesh.policy.v1.PolicyService", 3, ("store",)),
+    ServiceDef("tools", "services.tools", "llmesh.tools.v1.ToolService", 2, ("policy",)),
+    ServiceDef("inference", "services.inference", "llmesh.inference.v1.InferenceService", 0),
+    ServiceDef("orchestrator", "services.orchestrator", "llmesh.orchestrator.v1.AgentService", 1,
+               ("store", "policy", "tools", "inference")),
+)
+
+
+@dataclass
+class Child:
+    name: str
+    service: ServiceDef
+    port: int
+    metrics_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    ready: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def last_log_lines(self, n: int = 20) -> list[str]:
+        try:
+            with self.log_path.open("r", encoding="utf-8", errors="replace") as f:
+                return list(deque(f, maxlen=n))
+        except FileNotFoundError:
+            return []
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the launcher itself is killed: no orphans."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def plan_children(data_dir: Path, port_base: int, nodes: int) -> list[Child]:
+    children: list[Child] = []
+    node_ports = [port_base] + [port_base + 10 + i for i in range(1, nodes)]
+    for svc in SERVICES:
+        if svc.name == "inference":
+            for i, port in enumerate(node_ports):
+                name = "inference" if nodes == 1 else f"inference-{i + 1}"
+                children.append(Child(name, svc, port, port + 100, data_dir / "logs" / f"{name}.log"))
+        else:
+            port = port_base + svc.port_offset
+            children.append(Child(svc.name, svc, port, port + 100, data_dir / "logs" / f"{svc.name}.log"))
+    targets = {c.service.name: c.target for c in children}
+    inference_nodes = ",".join(c.target for c in children if c.service.name == "inference")
+    wiring = {
+        "LLMESH_STORE_TARGET": targets["store"],
+        "LLMESH_POLICY_TARGET": targets["policy"],
+        "LLMESH_TOOLS_TARGET": targets["tools"],
+        "LLMESH_INFERENCE_TARGET": node_ports and f"127.0.0.1:{node_ports[0]}",
+        "LLMESH_INFERENCE_NODES": inference_nodes,
+        "LLMESH_ORCHESTRATOR_TARGET": targets["orchestrator"],
+    }
+    for child in children:
+        child.extra_env = dict(wiring)
+        if child.service.name == "inference":
+            child.extra_env["LLMESH_INFERENCE_NODE_ID"] = child.name
+    return children
+
+
+class Launcher:
+    def __init__(self, children: list[Child], data_dir: Path, ready_timeout_s: float) -> None:
+        self.children = children
+        self.data_dir = data_dir
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_requested = asyncio.Event()
+        self.failed: Child | None = None
+
+    def spawn(self, child: Child) -> None:
+        child.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **child.extra_env, "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", child.service.module, "--port", str(child.port),
+                "--metrics-port", str(child.metrics_port), "--data-dir", str(self.data_dir)]
+        log = child.log_path.open("ab")
+        child.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         preexec_fn=_die_with_parent)
+        log.close()
+
+    async def wait_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        async with grpc.aio.insecure_channel(child.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if child.process is not None and child.process.poll() is not None:
+                    raise ChildDied(child)
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=child.service.full_name), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        child.ready = True
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                # Start-up only: a short wait between probes is fine here.
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"{child.name} not ready after {self.ready_timeout_s:.0f}s")
+
+    async def start_all(self) -> None:
+        started: set[str] = set()
+        pending = list(self.children)
+        while pending:
+            wave = [c for c in pending if all(d in started for d in c.service.depends_on)]
+            for child in wave:
+                self.spawn(child)
+            await asyncio.gather(*(self.wait_ready(c) for c in wave))
+            for child in wave:
+                started.add(child.service.name)
+                pending.remove(child)
+
+    async def watch(self) -> None:
+        """Resolve when a child exits on its own or a stop is requested."""
+        loop = asyncio.get_running_loop()
+        waiters = [loop.run_in_executor(None, c.process.wait) for c in self.children if c.process]
+        stop_task = asyncio.ensure_future(self.stop_requested.wait())
+        done, _ = await asyncio.wait([stop_task, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        if stop_task not in done:
+            self.failed = next(c for c in self.children if c.process and c.process.poll() is not None)
+        stop_task.cancel()
+
+    def stop_all(self) -> None:
+        alive = [c for c in self.children if c.process and c.process.poll() is None]
+        for child in reversed(alive):
+            child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in alive:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                child.process.wait(remaining)  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                print(f"{child.name} did not stop in time; killing it", file=sys.stderr)
+                child.process.kill()  # type: ignore[union-attr]
+                child.process.wait()  # type: ignore[union-attr]
+
+
+class ChildDied(Exception):
+    def __init__(self, child: Child) -> None:
+        super().__init__(child.name)
+        self.child = child
+
+
+def report_death(child: Child) -> None:
+    code = child.process.returncode if child.process else None
+    print(f"\n!! {child.name} exited with code {code}; last log lines ({child.log_path}):", file=sys.stderr)
+    for line in child.last_log_lines():
+        print("   " + line.rstrip(), file=sys.stderr)
+
+
+def print_table(children: list[Child], data_dir: Path) -> None:
+    print("\nllmesh is up (Ctrl-C stops it):\n")
+    print(f"  {'service':<14} {'gRPC':<18} {'metrics':<28} log")
+    for c in children:
+        print(f"  {c.name:<14} {c.target:<18} {'http://127.0.0.1:%d/metrics' % c.metrics_port:<28} {c.log_path}")
+    print(f"\n  data: {data_dir}   try: grpcurl -plaintext {children[0].target} list\n", flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    children = plan_children(data_dir, args.port_base, args.nodes)
+    launcher = Launcher(children, data_dir, args.ready_timeout)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, launcher.stop_requested.set)
+    rc = 0
+    try:
+        start = asyncio.ensure_future(launcher.start_all())
+        stop_wait = asyncio.ensure_future(launcher.stop_requested.wait())
+        done, _ = await asyncio.wait([start, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            stop_wait.cancel()
+            start.result()
+            print_table(children, data_dir)
+            await launcher.watch()
+            if launcher.failed is not None:
+                report_death(launcher.failed)
+                rc = 1
+        else:
+            start.cancel()
+    except ChildDied as died:
+        report_death(died.child)
+        rc = 1
+    except TimeoutError as exc:
+        print(f"!! {exc}", file=sys.stderr)
+        rc = 1
+    finally:
+        launcher.stop_all()
+    print("llmesh stopped", flush=True)
+    return rc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.launcher", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("LLMESH_DATA_DIR", "data"))
+    parser.add_argument("--port-base", type=int, default=int(os.environ.get("LLMESH_PORT_BASE", "50051")))
+    parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "1")),
+                        help="inference nodes to start")
+    parser.add_argument("--ready-timeout", type=float, default=120.0)
+    sys.exit(asyncio.run(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
