@@ -16,7 +16,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
+from opentelemetry import trace
+
 from services.common import errors
+from services.common.logs import session_id_var
 
 log = logging.getLogger("llmesh.rpc")
 
@@ -120,9 +123,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def _bind_session(request: Any) -> None:
+    """Carry the request's session_id into logs and the current span."""
+    session_id = getattr(request, "session_id", "")
+    if session_id and isinstance(session_id, str):
+        session_id_var.set(session_id)
+        trace.get_current_span().set_attribute("session_id", session_id)
+
+
 def _wrap_unary(fn: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
+        _bind_session(request)
         code = "OK"
         try:
             result = fn(request, context)
@@ -144,6 +156,7 @@ def _wrap_unary(fn: Callable[..., Any], method: str) -> Callable[..., Awaitable[
 def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         start = time.perf_counter()
+        _bind_session(request)
         code = "OK"
         try:
             async for item in fn(request, context):
