@@ -159,8 +159,14 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable
         _bind_session(request)
         code = "OK"
         try:
-            async for item in fn(request, context):
-                yield item
+            result = fn(request, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:
+                # Handlers such as grpc_health's Watch write with context.write
+                # and return a coroutine instead of being async generators.
+                await result
         except grpc.aio.AbortError:
             code = _context_code(context)
             raise

@@ -149,3 +149,17 @@ async def test_stream_error_after_first_message_keeps_what_was_sent() -> None:
     assert received == ["a"]
     assert caught.value.code() == grpc.StatusCode.CANCELLED
     assert error_info(caught.value).reason == "CANCELLED"
+
+
+async def test_health_watch_streams_through_the_interceptor() -> None:
+    """Watch writes with context.write rather than being an async generator."""
+    async with running_service(ScriptedApp(), ServerSettings(port=0)) as svc:
+        async with grpc.aio.insecure_channel(svc.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            first = await call.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await svc.health.enter_graceful_shutdown()
+            second = await call.read()
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            call.cancel()
