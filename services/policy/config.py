@@ -11,3 +11,20 @@ DEFAULT_PORT = 50054
 @dataclass(frozen=True)
 class Settings(ServerSettings):
     port: int = DEFAULT_PORT
+    # Rule file to use instead of the bundled default_policy.yaml; watched and
+    # hot-reloaded. Empty uses the bundled file.
+    policy_file: str = ""
+    # Seconds between checks of the policy file for changes.
+    reload_interval_s: float = 2.0
+    # "store" keeps the audit chain in the store service; "memory" keeps it in
+    # this process only (tests, demos).
+    audit_backend: str = "store"
+    store_target: str = "127.0.0.1:50055"
+    # Environment variable holding the audit HMAC key (hex or text, >= 16 bytes).
+    audit_key_env: str = "LLMESH_AUDIT_KEY"
+    # Key file used when that variable is unset; relative to data_dir; created
+    # with mode 0600 on first start.
+    audit_key_file: str = "policy-audit.key"
+    # Unanswered approval requests expire after this many seconds.
+    approval_ttl_s: float = 3600.0
+    max_pending_approvals: int = 100_000

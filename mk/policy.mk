@@ -1,0 +1,6 @@
+# Exec-policy throughput: default policy evaluations per second in one process.
+BENCHES += bench-policy
+.PHONY: bench-policy
+bench-policy: $(GEN_STAMP)
+	@mkdir -p bench/results
+	PYTHONPATH=.:gen $(PY) bench/policy.py --out bench/results/policy.json

@@ -1,0 +1,64 @@
+"""AuditLog over the store service's AppendAudit / GetAuditHead / ListAudit."""
+from __future__ import annotations
+
+from datetime import timezone
+
+import grpc
+from llmesh.store.v1 import store_pb2, store_pb2_grpc
+
+from services.common.errors import Aborted, DomainError, Unavailable
+from services.policy.core.audit import AuditHead, AuditRecord
+
+STORE_TIMEOUT_S = 10.0
+
+
+class StoreAuditLog:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = store_pb2_grpc.StoreServiceStub(channel)
+
+    async def head(self, tenant_id: str) -> AuditHead:
+        try:
+            reply = await self._stub.GetAuditHead(store_pb2.GetAuditHeadRequest(tenant_id=tenant_id),
+                                                  timeout=STORE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _domain_error(exc) from None
+        return AuditHead(reply.seq, reply.entry_hash)
+
+    async def append(self, record: AuditRecord) -> AuditRecord:
+        entry = store_pb2.AuditEntry(tenant_id=record.tenant_id, seq=record.seq, prev_hash=record.prev_hash,
+                                     entry_hash=record.entry_hash, payload_json=record.payload_json)
+        try:
+            # The entry hash is unique per entry, so a retried append is recognised.
+            reply = await self._stub.AppendAudit(
+                store_pb2.AppendAuditRequest(request_id=f"audit-{record.entry_hash}", entry=entry),
+                timeout=STORE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _domain_error(exc) from None
+        return _record(reply.entry) if reply.entry.seq else record
+
+    async def list(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
+        found: list[AuditRecord] = []
+        token = ""
+        while len(found) < limit:
+            request = store_pb2.ListAuditRequest(tenant_id=tenant_id, after_seq=after_seq,
+                                                 page_size=limit - len(found), page_token=token)
+            try:
+                reply = await self._stub.ListAudit(request, timeout=STORE_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                raise _domain_error(exc) from None
+            found.extend(_record(e) for e in reply.entries)
+            token = reply.next_page_token
+            if not token or not reply.entries:
+                break
+        return found[:limit]
+
+
+def _record(entry: store_pb2.AuditEntry) -> AuditRecord:
+    created = entry.create_time.ToDatetime(tzinfo=timezone.utc) if entry.HasField("create_time") else None
+    return AuditRecord(entry.tenant_id, entry.seq, entry.prev_hash, entry.entry_hash, entry.payload_json, created)
+
+
+def _domain_error(exc: grpc.aio.AioRpcError) -> DomainError:
+    if exc.code() == grpc.StatusCode.ABORTED:
+        return Aborted(f"audit chain moved: {exc.details()}")
+    return Unavailable(f"audit store failed with {exc.code().name}: {exc.details()}", reason="AUDIT_STORE_FAILED")
