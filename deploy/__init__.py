@@ -1,0 +1,1 @@
+"""Deployment past one machine: Envoy config generator and Kubernetes manifests."""

@@ -1,0 +1,261 @@
+"""Render an Envoy bootstrap for llmesh from the same settings as the balancer.
+
+    LLMESH_INFERENCE_NODES=dns:inference-nodes:50051 python -m deploy.envoy --out envoy.yaml
+
+The inference cluster carries the policy of ``services.common.balancer``
+translated to Envoy: LEAST_REQUEST with two choices (power of two choices
+on outstanding requests), active ``grpc.health.v1`` checks on the readiness
+name, outlier ejection after ``eject_after_failures`` consecutive failures
+with ejection time growing from ``ejection_base_s`` to ``ejection_max_s``,
+and retries on another host for failures Envoy sees before the response
+started (Envoy cannot retry once bytes went downstream, which matches
+"retry only before the first token"). Every cluster has circuit breakers.
+The gRPC-JSON transcoder serves the ``google.api.http`` REST routes of the
+protos; the descriptor set is built from ``protos/`` and embedded.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import ipaddress
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from services.common.balancer.config import BalancerSettings, load_balancer_settings
+from services.common.balancer.discovery import DNS_PREFIX, split_host_port
+from services.common.errors import require
+from services.common.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+
+# Services behind Envoy: cluster name, gRPC service, setting naming its target.
+UPSTREAMS: tuple[tuple[str, str, str], ...] = (
+    ("orchestrator", "llmesh.orchestrator.v1.AgentService", "orchestrator_target"),
+    ("tools", "llmesh.tools.v1.ToolService", "tools_target"),
+    ("policy", "llmesh.policy.v1.PolicyService", "policy_target"),
+    ("store", "llmesh.store.v1.StoreService", "store_target"),
+)
+INFERENCE_SERVICE = "llmesh.inference.v1.InferenceService"
+# gRPC statuses worth another host while nothing reached the client yet.
+TYPE_PREFIX = "type.googleapis.com/"
+RETRY_ON = "unavailable,resource-exhausted,cancelled,connect-failure,refused-stream,reset"
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    admin_port: int = 9901
+    orchestrator_target: str = "orchestrator:50052"
+    tools_target: str = "tools:50053"
+    policy_target: str = "policy:50054"
+    store_target: str = "store:50055"
+    # Active health check: timeout, and how many answers flip a host.
+    health_timeout_s: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+    # Most hosts of a cluster that outlier detection may eject at once.
+    max_ejection_percent: int = 50
+    # Circuit breakers per cluster.
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 4096
+    max_retries: int = 64
+    # A FileDescriptorSet for the transcoder; empty builds one from protos/.
+    descriptor_path: str = ""
+    # Where to write the YAML; empty prints it.
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        require(0 < self.listen_port < 65536, "listen_port", "must be a TCP port")
+        require(0 < self.admin_port < 65536, "admin_port", "must be a TCP port")
+        require(self.health_timeout_s > 0, "health_timeout_s", "must be > 0")
+        require(self.unhealthy_threshold >= 1, "unhealthy_threshold", "must be >= 1")
+        require(self.healthy_threshold >= 1, "healthy_threshold", "must be >= 1")
+        require(0 <= self.max_ejection_percent <= 100, "max_ejection_percent", "must be 0..100")
+        for name in ("orchestrator_target", "tools_target", "policy_target", "store_target"):
+            host, _, port = getattr(self, name).rpartition(":")
+            require(bool(host) and port.isdigit(), name, "must be host:port")
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def build_descriptor_set() -> bytes:
+    """All llmesh protos with their imports, as the transcoder needs them."""
+    import google.api  # googleapis-common-protos ships the annotation protos
+    import grpc_tools
+    from grpc_tools import protoc
+
+    googleapis = Path(google.api.__path__[0]).parent.parent
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "llmesh.pb"
+        rc = protoc.main(["grpc_tools.protoc", f"-I{PROTOS}", f"-I{googleapis}", f"-I{well_known}",
+                          "--include_imports", f"--descriptor_set_out={out}", *sources])
+        if rc != 0:
+            raise RuntimeError("protoc could not build the descriptor set")
+        return out.read_bytes()
+
+
+def _endpoints(targets: Sequence[str]) -> tuple[str, list[dict[str, Any]]]:
+    """Cluster discovery type and endpoints for host:port / dns:host:port entries."""
+    needs_dns = False
+    endpoints = []
+    for entry in targets:
+        host, port = split_host_port(entry.removeprefix(DNS_PREFIX))
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            needs_dns = True
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}})
+    return ("STRICT_DNS" if needs_dns else "STATIC"), endpoints
+
+
+def _cluster(name: str, targets: Sequence[str], health_service: str, balancer: BalancerSettings,
+             envoy: EnvoySettings) -> dict[str, Any]:
+    kind, endpoints = _endpoints(targets)
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": kind,
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        # Two random hosts, the one with fewer active requests wins.
+        "least_request_lb_config": {"choice_count": 2},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        "health_checks": [{
+            "timeout": duration(envoy.health_timeout_s),
+            "interval": duration(balancer.health_interval_s),
+            "unhealthy_threshold": envoy.unhealthy_threshold,
+            "healthy_threshold": envoy.healthy_threshold,
+            "grpc_health_check": {"service_name": health_service},
+        }],
+        "outlier_detection": {
+            "consecutive_5xx": balancer.eject_after_failures,
+            "consecutive_gateway_failure": balancer.eject_after_failures,
+            "interval": duration(balancer.health_interval_s),
+            "base_ejection_time": duration(balancer.ejection_base_s),
+            "max_ejection_time": duration(balancer.ejection_max_s),
+            "max_ejection_percent": envoy.max_ejection_percent,
+        },
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": envoy.max_connections,
+            "max_pending_requests": envoy.max_pending_requests,
+            "max_requests": envoy.max_requests,
+            "max_retries": envoy.max_retries,
+        }]},
+    }
+    if kind == "STRICT_DNS":
+        cluster["dns_refresh_rate"] = duration(balancer.dns_refresh_s)
+    return cluster
+
+
+def _route(service: str, cluster: str, balancer: BalancerSettings) -> dict[str, Any]:
+    return {
+        "match": {"prefix": f"/{service}/"},
+        "route": {
+            "cluster": cluster,
+            # Generations stream for as long as they take.
+            "timeout": "0s",
+            "retry_policy": {
+                "retry_on": RETRY_ON,
+                "num_retries": balancer.max_attempts - 1,
+                # A retry goes to a host not tried yet, like the client balancer.
+                "retry_host_predicate": [{
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": TYPE_PREFIX + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+                    },
+                }],
+                "host_selection_retry_max_attempts": 5,
+                "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.250s"},
+            },
+        },
+    }
+
+
+def render(balancer: BalancerSettings, envoy: EnvoySettings, descriptor: bytes | None = None) -> dict[str, Any]:
+    """The bootstrap as plain data (what ``yaml.safe_dump`` writes)."""
+    require(bool(balancer.nodes), "nodes", "at least one inference node (LLMESH_INFERENCE_NODES)")
+    if descriptor is None:
+        descriptor = Path(envoy.descriptor_path).read_bytes() if envoy.descriptor_path else build_descriptor_set()
+    clusters = [_cluster("inference", balancer.nodes, balancer.health_service, balancer, envoy)]
+    routes = [_route(INFERENCE_SERVICE, "inference", balancer)]
+    for cluster, service, target_field in UPSTREAMS:
+        clusters.append(_cluster(cluster, [getattr(envoy, target_field)], service, balancer, envoy))
+        routes.append(_route(service, cluster, balancer))
+    transcoder = {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor_bin": base64.b64encode(descriptor).decode("ascii"),
+            "services": [INFERENCE_SERVICE, *(service for _c, service, _t in UPSTREAMS)],
+            "print_options": {"add_whitespace": False, "always_print_primitive_fields": True,
+                              "preserve_proto_field_names": True},
+            # gRPC errors become HTTP status codes with a JSON google.rpc.Status body.
+            "convert_grpc_status": True,
+        },
+    }
+    connection_manager = {
+        "@type": TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llmesh",
+        "codec_type": "AUTO",
+        "route_config": {"name": "llmesh", "virtual_hosts": [{"name": "llmesh", "domains": ["*"], "routes": routes}]},
+        "http_filters": [transcoder, {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "llmesh",
+                "address": {"socket_address": {"address": envoy.listen_host, "port_value": envoy.listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": connection_manager,
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def render_yaml(balancer: BalancerSettings, envoy: EnvoySettings, descriptor: bytes | None = None) -> str:
+    return yaml.safe_dump(render(balancer, envoy, descriptor), sort_keys=False, width=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(__doc__)
+        print("flags: " + " ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(EnvoySettings)))
+        print("balancer settings come from LLMESH_INFERENCE_* (see docs/balancer.md)")
+        return 0
+    envoy = load_settings(EnvoySettings, "envoy", args)
+    text = render_yaml(load_balancer_settings(), envoy)
+    if envoy.out:
+        Path(envoy.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure balancing logic: node state, scoring, affinity, ejection (no grpc)."""

@@ -1,0 +1,116 @@
+"""What the balancer knows about one inference node.
+
+Health comes from the node's health Watch stream, load from GetLoad polls,
+latency from the streams this client ran, failures from calls that broke.
+Everything here is plain data plus arithmetic, driven by an injected clock,
+so it is tested without sockets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Health(Enum):
+    UNKNOWN = "unknown"
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The subset of GetLoadResponse the scorer uses."""
+
+    queue_depth: int = 0
+    num_running: int = 0
+    kv_usage: float = 0.0
+    num_sequences: int = 0
+
+
+@dataclass
+class Ewma:
+    """Exponentially weighted moving average; empty until the first sample."""
+
+    alpha: float
+    value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+
+
+@dataclass
+class EjectionPolicy:
+    eject_after_failures: int
+    base_s: float
+    max_s: float
+
+    def duration_s(self, level: int) -> float:
+        """Ejection time for the ``level``-th ejection in a row (1-based)."""
+        return min(self.max_s, self.base_s * (2 ** max(0, level - 1)))
+
+
+@dataclass
+class NodeState:
+    address: str
+    ewma_alpha: float
+    health: Health = Health.UNKNOWN
+    load: LoadReport = field(default_factory=LoadReport)
+    # Requests this client has open on the node: fresher than any poll.
+    num_inflight: int = 0
+    num_picked: int = 0
+    consecutive_failures: int = 0
+    # How many ejections in a row; sets the next ejection's length.
+    ejection_level: int = 0
+    ejected_until: float = 0.0
+    readmitted_at: float | None = None
+    node_id: str = ""
+    ttft_ms: Ewma = field(init=False)
+    itl_ms: Ewma = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ttft_ms = Ewma(self.ewma_alpha)
+        self.itl_ms = Ewma(self.ewma_alpha)
+
+    # -- facts arriving -------------------------------------------------
+    def set_health(self, serving: bool) -> None:
+        self.health = Health.SERVING if serving else Health.NOT_SERVING
+
+    def set_load(self, report: LoadReport) -> None:
+        self.load = report
+
+    def record_ttft(self, ms: float) -> None:
+        self.ttft_ms.add(ms)
+
+    def record_itl(self, ms: float) -> None:
+        self.itl_ms.add(ms)
+
+    def record_success(self, now: float, policy: EjectionPolicy) -> None:
+        self.consecutive_failures = 0
+        # A node that stayed good for a full max ejection since coming back
+        # starts over at the short ejection next time.
+        if self.readmitted_at is not None and now - self.readmitted_at >= policy.max_s:
+            self.ejection_level = 0
+            self.readmitted_at = None
+
+    def record_failure(self, now: float, policy: EjectionPolicy) -> bool:
+        """Count a failed call; returns True when it ejects the node."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures < policy.eject_after_failures or self.is_ejected(now):
+            return False
+        self.ejection_level += 1
+        self.ejected_until = now + policy.duration_s(self.ejection_level)
+        self.readmitted_at = self.ejected_until
+        self.consecutive_failures = 0
+        return True
+
+    # -- questions ------------------------------------------------------
+    def is_ejected(self, now: float) -> bool:
+        return now < self.ejected_until
+
+    def is_available(self, now: float) -> bool:
+        return self.health is Health.SERVING and not self.is_ejected(now)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests ahead of a new one: the poll or our own count, whichever is larger."""
+        return max(self.load.queue_depth + self.load.num_running, self.num_inflight)

@@ -1,0 +1,56 @@
+"""Health pushed over a grpc.health.v1 Watch stream reaches the balancer at once."""
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from llmesh.inference.v1 import inference_pb2_grpc
+
+from services.common.balancer.core.node_state import Health
+from tests.balancer.conftest import collect, gen_request, make_balancer, wait_until
+from tests.balancer.fake_node import SERVICE_NAME, FakeInferenceServicer, FakeNodeConfig
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@contextlib.asynccontextmanager
+async def bare_node(node_id: str) -> AsyncIterator[tuple[str, health.aio.HealthServicer, grpc.aio.Server]]:
+    """A node on a plain grpc.aio server whose health service streams Watch replies."""
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(FakeInferenceServicer(FakeNodeConfig(node_id=node_id)),
+                                                              server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, SERVING)
+    try:
+        yield f"127.0.0.1:{port}", health_servicer, server
+    finally:
+        await server.stop(0)
+
+
+async def test_watch_stream_reports_drain_and_return_immediately() -> None:
+    async with bare_node("a") as (address, health_servicer, _server), bare_node("b") as (other, _h, _s):
+        async with make_balancer([address, other], health_interval_s=5.0) as balancer:
+            state = balancer.nodes[address]
+            assert state.health is Health.SERVING
+            assert balancer._links[address].health_mode == "watch"
+            await health_servicer.set(SERVICE_NAME, NOT_SERVING)
+            # Far below the 5 s health interval: the change is pushed, not polled.
+            assert await wait_until(lambda: state.health is Health.NOT_SERVING, 0.5) < 0.5
+            replies = [await collect(balancer, gen_request()) for _ in range(4)]
+            await health_servicer.set(SERVICE_NAME, SERVING)
+            await wait_until(lambda: state.health is Health.SERVING, 0.5)
+    assert {r[-1].node_id for r in replies} == {"b"}
+
+
+async def test_broken_watch_stream_marks_the_node_down() -> None:
+    async with bare_node("a") as (address, _health, server):
+        async with make_balancer([address], health_interval_s=5.0) as balancer:
+            state = balancer.nodes[address]
+            await server.stop(0)
+            await wait_until(lambda: state.health is Health.NOT_SERVING, 0.5)

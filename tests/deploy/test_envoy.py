@@ -1,0 +1,135 @@
+"""The generated Envoy bootstrap, loaded into Envoy's own protos (xds-protos)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+# Imported for their side effect: the typed_config Any types resolve.
+from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2, json_format
+
+from deploy.envoy import EnvoySettings, build_descriptor_set, render_yaml
+from services.common.balancer.config import BalancerSettings
+from services.common.errors import InvalidArgument
+
+ROOT = Path(__file__).resolve().parents[2]
+BALANCER = BalancerSettings(nodes=("10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"), health_interval_s=2.0,
+                            eject_after_failures=4, ejection_base_s=3.0, ejection_max_s=90.0, max_attempts=3)
+
+
+@pytest.fixture(scope="module")
+def descriptor() -> bytes:
+    return build_descriptor_set()
+
+
+def load(text: str) -> bootstrap_pb2.Bootstrap:
+    # ParseDict rejects unknown fields and wrongly typed values: Envoy's own schema.
+    return json_format.ParseDict(yaml.safe_load(text), bootstrap_pb2.Bootstrap())
+
+
+def connection_manager(bootstrap: bootstrap_pb2.Bootstrap) -> hcm_pb2.HttpConnectionManager:
+    manager = hcm_pb2.HttpConnectionManager()
+    bootstrap.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.Unpack(manager)
+    return manager
+
+
+def cluster(bootstrap: bootstrap_pb2.Bootstrap, name: str) -> cluster_pb2.Cluster:
+    return next(c for c in bootstrap.static_resources.clusters if c.name == name)
+
+
+def test_inference_cluster_carries_the_balancer_policy(descriptor: bytes) -> None:
+    inference = cluster(load(render_yaml(BALANCER, EnvoySettings(), descriptor)), "inference")
+    assert inference.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    assert inference.least_request_lb_config.choice_count.value == 2
+    assert inference.type == cluster_pb2.Cluster.STATIC
+    addresses = [e.endpoint.address.socket_address for e in inference.load_assignment.endpoints[0].lb_endpoints]
+    assert [(a.address, a.port_value) for a in addresses] == [(f"10.0.0.{i}", 50051) for i in (1, 2, 3)]
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    inference.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+    assert options.explicit_http_config.HasField("http2_protocol_options")
+
+
+def test_active_grpc_health_checks_use_the_readiness_name(descriptor: bytes) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(unhealthy_threshold=3), descriptor))
+    check = cluster(bootstrap, "inference").health_checks[0]
+    assert check.grpc_health_check.service_name == "llmesh.inference.v1.InferenceService"
+    assert check.interval.ToMilliseconds() == 2000 and check.unhealthy_threshold.value == 3
+    assert cluster(bootstrap, "store").health_checks[0].grpc_health_check.service_name == "llmesh.store.v1.StoreService"
+
+
+def test_outlier_detection_and_circuit_breakers(descriptor: bytes) -> None:
+    inference = cluster(load(render_yaml(BALANCER, EnvoySettings(max_requests=77), descriptor)), "inference")
+    outlier = inference.outlier_detection
+    assert outlier.consecutive_5xx.value == 4 and outlier.consecutive_gateway_failure.value == 4
+    assert outlier.base_ejection_time.seconds == 3 and outlier.max_ejection_time.seconds == 90
+    thresholds = inference.circuit_breakers.thresholds[0]
+    assert thresholds.max_requests.value == 77 and thresholds.max_retries.value == 64
+
+
+def test_retries_go_to_another_host_before_the_response_starts(descriptor: bytes) -> None:
+    manager = connection_manager(load(render_yaml(BALANCER, EnvoySettings(), descriptor)))
+    routes = {r.match.prefix: r.route for r in manager.route_config.virtual_hosts[0].routes}
+    policy = routes["/llmesh.inference.v1.InferenceService/"].retry_policy
+    assert {"unavailable", "resource-exhausted", "reset", "connect-failure"} <= set(policy.retry_on.split(","))
+    assert policy.num_retries.value == 2
+    assert policy.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
+    assert routes["/llmesh.orchestrator.v1.AgentService/"].cluster == "orchestrator"
+    assert routes["/llmesh.inference.v1.InferenceService/"].timeout.ToSeconds() == 0, "streams are not cut"
+
+
+def test_transcoder_serves_the_rest_routes_of_the_protos(descriptor: bytes) -> None:
+    manager = connection_manager(load(render_yaml(BALANCER, EnvoySettings(), descriptor)))
+    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.grpc_json_transcoder",
+                                                      "envoy.filters.http.router"]
+    transcoder = transcoder_pb2.GrpcJsonTranscoder()
+    manager.http_filters[0].typed_config.Unpack(transcoder)
+    assert "llmesh.inference.v1.InferenceService" in transcoder.services
+    assert "llmesh.orchestrator.v1.AgentService" in transcoder.services
+    files = {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(transcoder.proto_descriptor_bin).file}
+    assert "google/api/http.proto" in files, "imports are embedded"
+    generate = next(m for m in files["llmesh/inference/v1/inference.proto"].service[0].method if m.name == "Generate")
+    rule = http_pb2.HttpRule()
+    rule.ParseFromString(generate.options.Extensions[annotations_pb2.http].SerializeToString())
+    assert rule.post == "/v1/inference:generate"
+
+
+def test_dns_nodes_make_a_strict_dns_cluster(descriptor: bytes) -> None:
+    settings = BalancerSettings(nodes=("dns:inference-nodes.llmesh.svc:50051",), dns_refresh_s=5.0)
+    inference = cluster(load(render_yaml(settings, EnvoySettings(), descriptor)), "inference")
+    assert inference.type == cluster_pb2.Cluster.STRICT_DNS
+    assert inference.dns_refresh_rate.seconds == 5
+    socket = inference.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (socket.address, socket.port_value) == ("inference-nodes.llmesh.svc", 50051)
+
+
+@pytest.mark.parametrize(("balancer", "envoy", "field"), [
+    (BalancerSettings(), {}, "nodes"),
+    (BALANCER, {"orchestrator_target": "orchestrator"}, "orchestrator_target"),
+    (BALANCER, {"listen_port": 0}, "listen_port"),
+])
+def test_bad_settings_name_the_field(descriptor: bytes, balancer: BalancerSettings, envoy: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        render_yaml(balancer, EnvoySettings(**envoy), descriptor)
+    assert raised.value.field == field
+
+
+def test_command_line_reads_the_inference_environment(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    env = {**os.environ, "LLMESH_INFERENCE_NODES": "10.1.0.1:50051,10.1.0.2:50051",
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"}
+    subprocess.run([sys.executable, "-m", "deploy.envoy", "--listen-port", "9090", "--out", str(out)],
+                   cwd=ROOT, env=env, check=True, timeout=60)
+    bootstrap = load(out.read_text())
+    assert bootstrap.static_resources.listeners[0].address.socket_address.port_value == 9090
+    assert len(cluster(bootstrap, "inference").load_assignment.endpoints[0].lb_endpoints) == 2
