@@ -96,31 +96,38 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap_handler(handler, lambda fn: _wrap_unary(fn, method), lambda fn: _wrap_stream(fn, method))
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler,
+    wrap_unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    wrap_stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped: unary-response behaviours by
+    ``wrap_unary``, streaming-response ones by ``wrap_stream``."""
+    kinds = (
+        ("unary_unary", wrap_unary, grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", wrap_stream, grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", wrap_unary, grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", wrap_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for attr, wrap, build in kinds:
+        fn = getattr(handler, attr)
+        if fn:
+            return build(wrap(fn), request_deserializer=handler.request_deserializer,
+                         response_serializer=handler.response_serializer)
+    return handler
+
+
+async def iterate_responses(result: Any) -> AsyncIterator[Any]:
+    """Responses of a streaming handler, whether it is an async generator or a
+    coroutine that writes with context.write (as grpc_health's Watch does)."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
 
 
 def _bind_session(request: Any) -> None:
@@ -159,14 +166,8 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable
         _bind_session(request)
         code = "OK"
         try:
-            result = fn(request, context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            else:
-                # Handlers such as grpc_health's Watch write with context.write
-                # and return a coroutine instead of being async generators.
-                await result
+            async for item in iterate_responses(fn(request, context)):
+                yield item
         except grpc.aio.AbortError:
             code = _context_code(context)
             raise

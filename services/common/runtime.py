@@ -58,6 +58,7 @@ class RunningService:
     port: int
     metrics_port: int | None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -71,6 +72,8 @@ class RunningService:
         try:
             await self.app.close()
         finally:
+            for close in self.on_close:
+                close()
             self.stopped.set()
 
 
@@ -86,10 +89,15 @@ def server_options() -> list[tuple[str, int]]:
 
 async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningService:
     """Start serving ``app``; returns once it is ready (health SERVING)."""
-    server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorInterceptor()],
-        options=server_options(),
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = [aio_server_interceptor()]
+    authenticator = None
+    if settings.auth_enabled:
+        from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, make_grpc_interceptor
+
+        authenticator = ApiKeyAuthenticator(ApiKeyStore.load(settings.data_path / settings.api_keys_file))
+        interceptors.append(make_grpc_interceptor(authenticator))
+    interceptors.append(ErrorInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=server_options())
     app.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,6 +117,8 @@ async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningSer
         metrics_port = metrics_server.server_port
     await server.start()
     running = RunningService(server, health_servicer, app, settings, port, metrics_port)
+    if authenticator is not None:
+        running.on_close.append(authenticator.close)
     try:
         await app.start()
     except BaseException:

@@ -38,6 +38,11 @@ class ServerSettings:
     otlp_endpoint: str = ""
     # JSON-lines trace file, relative to data_dir; empty disables it.
     trace_file: str = ""
+    # Require an API key (``authorization: Bearer <key>`` metadata) on every
+    # RPC but health and reflection; keys are hashed in api_keys_file
+    # (relative to data_dir), made with ``python -m services.common.auth create-key``.
+    auth_enabled: bool = False
+    api_keys_file: str = "api_keys.json"
 
     @property
     def data_path(self) -> Path:

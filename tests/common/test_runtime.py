@@ -163,3 +163,23 @@ async def test_health_watch_streams_through_the_interceptor() -> None:
             second = await call.read()
             assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
             call.cancel()
+
+
+async def test_auth_enabled_service_rejects_calls_without_a_valid_key(tmp_path) -> None:
+    from services.common.auth import ApiKeyStore, generate_api_key
+
+    key, record = generate_api_key("acme", n=2**10)
+    ApiKeyStore([record]).save(tmp_path / "api_keys.json")
+    settings = ServerSettings(port=0, data_dir=str(tmp_path), auth_enabled=True)
+    app = ScriptedApp()
+    async with running_service(app, settings) as svc:
+        async with grpc.aio.insecure_channel(svc.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for metadata in [(), (("authorization", "Bearer wrong"),)]:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.GetLoad(inference_pb2.GetLoadRequest(), metadata=metadata)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = await stub.GetLoad(inference_pb2.GetLoadRequest(), metadata=(("authorization", f"Bearer {key}"),))
+            assert reply.node_id == "n1"
+        # Health stays open to probes without a key.
+        assert await _health(svc.address, SERVICE) == health_pb2.HealthCheckResponse.SERVING

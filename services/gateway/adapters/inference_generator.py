@@ -1,0 +1,76 @@
+"""TextGenerator over llmesh.inference.v1 Generate: a stub or the load balancer.
+
+Two shapes work: an InferenceServiceStub (``Generate(request, metadata=...)``
+and ``ListModels``), or the load balancer of ``services.common.balancer``
+(``generate(request)`` streaming GenerateResponse, ``unary("ListModels", ...)``),
+which picks a node per request and raises domain errors itself.
+"""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import grpc
+from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from services.gateway.adapters.grpc_backend import backend_error_from_rpc
+from services.gateway.core.ports import GenerationChunk, GenerationParams
+
+_FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length",
+           inference_pb2.FINISH_REASON_CANCELLED: "cancelled"}
+
+
+def to_generate_request(params: GenerationParams) -> inference_pb2.GenerateRequest:
+    sampling = inference_pb2.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+        stop=list(params.stop), grammar=params.grammar)
+    if params.seed is not None:
+        sampling.seed = params.seed
+    return inference_pb2.GenerateRequest(request_id=params.request_id, model=params.model, prompt=params.prompt,
+                                         sampling=sampling, priority=inference_pb2.PRIORITY_INTERACTIVE)
+
+
+def to_chunk(reply: inference_pb2.GenerateResponse) -> GenerationChunk:
+    usage = reply.usage
+    return GenerationChunk(text=reply.text, finish_reason=_FINISH.get(reply.finish_reason),
+                           prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                           generated_tokens=usage.generated_tokens)
+
+
+class InferenceGenerator:
+    def __init__(self, client: Any, default_models: tuple[str, ...] = ()) -> None:
+        self.client = client
+        self.default_models = default_models
+
+    @classmethod
+    def for_channel(cls, channel: grpc.aio.Channel, default_models: tuple[str, ...] = ()) -> "InferenceGenerator":
+        return cls(inference_pb2_grpc.InferenceServiceStub(channel), default_models)
+
+    def _call(self, request: inference_pb2.GenerateRequest, metadata: tuple[tuple[str, str], ...]) -> Any:
+        balanced = getattr(self.client, "generate", None)
+        if balanced is not None:
+            return balanced(request)
+        return self.client.Generate(request, metadata=metadata)
+
+    async def generate(self, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+        stream = self._call(to_generate_request(params), params.metadata)
+        try:
+            async for reply in stream:
+                yield to_chunk(reply)
+        except grpc.aio.AioRpcError as err:
+            raise backend_error_from_rpc(err) from None
+        finally:
+            if hasattr(stream, "cancel"):
+                stream.cancel()
+
+    async def list_models(self) -> list[str]:
+        request = inference_pb2.ListModelsRequest(page_size=100)
+        try:
+            if hasattr(self.client, "unary"):
+                reply = await self.client.unary("ListModels", request)
+            else:
+                reply = await self.client.ListModels(request)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED and self.default_models:
+                return list(self.default_models)
+            raise backend_error_from_rpc(err) from None
+        return [m.name for m in reply.models] or list(self.default_models)

@@ -1,0 +1,37 @@
+"""ASGI middleware: every request but the public ones needs a valid API key.
+
+A refused request gets 401 (or 429 after too many failures) before any
+handler runs, so it touches no backend.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from services.common import errors
+from services.common.auth import ApiKeyAuthenticator
+from services.gateway.http_errors import error_response
+
+PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz"})
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, authenticator: ApiKeyAuthenticator | None) -> None:
+        self.app = app
+        self.authenticator = authenticator
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or self.authenticator is None or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        client = (scope.get("client") or ("unknown", 0))[0]
+        try:
+            principal = await self.authenticator.authenticate(headers.get("authorization"), client)
+        except errors.DomainError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)

@@ -1,0 +1,38 @@
+"""Settings of the REST layer (env ``LLMESH_GATEWAY_<FIELD>`` or ``--field-name``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import ServerSettings
+
+DEFAULT_PORT = 8080
+
+
+@dataclass(frozen=True)
+class Settings(ServerSettings):
+    port: int = DEFAULT_PORT
+    # gRPC targets (host:port) of the annotated services; empty ones answer 503.
+    orchestrator_target: str = ""
+    inference_target: str = ""
+    tools_target: str = ""
+    policy_target: str = ""
+    # Inference nodes for the OpenAI endpoints, through the client-side load
+    # balancer (host:port or dns:host:port); empty falls back to inference_target.
+    inference_nodes: tuple[str, ...] = ()
+    # JSON file of hashed API keys (``python -m services.common.auth create-key``).
+    api_keys_file: str = "api_keys.json"
+    # Off only for local experiments: every request is then anonymous and tenant_id is not pinned.
+    auth_enabled: bool = True
+    # Failed authentication attempts a client may make per window before 429.
+    auth_max_failures: int = 10
+    auth_failure_window_s: float = 60.0
+    # Models listed by GET /v1/models when the inference pool cannot say.
+    default_models: tuple[str, ...] = ("gemma-3-270m",)
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Deadline of unary backend calls; streams have none (a run can wait on an approval).
+    backend_timeout_s: float = 60.0
+
+    @property
+    def backend_targets(self) -> dict[str, str]:
+        return {"orchestrator": self.orchestrator_target, "inference": self.inference_target,
+                "tools": self.tools_target, "policy": self.policy_target}

@@ -1,0 +1,174 @@
+"""HTTP request pieces <-> protobuf messages, by the standard proto JSON mapping.
+
+With ``servicer``-like ``http_api`` this is the only code touching messages.
+Path variables and query parameters name fields by proto name or JSON name,
+dotted for sub-messages (``options.max_steps``); every conversion failure is
+an InvalidArgument naming the field.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.common import errors
+
+FD = _descriptor.FieldDescriptor
+_INT_TYPES = {FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32, FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64,
+              FD.TYPE_UINT32, FD.TYPE_FIXED32, FD.TYPE_UINT64, FD.TYPE_FIXED64}
+_INT_RANGES = {
+    FD.TYPE_INT32: (-(2**31), 2**31 - 1), FD.TYPE_SINT32: (-(2**31), 2**31 - 1), FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FD.TYPE_UINT32: (0, 2**32 - 1), FD.TYPE_FIXED32: (0, 2**32 - 1),
+    FD.TYPE_INT64: (-(2**63), 2**63 - 1), FD.TYPE_SINT64: (-(2**63), 2**63 - 1), FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FD.TYPE_UINT64: (0, 2**64 - 1), FD.TYPE_FIXED64: (0, 2**64 - 1),
+}
+_PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "([^"]+)"|for field (\w+)')
+
+
+def _field_by_name(message_type: _descriptor.Descriptor, name: str) -> FD | None:
+    field = message_type.fields_by_name.get(name)
+    if field is None:
+        field = next((f for f in message_type.fields if f.json_name == name), None)
+    return field
+
+
+def _convert_scalar(field: FD, raw: str, name: str) -> Any:
+    if field.type in _INT_TYPES:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise errors.InvalidArgument(f"{name}: expected an integer, got {raw!r}", field=name) from None
+        low, high = _INT_RANGES[field.type]
+        errors.require(low <= value <= high, name, f"{value} is out of range [{low}, {high}]")
+        return value
+    if field.type in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise errors.InvalidArgument(f"{name}: expected a number, got {raw!r}", field=name) from None
+        return value
+    if field.type == FD.TYPE_BOOL:
+        lowered = raw.lower()
+        errors.require(lowered in ("true", "false", "1", "0"), name, f"expected true or false, got {raw!r}")
+        return lowered in ("true", "1")
+    if field.type == FD.TYPE_ENUM:
+        enum_value = field.enum_type.values_by_name.get(raw)
+        if enum_value is None and raw.lstrip("-").isdigit():
+            enum_value = field.enum_type.values_by_number.get(int(raw))
+        if enum_value is None:
+            names = ", ".join(v.name for v in field.enum_type.values)
+            raise errors.InvalidArgument(f"{name}: unknown value {raw!r}; expected one of {names}", field=name)
+        return enum_value.number
+    if field.type == FD.TYPE_STRING:
+        return raw
+    raise errors.InvalidArgument(f"{name}: this field cannot be set from the URL", field=name)
+
+
+def set_field_path(message: Message, path: str, raw: str) -> None:
+    """Set the (dotted) field ``path`` of ``message`` from a URL string."""
+    target = message
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        field = _field_by_name(target.DESCRIPTOR, part)
+        errors.require(field is not None, path, f"no such field in {message.DESCRIPTOR.name}")
+        assert field is not None
+        if i < len(parts) - 1:
+            errors.require(field.type == FD.TYPE_MESSAGE and not _is_repeated(field), path,
+                           "only singular message fields can be traversed")
+            target = getattr(target, field.name)
+            continue
+        errors.require(field.type != FD.TYPE_MESSAGE, path, "a message field cannot be set from the URL")
+        value = _convert_scalar(field, raw, path)
+        if _is_repeated(field):
+            getattr(target, field.name).append(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _is_repeated(field: FD) -> bool:
+    return field.is_repeated
+
+
+def parse_json_body(body: bytes, message: Message, *, into_field: str = "") -> None:
+    """Merge a JSON body into ``message`` (or into one of its fields when the rule says ``body: "field"``)."""
+    if not body.strip():
+        return
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.InvalidArgument(f"body: not valid JSON ({exc})", field="body") from None
+    target = message
+    if into_field:
+        field = _field_by_name(message.DESCRIPTOR, into_field)
+        assert field is not None and field.type == FD.TYPE_MESSAGE, "body field must be a message"
+        target = getattr(message, field.name)
+    errors.require(isinstance(payload, dict), "body", "expected a JSON object")
+    try:
+        json_format.ParseDict(payload, target)
+    except json_format.ParseError as exc:
+        raise _invalid_from_parse_error(exc) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise errors.InvalidArgument(f"body: {exc}", field="body") from None
+
+
+def _invalid_from_parse_error(exc: Exception) -> errors.InvalidArgument:
+    text = str(exc)
+    names = _PARSE_FIELD.findall(text)
+    # The innermost field named is the one at fault.
+    field = next((n for group in reversed(names) for n in group if n), "body")
+    return errors.InvalidArgument(f"{field}: {text}", field=field)
+
+
+def build_request(route_input: _descriptor.Descriptor, request_class: type, *, body_rule: str, body: bytes,
+                  path_vars: dict[str, str], query: Iterable[tuple[str, str]]) -> Message:
+    """The request message for one HTTP call: body first, then query, then path (path wins)."""
+    message = request_class()
+    if body_rule == "*":
+        parse_json_body(body, message)
+    elif body_rule:
+        parse_json_body(body, message, into_field=body_rule)
+    for key, raw in query:
+        # With body "*" every field comes from the body; grpc-gateway rejects query fields then too.
+        errors.require(body_rule != "*", key, "query parameters are not accepted here; put fields in the JSON body")
+        errors.require(key.split(".")[0] not in path_vars, key, "is bound by the URL path")
+        set_field_path(message, key, raw)
+    for path, raw in path_vars.items():
+        set_field_path(message, path, raw)
+    return message
+
+
+def apply_tenant(message: Message, tenant_id: str | None) -> None:
+    """Pin ``tenant_id`` to the caller's tenant; naming another tenant is refused."""
+    if tenant_id is None or "tenant_id" not in message.DESCRIPTOR.fields_by_name:
+        return
+    claimed = getattr(message, "tenant_id")
+    if claimed and claimed != tenant_id:
+        raise errors.PermissionDenied(f"tenant_id: this API key belongs to tenant {tenant_id!r}",
+                                      reason="TENANT_MISMATCH", field="tenant_id")
+    setattr(message, "tenant_id", tenant_id)
+
+
+def apply_resume_point(message: Message, after_seq: int | None) -> None:
+    """Last-Event-ID becomes ``after_seq`` on requests that have one (the later of the two wins)."""
+    if after_seq is None or "after_seq" not in message.DESCRIPTOR.fields_by_name:
+        return
+    setattr(message, "after_seq", max(after_seq, getattr(message, "after_seq")))
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def status_details_to_json(details: Iterable[Any]) -> list[dict[str, Any]]:
+    """google.rpc.Status.details (Any) as JSON objects with ``@type``; unknown types are skipped."""
+    out = []
+    for detail in details:
+        try:
+            out.append(json_format.MessageToDict(detail))
+        except (TypeError, KeyError, json_format.Error):
+            continue
+    return out

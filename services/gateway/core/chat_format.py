@@ -1,0 +1,221 @@
+"""OpenAI chat messages -> the Gemma turn format, and tool calls via a grammar.
+
+Gemma has no system role, so system text opens the first user turn. Tool
+results go back to the model as a user turn. A forced tool call is decoded
+under a GBNF grammar built from the tool's JSON schema, so even a small base
+model answers with a well-formed ``{"name": ..., "arguments": {...}}``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from services.common import errors
+
+START, END = "<start_of_turn>", "<end_of_turn>"
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Bounds keep grammar-constrained output finite even if the model never "wants" to stop.
+MAX_STRING_CHARS = 48
+MAX_ARRAY_ITEMS = 4
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    name: str = ""
+    tool_call_id: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+
+def message_text(content: Any, field: str) -> str:
+    """Content as text: a string, null, or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    errors.require(isinstance(content, list), field, "must be a string or a list of content parts")
+    texts = []
+    for i, part in enumerate(content):
+        errors.require(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str),
+                       f"{field}[{i}]", "only text parts are supported")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_messages(raw: Any) -> list[ChatMessage]:
+    errors.require(isinstance(raw, list) and len(raw) > 0, "messages", "must be a non-empty list")
+    messages = []
+    for i, item in enumerate(raw):
+        field = f"messages[{i}]"
+        errors.require(isinstance(item, dict), field, "must be an object")
+        role = item.get("role")
+        errors.require(role in ROLES, f"{field}.role", f"must be one of {', '.join(ROLES)}")
+        tool_calls = item.get("tool_calls") or ()
+        errors.require(isinstance(tool_calls, (list, tuple)), f"{field}.tool_calls", "must be a list")
+        messages.append(ChatMessage(role=role, content=message_text(item.get("content"), f"{field}.content"),
+                                    name=str(item.get("name") or ""), tool_call_id=str(item.get("tool_call_id") or ""),
+                                    tool_calls=tuple(tool_calls)))
+    return messages
+
+
+def parse_tools(raw: Any) -> list[ToolSpec]:
+    if raw is None:
+        return []
+    errors.require(isinstance(raw, list), "tools", "must be a list")
+    tools = []
+    for i, item in enumerate(raw):
+        field = f"tools[{i}]"
+        errors.require(isinstance(item, dict) and item.get("type", "function") == "function", f"{field}.type",
+                       "only function tools are supported")
+        function = item.get("function")
+        errors.require(isinstance(function, dict), f"{field}.function", "must be an object")
+        name = function.get("name")
+        errors.require(isinstance(name, str) and name.replace("_", "a").replace("-", "a").isalnum() and len(name) <= 64,
+                       f"{field}.function.name", "must be 1-64 letters, digits, '_' or '-'")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        errors.require(isinstance(parameters, dict), f"{field}.function.parameters", "must be a JSON schema object")
+        tools.append(ToolSpec(name, str(function.get("description") or ""), parameters))
+    errors.require(len({t.name for t in tools}) == len(tools), "tools", "function names must be unique")
+    return tools
+
+
+def _tool_preamble(tools: list[ToolSpec]) -> str:
+    listing = json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
+                          for t in tools], separators=(",", ":"))
+    return ("You can call these functions:\n" + listing + "\nTo call one, answer with only a JSON object "
+            '{"name": <function name>, "arguments": <arguments object>}.')
+
+
+def render_prompt(messages: list[ChatMessage], tools: list[ToolSpec]) -> str:
+    """The Gemma prompt, ending with an open model turn."""
+    system = [m.content for m in messages if m.role in ("system", "developer") and m.content]
+    if tools:
+        system.append(_tool_preamble(tools))
+    turns: list[tuple[str, str]] = []
+    for m in messages:
+        if m.role in ("system", "developer"):
+            continue
+        if m.role == "assistant":
+            text = m.content
+            for call in m.tool_calls:
+                function = call.get("function") or {}
+                args = function.get("arguments") or "{}"
+                text += json.dumps({"name": function.get("name", ""), "arguments": _loads_or_text(args)})
+            turns.append(("model", text))
+        elif m.role == "tool":
+            label = m.name or m.tool_call_id or "tool"
+            turns.append(("user", f"Result of {label}:\n{m.content}"))
+        else:
+            turns.append(("user", m.content))
+    if system:
+        preamble = "\n\n".join(system)
+        if turns and turns[0][0] == "user":
+            turns[0] = ("user", preamble + "\n\n" + turns[0][1])
+        else:
+            turns.insert(0, ("user", preamble))
+    body = "".join(f"{START}{role}\n{text}{END}\n" for role, text in turns)
+    return body + f"{START}model\n"
+
+
+def _loads_or_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _literal(text: str) -> str:
+    return json.dumps(json.dumps(text))  # a GBNF string literal matching the JSON-encoded text
+
+
+class _GrammarBuilder:
+    def __init__(self) -> None:
+        self.rules: dict[str, str] = {
+            "ws": '" "?',
+            "char": r'[^"\\\x00-\x1f] | "\\" ["\\/bfnrt]',
+            "string": f'"\\"" char{{0,{MAX_STRING_CHARS}}} "\\""',
+            "integer": '"-"? [0-9]{1,9}',
+            "number": 'integer ("." [0-9]{1,6})?',
+            "boolean": '"true" | "false"',
+            "value": "object-any | array-any | string | number | boolean | \"null\"",
+            "object-any": f'"{{" ws (string ws ":" ws value (ws "," ws string ws ":" ws value){{0,{MAX_ARRAY_ITEMS}}})? ws "}}"',
+            "array-any": f'"[" ws (value (ws "," ws value){{0,{MAX_ARRAY_ITEMS - 1}}})? ws "]"',
+        }
+        self._count = 0
+
+    def rule_for(self, schema: Any) -> str:
+        if not isinstance(schema, dict):
+            return "value"
+        if "enum" in schema and schema["enum"]:
+            return self._add(" | ".join(_literal_json(v) for v in schema["enum"]))
+        kind = schema.get("type")
+        if kind == "string":
+            return "string"
+        if kind == "integer":
+            return "integer"
+        if kind == "number":
+            return "number"
+        if kind == "boolean":
+            return "boolean"
+        if kind == "array":
+            item = self.rule_for(schema.get("items"))
+            return self._add(f'"[" ws ({item} (ws "," ws {item}){{0,{MAX_ARRAY_ITEMS - 1}}})? ws "]"')
+        if kind == "object" and isinstance(schema.get("properties"), dict):
+            members = [f'{_literal(name)} ws ":" ws {self.rule_for(prop)}'
+                       for name, prop in schema["properties"].items()]
+            inner = ' ws "," ws '.join(members)
+            return self._add(f'"{{" ws {inner} ws "}}"' if members else '"{" ws "}"')
+        return "value"
+
+    def _add(self, body: str) -> str:
+        self._count += 1
+        name = f"r{self._count}"
+        self.rules[name] = body
+        return name
+
+    def render(self, root: str) -> str:
+        lines = [f"root ::= {root}"] + [f"{name} ::= {body}" for name, body in self.rules.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _literal_json(value: Any) -> str:
+    return json.dumps(json.dumps(value))
+
+
+def tool_call_grammar(tools: list[ToolSpec]) -> str:
+    """GBNF accepting exactly one call of one of ``tools`` with schema-shaped arguments."""
+    builder = _GrammarBuilder()
+    calls = []
+    for tool in tools:
+        args = builder.rule_for(tool.parameters)
+        calls.append(builder._add(
+            f'"{{" ws "\\"name\\"" ws ":" ws {_literal(tool.name)} ws "," ws "\\"arguments\\"" ws ":" ws {args} ws "}}"'))
+    return builder.render(" | ".join(calls))
+
+
+def parse_tool_call(text: str, tools: list[ToolSpec]) -> tuple[str, str] | None:
+    """(name, arguments JSON) if ``text`` is one call of a known tool, else None."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        payload = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict) or payload.get("name") not in {t.name for t in tools}:
+        return None
+    arguments = payload.get("arguments", {})
+    if not isinstance(arguments, dict):
+        return None
+    return payload["name"], json.dumps(arguments, separators=(",", ":"))

@@ -1,0 +1,210 @@
+"""OpenAI-compatible chat and text completions over a TextGenerator.
+
+Requests are validated here (bad input names the field), turned into one
+generation, and answered in OpenAI's JSON shapes: whole responses, or chunk
+dicts for streaming (the HTTP layer frames them as ``data:`` lines).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator
+
+from services.common import errors
+from services.gateway.core.chat_format import (END, ToolSpec, parse_messages, parse_tool_call, parse_tools,
+                                               render_prompt, tool_call_grammar)
+from services.gateway.core.ports import GenerationChunk, GenerationParams, TextGenerator
+
+DEFAULT_MAX_TOKENS = 256
+MAX_MAX_TOKENS = 8192
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    params: GenerationParams
+    model: str
+    stream: bool
+    include_usage: bool
+    tools: tuple[ToolSpec, ...] = ()
+    # "none", "auto" or "required" (a named tool is narrowed into ``tools``).
+    tool_mode: str = "none"
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    errors.require(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
+    errors.require(low <= value <= high, name, f"must be between {low} and {high}")
+    return float(value)
+
+
+def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[GenerationParams, str, bool, bool]:
+    errors.require(isinstance(body, dict), "body", "expected a JSON object")
+    model = body.get("model", "")
+    errors.require(isinstance(model, str), "model", "must be a string")
+    n = body.get("n", 1)
+    errors.require(n == 1, "n", "only n=1 is supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    errors.require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 1 <= max_tokens <= MAX_MAX_TOKENS,
+                   "max_tokens", f"must be an integer between 1 and {MAX_MAX_TOKENS}")
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    errors.require(isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop),
+                   "stop", "must be a string or a list of up to 4 non-empty strings")
+    seed = body.get("seed")
+    errors.require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32),
+                   "seed", "must be an integer in [0, 2^32)")
+    stream = body.get("stream", False)
+    errors.require(isinstance(stream, bool), "stream", "must be a boolean")
+    options = body.get("stream_options") or {}
+    errors.require(isinstance(options, dict), "stream_options", "must be an object")
+    params = GenerationParams(
+        prompt="", model=model, max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 0.0, 1.0),
+        stop=tuple(stop) + stop_default, seed=seed)
+    return params, model, stream, bool(options.get("include_usage", False))
+
+
+def plan_chat(body: Any) -> CompletionPlan:
+    params, model, stream, include_usage = _common_params(body, stop_default=(END,))
+    messages = parse_messages(body.get("messages"))
+    tools = parse_tools(body.get("tools"))
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in tools if t.name == name]
+        errors.require(bool(chosen), "tool_choice.function.name", f"{name!r} is not one of the given tools")
+        tools, mode = chosen, "required"
+    else:
+        errors.require(choice in ("none", "auto", "required"), "tool_choice",
+                       "must be 'none', 'auto', 'required' or {'type': 'function', ...}")
+        errors.require(choice == "none" or bool(tools), "tool_choice", "needs tools")
+        mode = choice
+    prompt = render_prompt(messages, tools if mode != "none" else [])
+    grammar = tool_call_grammar(tools) if mode == "required" else ""
+    return CompletionPlan(replace(params, prompt=prompt, grammar=grammar), model, stream, include_usage,
+                          tuple(tools), mode)
+
+
+def plan_completion(body: Any) -> CompletionPlan:
+    params, model, stream, include_usage = _common_params(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    errors.require(isinstance(prompt, str) and prompt != "", "prompt", "must be a non-empty string")
+    return CompletionPlan(replace(params, prompt=prompt), model, stream, include_usage)
+
+
+def _usage(last: GenerationChunk | None) -> dict[str, Any]:
+    prompt = last.prompt_tokens if last else 0
+    generated = last.generated_tokens if last else 0
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last else 0}}
+
+
+def _tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+class OpenAICompat:
+    def __init__(self, generator: TextGenerator) -> None:
+        self.generator = generator
+
+    async def _run(self, plan: CompletionPlan, request_id: str) -> tuple[str, GenerationChunk | None]:
+        texts, last = [], None
+        async for chunk in self.generator.generate(replace(plan.params, request_id=request_id)):
+            texts.append(chunk.text)
+            last = chunk
+        return "".join(texts), last
+
+    async def chat(self, plan: CompletionPlan) -> dict[str, Any]:
+        response_id = "chatcmpl-" + secrets.token_hex(12)
+        text, last = await self._run(plan, response_id)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = _FINISH.get(last.finish_reason if last else None, "stop")
+        call = parse_tool_call(text, list(plan.tools)) if plan.tool_mode != "none" else None
+        if call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(*call)]}
+            finish = "tool_calls"
+        return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
+                "model": plan.model or "default", "system_fingerprint": None,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "usage": _usage(last)}
+
+    async def chat_stream(self, plan: CompletionPlan) -> AsyncIterator[dict[str, Any]]:
+        response_id = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                    "model": plan.model or "default", "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+        yield chunk({"role": "assistant", "content": ""})
+        # Output that may be a tool call is held back until it is known not to be one.
+        held, holding, last = [], plan.tool_mode != "none", None
+        async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
+            last = piece
+            if holding:
+                held.append(piece.text)
+                so_far = "".join(held).lstrip()
+                if so_far and not so_far.startswith("{"):
+                    holding = False
+                    yield chunk({"content": "".join(held)})
+                    held = []
+            elif piece.text:
+                yield chunk({"content": piece.text})
+        finish = _FINISH.get(last.finish_reason if last else None, "stop")
+        if held:
+            text = "".join(held)
+            call = parse_tool_call(text, list(plan.tools))
+            if call is not None:
+                yield chunk({"tool_calls": [{"index": 0, **_tool_call(*call)}]})
+                finish = "tool_calls"
+            else:
+                yield chunk({"content": text})
+        yield chunk({}, finish)
+        if plan.include_usage:
+            yield {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                   "model": plan.model or "default", "choices": [], "usage": _usage(last)}
+
+    async def completion(self, plan: CompletionPlan) -> dict[str, Any]:
+        response_id = "cmpl-" + secrets.token_hex(12)
+        text, last = await self._run(plan, response_id)
+        return {"id": response_id, "object": "text_completion", "created": int(time.time()),
+                "model": plan.model or "default",
+                "choices": [{"index": 0, "text": text, "finish_reason": _FINISH.get(last.finish_reason if last else None),
+                             "logprobs": None}],
+                "usage": _usage(last)}
+
+    async def completion_stream(self, plan: CompletionPlan) -> AsyncIterator[dict[str, Any]]:
+        response_id = "cmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        last = None
+        async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
+            last = piece
+            finish = _FINISH.get(piece.finish_reason) if piece.finish_reason else None
+            if piece.text or finish:
+                yield {"id": response_id, "object": "text_completion", "created": created,
+                       "model": plan.model or "default",
+                       "choices": [{"index": 0, "text": piece.text, "finish_reason": finish, "logprobs": None}]}
+        if plan.include_usage:
+            yield {"id": response_id, "object": "text_completion", "created": created,
+                   "model": plan.model or "default", "choices": [], "usage": _usage(last)}
+
+    async def models(self) -> dict[str, Any]:
+        names = await self.generator.list_models()
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llmesh"}
+                                           for name in names]}
+
+
+def dumps(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)

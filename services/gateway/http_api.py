@@ -1,0 +1,132 @@
+"""The generic REST handler: HTTP request -> annotated RPC -> JSON, SSE or NDJSON.
+
+Thin on purpose: match the route, decode (convert.py), call the backend,
+encode. Streams are prefetched by one message so a failure before the first
+event is a plain HTTP error with the right status, not a broken stream.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Sequence
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.common import errors
+from services.common.auth import Principal
+from services.gateway import convert
+from services.gateway.adapters.grpc_backend import BackendError, GrpcBackends
+from services.gateway.core import streaming
+from services.gateway.http_errors import error_payload, error_response
+from services.gateway.routes import Route, match_route, path_exists
+
+SSE_HEARTBEAT_S = 15.0
+
+
+def forwarded_metadata(request: Request) -> list[tuple[str, str]]:
+    """Metadata for the backend call: the caller's credentials travel on."""
+    authorization = request.headers.get("authorization")
+    return [("authorization", authorization)] if authorization else []
+
+
+class GenericRestApi:
+    def __init__(self, routes: Sequence[Route], backends: GrpcBackends, max_body_bytes: int) -> None:
+        self.routes = list(routes)
+        self.backends = backends
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, request: Request) -> Response:
+        path = request.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0] or request.url.path
+        found = match_route(self.routes, request.method, path)
+        if found is None:
+            allowed = path_exists(self.routes, path)
+            if allowed:
+                return error_response_with(405, "METHOD_NOT_ALLOWED",
+                                           f"{request.method} is not allowed here; use {', '.join(allowed)}",
+                                           {"Allow": ", ".join(allowed)})
+            return error_response(errors.NotFound(f"no route for {request.method} {path}", reason="ROUTE_NOT_FOUND"))
+        route, path_vars = found
+        try:
+            message = await self._decode(request, route, path_vars)
+            metadata = forwarded_metadata(request)
+            if route.server_streaming:
+                return await self._stream(request, route, message, metadata)
+            reply = await self.backends.unary(route, message, metadata)
+            return JSONResponse(convert.message_to_json(reply))
+        except (errors.DomainError, BackendError) as exc:
+            return error_response(exc)
+
+    async def _decode(self, request: Request, route: Route, path_vars: dict[str, str]) -> Any:
+        body = await request.body() if route.body else b""
+        if len(body) > self.max_body_bytes:
+            raise errors.InvalidArgument(f"body: larger than {self.max_body_bytes} bytes", field="body",
+                                         reason="BODY_TOO_LARGE")
+        message = convert.build_request(route.input_type, route.request_class(), body_rule=route.body, body=body,
+                                        path_vars=path_vars, query=request.query_params.multi_items())
+        principal: Principal | None = getattr(request.state, "principal", None)
+        convert.apply_tenant(message, principal.tenant_id if principal else None)
+        try:
+            last_event_id = streaming.parse_last_event_id(request.headers.get("last-event-id"))
+        except ValueError as exc:
+            raise errors.InvalidArgument(str(exc), field="Last-Event-ID") from None
+        convert.apply_resume_point(message, last_event_id)
+        return message
+
+    async def _stream(self, request: Request, route: Route, message: Any,
+                      metadata: list[tuple[str, str]]) -> Response:
+        media_type = streaming.choose_stream_format(request.headers.get("accept"))
+        replies = self.backends.stream(route, message, metadata)
+        try:
+            first = await anext(replies)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await replies.aclose()
+            raise
+        frames = _frames(first, replies, media_type)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(frames, media_type=media_type, headers=headers)
+
+
+def error_response_with(status: int, reason: str, message: str, headers: dict[str, str]) -> JSONResponse:
+    body = {"error": {"code": status, "status": reason, "message": message, "details": []}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _frame(payload: dict, media_type: str) -> bytes:
+    if media_type == streaming.NDJSON_MEDIA_TYPE:
+        return streaming.ndjson_line(payload)
+    return streaming.sse_frame(payload, event_id=streaming.find_seq(payload))
+
+
+async def _frames(first: Any, replies: AsyncIterator[Any], media_type: str) -> AsyncIterator[bytes]:
+    """Encoded stream; ends with an error frame if the backend fails midway."""
+    try:
+        if first is None:
+            return
+        yield _frame(convert.message_to_json(first), media_type)
+        pending: asyncio.Future | None = None
+        while True:
+            pending = pending or asyncio.ensure_future(anext(replies))
+            done, _ = await asyncio.wait({pending}, timeout=SSE_HEARTBEAT_S)
+            if not done:
+                # Keeps proxies from closing a quiet stream (e.g. a run waiting for approval).
+                if media_type == streaming.SSE_MEDIA_TYPE:
+                    yield streaming.sse_comment("keep-alive")
+                continue
+            try:
+                reply = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield _frame(convert.message_to_json(reply), media_type)
+    except (errors.DomainError, BackendError) as exc:
+        payload = error_payload(exc)
+        if media_type == streaming.NDJSON_MEDIA_TYPE:
+            yield streaming.ndjson_line(payload)
+        else:
+            yield streaming.sse_frame(payload, event="error")
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        await replies.aclose()
