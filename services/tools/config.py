@@ -1,7 +1,8 @@
-"""Settings of the tool executor."""
+"""Settings of the tool executor (env LLMESH_TOOLS_<FIELD>, CLI --field-name)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.common.settings import ServerSettings
 
@@ -11,3 +12,43 @@ DEFAULT_PORT = 50053
 @dataclass(frozen=True)
 class Settings(ServerSettings):
     port: int = DEFAULT_PORT
+    # Sessions work in <workspace_root>/<tenant_id>/<session_id>; empty = <data_dir>/workspaces.
+    workspace_root: str = ""
+    # host:port of the policy service. Empty turns policy checks OFF: development only.
+    policy_target: str = ""
+    policy_timeout_s: float = 2.0
+    # auto | bwrap | unshare | none (auto picks the strongest that works here).
+    sandbox: str = "auto"
+    # Run as root, sandboxed commands run as this user/group; -1 keeps the service's.
+    sandbox_uid: int = 65534
+    sandbox_gid: int = 65534
+    sandbox_cpu_s: int = 30
+    sandbox_memory_mb: int = 2048
+    sandbox_file_size_mb: int = 256
+    sandbox_open_files: int = 256
+    sandbox_max_processes: int = 64
+    shell_timeout_ms: int = 30_000
+    http_fetch_enabled: bool = False
+    http_fetch_max_bytes: int = 4 * 1024 * 1024
+    # Byte cap of each captured stream (stdout, stderr, content): head + tail past it.
+    output_cap_bytes: int = 64 * 1024
+    max_read_bytes: int = 16 * 1024 * 1024
+    max_concurrent_calls: int = 16
+    max_concurrent_calls_per_session: int = 8
+    max_batch_calls: int = 64
+    max_timeout_ms: int = 600_000
+    cache_ttl_s: float = 300.0
+    cache_max_entries: int = 1024
+    breaker_failures: int = 5
+    breaker_window_s: float = 60.0
+    breaker_reset_s: float = 30.0
+    retry_max_attempts: int = 3
+    retry_base_ms: float = 100.0
+    retry_max_ms: float = 2_000.0
+    # JSON file naming the MCP servers to start over stdio; empty = none.
+    mcp_config: str = ""
+    mcp_refresh_s: float = 300.0
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace_root) if self.workspace_root else self.data_path / "workspaces"

@@ -1,28 +1,83 @@
-"""Wiring of the tool executor: servicer, resources, lifecycle."""
+"""Wiring of the tool executor: registry, sandbox, policy, MCP, servicer."""
 from __future__ import annotations
+
+import asyncio
+import logging
+import os
 
 import grpc
 from llmesh.tools.v1 import tools_pb2_grpc
 
+from services.tools.adapters.fs_tools import FileTools
+from services.tools.adapters.http_fetch import HttpFetchTool
+from services.tools.adapters.mcp_servers import McpHub, load_mcp_config
+from services.tools.adapters.policy_client import GrpcPolicyClient
+from services.tools.adapters.sandbox import Sandbox, SandboxLimits, detect_mode
+from services.tools.adapters.shell_tool import ShellTool
 from services.tools.config import Settings
+from services.tools.core.cache import ResultCache
+from services.tools.core.executor import ExecutorLimits, ToolExecutor
+from services.tools.core.ports import AllowAllPolicy, PolicyPort
+from services.tools.core.registry import ToolRegistry
+from services.tools.core.workspace import WorkspaceRoots
+from services.tools.servicer import ToolServicer
 
 SERVICE_NAME = "llmesh.tools.v1.ToolService"
+MB = 1024 * 1024
+
+log = logging.getLogger("llmesh.tools")
 
 
 class App:
     service_names = (SERVICE_NAME,)
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, policy: PolicyPort | None = None) -> None:
+        self.settings = s = settings
+        # Root hands workspaces to the unprivileged user the sandbox runs commands as.
+        drop = os.geteuid() == 0 and s.sandbox_uid >= 0
+        self.owner = (s.sandbox_uid, s.sandbox_gid) if drop else (None, None)
+        self.registry = ToolRegistry()
+        for spec in FileTools(s.max_read_bytes, *self.owner).specs():
+            self.registry.add(spec)
+        if s.http_fetch_enabled:
+            self.registry.add(HttpFetchTool(s.http_fetch_max_bytes, 30_000).spec())
+        self.policy_client = GrpcPolicyClient(s.policy_target, s.policy_timeout_s) if s.policy_target else None
+        if policy is None and self.policy_client is None:
+            log.warning("policy_target is empty: tool calls are NOT checked by policy (development only)")
+        self.executor = ToolExecutor(
+            self.registry, policy or self.policy_client or AllowAllPolicy(),
+            WorkspaceRoots(s.workspace_path, *self.owner),
+            ResultCache(s.cache_ttl_s, s.cache_max_entries),
+            ExecutorLimits(
+                max_concurrent_calls=s.max_concurrent_calls,
+                max_concurrent_calls_per_session=s.max_concurrent_calls_per_session,
+                max_batch_calls=s.max_batch_calls, output_cap_bytes=s.output_cap_bytes,
+                max_timeout_ms=s.max_timeout_ms, retry_max_attempts=s.retry_max_attempts,
+                retry_base_delay_ms=s.retry_base_ms, retry_max_delay_ms=s.retry_max_ms,
+                breaker_failure_threshold=s.breaker_failures, breaker_window_s=s.breaker_window_s,
+                breaker_reset_s=s.breaker_reset_s))
+        self.mcp = McpHub(load_mcp_config(s.mcp_config), self.registry, s.mcp_refresh_s)
+        self.sandbox: Sandbox | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        tools_pb2_grpc.add_ToolServiceServicer_to_server(tools_pb2_grpc.ToolServiceServicer(), server)
+        tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(self.executor), server)
 
     async def start(self) -> None:
-        return None
+        s = self.settings
+        s.workspace_path.mkdir(parents=True, exist_ok=True)
+        mode = await asyncio.to_thread(detect_mode, s.sandbox)
+        limits = SandboxLimits(cpu_seconds=s.sandbox_cpu_s, address_space_bytes=s.sandbox_memory_mb * MB,
+                               file_size_bytes=s.sandbox_file_size_mb * MB, open_files=s.sandbox_open_files,
+                               processes=s.sandbox_max_processes)
+        self.sandbox = Sandbox(mode, limits, s.sandbox_uid, s.sandbox_gid)
+        self.registry.add(ShellTool(self.sandbox, s.shell_timeout_ms).spec())
+        log.info("sandbox ready", extra={"event": "sandbox", "mode": mode})
+        await self.mcp.start()
 
     async def close(self) -> None:
-        return None
+        await self.mcp.close()
+        if self.policy_client is not None:
+            await self.policy_client.close()
 
 
 def build_app(settings: Settings) -> App:

@@ -1,0 +1,1 @@
+"""Outbound pieces of the tool executor: sandboxed shell, files, HTTP, MCP, policy."""

@@ -1,0 +1,41 @@
+"""PolicyPort over gRPC: llmesh.policy.v1.PolicyService/Evaluate."""
+from __future__ import annotations
+
+import grpc
+from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+
+from services.common.clients import make_channel
+from services.tools.core.ports import PolicyDecision, PolicyQuery, PolicyUnavailable, PolicyVerdict
+
+_DECISIONS = {
+    policy_pb2.DECISION_ALLOW: PolicyDecision.ALLOW,
+    policy_pb2.DECISION_PROMPT: PolicyDecision.PROMPT,
+    policy_pb2.DECISION_FORBIDDEN: PolicyDecision.FORBIDDEN,
+}
+
+
+class GrpcPolicyClient:
+    def __init__(self, target: str, timeout_s: float) -> None:
+        self.channel = make_channel(target)
+        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def evaluate(self, query: PolicyQuery) -> PolicyVerdict:
+        request = policy_pb2.EvaluateRequest(
+            tenant_id=query.tenant_id, session_id=query.session_id, role=query.role, tool_name=query.tool_name,
+            arguments_json=query.arguments_json, workspace_root=query.workspace_root,
+            risk_level=query.risk_level, approval_id=query.approval_id)
+        try:
+            response = await self.stub.Evaluate(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+                              grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                # Policy answered: it refuses this call (e.g. an unknown or spent approval id).
+                return PolicyVerdict(PolicyDecision.FORBIDDEN, f"policy refused: {exc.details()}")
+            raise PolicyUnavailable(f"{exc.code().name}: {exc.details()}") from None
+        # Anything policy does not say plainly is treated as forbidden (fail closed).
+        decision = _DECISIONS.get(response.decision, PolicyDecision.FORBIDDEN)
+        return PolicyVerdict(decision, response.justification, response.approval_id)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,210 @@
+"""ToolExecutor: policy -> cache -> breaker -> bounded, timed, retried run."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+from services.common.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
+from services.tools.core.breaker import CircuitBreaker
+from services.tools.core.cache import ResultCache, cache_key
+from services.tools.core.model import (
+    CallContext, ToolContext, ToolFailure, ToolInvocation, ToolOutcome, ToolOutput, ToolSpec, ToolStatus,
+)
+from services.tools.core.ports import PolicyDecision, PolicyPort, PolicyQuery, PolicyUnavailable
+from services.tools.core.registry import ToolRegistry
+from services.tools.core.workspace import Workspace, WorkspaceRoots
+
+log = logging.getLogger("llmesh.tools.executor")
+
+
+@dataclass(frozen=True)
+class ExecutorLimits:
+    max_concurrent_calls: int = 16
+    max_concurrent_calls_per_session: int = 8
+    max_batch_calls: int = 64
+    output_cap_bytes: int = 64 * 1024
+    max_timeout_ms: int = 600_000
+    retry_max_attempts: int = 3
+    retry_base_delay_ms: float = 100.0
+    retry_max_delay_ms: float = 2_000.0
+    breaker_failure_threshold: int = 5
+    breaker_window_s: float = 60.0
+    breaker_reset_s: float = 30.0
+
+
+def backoff_delay_s(attempt: int, base_ms: float, max_ms: float, rand: Callable[[], float]) -> float:
+    """Exponential backoff with full jitter around it: base * 2^(attempt-1) * [0.5, 1.5)."""
+    nominal = min(max_ms, base_ms * (2 ** (attempt - 1)))
+    return nominal * (0.5 + rand()) / 1000.0
+
+
+class _SessionSlots:
+    """One semaphore per session, dropped when no call of the session is running."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: dict[tuple[str, str], list] = {}
+
+    def acquire_ref(self, key: tuple[str, str]) -> asyncio.Semaphore:
+        entry = self.slots.setdefault(key, [asyncio.Semaphore(self.size), 0])
+        entry[1] += 1
+        return entry[0]
+
+    def release_ref(self, key: tuple[str, str]) -> None:
+        entry = self.slots[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.slots[key]
+
+
+class ToolExecutor:
+    def __init__(self, registry: ToolRegistry, policy: PolicyPort, roots: WorkspaceRoots,
+                 cache: ResultCache[ToolOutcome], limits: ExecutorLimits = ExecutorLimits(), *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rand: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.roots = roots
+        self.cache = cache
+        self.limits = limits
+        self.sleep = sleep
+        self.rand = rand
+        self.clock = clock
+        self.global_slots = asyncio.Semaphore(limits.max_concurrent_calls)
+        self.session_slots = _SessionSlots(limits.max_concurrent_calls_per_session)
+        self.breakers: dict[str, CircuitBreaker] = {}
+
+    def breaker(self, tool: str) -> CircuitBreaker:
+        breaker = self.breakers.get(tool)
+        if breaker is None:
+            breaker = self.breakers[tool] = CircuitBreaker(
+                self.limits.breaker_failure_threshold, self.limits.breaker_window_s,
+                self.limits.breaker_reset_s, clock=self.clock)
+        return breaker
+
+    async def execute_batch(self, ctx: CallContext, calls: Sequence[ToolInvocation]) -> list[ToolOutcome]:
+        """Run ``calls`` concurrently; one outcome per call, in call order."""
+        if len(calls) > self.limits.max_batch_calls:
+            raise InvalidArgument(f"calls: at most {self.limits.max_batch_calls} calls per batch, got {len(calls)}",
+                                  field="calls")
+        workspace = self.roots.for_session(ctx.tenant_id, ctx.session_id)
+        # gather cancels every call when the batch is cancelled (client gone).
+        return list(await asyncio.gather(*(self._execute(ctx, workspace, call) for call in calls)))
+
+    async def execute(self, ctx: CallContext, call: ToolInvocation) -> ToolOutcome:
+        workspace = self.roots.for_session(ctx.tenant_id, ctx.session_id)
+        return await self._execute(ctx, workspace, call)
+
+    async def _execute(self, ctx: CallContext, workspace: Workspace, call: ToolInvocation) -> ToolOutcome:
+        start = time.perf_counter()
+        outcome = await self._decide_and_run(ctx, workspace, call)
+        return outcome.with_(call_id=call.call_id, duration_ms=(time.perf_counter() - start) * 1000.0)
+
+    async def _decide_and_run(self, ctx: CallContext, workspace: Workspace, call: ToolInvocation) -> ToolOutcome:
+        blank = ToolOutcome(call_id=call.call_id, name=call.name, status=ToolStatus.UNSPECIFIED)
+        try:
+            spec = self.registry.get(call.name)
+            self.registry.validate(spec.name, call.arguments)
+        except (NotFound, InvalidArgument) as exc:
+            return blank.with_(status=ToolStatus.INVALID, error_reason=exc.reason, error_message=exc.message,
+                               request_error=exc)
+        try:
+            verdict = await self.policy.evaluate(PolicyQuery(
+                tenant_id=ctx.tenant_id, session_id=ctx.session_id, role=ctx.role, tool_name=spec.name,
+                arguments_json=call.arguments_json, workspace_root=str(workspace.root),
+                risk_level=int(spec.risk_level), approval_id=call.approval_id))
+        except PolicyUnavailable as exc:
+            return blank.with_(status=ToolStatus.UNAVAILABLE, error_reason="POLICY_UNAVAILABLE",
+                               error_message=f"policy could not be checked, the call did not run: {exc}")
+        if verdict.decision is PolicyDecision.PROMPT:
+            return blank.with_(status=ToolStatus.APPROVAL_REQUIRED, error_reason="APPROVAL_REQUIRED",
+                               error_message=verdict.justification, approval_id=verdict.approval_id)
+        if verdict.decision is not PolicyDecision.ALLOW:
+            return blank.with_(status=ToolStatus.DENIED, error_reason="POLICY_FORBIDDEN",
+                               error_message=verdict.justification or "forbidden by policy")
+        timeout_ms = min(call.timeout_ms if call.timeout_ms > 0 else spec.timeout_ms, self.limits.max_timeout_ms)
+        tctx = ToolContext(ctx.tenant_id, ctx.session_id, workspace, timeout_ms / 1000.0, self.limits.output_cap_bytes)
+        key = None
+        try:
+            if spec.cacheable and self.cache.enabled:
+                assert spec.state_token is not None
+                token = await spec.state_token(call.arguments, tctx)
+                if token is not None:
+                    key = cache_key(spec.name, spec.version, call.arguments, str(workspace.root), token)
+                    cached = self.cache.get(key)
+                    if cached is not None:
+                        return cached.with_(from_cache=True, attempts=0)
+        except DomainError as exc:
+            return self._refused(blank, exc)
+        outcome = await self._run_with_retries(spec, call, tctx, blank)
+        if key is not None and outcome.status is ToolStatus.OK:
+            self.cache.put(key, outcome)
+        return outcome
+
+    async def _run_with_retries(self, spec: ToolSpec, call: ToolInvocation, tctx: ToolContext,
+                                blank: ToolOutcome) -> ToolOutcome:
+        breaker = self.breaker(spec.name)
+        max_attempts = self.limits.retry_max_attempts if spec.retryable else 1
+        attempt = 0
+        while True:
+            attempt += 1
+            if not breaker.allow():
+                return blank.with_(status=ToolStatus.UNAVAILABLE, error_reason="BREAKER_OPEN", attempts=attempt - 1,
+                                   error_message=f"{spec.name} failed repeatedly and is paused; retry in "
+                                                 f"{breaker.retry_after_s():.1f}s")
+            try:
+                output = await self._run_once(spec, call, tctx)
+            except ToolFailure as exc:
+                breaker.record_failure()
+                if exc.transient and attempt < max_attempts:
+                    await self.sleep(backoff_delay_s(attempt, self.limits.retry_base_delay_ms,
+                                                     self.limits.retry_max_delay_ms, self.rand))
+                    continue
+                return blank.with_(status=ToolStatus.ERROR, error_reason=exc.reason, error_message=str(exc),
+                                   exit_code=-1, attempts=attempt)
+            except TimeoutError:
+                # The handler was cancelled by the timeout and killed what it started.
+                breaker.record_failure()
+                return blank.with_(status=ToolStatus.TIMEOUT, error_reason="TIMEOUT", exit_code=-1, attempts=attempt,
+                                   error_message=f"{spec.name} did not finish within {tctx.timeout_s:g}s")
+            except DomainError as exc:
+                breaker.release_probe()  # the caller's fault says nothing about the tool's health
+                return self._refused(blank, exc).with_(attempts=attempt)
+            except asyncio.CancelledError:
+                breaker.release_probe()
+                raise
+            except Exception as exc:  # noqa: BLE001 - a crashing tool must not take the batch down
+                log.exception("tool %s crashed", spec.name)
+                breaker.record_failure()
+                return blank.with_(status=ToolStatus.ERROR, error_reason="TOOL_CRASHED", exit_code=-1,
+                                   error_message=f"{type(exc).__name__}: {exc}", attempts=attempt)
+            breaker.record_success()
+            return blank.with_(
+                status=ToolStatus.OK if output.ok else ToolStatus.ERROR, exit_code=output.exit_code,
+                content=output.content, stdout=output.stdout, stderr=output.stderr,
+                error_reason=output.error_reason, error_message=output.error_message, attempts=attempt)
+
+    async def _run_once(self, spec: ToolSpec, call: ToolInvocation, tctx: ToolContext) -> ToolOutput:
+        key = (tctx.tenant_id, tctx.session_id)
+        session_slots = self.session_slots.acquire_ref(key)
+        try:
+            async with session_slots, self.global_slots:
+                return await asyncio.wait_for(spec.handler(call.arguments, tctx), tctx.timeout_s)
+        finally:
+            self.session_slots.release_ref(key)
+
+    @staticmethod
+    def _refused(blank: ToolOutcome, exc: DomainError) -> ToolOutcome:
+        if isinstance(exc, PermissionDenied):
+            status = ToolStatus.DENIED
+        elif isinstance(exc, InvalidArgument):
+            status = ToolStatus.INVALID
+        else:
+            return blank.with_(status=ToolStatus.ERROR, error_reason=exc.reason, error_message=exc.message,
+                               exit_code=1)
+        return blank.with_(status=status, error_reason=exc.reason, error_message=exc.message, request_error=exc)

@@ -1,0 +1,49 @@
+"""ToolService: decode -> executor -> encode."""
+from __future__ import annotations
+
+import grpc
+from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
+
+from services.common.errors import require
+from services.tools import convert
+from services.tools.core.executor import ToolExecutor
+from services.tools.core.replay import RequestReplay
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
+    def __init__(self, executor: ToolExecutor) -> None:
+        self.executor = executor
+        self.replay: RequestReplay[object] = RequestReplay()
+
+    async def ListTools(self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
+                        ) -> tools_pb2.ListToolsResponse:
+        require(0 <= request.page_size <= MAX_PAGE_SIZE, "page_size", f"must be within 0..{MAX_PAGE_SIZE}")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        after = convert.decode_page_token(request.page_token)
+        specs = [s for s in self.executor.registry.list() if s.name > after]
+        page = specs[:size]
+        token = convert.encode_page_token(page[-1].name) if len(specs) > size else ""
+        return tools_pb2.ListToolsResponse(tools=[convert.encode_spec(s) for s in page], next_page_token=token)
+
+    async def ExecuteTool(self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext
+                          ) -> tools_pb2.ExecuteToolResponse:
+        ctx = convert.decode_context(request)
+        call = convert.decode_call(request.call, "call")
+        outcome = await self.replay.run(_replay_key("one", ctx), lambda: self.executor.execute(ctx, call))
+        if outcome.request_error is not None:  # bad arguments, unknown tool, path escape: a status, not a result
+            raise outcome.request_error
+        return tools_pb2.ExecuteToolResponse(result=convert.encode_outcome(outcome))
+
+    async def ExecuteTools(self, request: tools_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext
+                           ) -> tools_pb2.ExecuteToolsResponse:
+        ctx = convert.decode_context(request)
+        calls = convert.decode_calls(request.calls)
+        outcomes = await self.replay.run(_replay_key("batch", ctx), lambda: self.executor.execute_batch(ctx, calls))
+        return tools_pb2.ExecuteToolsResponse(results=[convert.encode_outcome(o) for o in outcomes])
+
+
+def _replay_key(kind: str, ctx: convert.CallContext) -> tuple[str, str, str, str] | None:
+    return (kind, ctx.tenant_id, ctx.session_id, ctx.request_id) if ctx.request_id else None

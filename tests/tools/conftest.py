@@ -1,0 +1,88 @@
+"""Builders for the tool executor tests."""
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from services.tools.adapters.fs_tools import FileTools
+from services.tools.adapters.sandbox import Sandbox, SandboxLimits, detect_mode
+from services.tools.adapters.shell_tool import ShellTool
+from services.tools.core.cache import ResultCache
+from services.tools.core.executor import ExecutorLimits, ToolExecutor
+from services.tools.core.model import CallContext, ToolInvocation
+from services.tools.core.ports import PolicyDecision, PolicyQuery, PolicyVerdict
+from services.tools.core.registry import ToolRegistry
+from services.tools.core.workspace import WorkspaceRoots
+
+SANDBOX_UID = 65534 if os.geteuid() == 0 else None
+
+
+class FakePolicy:
+    """Answers from a table keyed by tool name; records every query."""
+
+    def __init__(self, decisions: dict[str, PolicyVerdict] | None = None) -> None:
+        self.decisions = decisions or {}
+        self.queries: list[PolicyQuery] = []
+
+    async def evaluate(self, query: PolicyQuery) -> PolicyVerdict:
+        self.queries.append(query)
+        verdict = self.decisions.get(query.tool_name, PolicyVerdict(PolicyDecision.ALLOW))
+        if verdict.decision is PolicyDecision.PROMPT and query.approval_id == verdict.approval_id:
+            return PolicyVerdict(PolicyDecision.ALLOW, "approved once")
+        return verdict
+
+
+@pytest.fixture
+def workspace_base() -> Iterator[Path]:
+    # Not under pytest's tmp_path: its parents are 0700, and the sandbox user must get in.
+    base = Path(tempfile.mkdtemp(prefix="llmesh-tools-test-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox_mode() -> str:
+    return detect_mode("auto")
+
+
+def make_executor(base: Path, policy: Any = None, *, limits: ExecutorLimits | None = None, sandbox_mode: str = "none",
+                  cache_ttl_s: float = 60.0, shell_timeout_ms: int = 10_000,
+                  sandbox_limits: SandboxLimits | None = None) -> ToolExecutor:
+    owner = (SANDBOX_UID, SANDBOX_UID)
+    registry = ToolRegistry()
+    for spec in FileTools(16 * 1024 * 1024, *owner).specs():
+        registry.add(spec)
+    sandbox = Sandbox(sandbox_mode, sandbox_limits or SandboxLimits(cpu_seconds=10, processes=32))
+    registry.add(ShellTool(sandbox, shell_timeout_ms).spec())
+    return ToolExecutor(registry, policy or FakePolicy(), WorkspaceRoots(base, *owner),
+                        ResultCache(cache_ttl_s, 256), limits or ExecutorLimits(retry_base_delay_ms=1))
+
+
+CTX = CallContext(request_id="r1", tenant_id="acme", session_id="s1", role="developer")
+
+
+def call(name: str, call_id: str = "c1", timeout_ms: int = 0, approval_id: str = "", **arguments: Any) -> ToolInvocation:
+    import json
+    return ToolInvocation(call_id=call_id, name=name, arguments=arguments, arguments_json=json.dumps(arguments),
+                          timeout_ms=timeout_ms, approval_id=approval_id)
+
+
+def workspace_of(base: Path) -> Path:
+    return base / CTX.tenant_id / CTX.session_id
+
+
+async def wait_until(predicate: Any, timeout_s: float = 5.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
