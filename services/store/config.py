@@ -1,4 +1,4 @@
-"""Settings of the store."""
+"""Settings of the store (env ``LLMESH_STORE_<FIELD>``, CLI ``--field-name``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,3 +11,39 @@ DEFAULT_PORT = 50055
 @dataclass(frozen=True)
 class Settings(ServerSettings):
     port: int = DEFAULT_PORT
+    # Empty means SQLite at <data_dir>/store.db. PostgreSQL:
+    # postgresql+psycopg://user:pass@host:5432/db (plain postgresql:// works too).
+    database_url: str = ""
+    # PostgreSQL connection pool (SQLite uses one writer and a few readers).
+    pool_size: int = 10
+    pool_max_overflow: int = 10
+    sqlite_readers: int = 4
+    # FULL survives power loss; NORMAL survives a process crash only (WAL).
+    sqlite_synchronous: str = "FULL"
+    # Event writer: flush when this many events wait or the oldest waited this long.
+    event_batch_max: int = 256
+    event_batch_ms: float = 2.0
+    # Events waiting for a flush before the overflow policy kicks in.
+    event_queue_max: int = 20_000
+    # How long an append of critical events waits for room before RESOURCE_EXHAUSTED.
+    event_block_timeout_ms: int = 5_000
+    # Event types that may be dropped (oldest first) under back-pressure.
+    droppable_event_types: tuple[str, ...] = ("token",)
+    # WatchEvents re-reads this often to see appends made by other store replicas.
+    watch_recheck_ms: int = 1_000
+    # Tasks: default attempts, backoff of failed attempts, how often leases are swept.
+    task_max_attempts: int = 5
+    task_backoff_base_ms: int = 1_000
+    task_backoff_max_ms: int = 300_000
+    lease_sweep_interval_ms: int = 500
+    # Retention: rows older than this move to the *_archive tables; 0 keeps them.
+    event_retention_days: float = 0.0
+    audit_retention_days: float = 0.0
+    retention_interval_s: float = 300.0
+    # Rows moved per transaction, so writers never wait long behind the archiver.
+    retention_batch_rows: int = 1_000
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_path.resolve() / 'store.db'}"

@@ -1,12 +1,28 @@
-"""Wiring of the store: servicer, resources, lifecycle."""
+"""Wiring of the store: database, migrations, event writer, sweepers, servicer."""
 from __future__ import annotations
+
+import logging
 
 import grpc
 from llmesh.store.v1 import store_pb2_grpc
+from prometheus_client import Counter, Gauge
 
+from services.store.adapters.database import Database, DatabaseOptions
+from services.store.adapters.repository import SqlRepository
 from services.store.config import Settings
+from services.store.core.event_writer import EventWriter
+from services.store.core.maintenance import Maintenance, MaintenanceOptions
+from services.store.core.store import CoreOptions, StoreCore, wall_clock_ms
+from services.store.core.task_policy import RetryPolicy
+from services.store.core.watch_hub import WatchHub
+from services.store.servicer import StoreServicer
 
 SERVICE_NAME = "llmesh.store.v1.StoreService"
+log = logging.getLogger("llmesh.store")
+
+EVENTS_DROPPED = Counter("llmesh_store_events_dropped_total",
+                         "Token-delta events dropped by the overflow policy under back-pressure.")
+EVENTS_PENDING = Gauge("llmesh_store_events_pending", "Events waiting for the batched writer.")
 
 
 class App:
@@ -14,15 +30,63 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.database: Database | None = None
+        self.core: StoreCore | None = None
+        self.maintenance: Maintenance | None = None
+        self._servicer = _LateServicer(self)
 
     def register(self, server: grpc.aio.Server) -> None:
-        store_pb2_grpc.add_StoreServiceServicer_to_server(store_pb2_grpc.StoreServiceServicer(), server)
+        store_pb2_grpc.add_StoreServiceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
-        return None
+        s = self.settings
+        self.database = Database(s.resolved_database_url(), DatabaseOptions(
+            pool_size=s.pool_size, pool_max_overflow=s.pool_max_overflow, sqlite_readers=s.sqlite_readers,
+            sqlite_synchronous=s.sqlite_synchronous))
+        await self.database.migrate()
+        repo = SqlRepository(self.database)
+        hub = WatchHub()
+        writer = EventWriter(
+            lambda appends: repo.append_events(appends, wall_clock_ms()), max_batch_events=s.event_batch_max, max_batch_delay_ms=s.event_batch_ms,
+            max_pending_events=max(s.event_queue_max, s.event_batch_max, 1_000),
+            block_timeout_ms=s.event_block_timeout_ms, droppable_types=s.droppable_event_types,
+            on_commit=lambda done: [hub.publish(t, sid, seq) for t, sid, seq in done],
+            on_drop=EVENTS_DROPPED.inc)
+        EVENTS_PENDING.set_function(lambda: writer.num_pending)
+        writer.start()
+        self.core = StoreCore(repo, writer, hub, CoreOptions(
+            default_max_attempts=s.task_max_attempts, watch_recheck_s=s.watch_recheck_ms / 1000,
+            retry=RetryPolicy(s.task_backoff_base_ms, s.task_backoff_max_ms)))
+        self.maintenance = Maintenance(repo, MaintenanceOptions(
+            lease_sweep_interval_s=s.lease_sweep_interval_ms / 1000, event_retention_days=s.event_retention_days,
+            audit_retention_days=s.audit_retention_days, retention_interval_s=s.retention_interval_s,
+            retention_batch_rows=s.retention_batch_rows), wall_clock_ms)
+        self.maintenance.start()
+        log.info("store ready", extra={"event": "store_ready", "dialect": self.database.dialect})
 
     async def close(self) -> None:
-        return None
+        if self.core is not None:
+            self.core.hub.close()
+            await self.core.writer.close()
+        if self.maintenance is not None:
+            await self.maintenance.close()
+        if self.database is not None:
+            await self.database.close()
+
+
+class _LateServicer(StoreServicer):
+    """Registered before start(); the core exists once the database is open."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    @property  # type: ignore[override]
+    def core(self) -> StoreCore:
+        if self._app.core is None:
+            from services.common.errors import Unavailable
+
+            raise Unavailable("store is starting", reason="STORE_STARTING")
+        return self._app.core
 
 
 def build_app(settings: Settings) -> App:

@@ -1,0 +1,1 @@
+"""Database side of the store: SQLAlchemy models, engines, repository, migrations."""

@@ -1,0 +1,179 @@
+"""Sessions, messages and events in SQL. Every query is filtered by tenant_id."""
+from __future__ import annotations
+
+from sqlalchemy import and_, delete, insert, or_, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.errors import AlreadyExists, DomainError, NotFound
+from services.store.adapters.database import Database
+from services.store.adapters.records import event_record, message_record, session_record
+from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRow, SessionRow
+from services.store.core.models import (
+    EventAppend, EventRecord, MessageRecord, NewMessage, NewSession, SessionRecord,
+)
+
+
+def _session_not_found(session_id: str) -> NotFound:
+    return NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
+
+
+async def _lock_session(s: AsyncSession, tenant_id: str, session_id: str) -> SessionRow | None:
+    # FOR UPDATE serializes appends to one session on PostgreSQL; SQLite
+    # ignores it and is already serialized by its single writer.
+    query = (select(SessionRow).where(SessionRow.tenant_id == tenant_id, SessionRow.session_id == session_id)
+             .with_for_update())
+    return (await s.execute(query)).scalar_one_or_none()
+
+
+class SessionRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create_session(self, new: NewSession, now_ms: int) -> tuple[SessionRecord, bool]:
+        async with self.db.writer() as s:
+            if new.request_id:
+                query = select(SessionRow).where(SessionRow.tenant_id == new.tenant_id,
+                                                 SessionRow.create_request_id == new.request_id)
+                existing = (await s.execute(query)).scalar_one_or_none()
+                if existing is not None:
+                    return session_record(existing), False
+            clash = await s.get(SessionRow, (new.tenant_id, new.session_id))
+            if clash is not None:
+                raise AlreadyExists(f"session {new.session_id!r} already exists", reason="SESSION_EXISTS",
+                                    field="session_id")
+            row = SessionRow(tenant_id=new.tenant_id, session_id=new.session_id, title=new.title,
+                             metadata_json=new.metadata_json, create_request_id=new.request_id or None,
+                             last_message_position=0, last_event_seq=0, create_ms=now_ms, update_ms=now_ms)
+            s.add(row)
+            return session_record(row), True
+
+    async def get_session(self, tenant_id: str, session_id: str) -> SessionRecord | None:
+        async with self.db.reader() as s:
+            row = await s.get(SessionRow, (tenant_id, session_id))
+            return session_record(row) if row is not None else None
+
+    async def list_sessions(self, tenant_id: str, after: tuple[int, str] | None, limit: int) -> list[SessionRecord]:
+        query = select(SessionRow).where(SessionRow.tenant_id == tenant_id)
+        if after is not None:
+            query = query.where(or_(SessionRow.create_ms > after[0],
+                                    and_(SessionRow.create_ms == after[0], SessionRow.session_id > after[1])))
+        query = query.order_by(SessionRow.create_ms, SessionRow.session_id).limit(limit)
+        async with self.db.reader() as s:
+            return [session_record(r) for r in (await s.execute(query)).scalars()]
+
+    async def append_messages(self, tenant_id: str, session_id: str, messages: list[NewMessage],
+                              request_id: str, now_ms: int) -> list[int]:
+        async with self.db.writer() as s:
+            session = await _lock_session(s, tenant_id, session_id)
+            if session is None:
+                raise _session_not_found(session_id)
+            if request_id:
+                query = (select(MessageRow.position).where(
+                    MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id,
+                    MessageRow.request_id == request_id).order_by(MessageRow.position))
+                done = list((await s.execute(query)).scalars())
+                if done:
+                    return done
+            first = session.last_message_position + 1
+            positions = list(range(first, first + len(messages)))
+            await s.execute(insert(MessageRow), [
+                dict(tenant_id=tenant_id, session_id=session_id, position=pos, request_id=request_id or None,
+                     role=m.role, content=m.content, metadata_json=m.metadata_json, num_tokens=m.num_tokens,
+                     create_ms=now_ms)
+                for pos, m in zip(positions, messages)])
+            session.last_message_position = positions[-1]
+            session.update_ms = now_ms
+            return positions
+
+    async def list_messages(self, tenant_id: str, session_id: str, after_position: int,
+                            limit: int) -> list[MessageRecord]:
+        query = (select(MessageRow).where(MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id,
+                                          MessageRow.position > after_position)
+                 .order_by(MessageRow.position).limit(limit))
+        async with self.db.reader() as s:
+            return [message_record(r) for r in (await s.execute(query)).scalars()]
+
+    async def append_events(self, appends: list[EventAppend], now_ms: int) -> list[list[int] | DomainError]:
+        """One transaction for the whole batch; per append its seqs or its own error."""
+        keys = sorted({(a.tenant_id, a.session_id) for a in appends})
+        async with self.db.writer() as s:
+            # Lock every session of the batch in one sorted pass: concurrent
+            # batches from other replicas then cannot deadlock each other.
+            query = (select(SessionRow).where(tuple_(SessionRow.tenant_id, SessionRow.session_id).in_(keys))
+                     .order_by(SessionRow.tenant_id, SessionRow.session_id).with_for_update())
+            sessions = {(r.tenant_id, r.session_id): r for r in (await s.execute(query)).scalars()}
+            known = await self._known_keys(s, appends)
+            rows: list[dict] = []
+            results: list[list[int] | DomainError] = []
+            for append in appends:
+                session = sessions.get((append.tenant_id, append.session_id))
+                if session is None:
+                    results.append(_session_not_found(append.session_id))
+                    continue
+                seqs: list[int] = []
+                for event in append.events:
+                    key = (append.tenant_id, append.session_id, event.idempotency_key)
+                    if event.idempotency_key and key in known:
+                        seqs.append(known[key])  # a retry: the original seq, nothing written
+                        continue
+                    session.last_event_seq += 1
+                    seq = session.last_event_seq
+                    if event.idempotency_key:
+                        known[key] = seq
+                    seqs.append(seq)
+                    rows.append(dict(tenant_id=append.tenant_id, session_id=append.session_id, seq=seq,
+                                     type=event.type, payload=event.payload,
+                                     idempotency_key=event.idempotency_key or None,
+                                     schema_version=event.schema_version, create_ms=now_ms))
+                results.append(seqs)
+            if rows:
+                await s.execute(insert(EventRow), rows)
+                for session in sessions.values():
+                    session.update_ms = now_ms
+            return results
+
+    @staticmethod
+    async def _known_keys(s: AsyncSession, appends: list[EventAppend]) -> dict[tuple[str, str, str], int]:
+        wanted = {(a.tenant_id, a.session_id, e.idempotency_key) for a in appends for e in a.events
+                  if e.idempotency_key}
+        if not wanted:
+            return {}
+        query = select(EventRow.tenant_id, EventRow.session_id, EventRow.idempotency_key, EventRow.seq).where(
+            tuple_(EventRow.tenant_id, EventRow.session_id, EventRow.idempotency_key).in_(sorted(wanted)))
+        return {(t, sid, k): seq for t, sid, k, seq in (await s.execute(query)).all()}
+
+    async def read_events(self, tenant_id: str, session_id: str, after_seq: int, limit: int) -> list[EventRecord]:
+        async with self.db.reader() as s:
+            query = (select(EventRow).where(EventRow.tenant_id == tenant_id, EventRow.session_id == session_id,
+                                            EventRow.seq > after_seq).order_by(EventRow.seq).limit(limit))
+            rows = [event_record(r) for r in (await s.execute(query)).scalars()]
+            if rows and rows[0].seq == after_seq + 1:
+                return rows
+            # Older events may have been archived by retention: replay stays complete.
+            archived = (select(ArchivedEventRow).where(
+                ArchivedEventRow.tenant_id == tenant_id, ArchivedEventRow.session_id == session_id,
+                ArchivedEventRow.seq > after_seq).order_by(ArchivedEventRow.seq).limit(limit))
+            old = [event_record(r) for r in (await s.execute(archived)).scalars()]
+            return sorted({r.seq: r for r in old + rows}.values(), key=lambda r: r.seq)[:limit]
+
+    async def archive_events(self, cutoff_ms: int, max_rows: int) -> int:
+        return await move_rows(self.db, EventRow, ArchivedEventRow, cutoff_ms, max_rows,
+                                (EventRow.tenant_id, EventRow.session_id, EventRow.seq))
+
+
+async def move_rows(db: Database, hot, archive, cutoff_ms: int, max_rows: int, key_columns, extra=None) -> int:
+    """Copy up to max_rows rows older than cutoff into the archive table and delete them."""
+    async with db.writer() as s:
+        query = select(hot).where(hot.create_ms < cutoff_ms)
+        if extra is not None:
+            query = query.where(extra)
+        query = query.order_by(hot.create_ms).limit(max_rows).with_for_update(skip_locked=True)
+        rows = list((await s.execute(query)).scalars())
+        if not rows:
+            return 0
+        columns = [c.key for c in hot.__table__.columns]
+        await s.execute(insert(archive), [{c: getattr(r, c) for c in columns} for r in rows])
+        keys = [tuple(getattr(r, col.key) for col in key_columns) for r in rows]
+        await s.execute(delete(hot).where(tuple_(*key_columns).in_(keys)))
+        return len(rows)
+

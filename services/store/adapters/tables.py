@@ -1,0 +1,129 @@
+"""SQLAlchemy 2.0 typed models. Times are epoch milliseconds (portable, comparable).
+
+Kept in step with migrations/versions by tests/store/test_migrations.py.
+"""
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, SmallInteger, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID = String(128)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SessionRow(Base):
+    __tablename__ = "store_sessions"
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    title: Mapped[str] = mapped_column(Text, default="")
+    metadata_json: Mapped[str] = mapped_column(Text, default="")
+    # NULL when created without a request id (NULLs never collide in UNIQUE).
+    create_request_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    # Counters that hand out gapless positions/seqs under the row lock.
+    last_message_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+    update_ms: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "create_request_id", name="uq_store_sessions_request"),
+        Index("ix_store_sessions_listing", "tenant_id", "create_ms", "session_id"),
+    )
+
+
+class MessageRow(Base):
+    __tablename__ = "store_messages"
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    metadata_json: Mapped[str] = mapped_column(Text, default="")
+    num_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_store_messages_request", "tenant_id", "session_id", "request_id"),)
+
+
+class _EventColumns:
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    schema_version: Mapped[int] = mapped_column(Integer, default=0)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventRow(_EventColumns, Base):
+    __tablename__ = "store_events"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "session_id", "idempotency_key", name="uq_store_events_key"),
+        Index("ix_store_events_age", "create_ms"),
+    )
+
+
+class ArchivedEventRow(_EventColumns, Base):
+    """Events moved out of the hot table by retention; still readable by replay."""
+
+    __tablename__ = "store_events_archive"
+
+
+class TaskRow(Base):
+    __tablename__ = "store_tasks"
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ID)
+    queue: Mapped[str] = mapped_column(ID)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    payload_json: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[int] = mapped_column(SmallInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(ID, default="")
+    lease_token: Mapped[str] = mapped_column(String(64), default="")
+    # Request id of the claim that leased it, so a retried claim returns the same tasks.
+    claim_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    lease_expire_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    run_after_ms: Mapped[int] = mapped_column(BigInteger)
+    result_json: Mapped[str] = mapped_column(Text, default="")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    idempotency_key: Mapped[str | None] = mapped_column(ID, nullable=True)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+    update_ms: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "queue", "idempotency_key", name="uq_store_tasks_key"),
+        Index("ix_store_tasks_ready", "queue", "state", "priority", "run_after_ms"),
+        Index("ix_store_tasks_leases", "state", "lease_expire_ms"),
+        Index("ix_store_tasks_claim", "claim_id"),
+    )
+
+
+class SessionLockRow(Base):
+    __tablename__ = "store_session_locks"
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    # Empty when free; the row stays so the fencing token keeps growing.
+    owner_id: Mapped[str] = mapped_column(ID, default="")
+    lease_expire_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    fencing_token: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class _AuditColumns:
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    prev_hash: Mapped[str] = mapped_column(String(256))
+    entry_hash: Mapped[str] = mapped_column(String(256))
+    payload_json: Mapped[str] = mapped_column(Text)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditRow(_AuditColumns, Base):
+    __tablename__ = "store_audit"
+    __table_args__ = (Index("ix_store_audit_age", "create_ms"),)
+
+
+class ArchivedAuditRow(_AuditColumns, Base):
+    __tablename__ = "store_audit_archive"

@@ -1,0 +1,243 @@
+"""Task queue, session locks and the audit chain in SQL."""
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from services.common.errors import Aborted, FailedPrecondition, NotFound
+from services.store.adapters.database import Database
+from services.store.adapters.records import audit_record, task_record
+from services.store.adapters.session_repository import move_rows
+from services.store.adapters.tables import ArchivedAuditRow, AuditRow, SessionLockRow, TaskRow
+from services.store.core.models import AuditRecord, LockResult, NewTask, TaskRecord, TaskState
+from services.store.core.task_policy import RetryPolicy
+
+
+def _lease_lost(task_id: str) -> FailedPrecondition:
+    return FailedPrecondition(f"task {task_id!r}: lease token does not hold the current lease",
+                              reason="LEASE_LOST", field="lease_token")
+
+
+class TaskRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- tasks -----------------------------------------------------------------
+
+    async def enqueue_task(self, new: NewTask, now_ms: int) -> tuple[TaskRecord, bool]:
+        async with self.db.writer() as s:
+            if new.idempotency_key:
+                query = select(TaskRow).where(TaskRow.tenant_id == new.tenant_id, TaskRow.queue == new.queue,
+                                              TaskRow.idempotency_key == new.idempotency_key)
+                existing = (await s.execute(query)).scalar_one_or_none()
+                if existing is not None:
+                    return task_record(existing), False
+            row = TaskRow(task_id=uuid.uuid4().hex, tenant_id=new.tenant_id, queue=new.queue,
+                          priority=new.priority, payload_json=new.payload_json, state=int(TaskState.READY),
+                          attempts=0, max_attempts=new.max_attempts, worker_id="", lease_token="", claim_id=None,
+                          lease_expire_ms=0, run_after_ms=now_ms, result_json="", last_error="",
+                          idempotency_key=new.idempotency_key or None, create_ms=now_ms, update_ms=now_ms)
+            s.add(row)
+            try:
+                await s.flush()
+            except IntegrityError:
+                # Two replicas enqueued the same key at once; the other one won.
+                raise Aborted("task with this idempotency key is being created; retry",
+                              reason="ENQUEUE_RACE") from None
+            return task_record(row), True
+
+    async def claim_tasks(self, queue: str, worker_id: str, max_tasks: int, lease_ms: int, claim_id: str,
+                          now_ms: int) -> list[TaskRecord]:
+        async with self.db.writer() as s:
+            if claim_id:
+                query = select(TaskRow).where(TaskRow.claim_id == claim_id, TaskRow.worker_id == worker_id,
+                                              TaskRow.state == int(TaskState.LEASED))
+                repeated = [task_record(r) for r in (await s.execute(query)).scalars()]
+                if repeated:
+                    return repeated
+            # SKIP LOCKED: concurrent claimers on PostgreSQL take disjoint rows
+            # instead of queueing behind each other (SQLite has one writer anyway).
+            ready = (select(TaskRow.task_id)
+                     .where(TaskRow.queue == queue, TaskRow.state == int(TaskState.READY),
+                            TaskRow.run_after_ms <= now_ms)
+                     .order_by(TaskRow.priority, TaskRow.run_after_ms, TaskRow.create_ms)
+                     .limit(max_tasks).with_for_update(skip_locked=True))
+            ids = list((await s.execute(ready)).scalars())
+            if not ids:
+                return []
+            token = uuid.uuid4().hex
+            claim = (update(TaskRow)
+                     .where(TaskRow.task_id.in_(ids), TaskRow.state == int(TaskState.READY))
+                     .values(state=int(TaskState.LEASED), worker_id=worker_id, lease_token=token,
+                             claim_id=claim_id or None, lease_expire_ms=now_ms + lease_ms,
+                             attempts=TaskRow.attempts + 1, update_ms=now_ms)
+                     .returning(TaskRow)
+                     .execution_options(synchronize_session=False))
+            rows = [task_record(r) for r in (await s.execute(claim)).scalars()]
+            return sorted(rows, key=lambda t: (t.priority, t.run_after_ms, t.create_ms))
+
+    async def _owned(self, s, task_id: str, lease_token: str) -> TaskRow:
+        row = (await s.execute(select(TaskRow).where(TaskRow.task_id == task_id).with_for_update())).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
+        if row.lease_token != lease_token:
+            raise _lease_lost(task_id)
+        return row
+
+    async def heartbeat_task(self, task_id: str, lease_token: str, lease_ms: int, now_ms: int) -> TaskRecord:
+        async with self.db.writer() as s:
+            row = await self._owned(s, task_id, lease_token)
+            if row.state != TaskState.LEASED:
+                raise _lease_lost(task_id)
+            row.lease_expire_ms = now_ms + lease_ms
+            row.update_ms = now_ms
+            return task_record(row)
+
+    async def ack_task(self, task_id: str, lease_token: str, result_json: str, now_ms: int) -> TaskRecord:
+        async with self.db.writer() as s:
+            row = await self._owned(s, task_id, lease_token)
+            if row.state == TaskState.DONE:
+                return task_record(row)  # a retried ack
+            if row.state != TaskState.LEASED:
+                raise _lease_lost(task_id)
+            row.state = int(TaskState.DONE)
+            row.result_json = result_json
+            row.lease_expire_ms = 0
+            row.update_ms = now_ms
+            return task_record(row)
+
+    async def fail_task(self, task_id: str, lease_token: str, error: str, permanent: bool, policy: RetryPolicy,
+                        now_ms: int) -> TaskRecord:
+        async with self.db.writer() as s:
+            row = await self._owned(s, task_id, lease_token)
+            if row.state in (TaskState.READY, TaskState.DEAD):
+                return task_record(row)  # a retried fail
+            if row.state != TaskState.LEASED:
+                raise _lease_lost(task_id)
+            state, run_after = policy.after_failure(row.attempts, row.max_attempts, permanent, now_ms)
+            row.state = int(state)
+            row.run_after_ms = run_after
+            row.last_error = error
+            row.lease_expire_ms = 0
+            row.update_ms = now_ms
+            return task_record(row)
+
+    async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord | None:
+        async with self.db.reader() as s:
+            row = await s.get(TaskRow, task_id)
+            if row is None or row.tenant_id != tenant_id:
+                return None
+            return task_record(row)
+
+    async def release_expired_leases(self, now_ms: int) -> int:
+        """Sweeper: expired leases count as a failed attempt; the token is voided."""
+        expired = (TaskRow.state == int(TaskState.LEASED), TaskRow.lease_expire_ms < now_ms)
+        async with self.db.writer() as s:
+            dead = await s.execute(
+                update(TaskRow).where(*expired, TaskRow.attempts >= TaskRow.max_attempts)
+                .values(state=int(TaskState.DEAD), lease_token="", last_error="lease expired", update_ms=now_ms)
+                .execution_options(synchronize_session=False))
+            ready = await s.execute(
+                update(TaskRow).where(*expired)
+                .values(state=int(TaskState.READY), lease_token="", worker_id="", run_after_ms=now_ms,
+                        last_error="lease expired", update_ms=now_ms)
+                .execution_options(synchronize_session=False))
+            return (dead.rowcount or 0) + (ready.rowcount or 0)
+
+    # -- session locks ---------------------------------------------------------
+
+    async def acquire_lock(self, tenant_id: str, session_id: str, owner_id: str, lease_ms: int,
+                           now_ms: int) -> LockResult:
+        async with self.db.writer() as s:
+            await s.execute(self._insert_free_lock(tenant_id, session_id))
+            query = (select(SessionLockRow).where(SessionLockRow.tenant_id == tenant_id,
+                                                  SessionLockRow.session_id == session_id).with_for_update())
+            row = (await s.execute(query)).scalar_one()
+            free = not row.owner_id or row.lease_expire_ms <= now_ms
+            if row.owner_id != owner_id and not free:
+                return LockResult(False, row.owner_id, row.lease_expire_ms, row.fencing_token)
+            if row.owner_id != owner_id or row.lease_expire_ms <= now_ms:
+                row.fencing_token += 1  # the lock changes hands (or was lost meanwhile)
+            row.owner_id = owner_id
+            row.lease_expire_ms = now_ms + lease_ms
+            return LockResult(True, owner_id, row.lease_expire_ms, row.fencing_token)
+
+    def _insert_free_lock(self, tenant_id: str, session_id: str):
+        if self.db.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        return dialect_insert(SessionLockRow).values(
+            tenant_id=tenant_id, session_id=session_id, owner_id="", lease_expire_ms=0, fencing_token=0,
+        ).on_conflict_do_nothing()
+
+    async def release_lock(self, tenant_id: str, session_id: str, owner_id: str) -> bool:
+        async with self.db.writer() as s:
+            result = await s.execute(
+                update(SessionLockRow)
+                .where(SessionLockRow.tenant_id == tenant_id, SessionLockRow.session_id == session_id,
+                       SessionLockRow.owner_id == owner_id)
+                .values(owner_id="", lease_expire_ms=0)
+                .execution_options(synchronize_session=False))
+            return (result.rowcount or 0) > 0
+
+    async def delete_expired_locks(self, now_ms: int) -> int:
+        async with self.db.writer() as s:
+            result = await s.execute(
+                update(SessionLockRow)
+                .where(SessionLockRow.owner_id != "", SessionLockRow.lease_expire_ms <= now_ms)
+                .values(owner_id="", lease_expire_ms=0)
+                .execution_options(synchronize_session=False))
+            return result.rowcount or 0
+
+    # -- audit chain -----------------------------------------------------------
+
+    async def append_audit(self, entry: AuditRecord, now_ms: int) -> AuditRecord:
+        try:
+            async with self.db.writer() as s:
+                head = await self._head(s, entry.tenant_id)
+                if head is not None and head.seq == entry.seq and head.entry_hash == entry.entry_hash \
+                        and head.prev_hash == entry.prev_hash:
+                    return audit_record(head)  # a retried append of the current head
+                head_seq, head_hash = (head.seq, head.entry_hash) if head is not None else (0, "")
+                if entry.seq != head_seq + 1 or entry.prev_hash != head_hash:
+                    raise Aborted(f"audit chain head is seq {head_seq}; entry must be seq {head_seq + 1} "
+                                  "with prev_hash equal to the head's hash", reason="AUDIT_HEAD_MOVED",
+                                  metadata={"head_seq": str(head_seq)})
+                await s.execute(insert(AuditRow).values(
+                    tenant_id=entry.tenant_id, seq=entry.seq, prev_hash=entry.prev_hash,
+                    entry_hash=entry.entry_hash, payload_json=entry.payload_json, create_ms=now_ms))
+        except IntegrityError:
+            # Another replica appended the same seq first (the primary key is the guard).
+            raise Aborted("audit chain head moved concurrently", reason="AUDIT_HEAD_MOVED") from None
+        return AuditRecord(entry.tenant_id, entry.seq, entry.prev_hash, entry.entry_hash, entry.payload_json,
+                           now_ms)
+
+    @staticmethod
+    async def _head(s, tenant_id: str) -> AuditRow | None:
+        query = select(AuditRow).where(AuditRow.tenant_id == tenant_id).order_by(AuditRow.seq.desc()).limit(1)
+        return (await s.execute(query)).scalar_one_or_none()
+
+    async def audit_head(self, tenant_id: str) -> tuple[int, str]:
+        async with self.db.reader() as s:
+            head = await self._head(s, tenant_id)
+            return (head.seq, head.entry_hash) if head is not None else (0, "")
+
+    async def list_audit(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
+        async with self.db.reader() as s:
+            rows: list[AuditRecord] = []
+            for table in (ArchivedAuditRow, AuditRow):
+                query = (select(table).where(table.tenant_id == tenant_id, table.seq > after_seq)
+                         .order_by(table.seq).limit(limit))
+                rows.extend(audit_record(r) for r in (await s.execute(query)).scalars())
+            return sorted({r.seq: r for r in rows}.values(), key=lambda r: r.seq)[:limit]
+
+    async def archive_audit(self, cutoff_ms: int, max_rows: int) -> int:
+        # The head row stays hot: it is what the next append must link to.
+        head_alias = AuditRow.__table__.alias("head")
+        not_head = AuditRow.seq < (select(func.max(head_alias.c.seq))
+                                   .where(head_alias.c.tenant_id == AuditRow.tenant_id).scalar_subquery())
+        return await move_rows(self.db, AuditRow, ArchivedAuditRow, cutoff_ms, max_rows,
+                               (AuditRow.tenant_id, AuditRow.seq), extra=not_head)

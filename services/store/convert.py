@@ -1,0 +1,66 @@
+"""Protobuf <-> domain records (the only place besides servicer.py touching store_pb2)."""
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from llmesh.store.v1 import store_pb2
+
+from services.store.core.models import (
+    AuditRecord, EventRecord, LockResult, MessageRecord, NewEvent, NewMessage, SessionRecord, TaskRecord,
+)
+
+
+def timestamp(ms: int) -> Timestamp | None:
+    if not ms:
+        return None
+    ts = Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def session_pb(r: SessionRecord) -> store_pb2.Session:
+    return store_pb2.Session(tenant_id=r.tenant_id, session_id=r.session_id, title=r.title,
+                             metadata_json=r.metadata_json, create_time=timestamp(r.create_ms),
+                             update_time=timestamp(r.update_ms))
+
+
+def new_messages(messages) -> list[NewMessage]:
+    return [NewMessage(m.role, m.content, m.metadata_json, m.num_tokens) for m in messages]
+
+
+def message_pb(r: MessageRecord) -> store_pb2.Message:
+    return store_pb2.Message(position=r.position, role=r.role, content=r.content, metadata_json=r.metadata_json,
+                             num_tokens=r.num_tokens, create_time=timestamp(r.create_ms))
+
+
+def new_events(events) -> list[NewEvent]:
+    return [NewEvent(e.type, bytes(e.payload), e.idempotency_key, e.schema_version) for e in events]
+
+
+def event_pb(r: EventRecord) -> store_pb2.Event:
+    return store_pb2.Event(session_id=r.session_id, seq=r.seq, type=r.type, payload=r.payload,
+                           idempotency_key=r.idempotency_key, schema_version=r.schema_version,
+                           create_time=timestamp(r.create_ms))
+
+
+def task_pb(r: TaskRecord) -> store_pb2.Task:
+    return store_pb2.Task(
+        task_id=r.task_id, tenant_id=r.tenant_id, queue=r.queue, priority=r.priority, payload_json=r.payload_json,
+        state=int(r.state), attempts=r.attempts, max_attempts=r.max_attempts, worker_id=r.worker_id,
+        lease_expire_time=timestamp(r.lease_expire_ms), run_after_time=timestamp(r.run_after_ms),
+        result_json=r.result_json, last_error=r.last_error, create_time=timestamp(r.create_ms),
+        lease_token=r.lease_token)
+
+
+def lock_pb(r: LockResult) -> store_pb2.AcquireSessionLockResponse:
+    return store_pb2.AcquireSessionLockResponse(acquired=r.acquired, holder_id=r.holder_id,
+                                                lease_expire_time=timestamp(r.lease_expire_ms),
+                                                fencing_token=r.fencing_token)
+
+
+def audit_record(e: store_pb2.AuditEntry) -> AuditRecord:
+    return AuditRecord(e.tenant_id, e.seq, e.prev_hash, e.entry_hash, e.payload_json)
+
+
+def audit_pb(r: AuditRecord) -> store_pb2.AuditEntry:
+    return store_pb2.AuditEntry(tenant_id=r.tenant_id, seq=r.seq, prev_hash=r.prev_hash, entry_hash=r.entry_hash,
+                                payload_json=r.payload_json, create_time=timestamp(r.create_ms))

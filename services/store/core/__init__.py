@@ -1,0 +1,1 @@
+"""Pure logic of the store: validation, the event writer, watch fan-out, task policy."""

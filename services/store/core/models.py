@@ -1,0 +1,131 @@
+"""Domain records passed between the store's layers (no protobuf, no SQL)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    tenant_id: str
+    session_id: str
+    title: str
+    metadata_json: str
+    create_ms: int
+    update_ms: int
+
+
+@dataclass(frozen=True)
+class NewSession:
+    tenant_id: str
+    session_id: str
+    title: str
+    metadata_json: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    role: str
+    content: str
+    metadata_json: str
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    position: int
+    role: str
+    content: str
+    metadata_json: str
+    num_tokens: int
+    create_ms: int
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    type: str
+    payload: bytes
+    idempotency_key: str
+    schema_version: int
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    session_id: str
+    seq: int
+    type: str
+    payload: bytes
+    idempotency_key: str
+    schema_version: int
+    create_ms: int
+
+
+@dataclass(frozen=True)
+class EventAppend:
+    """The events of one append request that survived the overflow policy."""
+
+    tenant_id: str
+    session_id: str
+    events: list[NewEvent]
+
+
+class TaskState(enum.IntEnum):
+    # Values match the proto enum so conversion is a cast.
+    READY = 1
+    LEASED = 2
+    DONE = 3
+    DEAD = 4
+
+
+@dataclass(frozen=True)
+class NewTask:
+    tenant_id: str
+    queue: str
+    priority: int
+    payload_json: str
+    idempotency_key: str
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    tenant_id: str
+    queue: str
+    priority: int
+    payload_json: str
+    state: TaskState
+    attempts: int
+    max_attempts: int
+    worker_id: str
+    lease_token: str
+    lease_expire_ms: int
+    run_after_ms: int
+    result_json: str
+    last_error: str
+    create_ms: int
+
+
+@dataclass(frozen=True)
+class LockResult:
+    acquired: bool
+    holder_id: str
+    lease_expire_ms: int
+    fencing_token: int
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    tenant_id: str
+    seq: int
+    prev_hash: str
+    entry_hash: str
+    payload_json: str
+    create_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list = field(default_factory=list)
+    next_page_token: str = ""

@@ -1,0 +1,44 @@
+"""Opaque page tokens and page sizes shared by every List/Read RPC."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from services.common.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1_000
+
+
+def page_limit(page_size: int) -> int:
+    """0 means the default; larger than the maximum is clamped (AIP-158)."""
+    if page_size < 0:
+        raise InvalidArgument("page_size: must not be negative", field="page_size")
+    if page_size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(page_size, MAX_PAGE_SIZE)
+
+
+def encode_token(scope: str, cursor: Any) -> str:
+    raw = json.dumps({"s": scope, "c": cursor}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, scope: str) -> Any:
+    """The cursor inside ``token``; None for an empty token.
+
+    The scope (tenant + query) is part of the token so a token from one
+    tenant's listing cannot be replayed against another's.
+    """
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        body = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token: malformed", field="page_token") from None
+    if not isinstance(body, dict) or body.get("s") != scope or "c" not in body:
+        raise InvalidArgument("page_token: does not belong to this query", field="page_token")
+    return body["c"]

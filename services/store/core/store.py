@@ -1,0 +1,279 @@
+"""StoreCore: one method per RPC; validates, then calls the repository.
+
+Validation runs before any write, so a bad request changes nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from services.common.errors import NotFound, require
+from services.store.core import validation as check
+from services.store.core.event_writer import EventWriter
+from services.store.core.models import (
+    AuditRecord, EventRecord, LockResult, NewEvent, NewMessage, NewSession, NewTask, Page, SessionRecord,
+    TaskRecord,
+)
+from services.store.core.paging import decode_token, encode_token, page_limit
+from services.store.core.ports import StoreRepository
+from services.store.core.task_policy import RetryPolicy
+from services.store.core.watch_hub import WatchHub
+
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class CoreOptions:
+    default_max_attempts: int = 5
+    watch_recheck_s: float = 1.0
+    retry: RetryPolicy = RetryPolicy()
+
+
+class StoreCore:
+    def __init__(self, repo: StoreRepository, writer: EventWriter, hub: WatchHub,
+                 options: CoreOptions = CoreOptions(), clock: Clock = wall_clock_ms) -> None:
+        self.repo = repo
+        self.writer = writer
+        self.hub = hub
+        self.options = options
+        self.clock = clock
+        # Process-local first: contenders for one session's lock queue here
+        # instead of all racing on the same database row.
+        self._local_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # -- sessions and messages -------------------------------------------------
+
+    async def create_session(self, new: NewSession) -> tuple[SessionRecord, bool]:
+        check.check_id(new.tenant_id, "tenant_id")
+        check.check_id(new.session_id, "session_id", required=False)
+        check.check_id(new.request_id, "request_id", required=False)
+        check.check_title(new.title)
+        check.check_json_object(new.metadata_json, "metadata_json")
+        if not new.session_id:
+            new = NewSession(new.tenant_id, uuid.uuid4().hex, new.title, new.metadata_json, new.request_id)
+        return await self.repo.create_session(new, self.clock())
+
+    async def get_session(self, tenant_id: str, session_id: str) -> SessionRecord:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        record = await self.repo.get_session(tenant_id, session_id)
+        if record is None:
+            # Same answer whether the id is unused or another tenant's.
+            raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
+        return record
+
+    async def list_sessions(self, tenant_id: str, page_size: int, page_token: str) -> Page:
+        check.check_id(tenant_id, "tenant_id")
+        limit = page_limit(page_size)
+        cursor = decode_token(page_token, f"sessions:{tenant_id}")
+        after = None
+        if cursor is not None:
+            require(isinstance(cursor, list) and len(cursor) == 2, "page_token", "malformed")
+            after = (int(cursor[0]), str(cursor[1]))
+        rows = await self.repo.list_sessions(tenant_id, after, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = encode_token(f"sessions:{tenant_id}", [rows[-1].create_ms, rows[-1].session_id])
+        return Page(rows, token)
+
+    async def append_messages(self, tenant_id: str, session_id: str, messages: list[NewMessage],
+                              request_id: str) -> list[int]:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_id(request_id, "request_id", required=False)
+        check.check_messages(messages)
+        return await self.repo.append_messages(tenant_id, session_id, messages, request_id, self.clock())
+
+    async def list_messages(self, tenant_id: str, session_id: str, after_position: int, page_size: int,
+                            page_token: str) -> Page:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_seq(after_position, "after_position")
+        limit = page_limit(page_size)
+        scope = f"messages:{tenant_id}:{session_id}"
+        cursor = decode_token(page_token, scope)
+        if cursor is not None:
+            require(isinstance(cursor, int), "page_token", "malformed")
+            after_position = max(after_position, cursor)
+        await self.get_session(tenant_id, session_id)
+        rows = await self.repo.list_messages(tenant_id, session_id, after_position, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = encode_token(scope, rows[-1].position)
+        return Page(rows, token)
+
+    # -- events ----------------------------------------------------------------
+
+    async def append_events(self, tenant_id: str, session_id: str, events: list[NewEvent],
+                            request_id: str) -> list[int]:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_id(request_id, "request_id", required=False)
+        check.check_events(events)
+        if request_id:
+            # A retried request is idempotent even when its events carry no keys.
+            events = [e if e.idempotency_key else
+                      NewEvent(e.type, e.payload, f"{request_id}#{i}", e.schema_version)
+                      for i, e in enumerate(events)]
+        return await self.writer.append(tenant_id, session_id, events)
+
+    async def read_events(self, tenant_id: str, session_id: str, after_seq: int, page_size: int,
+                          page_token: str) -> Page:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_seq(after_seq, "after_seq")
+        limit = page_limit(page_size)
+        scope = f"events:{tenant_id}:{session_id}"
+        cursor = decode_token(page_token, scope)
+        if cursor is not None:
+            require(isinstance(cursor, int), "page_token", "malformed")
+            after_seq = max(after_seq, cursor)
+        await self.get_session(tenant_id, session_id)
+        rows = await self.repo.read_events(tenant_id, session_id, after_seq, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = encode_token(scope, rows[-1].seq)
+        return Page(rows, token)
+
+    async def watch_events(self, tenant_id: str, session_id: str, after_seq: int,
+                           batch: int = 500) -> AsyncIterator[EventRecord]:
+        """Replay events after ``after_seq``, then follow commits until closed."""
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_seq(after_seq, "after_seq")
+        await self.get_session(tenant_id, session_id)
+        cursor = after_seq
+        with self.hub.subscribe(tenant_id, session_id) as subscription:
+            while not self.hub.closed:
+                rows = await self.repo.read_events(tenant_id, session_id, cursor, batch)
+                for row in rows:
+                    yield row
+                    cursor = row.seq
+                if len(rows) == batch:
+                    continue
+                # Woken by the writer's commit; the timeout only catches
+                # appends committed by another store replica.
+                await subscription.wait_beyond(cursor, self.options.watch_recheck_s)
+
+    # -- tasks -----------------------------------------------------------------
+
+    async def enqueue_task(self, tenant_id: str, queue: str, priority: int, payload_json: str,
+                           idempotency_key: str, max_attempts: int, request_id: str) -> tuple[TaskRecord, bool]:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(queue, "queue")
+        check.check_id(request_id, "request_id", required=False)
+        check.check_id(idempotency_key, "idempotency_key", required=False)
+        check.check_json_value(payload_json, "payload_json", max_bytes=check.MAX_CONTENT_BYTES)
+        require(max_attempts >= 0, "max_attempts", "must not be negative")
+        require(max_attempts <= 1000, "max_attempts", "at most 1000")
+        new = NewTask(tenant_id, queue, priority, payload_json, idempotency_key or request_id,
+                      max_attempts or self.options.default_max_attempts)
+        return await self.repo.enqueue_task(new, self.clock())
+
+    async def claim_tasks(self, queue: str, worker_id: str, max_tasks: int, lease_ms: int,
+                          request_id: str) -> list[TaskRecord]:
+        check.check_id(queue, "queue")
+        check.check_id(worker_id, "worker_id")
+        check.check_id(request_id, "request_id", required=False)
+        require(0 < max_tasks <= check.MAX_CLAIM, "max_tasks", f"must be between 1 and {check.MAX_CLAIM}")
+        check.check_lease_ms(lease_ms)
+        return await self.repo.claim_tasks(queue, worker_id, max_tasks, lease_ms, request_id, self.clock())
+
+    async def heartbeat_task(self, task_id: str, lease_token: str, lease_ms: int) -> TaskRecord:
+        self._check_lease_ref(task_id, lease_token)
+        check.check_lease_ms(lease_ms)
+        return await self.repo.heartbeat_task(task_id, lease_token, lease_ms, self.clock())
+
+    async def ack_task(self, task_id: str, lease_token: str, result_json: str) -> TaskRecord:
+        self._check_lease_ref(task_id, lease_token)
+        check.check_json_value(result_json, "result_json", max_bytes=check.MAX_CONTENT_BYTES)
+        return await self.repo.ack_task(task_id, lease_token, result_json, self.clock())
+
+    async def fail_task(self, task_id: str, lease_token: str, error: str, permanent: bool) -> TaskRecord:
+        self._check_lease_ref(task_id, lease_token)
+        require(len(error) <= 64 * 1024, "error", "longer than 65536 characters")
+        return await self.repo.fail_task(task_id, lease_token, error, permanent, self.options.retry, self.clock())
+
+    async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(task_id, "task_id")
+        record = await self.repo.get_task(tenant_id, task_id)
+        if record is None:
+            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
+        return record
+
+    @staticmethod
+    def _check_lease_ref(task_id: str, lease_token: str) -> None:
+        check.check_id(task_id, "task_id")
+        check.check_id(lease_token, "lease_token")
+
+    # -- session locks ---------------------------------------------------------
+
+    async def acquire_session_lock(self, tenant_id: str, session_id: str, owner_id: str,
+                                   lease_ms: int) -> LockResult:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_id(owner_id, "owner_id")
+        check.check_lease_ms(lease_ms)
+        async with self._local_lock(tenant_id, session_id):
+            return await self.repo.acquire_lock(tenant_id, session_id, owner_id, lease_ms, self.clock())
+
+    async def release_session_lock(self, tenant_id: str, session_id: str, owner_id: str) -> bool:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(session_id, "session_id")
+        check.check_id(owner_id, "owner_id")
+        async with self._local_lock(tenant_id, session_id):
+            return await self.repo.release_lock(tenant_id, session_id, owner_id)
+
+    @contextlib.asynccontextmanager
+    async def _local_lock(self, tenant_id: str, session_id: str) -> AsyncIterator[None]:
+        key = (tenant_id, session_id)
+        lock = self._local_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._local_locks.get(key) is lock:
+                del self._local_locks[key]
+
+    # -- audit -----------------------------------------------------------------
+
+    async def append_audit(self, entry: AuditRecord) -> AuditRecord:
+        check.check_id(entry.tenant_id, "entry.tenant_id")
+        require(entry.seq >= 1, "entry.seq", "must be at least 1")
+        require(bool(entry.entry_hash), "entry.entry_hash", "is required")
+        require(len(entry.entry_hash) <= 256 and len(entry.prev_hash) <= 256, "entry.entry_hash", "too long")
+        require(entry.seq > 1 or not entry.prev_hash, "entry.prev_hash", "must be empty for the first entry")
+        check.check_json_value(entry.payload_json, "entry.payload_json", max_bytes=check.MAX_CONTENT_BYTES)
+        return await self.repo.append_audit(entry, self.clock())
+
+    async def get_audit_head(self, tenant_id: str) -> tuple[int, str]:
+        check.check_id(tenant_id, "tenant_id")
+        return await self.repo.audit_head(tenant_id)
+
+    async def list_audit(self, tenant_id: str, after_seq: int, page_size: int, page_token: str) -> Page:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_seq(after_seq, "after_seq")
+        limit = page_limit(page_size)
+        scope = f"audit:{tenant_id}"
+        cursor = decode_token(page_token, scope)
+        if cursor is not None:
+            require(isinstance(cursor, int), "page_token", "malformed")
+            after_seq = max(after_seq, cursor)
+        rows = await self.repo.list_audit(tenant_id, after_seq, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = encode_token(scope, rows[-1].seq)
+        return Page(rows, token)

@@ -1,0 +1,101 @@
+"""Input checks: every bad field becomes INVALID_ARGUMENT naming it, before any write."""
+from __future__ import annotations
+
+import json
+import re
+
+from services.common.errors import InvalidArgument, require
+from services.store.core.models import NewEvent, NewMessage
+
+MAX_ID_CHARS = 128
+MAX_TITLE_CHARS = 512
+MAX_JSON_BYTES = 256 * 1024
+MAX_CONTENT_BYTES = 1024 * 1024
+MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_EVENTS_PER_APPEND = 1_000
+MAX_MESSAGES_PER_APPEND = 500
+MAX_EVENT_TYPE_CHARS = 64
+MAX_LEASE_MS = 24 * 3600 * 1000
+MAX_CLAIM = 1_000
+MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool", "summary"})
+
+# Ids travel in URLs, logs and SQL; keep them to a safe printable alphabet.
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]+$")
+
+
+def check_id(value: str, field: str, *, required: bool = True) -> None:
+    if not value:
+        require(not required, field, "is required")
+        return
+    require(len(value) <= MAX_ID_CHARS, field, f"longer than {MAX_ID_CHARS} characters")
+    require(bool(_ID_RE.match(value)), field, "may only contain letters, digits and . _ : @ / + = -")
+
+
+def check_json_object(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> None:
+    """Empty is allowed (means {}); anything else must be a JSON object."""
+    if not value:
+        return
+    require(len(value.encode()) <= max_bytes, field, f"larger than {max_bytes} bytes")
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})", field=field) from None
+    require(isinstance(parsed, dict), field, "must be a JSON object")
+
+
+def check_json_value(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> None:
+    if not value:
+        return
+    require(len(value.encode()) <= max_bytes, field, f"larger than {max_bytes} bytes")
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})", field=field) from None
+
+
+def check_title(title: str) -> None:
+    require(len(title) <= MAX_TITLE_CHARS, "title", f"longer than {MAX_TITLE_CHARS} characters")
+
+
+def check_messages(messages: list[NewMessage]) -> None:
+    require(len(messages) > 0, "messages", "at least one message is required")
+    require(len(messages) <= MAX_MESSAGES_PER_APPEND, "messages", f"more than {MAX_MESSAGES_PER_APPEND}")
+    total = 0
+    for i, msg in enumerate(messages):
+        prefix = f"messages[{i}]"
+        require(msg.role in MESSAGE_ROLES, f"{prefix}.role", f"must be one of {sorted(MESSAGE_ROLES)}")
+        size = len(msg.content.encode())
+        require(size <= MAX_CONTENT_BYTES, f"{prefix}.content", f"larger than {MAX_CONTENT_BYTES} bytes")
+        check_json_object(msg.metadata_json, f"{prefix}.metadata_json")
+        require(msg.num_tokens >= 0, f"{prefix}.num_tokens", "must not be negative")
+        total += size + len(msg.metadata_json)
+    require(total <= MAX_REQUEST_BYTES, "messages", f"request larger than {MAX_REQUEST_BYTES} bytes")
+
+
+def check_events(events: list[NewEvent]) -> None:
+    require(len(events) > 0, "events", "at least one event is required")
+    require(len(events) <= MAX_EVENTS_PER_APPEND, "events", f"more than {MAX_EVENTS_PER_APPEND}")
+    total = 0
+    keys: set[str] = set()
+    for i, event in enumerate(events):
+        prefix = f"events[{i}]"
+        require(bool(event.type), f"{prefix}.type", "is required")
+        require(len(event.type) <= MAX_EVENT_TYPE_CHARS, f"{prefix}.type", f"longer than {MAX_EVENT_TYPE_CHARS}")
+        require(len(event.payload) <= MAX_EVENT_PAYLOAD_BYTES, f"{prefix}.payload",
+                f"larger than {MAX_EVENT_PAYLOAD_BYTES} bytes")
+        require(event.schema_version >= 0, f"{prefix}.schema_version", "must not be negative")
+        if event.idempotency_key:
+            require(len(event.idempotency_key) <= 2 * MAX_ID_CHARS, f"{prefix}.idempotency_key", "too long")
+            require(event.idempotency_key not in keys, f"{prefix}.idempotency_key", "repeated within the request")
+            keys.add(event.idempotency_key)
+        total += len(event.payload)
+    require(total <= MAX_REQUEST_BYTES, "events", f"request larger than {MAX_REQUEST_BYTES} bytes")
+
+
+def check_lease_ms(lease_ms: int) -> None:
+    require(0 < lease_ms <= MAX_LEASE_MS, "lease_ms", f"must be between 1 and {MAX_LEASE_MS}")
+
+
+def check_seq(value: int, field: str) -> None:
+    require(value >= 0, field, "must not be negative")

@@ -1,0 +1,106 @@
+"""StoreService servicer: decode -> StoreCore -> encode. No logic lives here."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+from llmesh.store.v1 import store_pb2 as pb
+from llmesh.store.v1 import store_pb2_grpc
+
+from services.store import convert
+from services.store.core.models import NewSession
+from services.store.core.store import StoreCore
+
+
+class StoreServicer(store_pb2_grpc.StoreServiceServicer):
+    def __init__(self, core: StoreCore) -> None:
+        self.core = core
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext):
+        record, _ = await self.core.create_session(NewSession(
+            request.tenant_id, request.session_id, request.title, request.metadata_json, request.request_id))
+        return pb.CreateSessionResponse(session=convert.session_pb(record))
+
+    async def GetSession(self, request: pb.GetSessionRequest, context):
+        record = await self.core.get_session(request.tenant_id, request.session_id)
+        return pb.GetSessionResponse(session=convert.session_pb(record))
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context):
+        page = await self.core.list_sessions(request.tenant_id, request.page_size, request.page_token)
+        return pb.ListSessionsResponse(sessions=[convert.session_pb(r) for r in page.items],
+                                       next_page_token=page.next_page_token)
+
+    async def AppendMessages(self, request: pb.AppendMessagesRequest, context):
+        positions = await self.core.append_messages(request.tenant_id, request.session_id,
+                                                    convert.new_messages(request.messages), request.request_id)
+        return pb.AppendMessagesResponse(positions=positions)
+
+    async def ListMessages(self, request: pb.ListMessagesRequest, context):
+        page = await self.core.list_messages(request.tenant_id, request.session_id, request.after_position,
+                                             request.page_size, request.page_token)
+        return pb.ListMessagesResponse(messages=[convert.message_pb(r) for r in page.items],
+                                       next_page_token=page.next_page_token)
+
+    async def AppendEvents(self, request: pb.AppendEventsRequest, context):
+        seqs = await self.core.append_events(request.tenant_id, request.session_id,
+                                             convert.new_events(request.events), request.request_id)
+        return pb.AppendEventsResponse(seqs=seqs, num_dropped=sum(1 for s in seqs if s == 0))
+
+    async def ReadEvents(self, request: pb.ReadEventsRequest, context):
+        page = await self.core.read_events(request.tenant_id, request.session_id, request.after_seq,
+                                           request.page_size, request.page_token)
+        return pb.ReadEventsResponse(events=[convert.event_pb(r) for r in page.items],
+                                     next_page_token=page.next_page_token)
+
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context) -> AsyncIterator[pb.WatchEventsResponse]:
+        async for record in self.core.watch_events(request.tenant_id, request.session_id, request.after_seq):
+            yield pb.WatchEventsResponse(event=convert.event_pb(record))
+
+    async def EnqueueTask(self, request: pb.EnqueueTaskRequest, context):
+        task, created = await self.core.enqueue_task(
+            request.tenant_id, request.queue, request.priority, request.payload_json, request.idempotency_key,
+            request.max_attempts, request.request_id)
+        return pb.EnqueueTaskResponse(task=convert.task_pb(task), created=created)
+
+    async def ClaimTasks(self, request: pb.ClaimTasksRequest, context):
+        tasks = await self.core.claim_tasks(request.queue, request.worker_id, request.max_tasks, request.lease_ms,
+                                            request.request_id)
+        return pb.ClaimTasksResponse(tasks=[convert.task_pb(t) for t in tasks])
+
+    async def HeartbeatTask(self, request: pb.HeartbeatTaskRequest, context):
+        task = await self.core.heartbeat_task(request.task_id, request.lease_token, request.lease_ms)
+        return pb.HeartbeatTaskResponse(task=convert.task_pb(task))
+
+    async def AckTask(self, request: pb.AckTaskRequest, context):
+        task = await self.core.ack_task(request.task_id, request.lease_token, request.result_json)
+        return pb.AckTaskResponse(task=convert.task_pb(task))
+
+    async def FailTask(self, request: pb.FailTaskRequest, context):
+        task = await self.core.fail_task(request.task_id, request.lease_token, request.error, request.permanent)
+        return pb.FailTaskResponse(task=convert.task_pb(task))
+
+    async def GetTask(self, request: pb.GetTaskRequest, context):
+        return pb.GetTaskResponse(task=convert.task_pb(await self.core.get_task(request.tenant_id, request.task_id)))
+
+    async def AcquireSessionLock(self, request: pb.AcquireSessionLockRequest, context):
+        result = await self.core.acquire_session_lock(request.tenant_id, request.session_id, request.owner_id,
+                                                      request.lease_ms)
+        return convert.lock_pb(result)
+
+    async def ReleaseSessionLock(self, request: pb.ReleaseSessionLockRequest, context):
+        released = await self.core.release_session_lock(request.tenant_id, request.session_id, request.owner_id)
+        return pb.ReleaseSessionLockResponse(released=released)
+
+    async def AppendAudit(self, request: pb.AppendAuditRequest, context):
+        entry = await self.core.append_audit(convert.audit_record(request.entry))
+        return pb.AppendAuditResponse(entry=convert.audit_pb(entry))
+
+    async def GetAuditHead(self, request: pb.GetAuditHeadRequest, context):
+        seq, entry_hash = await self.core.get_audit_head(request.tenant_id)
+        return pb.GetAuditHeadResponse(seq=seq, entry_hash=entry_hash)
+
+    async def ListAudit(self, request: pb.ListAuditRequest, context):
+        page = await self.core.list_audit(request.tenant_id, request.after_seq, request.page_size,
+                                          request.page_token)
+        return pb.ListAuditResponse(entries=[convert.audit_pb(r) for r in page.items],
+                                    next_page_token=page.next_page_token)
