@@ -1,4 +1,4 @@
-"""Settings of the agent orchestrator."""
+"""Settings of the agent orchestrator (env LLMESH_ORCHESTRATOR_<FIELD> or --field-name)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,3 +11,37 @@ DEFAULT_PORT = 50052
 @dataclass(frozen=True)
 class Settings(ServerSettings):
     port: int = DEFAULT_PORT
+    # Where the other services are; an empty store_target keeps state in memory (one process only).
+    inference_target: str = ""
+    # Comma-separated inference nodes (or dns:host:port): when set, calls go through the
+    # shared client-side load balancer instead of inference_target alone.
+    inference_nodes: str = ""
+    tools_target: str = ""
+    policy_target: str = ""
+    store_target: str = ""
+    # Role tool calls run as, checked by policy; empty = the policy's default role.
+    tool_role: str = ""
+    # Compaction starts when the next prompt would pass this fraction of n_ctx.
+    context_fraction: float = 0.8
+    default_max_steps: int = 8
+    default_max_tokens: int = 256
+    max_active_runs: int = 64
+    # Runs started per second per tenant and per model; 0 turns a limit off.
+    tenant_runs_per_s: float = 0.0
+    tenant_burst: float = 10.0
+    model_runs_per_s: float = 0.0
+    model_burst: float = 50.0
+    # Event batching into the store.
+    event_batch_ms: int = 20
+    event_batch_max: int = 64
+    approval_timeout_s: float = 600.0
+    session_lock_lease_ms: int = 30_000
+    # Background agent tasks: workers on this replica, lease, idle re-check.
+    max_workers: int = 2
+    task_lease_ms: int = 30_000
+    task_idle_wait_ms: int = 1000
+    task_max_attempts: int = 3
+    # Transient inference/tool/store failures.
+    retry_attempts: int = 3
+    retry_base_ms: int = 50
+    replica_id: str = ""

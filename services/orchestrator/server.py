@@ -1,29 +1,109 @@
-"""Wiring of the agent orchestrator: servicer, resources, lifecycle."""
+"""Wiring of the agent orchestrator: ports, core, servicer, lifecycle.
+
+Ports can be injected (tests, or a load-balancing inference client); those
+not injected are gRPC clients to the targets in the settings. Without a
+store_target the orchestrator keeps its state in memory, which suits one
+process on a laptop and nothing else.
+"""
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
+from services.common.clients import make_channel
+from services.common.errors import FailedPrecondition
+from services.orchestrator.adapters.grpc_inference import GrpcInference
+from services.orchestrator.adapters.grpc_policy import GrpcPolicy
+from services.orchestrator.adapters.grpc_store import GrpcStore
+from services.orchestrator.adapters.grpc_tools import GrpcTools
+from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.config import Settings
+from services.orchestrator.core.orchestrator import Orchestrator, OrchestratorConfig
+from services.orchestrator.core.retry import RetryPolicy
+from services.orchestrator.core.runs import RunLimits
+from services.orchestrator.servicer import AgentServicer
 
 SERVICE_NAME = "llmesh.orchestrator.v1.AgentService"
+
+log = logging.getLogger("llmesh.orchestrator")
+
+
+def orchestrator_config(settings: Settings) -> OrchestratorConfig:
+    return OrchestratorConfig(
+        limits=RunLimits(default_max_steps=settings.default_max_steps, default_max_tokens=settings.default_max_tokens,
+                         context_fraction=settings.context_fraction, max_active_runs=settings.max_active_runs,
+                         lock_lease_ms=settings.session_lock_lease_ms),
+        retry=RetryPolicy(max_attempts=settings.retry_attempts, base_delay_s=settings.retry_base_ms / 1000.0),
+        tenant_runs_per_s=settings.tenant_runs_per_s, tenant_burst=settings.tenant_burst,
+        model_runs_per_s=settings.model_runs_per_s, model_burst=settings.model_burst,
+        event_batch_interval_s=settings.event_batch_ms / 1000.0, event_batch_max=settings.event_batch_max,
+        approval_timeout_s=settings.approval_timeout_s, max_workers=settings.max_workers,
+        task_lease_ms=settings.task_lease_ms, task_idle_wait_s=settings.task_idle_wait_ms / 1000.0,
+        task_max_attempts=settings.task_max_attempts, replica_id=settings.replica_id)
 
 
 class App:
     service_names = (SERVICE_NAME,)
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, store: Any = None, inference: Any = None, tools: Any = None,
+                 policy: Any = None) -> None:
         self.settings = settings
+        self._ports = {"store": store, "inference": inference, "tools": tools, "policy": policy}
+        self._channels: list[grpc.aio.Channel] = []
+        self.servicer = AgentServicer()
+        self.orchestrator: Orchestrator | None = None
+        self._balancer: Any = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(orchestrator_pb2_grpc.AgentServiceServicer(), server)
+        orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self.servicer, server)
+
+    def _channel(self, name: str, target: str) -> grpc.aio.Channel:
+        if not target:
+            raise FailedPrecondition(f"{name}_target is not set", reason="MISSING_TARGET", field=f"{name}_target")
+        channel = make_channel(target)
+        self._channels.append(channel)
+        return channel
 
     async def start(self) -> None:
-        return None
+        s = self.settings
+        store = self._ports["store"]
+        if store is None:
+            if s.store_target:
+                store = GrpcStore.for_channel(self._channel("store", s.store_target))
+            else:
+                log.warning("no store_target: sessions, events and tasks live in this process only")
+                store = MemoryStore()
+        inference = self._ports["inference"] or await self._inference_client()
+        tools = self._ports["tools"] or GrpcTools.for_channel(self._channel("tools", s.tools_target),
+                                                                role=s.tool_role)
+        policy = self._ports["policy"] or GrpcPolicy.for_channel(self._channel("policy", s.policy_target))
+        self.orchestrator = Orchestrator(store=store, inference=inference, tools=tools, policy=policy,
+                                         config=orchestrator_config(s))
+        self.orchestrator.start()
+        self.servicer.bind(self.orchestrator)
+
+    async def _inference_client(self) -> GrpcInference:
+        nodes = [n.strip() for n in self.settings.inference_nodes.split(",") if n.strip()]
+        if not nodes:
+            return GrpcInference.for_channel(self._channel("inference", self.settings.inference_target))
+        from services.common.balancer import Balancer, load_balancer_settings
+
+        self._balancer = Balancer(nodes, load_balancer_settings())
+        await self._balancer.start()
+        return GrpcInference(self._balancer)
 
     async def close(self) -> None:
-        return None
+        if self.orchestrator is not None:
+            await self.orchestrator.close()
+        if self._balancer is not None:
+            await self._balancer.close()
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
 
 
-def build_app(settings: Settings) -> App:
-    return App(settings)
+def build_app(settings: Settings, **ports: Any) -> App:
+    return App(settings, **ports)

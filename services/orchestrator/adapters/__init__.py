@@ -1,0 +1,1 @@
+"""Outbound clients (gRPC) and in-memory stand-ins behind the core's ports."""

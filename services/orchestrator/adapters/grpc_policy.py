@@ -1,0 +1,23 @@
+"""PolicyPort over llmesh.policy.v1."""
+from __future__ import annotations
+
+import grpc
+from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+
+from services.orchestrator.adapters.grpc_errors import mapped
+
+
+class GrpcPolicy:
+    def __init__(self, client) -> None:
+        self._client = client
+
+    @classmethod
+    def for_channel(cls, channel: grpc.aio.Channel) -> "GrpcPolicy":
+        return cls(policy_pb2_grpc.PolicyServiceStub(channel))
+
+    async def record_approval(self, *, request_id: str, tenant_id: str, session_id: str, approval_id: str,
+                              decision: str, approver: str) -> None:
+        with mapped("policy"):
+            await self._client.RecordApproval(policy_pb2.RecordApprovalRequest(
+                request_id=request_id, tenant_id=tenant_id, session_id=session_id, approval_id=approval_id,
+                decision=policy_pb2.ApprovalDecision.Value(decision), approver=approver))

@@ -1,0 +1,1 @@
+"""Pure agent logic: no grpc, *_pb2, sqlalchemy or llama_cpp imports."""

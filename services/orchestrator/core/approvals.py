@@ -1,0 +1,64 @@
+"""Approvals waiting for a person: one future per approval id.
+
+Policy may hand identical calls of one turn the same approval id; they then
+share one pending entry, and one decision releases them all.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+MAX_REMEMBERED_DECISIONS = 4096
+
+from services.common.errors import NotFound
+
+
+@dataclass
+class PendingApproval:
+    tenant_id: str
+    session_id: str
+    approval_id: str
+    future: asyncio.Future
+    num_waiters: int = 0
+
+    @property
+    def decided(self) -> bool:
+        return self.future.done()
+
+
+class ApprovalBook:
+    def __init__(self) -> None:
+        self._pending: dict[str, PendingApproval] = {}
+        # Decided ids, so a late repeat of a submission is answered, not NOT_FOUND.
+        self._decided: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def was_decided(self, tenant_id: str, session_id: str, approval_id: str) -> bool:
+        return self._decided.get(approval_id) == (tenant_id, session_id)
+
+    def open(self, tenant_id: str, session_id: str, approval_id: str) -> PendingApproval:
+        pending = self._pending.get(approval_id)
+        if pending is None:
+            pending = PendingApproval(tenant_id, session_id, approval_id, asyncio.get_running_loop().create_future())
+            self._pending[approval_id] = pending
+        pending.num_waiters += 1
+        return pending
+
+    def close(self, pending: PendingApproval) -> None:
+        pending.num_waiters -= 1
+        if pending.num_waiters <= 0 and self._pending.get(pending.approval_id) is pending:
+            del self._pending[pending.approval_id]
+
+    def find(self, tenant_id: str, session_id: str, approval_id: str) -> PendingApproval:
+        pending = self._pending.get(approval_id)
+        if pending is None or pending.tenant_id != tenant_id or pending.session_id != session_id:
+            raise NotFound(f"approval {approval_id!r} is not waiting in session {session_id!r}",
+                           reason="APPROVAL_NOT_FOUND")
+        return pending
+
+    def resolve(self, pending: PendingApproval, decision: str) -> None:
+        if not pending.future.done():
+            pending.future.set_result(decision)
+        self._decided[pending.approval_id] = (pending.tenant_id, pending.session_id)
+        while len(self._decided) > MAX_REMEMBERED_DECISIONS:
+            self._decided.popitem(last=False)

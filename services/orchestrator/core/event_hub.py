@@ -1,0 +1,193 @@
+"""EventHub: per-session live broadcast, batched store writes, gapless replay.
+
+The replica running a session's turn holds the session's store lock, so it is
+the only writer of the session's events. The run's first event is appended
+to the store at once (the store's reply gives the session's next seq); every
+later event gets the following seq here, goes to live subscribers at once
+and reaches the store in batches. Each stored event carries the idempotency
+key ``<run_id>:<seq>``, so a retried batch never duplicates.
+
+`follow()` gives a client every event after its cursor exactly once: with a
+run live on this replica it subscribes first, then reads the store, then the
+run's in-memory buffer, then live events, skipping seqs already given; with
+none it follows the store's watch (runs on other replicas).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from services.orchestrator.core.events import AgentEvent
+from services.orchestrator.core.ports import StorePort
+from services.orchestrator.core.retry import RetryPolicy, with_retries
+
+log = logging.getLogger("llmesh.orchestrator.events")
+
+_RUN_ENDED = None
+
+
+@dataclass
+class RunStream:
+    """The live part of one run's events on this replica."""
+
+    tenant_id: str
+    session_id: str
+    run_id: str
+    first_seq: int
+    next_seq: int
+    buffer: list[AgentEvent] = field(default_factory=list)
+    subscribers: set[asyncio.Queue] = field(default_factory=set)
+    pending: list[AgentEvent] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    flusher: asyncio.Task | None = None
+    closing: bool = False
+    num_flushes: int = 0
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+
+class EventHub:
+    def __init__(self, store: StorePort, *, batch_interval_s: float = 0.02, batch_max: int = 64,
+                 retry: RetryPolicy = RetryPolicy(max_attempts=6)) -> None:
+        self._store = store
+        self._batch_interval_s = batch_interval_s
+        self._batch_max = batch_max
+        self._retry = retry
+        self._live: dict[str, RunStream] = {}
+
+    def live_run(self, session_id: str) -> RunStream | None:
+        return self._live.get(session_id)
+
+    async def open_run(self, first: AgentEvent, tenant_id: str) -> tuple[RunStream, AgentEvent]:
+        """Store the run's first event synchronously; its seq anchors the rest."""
+        if first.session_id in self._live:
+            raise RuntimeError(f"session {first.session_id} already has a live run here")
+        (seq,) = await with_retries(lambda: self._store.append_events(
+            request_id=f"{first.run_id}:open", tenant_id=tenant_id, session_id=first.session_id,
+            events=[first], idempotency_keys=[f"{first.run_id}:first"]), self._retry)
+        stamped = first.with_seq(seq)
+        stream = RunStream(tenant_id=tenant_id, session_id=first.session_id, run_id=first.run_id,
+                           first_seq=seq, next_seq=seq + 1, buffer=[stamped])
+        stream.flusher = asyncio.create_task(self._flush_loop(stream), name=f"events-{first.run_id}")
+        self._live[first.session_id] = stream
+        return stream, stamped
+
+    def publish(self, stream: RunStream, event: AgentEvent) -> AgentEvent:
+        """Stamp the next seq and broadcast; the store gets it with the next batch."""
+        if stream.closing:
+            raise RuntimeError("run stream is closed")
+        stamped = event.with_seq(stream.next_seq)
+        stream.next_seq += 1
+        stream.buffer.append(stamped)
+        stream.pending.append(stamped)
+        for queue in stream.subscribers:
+            queue.put_nowait(stamped)
+        stream.wake.set()
+        return stamped
+
+    async def close_run(self, stream: RunStream) -> None:
+        """Flush everything, then hand followers over to the store."""
+        stream.closing = True
+        stream.wake.set()
+        if stream.flusher is not None:
+            try:
+                await stream.flusher
+            except Exception:  # noqa: BLE001 - logged in the loop; followers fall back to the store
+                pass
+        self._live.pop(stream.session_id, None)
+        for queue in stream.subscribers:
+            queue.put_nowait(_RUN_ENDED)
+
+    async def _flush_loop(self, stream: RunStream) -> None:
+        while True:
+            await stream.wake.wait()
+            stream.wake.clear()
+            if not stream.closing and len(stream.pending) < self._batch_max:
+                # Let a burst of tokens gather into one store write.
+                try:
+                    await asyncio.wait_for(self._closing_or_full(stream), self._batch_interval_s)
+                except asyncio.TimeoutError:
+                    pass
+            while stream.pending:
+                batch = stream.pending[: self._batch_max]
+                try:
+                    await self._write(stream, batch)
+                except Exception:
+                    log.exception("event batch lost", extra={"session_id": stream.session_id,
+                                                             "first_seq": batch[0].seq})
+                    raise
+                del stream.pending[: len(batch)]
+            if stream.closing:
+                return
+
+    async def _closing_or_full(self, stream: RunStream) -> None:
+        while not stream.closing and len(stream.pending) < self._batch_max:
+            await stream.wake.wait()
+            stream.wake.clear()
+
+    async def _write(self, stream: RunStream, batch: list[AgentEvent]) -> None:
+        seqs = await with_retries(lambda: self._store.append_events(
+            request_id=f"{stream.run_id}:{batch[0].seq}", tenant_id=stream.tenant_id,
+            session_id=stream.session_id, events=batch,
+            idempotency_keys=[f"{stream.run_id}:{e.seq}" for e in batch]), self._retry)
+        stream.num_flushes += 1
+        if list(seqs) != [e.seq for e in batch]:
+            # Only possible if another writer ignored the session lock.
+            log.error("store assigned other seqs", extra={"session_id": stream.session_id,
+                                                          "expected": batch[0].seq, "got": list(seqs)[:1]})
+
+    async def follow(self, tenant_id: str, session_id: str, after_seq: int, *,
+                     until_run_ends: str = "") -> AsyncIterator[AgentEvent]:
+        """Every event after `after_seq`, in order, once; then live ones.
+
+        With `until_run_ends` set to a run id, stops after that run's final or
+        error event; otherwise follows until the caller stops iterating.
+        """
+        cursor = after_seq
+        while True:
+            stream = self._live.get(session_id)
+            if stream is None:
+                watch = self._store.watch_events(tenant_id=tenant_id, session_id=session_id, after_seq=cursor)
+                async with contextlib.aclosing(watch):
+                    async for event in watch:
+                        if event.seq <= cursor:
+                            continue
+                        cursor = event.seq
+                        yield event
+                        if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
+                            return
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+            stream.subscribers.add(queue)
+            snapshot = list(stream.buffer)
+            try:
+                if cursor < stream.first_seq - 1:
+                    stored = await with_retries(lambda: self._store.read_events(
+                        tenant_id=tenant_id, session_id=session_id, after_seq=cursor), self._retry)
+                else:
+                    stored = []
+                for event in [*stored, *snapshot]:
+                    if event.seq <= cursor:
+                        continue
+                    cursor = event.seq
+                    yield event
+                    if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
+                        return
+                while True:
+                    event = await queue.get()
+                    if event is _RUN_ENDED:
+                        break
+                    if event.seq <= cursor:
+                        continue
+                    cursor = event.seq
+                    yield event
+                    if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
+                        return
+            finally:
+                stream.subscribers.discard(queue)
+

@@ -1,0 +1,186 @@
+"""The ports the agent loop talks through, and the records that cross them.
+
+Adapters implement these over gRPC (`adapters/`); tests pass scripted fakes.
+Ports raise `services.common.errors` exceptions: Unavailable for a transient
+failure (the core retries it), the others are passed on as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, Sequence
+
+from services.orchestrator.core.events import AgentEvent, Usage
+
+
+# ---- inference ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    model: str = ""
+    session_id: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    grammar: str = ""
+    stop: tuple[str, ...] = ()
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    text: str
+    # Set on the last chunk only: "stop", "length" or "cancelled".
+    finish_reason: str = ""
+    usage: Usage | None = None
+    # Engine's own time to first token, on the last chunk.
+    ttft_ms: float = 0.0
+
+
+class InferencePort(Protocol):
+    async def tokenize(self, text: str, *, model: str = "", add_special: bool = False) -> list[int]: ...
+
+    async def context_size(self, model: str = "") -> int: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+
+# ---- tools -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    retryable: bool = False
+    timeout_ms: int = 0
+    risk_level: int = 0
+
+
+@dataclass(frozen=True)
+class ToolInvocation:
+    call_id: str
+    name: str
+    arguments_json: str
+    timeout_ms: int = 0
+    # An approve-once grant to consume, after a person approved this call.
+    approval_id: str = ""
+
+
+# Names of llmesh.tools.v1.ToolStatus, kept as strings in the core.
+STATUS_OK = "TOOL_STATUS_OK"
+STATUS_ERROR = "TOOL_STATUS_ERROR"
+STATUS_DENIED = "TOOL_STATUS_DENIED"
+STATUS_APPROVAL_REQUIRED = "TOOL_STATUS_APPROVAL_REQUIRED"
+STATUS_TIMEOUT = "TOOL_STATUS_TIMEOUT"
+STATUS_CANCELLED = "TOOL_STATUS_CANCELLED"
+STATUS_INVALID = "TOOL_STATUS_INVALID"
+STATUS_UNAVAILABLE = "TOOL_STATUS_UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    call_id: str
+    name: str
+    status: str
+    output: str = ""
+    truncated: bool = False
+    duration_ms: float = 0.0
+    from_cache: bool = False
+    approval_id: str = ""
+    justification: str = ""
+    error_reason: str = ""
+    attempts: int = 1
+
+
+class ToolsPort(Protocol):
+    async def list_tools(self) -> list[ToolSpec]: ...
+
+    async def execute_tools(self, *, request_id: str, tenant_id: str, session_id: str,
+                            calls: Sequence[ToolInvocation]) -> list[ToolOutcome]: ...
+
+
+# ---- policy ------------------------------------------------------------------------------------
+APPROVE_ONCE = "APPROVAL_DECISION_APPROVE_ONCE"
+APPROVE_SESSION = "APPROVAL_DECISION_APPROVE_SESSION"
+DENY = "APPROVAL_DECISION_DENY"
+ABORT = "APPROVAL_DECISION_ABORT"
+APPROVAL_DECISIONS = (APPROVE_ONCE, APPROVE_SESSION, DENY, ABORT)
+
+
+class PolicyPort(Protocol):
+    async def record_approval(self, *, request_id: str, tenant_id: str, session_id: str, approval_id: str,
+                              decision: str, approver: str) -> None: ...
+
+
+# ---- store -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SessionRecord:
+    tenant_id: str
+    session_id: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    create_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    role: str
+    content: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    num_tokens: int = 0
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    tenant_id: str
+    payload_json: str
+    # READY, LEASED, DONE or DEAD (llmesh.store.v1.TaskState without prefix).
+    state: str
+    attempts: int = 0
+    lease_token: str = ""
+    worker_id: str = ""
+    result_json: str = ""
+    last_error: str = ""
+    create_time: float = 0.0
+
+
+class StorePort(Protocol):
+    async def create_session(self, *, request_id: str, tenant_id: str, title: str,
+                             metadata: dict[str, Any]) -> SessionRecord: ...
+
+    async def get_session(self, *, tenant_id: str, session_id: str) -> SessionRecord: ...
+
+    async def list_sessions(self, *, tenant_id: str, page_size: int,
+                            page_token: str) -> tuple[list[SessionRecord], str]: ...
+
+    async def append_messages(self, *, request_id: str, tenant_id: str, session_id: str,
+                              messages: Sequence[MessageRecord]) -> list[int]: ...
+
+    async def list_messages(self, *, tenant_id: str, session_id: str, after_position: int) -> list[MessageRecord]: ...
+
+    async def append_events(self, *, request_id: str, tenant_id: str, session_id: str,
+                            events: Sequence[AgentEvent], idempotency_keys: Sequence[str]) -> list[int]: ...
+
+    async def read_events(self, *, tenant_id: str, session_id: str, after_seq: int) -> list[AgentEvent]: ...
+
+    def watch_events(self, *, tenant_id: str, session_id: str, after_seq: int) -> AsyncIterator[AgentEvent]: ...
+
+    async def enqueue_task(self, *, request_id: str, tenant_id: str, queue: str, payload_json: str,
+                           idempotency_key: str, max_attempts: int) -> TaskRecord: ...
+
+    async def claim_tasks(self, *, queue: str, worker_id: str, max_tasks: int, lease_ms: int) -> list[TaskRecord]: ...
+
+    async def heartbeat_task(self, *, task_id: str, lease_token: str, lease_ms: int) -> None: ...
+
+    async def ack_task(self, *, task_id: str, lease_token: str, result_json: str) -> None: ...
+
+    async def fail_task(self, *, task_id: str, lease_token: str, error: str, permanent: bool) -> None: ...
+
+    async def get_task(self, *, tenant_id: str, task_id: str) -> TaskRecord: ...
+
+    async def acquire_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str,
+                                   lease_ms: int) -> bool: ...
+
+    async def release_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str) -> None: ...

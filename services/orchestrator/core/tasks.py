@@ -1,0 +1,175 @@
+"""Durable agent task queue: background runs claimed from the store under leases.
+
+`EnqueueTask` stores a task; up to `max_workers` workers on each replica
+claim tasks with a lease, run them as ordinary runs (events stored as usual)
+and heartbeat the lease while they run. A worker that dies stops
+heartbeating, its lease expires and the store hands the task to another
+worker. A worker whose heartbeat is refused (the lease went to someone else)
+cancels its run and does not ack, so a task is completed by one worker only;
+the session lock also keeps two runs of a session apart.
+
+Workers wait for work on an event set by local enqueues; tasks enqueued on
+other replicas or released by expired leases are found by a claim every
+`idle_wait_s`, which is the one periodic check (the store has no push).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
+from services.orchestrator.core.ports import StorePort, TaskRecord
+from services.orchestrator.core.runs import ActiveRun, RunManager
+
+log = logging.getLogger("llmesh.orchestrator.tasks")
+
+QUEUE = "agent-runs"
+
+_STATES = {"READY": "QUEUED", "LEASED": "RUNNING", "DONE": "SUCCEEDED", "DEAD": "FAILED"}
+
+
+@dataclass(frozen=True)
+class TaskView:
+    task_id: str
+    session_id: str
+    # QUEUED, RUNNING, SUCCEEDED or FAILED.
+    state: str
+    attempts: int
+    result_text: str
+    error: str
+    create_time: float
+
+
+def view(record: TaskRecord) -> TaskView:
+    payload = json.loads(record.payload_json or "{}")
+    result = json.loads(record.result_json) if record.result_json else {}
+    return TaskView(task_id=record.task_id, session_id=payload.get("session_id", ""),
+                    state=_STATES.get(record.state, "QUEUED"), attempts=record.attempts,
+                    result_text=result.get("text", ""), error=record.last_error, create_time=record.create_time)
+
+
+class TaskQueue:
+    def __init__(self, store: StorePort, runs: RunManager, *, worker_id: str = "", max_workers: int = 2,
+                 lease_ms: int = 30_000, idle_wait_s: float = 1.0, max_attempts: int = 3) -> None:
+        self._store = store
+        self._runs = runs
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.max_workers = max_workers
+        self._lease_ms = lease_ms
+        self._idle_wait_s = idle_wait_s
+        self._max_attempts = max_attempts
+        self._wake = asyncio.Event()
+        self._workers: list[asyncio.Task] = []
+        self.num_busy = 0
+
+    async def enqueue(self, *, request_id: str, tenant_id: str, session_id: str, user_message: str,
+                      options: dict) -> TaskView:
+        require(bool(user_message.strip()), "user_message", "must not be empty")
+        await self._runs.sessions.get(tenant_id, session_id)
+        payload = {"tenant_id": tenant_id, "session_id": session_id, "user_message": user_message,
+                   "options": options}
+        record = await self._store.enqueue_task(
+            request_id=request_id or uuid.uuid4().hex, tenant_id=tenant_id, queue=QUEUE,
+            payload_json=json.dumps(payload, sort_keys=True),
+            idempotency_key=f"{tenant_id}:{request_id}" if request_id else "", max_attempts=self._max_attempts)
+        self._wake.set()
+        return view(record)
+
+    async def get(self, tenant_id: str, task_id: str) -> TaskView:
+        require(bool(tenant_id.strip()), "tenant_id", "must not be empty")
+        require(bool(task_id.strip()), "task_id", "must not be empty")
+        record = await self._store.get_task(tenant_id=tenant_id, task_id=task_id)
+        if record.tenant_id != tenant_id:
+            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
+        return view(record)
+
+    def start(self) -> None:
+        for i in range(self.max_workers):
+            self._workers.append(asyncio.create_task(self._work(), name=f"task-worker-{self.worker_id}-{i}"))
+
+    async def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                tasks = await self._store.claim_tasks(queue=QUEUE, worker_id=self.worker_id, max_tasks=1,
+                                                      lease_ms=self._lease_ms)
+            except Unavailable:
+                tasks = []
+            if not tasks:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._idle_wait_s)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self.num_busy += 1
+            try:
+                await self.process(tasks[0])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad task must not stop the worker
+                log.exception("task failed unexpectedly", extra={"task_id": tasks[0].task_id})
+            finally:
+                self.num_busy -= 1
+
+    async def process(self, task: TaskRecord) -> None:
+        payload = json.loads(task.payload_json)
+        options = payload.get("options", {})
+        try:
+            run = await self._runs.start(
+                request_id=f"task:{task.task_id}:{task.attempts}", tenant_id=payload["tenant_id"],
+                session_id=payload["session_id"], user_message=payload["user_message"],
+                max_steps=int(options.get("max_steps", 0)), max_tokens=int(options.get("max_tokens", 0)),
+                temperature=float(options.get("temperature", 0.0)), seed=options.get("seed"),
+                priority=int(options.get("priority", 0)), tool_choice=str(options.get("tool_choice", "")))
+        except (FailedPrecondition, ResourceExhausted, Unavailable) as exc:
+            await self._fail(task, f"{exc.reason}: {exc.message}", permanent=False)
+            return
+        except DomainError as exc:
+            await self._fail(task, f"{exc.reason}: {exc.message}", permanent=True)
+            return
+        lost = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(task, run, lost))
+        try:
+            await run.done.wait()
+        finally:
+            beat.cancel()
+        if lost.is_set():
+            log.warning("lease lost; not acking", extra={"task_id": task.task_id})
+            return
+        result = run.result
+        if result.reason in ("stop", "max_steps"):
+            await self._store.ack_task(task_id=task.task_id, lease_token=task.lease_token, result_json=json.dumps(
+                {"text": result.text, "reason": result.reason, "run_id": run.spec.run_id,
+                 "usage": result.usage.as_dict()}))
+        else:
+            await self._fail(task, result.error_reason or result.reason,
+                             permanent=result.reason in ("cancelled", "aborted"))
+
+    async def _heartbeat(self, task: TaskRecord, run: ActiveRun, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000.0)
+            try:
+                await self._store.heartbeat_task(task_id=task.task_id, lease_token=task.lease_token,
+                                                 lease_ms=self._lease_ms)
+            except Unavailable:
+                continue
+            except DomainError:
+                lost.set()
+                run.token.cancel("lease lost")
+                return
+
+    async def _fail(self, task: TaskRecord, error: str, *, permanent: bool) -> None:
+        try:
+            await self._store.fail_task(task_id=task.task_id, lease_token=task.lease_token, error=error,
+                                        permanent=permanent)
+        except DomainError:
+            log.warning("could not fail task; its lease will expire", extra={"task_id": task.task_id})

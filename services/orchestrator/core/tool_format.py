@@ -1,0 +1,205 @@
+"""The tool-call format the model writes, its GBNF grammar and its parser.
+
+A model reply is either a final answer (plain text that does not start with
+"<") or one to `MAX_CALLS_PER_TURN` tool calls, one per line:
+
+    <tool_call>{"name": "fs_read", "arguments": {"path": "notes.txt"}}</tool_call>
+    <tool_call>{"name": "fs_list", "arguments": {"path": "."}}</tool_call>
+
+The grammar built by `build_grammar` only admits the session's tools, with
+the required arguments of each tool's JSON schema in schema order, so the
+sampled text always parses; the only way to get a broken call is to cut it
+with max_tokens, which `parse_reply` reports as `MalformedReply`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from services.orchestrator.core.ports import ToolSpec
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+MAX_CALLS_PER_TURN = 4
+# Bounds keep a base model that never stops from filling the context.
+MAX_STRING_CHARS = 96
+
+_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
+
+_JSON_RULES = r"""
+ws ::= [ ]?
+string ::= "\"" char{0,%d} "\""
+string1 ::= "\"" char{1,%d} "\""
+char ::= [^"\\\x00-\x1f] | "\\" ["\\/bfnrt]
+integer ::= "-"? ([0-9] | [1-9] [0-9]{1,15})
+number ::= integer ("." [0-9]{1,8})?
+boolean ::= "true" | "false"
+value ::= object | array | string | number | boolean | "null"
+object ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value ){0,7} )? "}"
+array ::= "[" ws ( value ( "," ws value ){0,7} )? "]"
+""" % (MAX_STRING_CHARS, MAX_STRING_CHARS)
+
+
+class MalformedReply(ValueError):
+    """The reply started a tool call but did not finish a valid one."""
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    calls: tuple[ParsedCall, ...]
+    text: str
+
+    @property
+    def is_final(self) -> bool:
+        return not self.calls
+
+
+def format_calls(calls: Sequence[ParsedCall]) -> str:
+    """The text a reply with these calls has (used to render history)."""
+    return "\n".join(CALL_OPEN + json.dumps({"name": c.name, "arguments": c.arguments}) + CALL_CLOSE
+                     for c in calls)
+
+
+def parse_reply(text: str, allowed: Sequence[str] | None = None) -> ParsedReply:
+    stripped = text.strip()
+    if not stripped.startswith("<"):
+        return ParsedReply(calls=(), text=stripped)
+    calls: list[ParsedCall] = []
+    for raw in _CALL_RE.findall(stripped):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise MalformedReply(f"tool call is not JSON: {exc.msg}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise MalformedReply("tool call needs a string 'name'")
+        args = obj.get("arguments", {})
+        if not isinstance(args, dict):
+            raise MalformedReply("tool call 'arguments' must be an object")
+        if allowed is not None and obj["name"] not in allowed:
+            raise MalformedReply(f"tool {obj['name']!r} is not available")
+        calls.append(ParsedCall(obj["name"], args))
+    if not calls or _CALL_RE.sub("", stripped).strip():
+        raise MalformedReply("reply starts a tool call but is not a list of complete calls")
+    return ParsedReply(calls=tuple(calls), text="")
+
+
+def _rule_name(tool_name: str) -> str:
+    return "tool-" + re.sub(r"[^a-zA-Z0-9]", "-", tool_name)
+
+
+def _literal(text: str) -> str:
+    """A GBNF string literal matching `text` exactly."""
+    return json.dumps(text)
+
+
+def _value_rule(schema: dict[str, Any]) -> str:
+    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+        return "(" + " | ".join(_literal(json.dumps(v)) for v in schema["enum"]) + ")"
+    kind = schema.get("type")
+    if kind == "string":
+        return "string1" if schema.get("minLength", 0) >= 1 else "string"
+    if kind == "integer":
+        return "integer"
+    if kind == "number":
+        return "number"
+    if kind == "boolean":
+        return "boolean"
+    if kind == "array":
+        item = _value_rule(schema.get("items", {}) or {})
+        body = f'{item} ( "," ws {item} ){{0,7}}'
+        return f'("[" ws {body} "]")' if schema.get("minItems", 0) >= 1 else f'("[" ws ( {body} )? "]")'
+    return "value"
+
+
+def _required_sets(parameters: dict[str, Any]) -> list[list[str]]:
+    """Required property lists; a oneOf/anyOf of `required` lists gives one per branch."""
+    props = parameters.get("properties", {}) or {}
+    base = [p for p in parameters.get("required", []) if p in props]
+    branches = parameters.get("oneOf") or parameters.get("anyOf") or []
+    sets = [base + [p for p in b.get("required", []) if p in props and p not in base]
+            for b in branches if isinstance(b, dict) and b.get("required")]
+    return sets or [base]
+
+
+def _arguments_rule(parameters: dict[str, Any]) -> str:
+    props: dict[str, Any] = parameters.get("properties", {}) or {}
+    if not props:
+        return '"{}"' if parameters.get("type") == "object" else "object"
+
+    def member(name: str) -> str:
+        return f'{_literal(json.dumps(name) + ": ")} {_value_rule(props[name] or {})}'
+
+    sets = _required_sets(parameters)
+    if len(sets) > 1:
+        # One alternative per branch, with that branch's required members only.
+        alts = ['"{" ' + ' ", " '.join(member(p) for p in req) + ' "}"' for req in sets]
+        return "(" + " | ".join(alts) + ")"
+    required = sets[0]
+    optional = [p for p in props if p not in required]
+    if required:
+        parts = [member(required[0])] + [f'", " {member(p)}' for p in required[1:]]
+        parts += [f'(", " {member(p)})?' for p in optional]
+        return '"{" ' + " ".join(parts) + ' "}"'
+    # Optional-only: each later member needs the earlier ones; enough for a model.
+    inner = ""
+    for p in reversed(optional):
+        inner = member(p) + (f' (", " {inner})?' if inner else "")
+    return '"{" (' + inner + ') ? "}"'
+
+
+def build_grammar(tools: Sequence[ToolSpec], *, allow_answer: bool = True, require_call: bool = False) -> str:
+    """GBNF admitting a final answer or well-formed calls to `tools` only."""
+    lines: list[str] = []
+    alternatives = []
+    if tools:
+        call_alts = " | ".join(_rule_name(t.name) for t in tools)
+        lines.append(f'call ::= {_literal(CALL_OPEN)} ( {call_alts} ) {_literal(CALL_CLOSE)}')
+        lines.append(f'calls ::= call ( "\\n" call ){{0,{MAX_CALLS_PER_TURN - 1}}}')
+        for t in tools:
+            head = _literal('{"name": ' + json.dumps(t.name) + ', "arguments": ')
+            lines.append(f'{_rule_name(t.name)} ::= {head} {_arguments_rule(t.parameters)} "}}"')
+        alternatives.append("calls")
+    if allow_answer and not (require_call and tools):
+        lines.append('answer ::= [^<\\x00] [^\\x00]*')
+        alternatives.append("answer")
+    if not alternatives:
+        raise ValueError("a grammar needs tools or an answer")
+    return "\n".join([f"root ::= {' | '.join(alternatives)}", *lines]) + _JSON_RULES
+
+
+def describe_tools(tools: Sequence[ToolSpec]) -> str:
+    """Tool descriptions and the call format, for the system turn."""
+    if not tools:
+        return ""
+    lines = ["You can call these tools:"]
+    for t in tools:
+        schema = json.dumps(t.parameters or {"type": "object"}, sort_keys=True)
+        lines.append(f"- {t.name}: {t.description.strip()} Arguments (JSON schema): {schema}")
+    example = [ParsedCall(t.name, _example_arguments(t.parameters)) for t in tools[:2]]
+    lines += [
+        "To call tools, reply only with one line per call, for example:",
+        format_calls(example),
+        "Tool results come back in <tool_result> blocks. When you are done, reply with the answer as plain text.",
+    ]
+    return "\n".join(lines)
+
+
+def _example_arguments(parameters: dict[str, Any]) -> dict[str, Any]:
+    props = parameters.get("properties", {}) or {}
+    out: dict[str, Any] = {}
+    for name in _required_sets(parameters)[0] or list(props)[:1]:
+        kind = (props.get(name) or {}).get("type")
+        out[name] = {"integer": 1, "number": 1, "boolean": True, "array": ["."]}.get(kind, ".")
+    return out

@@ -1,0 +1,108 @@
+"""The durable task queue: background runs, worker cap, crash recovery."""
+from __future__ import annotations
+
+import asyncio
+
+from services.common.errors import Unavailable
+from services.orchestrator.adapters.memory_store import MemoryStore
+from services.orchestrator.core.runs import RunLimits
+from tests.orchestrator.builders import make_rig
+from tests.orchestrator.fakes import Gate, ScriptedInference
+
+
+async def wait_for_state(rig, task_id: str, state: str, timeout: float = 5.0):
+    async def poll():
+        while (view := await rig.orchestrator.get_task("acme", task_id)).state != state:
+            await asyncio.sleep(0.01)
+        return view
+    return await asyncio.wait_for(poll(), timeout)
+
+
+async def test_enqueued_task_runs_in_the_background_and_stores_its_result():
+    rig = make_rig(["background answer"], max_workers=1, task_idle_wait_s=0.05)
+    rig.orchestrator.start()
+    try:
+        session = await rig.session()
+        task = await rig.orchestrator.enqueue_task(request_id="t1", tenant_id="acme", session_id=session.session_id,
+                                                   user_message="do it", options={})
+        again = await rig.orchestrator.enqueue_task(request_id="t1", tenant_id="acme",
+                                                    session_id=session.session_id, user_message="do it", options={})
+        assert again.task_id == task.task_id, "a retried enqueue does not add a second task"
+        done = await wait_for_state(rig, task.task_id, "SUCCEEDED")
+        assert done.result_text == "background answer" and done.attempts == 1
+        events = await rig.store.read_events(tenant_id="acme", session_id=session.session_id, after_seq=0)
+        assert events[-1].type == "final" and events[-1].body["text"] == "background answer"
+    finally:
+        await rig.orchestrator.close()
+
+
+async def test_max_workers_caps_concurrency():
+    gates = [Gate(f"answer {i}") for i in range(3)]
+    rig = make_rig(gates, max_workers=2, task_idle_wait_s=0.05)
+    rig.orchestrator.start()
+    try:
+        tasks = []
+        for i in range(3):
+            session = await rig.session()
+            tasks.append(await rig.orchestrator.enqueue_task(request_id=f"t{i}", tenant_id="acme",
+                                                             session_id=session.session_id, user_message="go",
+                                                             options={}))
+        await gates[0].reached.wait()
+        await gates[1].reached.wait()
+        await asyncio.sleep(0.1)
+        assert not gates[2].reached.is_set() and rig.orchestrator.tasks.num_busy == 2
+        for gate in gates:
+            gate.release.set()
+        for task in tasks:
+            await wait_for_state(rig, task.task_id, "SUCCEEDED")
+    finally:
+        await rig.orchestrator.close()
+
+
+class DyingStore:
+    """The store as one replica sees it: after kill() nothing it sends arrives."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self.dead = False
+
+    def __getattr__(self, name):
+        target = getattr(self._store, name)
+        if not callable(target):
+            return target
+
+        def call(*args, **kwargs):
+            if self.dead:
+                raise Unavailable("replica is dead")
+            return target(*args, **kwargs)
+        return call
+
+
+async def test_killed_worker_task_is_completed_by_another_never_by_two():
+    shared = MemoryStore()
+    limits = RunLimits(lock_lease_ms=300)
+    stuck = Gate("never")
+    dying = DyingStore(shared)
+    rig_a = make_rig(inference=ScriptedInference([stuck]), store=dying, max_workers=1, limits=limits,
+                     task_lease_ms=300, task_idle_wait_s=0.05, replica_id="replica-a")
+    rig_b = make_rig(inference=ScriptedInference(["done by b"]), store=shared, max_workers=1, limits=limits,
+                     task_lease_ms=300, task_idle_wait_s=0.05, replica_id="replica-b")
+    session = await rig_a.session()
+    task = await rig_a.orchestrator.enqueue_task(request_id="t", tenant_id="acme", session_id=session.session_id,
+                                                 user_message="work", options={})
+    rig_a.orchestrator.start()
+    await stuck.reached.wait()
+    # Replica A dies mid-task: no heartbeat, no ack, no lock release ever reaches the store.
+    dying.dead = True
+    await rig_a.orchestrator.close()
+    rig_b.orchestrator.start()
+    try:
+        done = await wait_for_state(rig_b, task.task_id, "SUCCEEDED")
+    finally:
+        await rig_b.orchestrator.close()
+    record = await shared.get_task(tenant_id="acme", task_id=task.task_id)
+    assert record.worker_id == "replica-b" and done.attempts == 2 and done.result_text == "done by b"
+    events = await shared.read_events(tenant_id="acme", session_id=session.session_id, after_seq=0)
+    finals = [e for e in events if e.type in ("final", "error")]
+    assert len(finals) == 1 and finals[0].body["text"] == "done by b"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
