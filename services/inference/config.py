@@ -1,4 +1,4 @@
-"""Settings of the llama.cpp inference node."""
+"""Settings of the llama.cpp inference node (env LLMESH_INFERENCE_<FIELD>, CLI --field-name)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,3 +11,43 @@ DEFAULT_PORT = 50051
 @dataclass(frozen=True)
 class Settings(ServerSettings):
     port: int = DEFAULT_PORT
+    #: Name reported in GetLoad and every reply; empty means host:port.
+    node_id: str = ""
+    #: "llama" (llama.cpp) or "synthetic" (no model, fixed-rate tokens).
+    backend: str = "llama"
+    #: GGUF file; empty means the bundled Gemma 3 270M.
+    model_path: str = ""
+    model_name: str = "gemma-3-270m"
+    #: KV cells shared by all sequences of one engine (the context size).
+    n_ctx: int = 8192
+    #: Sequences decoded together (and sessions kept resident) per engine.
+    n_seq_max: int = 16
+    #: Most tokens in one llama_decode call.
+    n_batch: int = 512
+    #: CPU threads for llama.cpp; 0 means one per CPU core.
+    n_threads: int = 0
+    #: Layers on the GPU; -1 sizes them from free memory, 0 forces the CPU.
+    n_gpu_layers: int = -1
+    #: Engines (one per GPU); 0 means one per usable device.
+    max_engines: int = 0
+    #: Memory kept free on each GPU: the larger of this fraction and gpu_margin_mb.
+    gpu_margin_fraction: float = 0.1
+    gpu_margin_mb: int = 512
+    #: Requests waiting for a sequence before RESOURCE_EXHAUSTED.
+    max_queue: int = 64
+    #: While a prompt is prefilled, a step may take this many times a pure decode step.
+    prefill_slowdown: float = 1.8
+    #: Absolute step-time target in ms while prefilling; 0 uses prefill_slowdown.
+    itl_target_ms: float = 0.0
+    #: Prompt tokens per step even when the target cannot be met.
+    prefill_min_tokens: int = 4
+    #: Memory for saved states of evicted sessions.
+    saved_state_max_mb: int = 256
+    #: Default max_tokens when a request carries no sampling parameters.
+    default_max_tokens: int = 256
+    #: Synthetic backend: tokens per second of each stream.
+    synthetic_tokens_per_s: float = 50.0
+    #: Synthetic backend: extra delay of the step that finishes a prompt.
+    synthetic_ttft_ms: float = 0.0
+    #: Synthetic backend: prefill cost per prompt token.
+    synthetic_prefill_ms_per_token: float = 0.0

@@ -1,12 +1,81 @@
-"""Wiring of the llama.cpp inference node: servicer, resources, lifecycle."""
+"""Wiring of the inference node: backends per device, engines, servicer, lifecycle."""
 from __future__ import annotations
+
+import asyncio
+import logging
+import os
 
 import grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
+from services.common.errors import InvalidArgument, Unavailable
 from services.inference.config import Settings
+from services.inference.core.backend import Backend
+from services.inference.core.engine import Engine, EngineConfig
+from services.inference.core.placement import CPU, ModelFootprint, Placement, plan_pool
+from services.inference.core.pool import EnginePool
+from services.inference.metrics import PrometheusObserver
+from services.inference.servicer import InferenceServicer
 
 SERVICE_NAME = "llmesh.inference.v1.InferenceService"
+
+log = logging.getLogger("llmesh.inference")
+
+# Gemma 3 270M has 18 layers; used for GPU sizing before the model is open.
+DEFAULT_NUM_LAYERS = 18
+# KV bytes per cell (both caches, all layers) measured on Gemma 3 270M, plus compute buffers.
+KV_BYTES_PER_CELL = 18 * 1024
+COMPUTE_BUFFER_BYTES = 256 << 20
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_queue=settings.max_queue,
+        prefill_slowdown=settings.prefill_slowdown,
+        itl_target_ms=settings.itl_target_ms,
+        prefill_min_tokens=settings.prefill_min_tokens,
+        saved_state_max_bytes=settings.saved_state_max_mb << 20,
+    )
+
+
+def placements(settings: Settings, model_path: str) -> list[Placement]:
+    if settings.n_gpu_layers == 0:
+        return [CPU]
+    from services.inference.adapters.devices import probe_gpus
+
+    footprint = ModelFootprint(weights_bytes=os.path.getsize(model_path), num_layers=DEFAULT_NUM_LAYERS,
+                               context_bytes=settings.n_ctx * KV_BYTES_PER_CELL + COMPUTE_BUFFER_BYTES)
+    pool = plan_pool(probe_gpus(), footprint, max_engines=settings.max_engines,
+                     margin_fraction=settings.gpu_margin_fraction, margin_bytes=settings.gpu_margin_mb << 20)
+    if settings.n_gpu_layers > 0:
+        pool = [Placement(p.device, p.device_index, min(p.n_gpu_layers, settings.n_gpu_layers)) for p in pool]
+    return pool
+
+
+def build_backends(settings: Settings) -> list[Backend]:
+    """Blocking: loads the model once per device."""
+    if settings.backend == "synthetic":
+        from services.inference.adapters.synthetic_backend import SyntheticBackend
+
+        return [SyntheticBackend(n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max, n_batch=settings.n_batch,
+                                 tokens_per_s=settings.synthetic_tokens_per_s, ttft_ms=settings.synthetic_ttft_ms,
+                                 prefill_ms_per_token=settings.synthetic_prefill_ms_per_token,
+                                 model_name=settings.model_name)]
+    if settings.backend != "llama":
+        raise InvalidArgument(f"backend: expected 'llama' or 'synthetic', got {settings.backend!r}", field="backend")
+    from services.common.model_cache import ensure_model
+    from services.inference.adapters.llama_backend import LlamaBackend
+
+    model_path = settings.model_path or str(ensure_model())
+    backends: list[Backend] = []
+    for placement in placements(settings, model_path):
+        log.info("loading model", extra={"event": "model_loading", "device": placement.device,
+                                         "n_gpu_layers": placement.n_gpu_layers})
+        backends.append(LlamaBackend(model_path, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max,
+                                     n_batch=settings.n_batch, n_threads=settings.n_threads,
+                                     n_gpu_layers=placement.n_gpu_layers, device_index=placement.device_index,
+                                     device=placement.device, model_name=settings.model_name))
+    return backends
 
 
 class App:
@@ -14,15 +83,30 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.node_id = settings.node_id or f"{settings.host}:{settings.port}"
+        self.pool: EnginePool | None = None
+        self._servicer = InferenceServicer(self._ready_pool, self.node_id, settings.default_max_tokens)
 
     def register(self, server: grpc.aio.Server) -> None:
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference_pb2_grpc.InferenceServiceServicer(), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
-        return None
+        backends = await asyncio.to_thread(build_backends, self.settings)
+        engines = [Engine(b, engine_config(self.settings), PrometheusObserver(f"engine-{i}"), name=f"engine-{i}")
+                   for i, b in enumerate(backends)]
+        pool = EnginePool(engines)
+        pool.start()
+        self.pool = pool
+
+    def _ready_pool(self) -> EnginePool:
+        if self.pool is None:
+            raise Unavailable("the inference node is not serving (loading or stopped)", reason="NOT_READY")
+        return self.pool
 
     async def close(self) -> None:
-        return None
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await asyncio.to_thread(pool.stop)
 
 
 def build_app(settings: Settings) -> App:

@@ -1,0 +1,1 @@
+"""Backends behind ``core.backend.Backend`` (llama.cpp, synthetic) and device probes."""

@@ -1,0 +1,237 @@
+"""llama.cpp through llama-cpp-python's low-level ctypes API.
+
+One context holds ``n_seq_max`` sequences in a unified KV cache of ``n_ctx``
+cells, so a session can grow to the whole context while others are idle.
+Gemma 3's sliding-window layers keep a full-size cache (``swa_full``), which
+is what lets any prefix of a sequence be kept and extended later.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp as ll
+
+from services.common.errors import InvalidArgument
+from services.inference.core.types import BatchEntry, SamplingParams
+
+log = logging.getLogger("llmesh.inference.llama")
+
+_backend_ready = threading.Lock()
+_backend_initialised = False
+
+# Penalties look this far back over generated tokens.
+PENALTY_LAST_N = 64
+
+
+@ll.llama_log_callback
+def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs every tensor at load time; keep warnings and errors only.
+    if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+        log.log(logging.WARNING if level == 3 else logging.ERROR, "%s", text.decode(errors="replace").rstrip())
+
+
+def _init_backend_once() -> None:
+    global _backend_initialised
+    with _backend_ready:
+        if not _backend_initialised:
+            ll.llama_log_set(_forward_log, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _backend_initialised = True
+
+
+class LlamaBackend:
+    """A llama.cpp model + context decoding batches across sequences."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 8192,
+        n_seq_max: int = 16,
+        n_batch: int = 512,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        device_index: int = -1,
+        device: str = "cpu",
+        model_name: str = "",
+    ) -> None:
+        _init_backend_once()
+        self.model_name = model_name or Path(model_path).stem
+        self.device = device
+        self.n_gpu_layers = n_gpu_layers
+        model_params = ll.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        if device_index >= 0:
+            # One engine per device: keep the whole model on this one.
+            model_params.split_mode = ll.LLAMA_SPLIT_MODE_NONE
+            model_params.main_gpu = device_index
+        self._model = ll.llama_model_load_from_file(str(model_path).encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"cannot load model {model_path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        ctx_params = ll.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = n_seq_max
+        ctx_params.swa_full = True
+        ctx_params.kv_unified = True
+        # llama.cpp's own default is 4 threads, which oversubscribes small machines.
+        threads = n_threads if n_threads > 0 else max(1, os.cpu_count() or 1)
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        self._ctx = ll.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            ll.llama_model_free(self._model)
+            raise RuntimeError("cannot create llama.cpp context")
+        self._mem = ll.llama_get_memory(self._ctx)
+        self.n_ctx = ll.llama_n_ctx(self._ctx)
+        self.n_seq_max = ll.llama_n_seq_max(self._ctx)
+        self.max_batch_tokens = ll.llama_n_batch(self._ctx)
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
+        self._samplers: dict[int, ll.llama_sampler_p] = {}
+        self._pieces: dict[int, bytes] = {}
+        self._tokenize_lock = threading.Lock()
+
+    # -- vocabulary -------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (ll.llama_token * capacity)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:  # the buffer was short; -n is the size needed
+            capacity = -n
+            buf = (ll.llama_token * capacity)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self._vocab, token))
+
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    # -- sampling ---------------------------------------------------------
+
+    def _build_sampler(self, params: SamplingParams) -> ll.llama_sampler_p:
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.grammar:
+            grammar = ll.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                raise InvalidArgument("sampling.grammar: the GBNF grammar does not parse (needs a root rule)",
+                                      field="sampling.grammar")
+            ll.llama_sampler_chain_add(chain, grammar)
+        if params.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(
+                chain, ll.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature <= 0.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
+        if 0.0 < params.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(params.min_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else ll.LLAMA_DEFAULT_SEED
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        return chain
+
+    def check_sampling(self, params: SamplingParams) -> None:
+        if params.grammar:
+            ll.llama_sampler_free(self._build_sampler(params))
+
+    def open_sampler(self, key: int, params: SamplingParams) -> None:
+        self._samplers[key] = self._build_sampler(params)
+
+    def close_sampler(self, key: int) -> None:
+        sampler = self._samplers.pop(key, None)
+        if sampler is not None:
+            ll.llama_sampler_free(sampler)
+
+    # -- decoding ---------------------------------------------------------
+
+    def decode(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
+        batch = self._batch
+        n = 0
+        wanted: list[tuple[int, int]] = []
+        for entry in entries:
+            pos = entry.start_pos
+            last = len(entry.tokens) - 1
+            for i, token in enumerate(entry.tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = entry.seq_id
+                wants_logits = entry.sampler_key is not None and i == last
+                batch.logits[n] = wants_logits
+                if wants_logits:
+                    wanted.append((entry.sampler_key, n))  # type: ignore[arg-type]
+                n += 1
+        if n == 0:
+            return {}
+        if n > self.max_batch_tokens:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch {self.max_batch_tokens}")
+        batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc}")
+        return {key: ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
+
+    # -- KV cache ---------------------------------------------------------
+
+    def seq_truncate(self, seq_id: int, keep: int) -> None:
+        if not ll.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
+            # A partial removal can fail on caches that cannot cut a sequence;
+            # removing the whole sequence always works.
+            ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            if keep > 0:
+                raise RuntimeError(f"cannot truncate sequence {seq_id} to {keep} tokens")
+
+    def seq_save(self, seq_id: int) -> bytes:
+        size = ll.llama_state_seq_get_size(self._ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = ll.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
+        return bytes(buf[:written])
+
+    def seq_restore(self, seq_id: int, state: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return ll.llama_state_seq_set_data(self._ctx, buf, len(state), seq_id) > 0
+
+    def num_layers(self) -> int:
+        return ll.llama_model_n_layer(self._model)
+
+    def close(self) -> None:
+        for key in list(self._samplers):
+            self.close_sampler(key)
+        if self._ctx:
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            ll.llama_model_free(self._model)
+            self._model = None

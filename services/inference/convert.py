@@ -1,0 +1,78 @@
+"""Protobuf <-> core dataclasses for the inference service."""
+from __future__ import annotations
+
+from llmesh.inference.v1 import inference_pb2 as pb
+
+from services.common.errors import InvalidArgument
+from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, SamplingParams
+
+_PRIORITY = {
+    pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb.PRIORITY_NORMAL: Priority.NORMAL,
+    pb.PRIORITY_BATCH: Priority.BATCH,
+}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def sampling_params(request: pb.GenerateRequest, default_max_tokens: int) -> SamplingParams:
+    """Zero values mean the server's defaults; max_tokens must be > 0 once sampling is given."""
+    if not request.HasField("sampling"):
+        return SamplingParams(max_tokens=default_max_tokens)
+    s = request.sampling
+    return SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p if s.top_p != 0.0 else 1.0,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repeat_penalty=s.repeat_penalty if s.repeat_penalty != 0.0 else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=s.max_tokens,
+        stop=tuple(s.stop),
+        grammar=s.grammar,
+    )
+
+
+def generate_spec(request: pb.GenerateRequest, default_max_tokens: int) -> GenerateSpec:
+    if request.priority not in _PRIORITY:
+        raise InvalidArgument(f"priority: unknown value {request.priority}", field="priority")
+    if request.logprobs:
+        raise InvalidArgument("logprobs: this node does not return log-probabilities", field="logprobs")
+    return GenerateSpec(
+        prompt=request.prompt,
+        prompt_tokens=tuple(request.prompt_tokens),
+        session_id=request.session_id,
+        sampling=sampling_params(request, default_max_tokens),
+        priority=_PRIORITY[request.priority],
+        request_id=request.request_id,
+    )
+
+
+def generate_response(delta: Delta, node_id: str) -> pb.GenerateResponse:
+    reply = pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids, node_id=node_id)
+    if delta.finish_reason is not None:
+        reply.finish_reason = _FINISH[delta.finish_reason]
+    if delta.usage is not None:
+        u = delta.usage
+        reply.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
+                                      generated_tokens=u.generated_tokens, ttft_ms=u.ttft_ms, total_ms=u.total_ms))
+    return reply
+
+
+def load_response(load: LoadReport, node_id: str) -> pb.GetLoadResponse:
+    return pb.GetLoadResponse(
+        node_id=node_id,
+        queue_depth=load.queue_depth,
+        num_running=load.num_running,
+        num_free_sequences=load.num_free_sequences,
+        num_sequences=load.num_sequences,
+        kv_used_cells=load.kv_used_cells,
+        kv_total_cells=load.kv_total_cells,
+        kv_usage=load.kv_usage,
+        tokens_per_second=load.tokens_per_second,
+        num_sessions=load.num_sessions,
+    )

@@ -1,0 +1,277 @@
+"""The engine: one thread that owns the model and loops plan -> decode -> apply.
+
+The asyncio side never waits on the model: ``submit`` hands a request to the
+thread through an inbox and gets a ``RequestHandle`` whose deltas arrive on
+an ``asyncio.Queue`` via ``call_soon_threadsafe``. The thread sleeps on a
+condition variable when there is nothing to do.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable, require
+from services.inference.core.backend import Backend
+from services.inference.core.budget import PrefillBudget
+from services.inference.core.observer import EngineObserver
+from services.inference.core.plan import OpKind, StepPlan, StepResult
+from services.inference.core.scheduler import Request, Scheduler
+from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, next_key
+
+log = logging.getLogger("llmesh.inference.engine")
+
+# Window over which GetLoad's tokens_per_second is measured.
+RATE_WINDOW_S = 5.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: Requests waiting for a sequence before new ones get RESOURCE_EXHAUSTED.
+    max_queue: int = 64
+    #: Allowed step time as a multiple of a pure decode step while prefilling.
+    prefill_slowdown: float = 1.8
+    #: Absolute step-time target in ms while prefilling (0: use the slowdown).
+    itl_target_ms: float = 0.0
+    #: Prompt tokens per step even when the target cannot be met.
+    prefill_min_tokens: int = 4
+    #: Bytes of evicted session state kept in memory for restores.
+    saved_state_max_bytes: int = 256 << 20
+
+
+def execute(backend: Backend, plan: StepPlan) -> StepResult:
+    """Run a plan's cache operations, then its one decode call."""
+    result = StepResult()
+    for op in plan.ops:
+        if op.kind is OpKind.OPEN_SAMPLER:
+            assert op.params is not None
+            backend.open_sampler(op.key, op.params)
+        elif op.kind is OpKind.CLOSE_SAMPLER:
+            backend.close_sampler(op.key)
+        elif op.kind is OpKind.TRUNCATE:
+            backend.seq_truncate(op.seq_id, op.keep)
+        elif op.kind is OpKind.SAVE:
+            result.saved[op.session_id] = backend.seq_save(op.seq_id)
+        elif op.kind is OpKind.RESTORE:
+            result.restored[op.key] = backend.seq_restore(op.seq_id, op.state)
+    if plan.entries:
+        start = time.perf_counter()
+        result.sampled = backend.decode(plan.entries)
+        result.decode_ms = (time.perf_counter() - start) * 1000.0
+    return result
+
+
+class RequestHandle:
+    """The asyncio end of one generation: iterate deltas, cancel when the client leaves."""
+
+    def __init__(self, engine: "Engine", key: int) -> None:
+        self._engine = engine
+        self.key = key
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.done = False
+
+    def __aiter__(self) -> "RequestHandle":
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self.done:
+            raise StopAsyncIteration
+        delta = await self.queue.get()
+        if delta.error is not None:
+            self.done = True
+            raise delta.error
+        if delta.finish_reason is not None:
+            self.done = True
+        return delta
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self._engine.cancel(self.key)
+
+
+class Engine:
+    def __init__(self, backend: Backend, config: EngineConfig | None = None,
+                 observer: EngineObserver | None = None, name: str = "engine-0") -> None:
+        self.backend = backend
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.name = name
+        budget = PrefillBudget(slowdown=self.config.prefill_slowdown, itl_target_ms=self.config.itl_target_ms,
+                               min_tokens=self.config.prefill_min_tokens, max_tokens=backend.max_batch_tokens)
+        self.scheduler = Scheduler(backend, backend.n_seq_max, backend.n_ctx, backend.max_batch_tokens,
+                                   budget=budget, saved_max_bytes=self.config.saved_state_max_bytes,
+                                   observer=self.observer)
+        self._cond = threading.Condition()
+        self._inbox: list[Callable[[], None]] = []
+        # Requests in the inbox not yet handed to the scheduler, and the
+        # scheduler's waiting count as of the last step (both under _cond).
+        self._inbox_adds = 0
+        self._num_waiting = 0
+        self._num_idle_sequences = backend.n_seq_max
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._load = self._snapshot()
+        self._generated: collections.deque[tuple[float, int]] = collections.deque()
+        self.failed: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"llmesh-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # -- asyncio side -------------------------------------------------------------
+
+    def submit(self, spec: GenerateSpec, *, require_session: bool = False) -> RequestHandle:
+        """Queue a generation; raises InvalidArgument or ResourceExhausted at once."""
+        if self.failed is not None or self._stopping:
+            raise Unavailable("the inference engine is not running", reason="ENGINE_STOPPED")
+        require(bool(spec.prompt) or bool(spec.prompt_tokens), "prompt", "give a prompt or prompt_tokens")
+        require(not (spec.prompt and spec.prompt_tokens), "prompt", "give either prompt or prompt_tokens, not both")
+        sampling = spec.sampling
+        require(sampling.max_tokens > 0, "sampling.max_tokens", "must be > 0")
+        require(sampling.temperature >= 0.0, "sampling.temperature", "must be >= 0")
+        require(0.0 <= sampling.top_p <= 1.0, "sampling.top_p", "must be within [0, 1]")
+        require(sampling.top_k >= 0, "sampling.top_k", "must be >= 0")
+        require(0.0 <= sampling.min_p <= 1.0, "sampling.min_p", "must be within [0, 1]")
+        require(sampling.repeat_penalty > 0.0, "sampling.repeat_penalty", "must be > 0")
+        if require_session and not spec.session_id:
+            raise InvalidArgument("session_id: required when the session must be cached", field="session_id")
+        self.backend.check_sampling(sampling)
+        loop = asyncio.get_running_loop()
+        handle = RequestHandle(self, next_key())
+
+        def sink(delta: Delta) -> None:
+            try:
+                loop.call_soon_threadsafe(handle.queue.put_nowait, delta)
+            except RuntimeError:
+                pass  # the caller's event loop is gone, and the caller with it
+
+        request = Request(key=handle.key, spec=spec, sink=sink, arrival=time.monotonic(),
+                          require_session=require_session)
+        with self._cond:
+            # Requests still in the inbox will first take the sequences that were idle.
+            queued = self._num_waiting + max(0, self._inbox_adds - self._num_idle_sequences)
+            if queued >= self.config.max_queue:
+                raise ResourceExhausted(
+                    f"{queued} requests are already waiting on this node", reason="QUEUE_FULL",
+                    retry_after_ms=250)
+            self._inbox_adds += 1
+            self._inbox.append(lambda: self.scheduler.add(request))
+            self._cond.notify()
+        return handle
+
+    def cancel(self, key: int) -> None:
+        self._post(lambda: self.scheduler.cancel(key))
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread between steps and await its result."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                future.set_exception(exc)
+
+        self._post(run)
+        return await asyncio.wrap_future(future)
+
+    async def release_session(self, session_id: str) -> bool:
+        return await self.call(lambda: self.scheduler.release_session(session_id))
+
+    def load(self) -> LoadReport:
+        return self._load
+
+    def holds_session(self, session_id: str) -> bool:
+        # Read without the engine thread: a stale answer only costs a cache miss.
+        return self.scheduler.table.knows(session_id)
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            self._inbox.append(fn)
+            self._cond.notify()
+
+    # -- engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                    self._inbox_adds = 0
+                for fn in inbox:
+                    fn()
+                self.step()
+        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
+            log.exception("inference engine stopped on an error")
+            self.failed = exc
+        finally:
+            self._abort_all()
+
+    def step(self) -> None:
+        """One iteration: plan -> decode -> apply."""
+        plan = self.scheduler.plan()
+        if not plan.is_empty:
+            result = execute(self.backend, plan)
+            self.scheduler.apply(plan, result)
+            if result.sampled:
+                self._generated.append((time.monotonic(), len(result.sampled)))
+        self._load = self._snapshot()
+        with self._cond:
+            self._num_waiting = self._load.queue_depth
+            self._num_idle_sequences = self._load.num_free_sequences
+        self.observer.on_load(self._load)
+
+    def _snapshot(self) -> LoadReport:
+        table = self.scheduler.table
+        now = time.monotonic()
+        generated = self.__dict__.setdefault("_generated", collections.deque())
+        while generated and generated[0][0] < now - RATE_WINDOW_S:
+            generated.popleft()
+        rate = sum(n for _, n in generated) / RATE_WINDOW_S if generated else 0.0
+        return LoadReport(
+            queue_depth=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_free_sequences=sum(1 for s in table.slots if s.busy_key is None),
+            num_sequences=len(table.slots),
+            kv_used_cells=table.used_cells,
+            kv_total_cells=table.num_cells,
+            tokens_per_second=rate,
+            num_sessions=table.num_sessions,
+        )
+
+    def _abort_all(self) -> None:
+        error = Unavailable("the inference engine stopped", reason="ENGINE_STOPPED")
+        for request in [*self.scheduler.waiting, *self.scheduler.running]:
+            request.sink(Delta(error=error))
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
+        with self._cond:
+            for fn in self._inbox:
+                fn()  # adds land in the scheduler; fail them too
+            self._inbox = []
+        for request in self.scheduler.waiting:
+            request.sink(Delta(error=error))
+        self.scheduler.waiting.clear()
+
+
+__all__ = ["Engine", "EngineConfig", "RequestHandle", "execute", "FinishReason"]

@@ -1,0 +1,23 @@
+"""Hooks the engine calls so metrics stay outside the core."""
+from __future__ import annotations
+
+from services.inference.core.types import FinishReason, LoadReport, Usage
+
+
+class EngineObserver:
+    """No-op base; the Prometheus observer overrides what it records."""
+
+    def on_step(self, num_decode: int, num_prefill: int, decode_ms: float) -> None:
+        return None
+
+    def on_first_token(self, ttft_ms: float) -> None:
+        return None
+
+    def on_token_gap(self, gap_ms: float) -> None:
+        return None
+
+    def on_finish(self, usage: Usage, reason: FinishReason) -> None:
+        return None
+
+    def on_load(self, load: LoadReport) -> None:
+        return None

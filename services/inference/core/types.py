@@ -1,0 +1,109 @@
+"""Dataclasses passed between the servicer, the engine and the backends."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+class Priority(enum.IntEnum):
+    """Lower value is served first."""
+
+    INTERACTIVE = 0
+    NORMAL = 1
+    BATCH = 2
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen; temperature 0 is greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    grammar: str = ""
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0 and not self.grammar and self.repeat_penalty == 1.0
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """One validated generation request, before tokenization of a text prompt."""
+
+    prompt: str = ""
+    prompt_tokens: tuple[int, ...] = ()
+    session_id: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: Priority = Priority.NORMAL
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one engine step added to a stream; the last one has finish_reason and usage."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    queue_depth: int
+    num_running: int
+    num_free_sequences: int
+    num_sequences: int
+    kv_used_cells: int
+    kv_total_cells: int
+    tokens_per_second: float
+    num_sessions: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_used_cells / self.kv_total_cells if self.kv_total_cells else 0.0
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """Tokens of one sequence in one llama_decode call.
+
+    ``sampler_key`` is set when the logits after the last token are needed
+    (the end of a prompt, or a decode step); it names the request's sampler.
+    """
+
+    seq_id: int
+    tokens: tuple[int, ...]
+    start_pos: int
+    sampler_key: int | None = None
+
+
+_keys = itertools.count(1)
+
+
+def next_key() -> int:
+    """Process-unique integer keys for requests (cheap dict keys across threads)."""
+    return next(_keys)

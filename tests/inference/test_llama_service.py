@@ -1,0 +1,65 @@
+"""The gRPC service on the real model: streaming, cancellation, errors the model detects."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from llmesh.inference.v1 import inference_pb2 as pb
+from llmesh.inference.v1 import inference_pb2_grpc
+
+from services.common.interceptors import error_info
+from services.common.runtime import running_service
+from services.inference.config import Settings
+from services.inference.server import build_app
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture
+async def stub(model_path):
+    settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=512, n_seq_max=2,
+                        n_threads=2, n_gpu_layers=0, node_id="node-a")
+    async with running_service(build_app(settings), settings) as svc:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+async def test_generate_streams_text_and_usage_then_a_client_cancel_frees_the_sequence(stub):
+    request = pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_tokens=6))
+    replies = [r async for r in stub.Generate(request)]
+    text = "".join(r.text for r in replies)
+    token_ids = [t for r in replies for t in r.token_ids]
+    assert len(token_ids) == 6
+    assert (await stub.Detokenize(pb.DetokenizeRequest(tokens=token_ids))).text == text
+    assert replies[-1].usage.generated_tokens == 6 and replies[-1].node_id == "node-a"
+    assert replies[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+    call = stub.Generate(pb.GenerateRequest(prompt="List every prime number:",
+                                            sampling=pb.SamplingParams(max_tokens=400)))
+    await call.read()
+    call.cancel()
+    for _ in range(100):
+        load = await stub.GetLoad(pb.GetLoadRequest())
+        if load.num_running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert load.num_running == 0 and load.num_free_sequences == 2
+
+
+async def test_model_side_validation_names_the_field(stub):
+    too_long = pb.GenerateRequest(prompt="word " * 600, sampling=pb.SamplingParams(max_tokens=1))
+    bad_grammar = pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(max_tokens=1, grammar="root ::= ("))
+    for request, field in ((too_long, "prompt"), (bad_grammar, "sampling.grammar")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [r async for r in stub.Generate(request)]
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == field
+
+
+async def test_count_tokens_matches_tokenize(stub):
+    tokens = (await stub.Tokenize(pb.TokenizeRequest(text="<start_of_turn>user hi", add_special=True,
+                                                     parse_special=True))).tokens
+    count = await stub.CountTokens(pb.CountTokensRequest(text="<start_of_turn>user hi", add_special=True))
+    assert count.num_tokens == len(tokens) and count.n_ctx == 512
+    assert (await stub.Detokenize(pb.DetokenizeRequest(tokens=tokens[1:]))).text.endswith("user hi")
