@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ class ServiceDef:
     full_name: str
     port_offset: int
     depends_on: tuple[str, ...] = ()
+    # "grpc": ready when its health check says SERVING; "http": when /healthz answers.
+    kind: str = "grpc"
 
 
 SERVICES: tuple[ServiceDef, ...] = (
@@ -44,6 +47,9 @@ SERVICES: tuple[ServiceDef, ...] = (
     ServiceDef("orchestrator", "services.orchestrator", "llmesh.orchestrator.v1.AgentService", 1,
                ("store", "policy", "tools", "inference")),
 )
+GATEWAY = ServiceDef("gateway", "services.gateway", "REST/SSE + OpenAI-compatible HTTP", 0,
+                     ("orchestrator", "tools", "policy", "inference"), kind="http")
+DEV_KEY_FILE = "dev_api_key"
 
 
 @dataclass
@@ -78,7 +84,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def plan_children(data_dir: Path, port_base: int, nodes: int) -> list[Child]:
+def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | None = None) -> list[Child]:
     children: list[Child] = []
     node_ports = [port_base] + [port_base + 10 + i for i in range(1, nodes)]
     for svc in SERVICES:
@@ -89,6 +95,8 @@ def plan_children(data_dir: Path, port_base: int, nodes: int) -> list[Child]:
         else:
             port = port_base + svc.port_offset
             children.append(Child(svc.name, svc, port, port + 100, data_dir / "logs" / f"{svc.name}.log"))
+    if http_port is not None:
+        children.append(Child("gateway", GATEWAY, http_port, port_base + 109, data_dir / "logs" / "gateway.log"))
     targets = {c.service.name: c.target for c in children}
     inference_nodes = ",".join(c.target for c in children if c.service.name == "inference")
     wiring = {
@@ -125,6 +133,9 @@ class Launcher:
         log.close()
 
     async def wait_ready(self, child: Child) -> None:
+        if child.service.kind == "http":
+            await self._wait_http_ready(child)
+            return
         deadline = time.monotonic() + self.ready_timeout_s
         async with grpc.aio.insecure_channel(child.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -140,6 +151,20 @@ class Launcher:
                     pass
                 # Start-up only: a short wait between probes is fine here.
                 await asyncio.sleep(0.2)
+        raise TimeoutError(f"{child.name} not ready after {self.ready_timeout_s:.0f}s")
+
+    async def _wait_http_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        url = f"http://{child.target}/healthz"
+        while time.monotonic() < deadline:
+            if child.process is not None and child.process.poll() is not None:
+                raise ChildDied(child)
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, url, timeout=1)
+                child.ready = True
+                return
+            except OSError:
+                await asyncio.sleep(0.2)  # start-up only
         raise TimeoutError(f"{child.name} not ready after {self.ready_timeout_s:.0f}s")
 
     async def start_all(self) -> None:
@@ -196,13 +221,42 @@ def print_table(children: list[Child], data_dir: Path) -> None:
     print("\nllmesh is up (Ctrl-C stops it):\n")
     print(f"  {'service':<14} {'gRPC':<18} {'metrics':<28} log")
     for c in children:
-        print(f"  {c.name:<14} {c.target:<18} {'http://127.0.0.1:%d/metrics' % c.metrics_port:<28} {c.log_path}")
-    print(f"\n  data: {data_dir}   try: grpcurl -plaintext {children[0].target} list\n", flush=True)
+        if c.service.kind == "http":
+            print(f"  {c.name:<14} {'http://' + c.target:<18} {'-':<28} {c.log_path}")
+        else:
+            print(f"  {c.name:<14} {c.target:<18} {'http://127.0.0.1:%d/metrics' % c.metrics_port:<28} {c.log_path}")
+    print(f"\n  data: {data_dir}   try: grpcurl -plaintext {children[0].target} list")
+    key_file = data_dir / DEV_KEY_FILE
+    if key_file.exists():
+        print(f"  REST API key (tenant 'default'): {key_file.read_text().strip()}  (stored in {key_file})")
+    print(flush=True)
+
+
+def ensure_dev_api_key(data_dir: Path) -> None:
+    """First start: make an API key for tenant 'default' so the REST layer is usable.
+
+    Only its hash goes into api_keys.json; the key itself is kept, mode 0600,
+    in data/dev_api_key for the person running the mesh on this machine.
+    """
+    from services.common.auth import ApiKeyStore, generate_api_key
+
+    keys_path = data_dir / "api_keys.json"
+    if keys_path.exists():
+        return
+    key, record = generate_api_key("default")
+    ApiKeyStore([record]).save(keys_path)
+    key_file = data_dir / DEV_KEY_FILE
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
 
 
 async def run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
-    children = plan_children(data_dir, args.port_base, args.nodes)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http_port = args.http_port if args.http_port > 0 else None
+    if http_port is not None:
+        ensure_dev_api_key(data_dir)
+    children = plan_children(data_dir, args.port_base, args.nodes, http_port)
     launcher = Launcher(children, data_dir, args.ready_timeout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -240,6 +294,8 @@ def main() -> None:
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("LLMESH_PORT_BASE", "50051")))
     parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "1")),
                         help="inference nodes to start")
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("LLMESH_HTTP_PORT", "8080")),
+                        help="REST gateway port; 0 leaves the gateway out")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     sys.exit(asyncio.run(run(parser.parse_args())))
 

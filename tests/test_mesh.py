@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ports_free(base: int) -> bool:
-    for port in [base + s.port_offset for s in SERVICES] + [base + 100 + s.port_offset for s in SERVICES]:
+    ports = [base + s.port_offset for s in SERVICES] + [base + 100 + s.port_offset for s in SERVICES] + [base + 9]
+    for port in ports:
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -56,7 +57,8 @@ def _health(target: str, service: str) -> int:
 def mesh(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("mesh-data")
     base = _free_port_base()
-    env = {**os.environ, "LLMESH_DATA_DIR": str(data_dir), "LLMESH_PORT_BASE": str(base)}
+    env = {**os.environ, "LLMESH_DATA_DIR": str(data_dir), "LLMESH_PORT_BASE": str(base),
+           "LLMESH_HTTP_PORT": str(base + 9)}
     proc = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -89,6 +91,23 @@ def test_every_service_is_listed_by_reflection_and_ready(mesh) -> None:
         assert _health(target, svc.full_name) == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_rest_gateway_is_up_with_its_openapi_and_a_dev_key(mesh) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    base_url = f"http://127.0.0.1:{mesh['base'] + 9}"
+    with urllib.request.urlopen(base_url + "/openapi.json", timeout=10) as reply:
+        spec = json.load(reply)
+    assert "/v1/sessions" in spec["paths"]
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(base_url + "/v1/sessions", timeout=10)
+    assert caught.value.code == 401
+    key = (Path(mesh["data_dir"]) / "dev_api_key").read_text().strip()
+    assert oct((Path(mesh["data_dir"]) / "dev_api_key").stat().st_mode & 0o777) == "0o600"
+    assert key not in (Path(mesh["data_dir"]) / "api_keys.json").read_text()
+
+
 def test_logs_are_json_lines_per_service(mesh) -> None:
     for svc in SERVICES:
         log = Path(mesh["data_dir"]) / "logs" / f"{svc.name}.log"
@@ -96,6 +115,70 @@ def test_logs_are_json_lines_per_service(mesh) -> None:
         assert '"event": "serving"' in log.read_text()
 
 
+def _rpcs():
+    from google.protobuf import descriptor_pool
+
+    import llmesh.inference.v1.inference_pb2  # noqa: F401  (register descriptors)
+    import llmesh.orchestrator.v1.orchestrator_pb2  # noqa: F401
+    import llmesh.policy.v1.policy_pb2  # noqa: F401
+    import llmesh.store.v1.store_pb2  # noqa: F401
+    import llmesh.tools.v1.tools_pb2  # noqa: F401
+
+    pool = descriptor_pool.Default()
+    for svc in SERVICES:
+        service = pool.FindServiceByName(svc.full_name)
+        for method in service.methods:
+            yield pytest.param(svc, method, id=f"{svc.name}.{method.name}")
+
+
+def _malformed_requests(method):
+    """The empty request, and one with a negative page size where there is one."""
+    from google.protobuf import message_factory
+
+    cls = message_factory.GetMessageClass(method.input_type)
+    yield cls()
+    if "page_size" in method.input_type.fields_by_name:
+        yield cls(page_size=-1)
+
+
+@pytest.mark.parametrize(("svc", "method"), list(_rpcs()))
+def test_malformed_request_gets_invalid_argument_naming_the_field(mesh, svc, method) -> None:
+    from services.common.interceptors import error_info
+
+    target = f"127.0.0.1:{mesh['base'] + svc.port_offset}"
+    path = f"/{svc.full_name}/{method.name}"
+    with grpc.insecure_channel(target) as channel:
+        for request in _malformed_requests(method):
+            if method.client_streaming:
+                pytest.skip("no client-streaming RPCs in v1")
+            if method.server_streaming:
+                call = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
+                                            response_deserializer=lambda b: b)(request, timeout=10)
+                try:
+                    next(iter(call))
+                    code = grpc.StatusCode.OK
+                except StopIteration:
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code, error = err.code(), err
+            else:
+                try:
+                    channel.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                        response_deserializer=lambda b: b)(request, timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code, error = err.code(), err
+            assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                                grpc.StatusCode.UNIMPLEMENTED), (path, code)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                info = error_info(error)
+                assert info is not None and info.metadata.get("field"), (path, error.details())
+                assert info.metadata["field"].split(".")[0] in error.details(), (path, error.details())
+            if request.ByteSize() and "page_size" in method.input_type.fields_by_name:
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, "negative page_size accepted")
+
+
+# Runs last: it stops the mesh the other tests share.
 def test_sigterm_to_make_run_stops_every_child_quickly(mesh) -> None:
     proc = mesh["proc"]
     tree = psutil.Process(proc.pid).children(recursive=True)
