@@ -1,9 +1,10 @@
 """Balancer benchmark: scored P2C with affinity vs round robin on 3 nodes, one 3x slower.
 
-Multi-turn conversations run concurrently against three fake inference
-nodes (tests/balancer/fake_node.py: real gRPC on loopback, real queueing on
-a fixed number of sequences, per-session KV so a turn on the node holding
-its history skips re-prefilling it). The same workload runs once per
+Multi-turn conversations run concurrently against three real inference
+nodes on their synthetic backend (tests/balancer/synthetic_nodes.py: the
+inference service's own scheduler, queueing on a fixed number of sequences
+and per-session KV, so a turn on the node holding its history skips
+re-prefilling it; tokens come at a fixed rate instead of from a model). The same workload runs once per
 strategy on fresh nodes; TTFT is measured by the client, from the call to
 the first token. Writes JSON (see docs/balancer.md).
 
@@ -25,10 +26,11 @@ from pathlib import Path
 from llmesh.inference.v1 import inference_pb2
 
 from services.common.balancer import Balancer, BalancerSettings
-from tests.balancer.fake_node import FakeNodeConfig, fake_nodes
+from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
 
-NODE = FakeNodeConfig(ttft_ms=15.0, token_interval_ms=4.0, num_tokens=12, num_sequences=4,
-                      prefill_ms_per_token=0.4)
+# The synthetic tokenizer is byte-level: 0.08 ms a byte is ~0.4 ms a word.
+NODE = SyntheticNodeSpec(node_id="node", tokens_per_s=250.0, ttft_ms=15.0, prefill_ms_per_token=0.08,
+                         n_seq_max=4, max_tokens=12)
 SLOWDOWN = 3.0
 WORDS_PER_TURN = 40
 
@@ -42,6 +44,7 @@ def percentile(values: list[float], q: float) -> float:
 async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: int) -> dict[str, object]:
     configs = [replace(NODE, node_id=f"node-{i}") for i in range(3)]
     configs[2].slowdown = SLOWDOWN
+    served: dict[str, int] = {c.node_id: 0 for c in configs}
     settings = BalancerSettings(strategy=strategy, health_interval_s=0.5, load_interval_s=0.05)
     ttfts_ms: list[float] = []
     later_turns = 0
@@ -49,7 +52,7 @@ async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: i
     cached_tokens = 0
     prompt_tokens = 0
     rng = random.Random(seed)
-    async with fake_nodes(*configs) as nodes:
+    async with synthetic_nodes(*configs) as nodes:
         async with Balancer([n.address for n in nodes], settings, rng=random.Random(seed)) as balancer:
 
             async def conversation(session_id: str, think_s: list[float]) -> None:
@@ -58,7 +61,9 @@ async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: i
                 previous_node = ""
                 for turn in range(num_turns):
                     history += " user:" + " word" * WORDS_PER_TURN
-                    request = inference_pb2.GenerateRequest(prompt=history, session_id=session_id)
+                    request = inference_pb2.GenerateRequest(
+                        prompt=history, session_id=session_id,
+                        sampling=inference_pb2.SamplingParams(max_tokens=NODE.max_tokens))
                     started = time.perf_counter()
                     first_at = None
                     last = None
@@ -74,6 +79,7 @@ async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: i
                         later_turns += 1
                         later_turn_hits += last.node_id == previous_node
                     previous_node = last.node_id
+                    served[last.node_id] += 1
                     cached_tokens += last.usage.cached_tokens
                     prompt_tokens += last.usage.prompt_tokens
                     history += " model:" + " tok" * last.usage.generated_tokens
@@ -84,8 +90,7 @@ async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: i
             plans = [[rng.uniform(0.05, 0.25) for _ in range(num_turns)] for _ in range(num_sessions)]
             await asyncio.gather(*(conversation(f"s{i}", plans[i]) for i in range(num_sessions)))
             wall_s = time.perf_counter() - started
-        per_node = {n.config.node_id + (" (3x slower)" if n.config.slowdown > 1 else ""): n.stats.num_requests
-                    for n in nodes}
+        per_node = {c.node_id + (" (3x slower)" if c.slowdown > 1 else ""): served[c.node_id] for c in configs}
     return {
         "strategy": strategy,
         "num_requests": len(ttfts_ms),
@@ -106,6 +111,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "benchmark": "balancer",
         "nodes": 3,
         "slow_node_factor": SLOWDOWN,
+        "nodes_are": "inference service, synthetic backend",
         "node_model": asdict(NODE),
         "num_sessions": args.sessions,
         "num_turns": args.turns,

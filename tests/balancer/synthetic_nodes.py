@@ -1,0 +1,48 @@
+"""Real inference nodes for balancer tests: the inference service itself,
+started in-process on its synthetic backend (fixed-rate tokens, no model),
+so scheduling, queueing, session KV accounting and GetLoad are the real code.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from services.common.runtime import RunningService, running_service
+from services.inference.config import Settings
+from services.inference.server import build_app
+
+
+@dataclass
+class SyntheticNodeSpec:
+    node_id: str
+    tokens_per_s: float = 200.0
+    ttft_ms: float = 10.0
+    prefill_ms_per_token: float = 0.0
+    n_seq_max: int = 4
+    max_tokens: int = 8
+    # 3.0 makes every delay three times as long: a 3x slower node.
+    slowdown: float = 1.0
+
+    def settings(self) -> Settings:
+        return Settings(
+            port=0,
+            node_id=self.node_id,
+            backend="synthetic",
+            n_seq_max=self.n_seq_max,
+            default_max_tokens=self.max_tokens,
+            synthetic_tokens_per_s=self.tokens_per_s / self.slowdown,
+            synthetic_ttft_ms=self.ttft_ms * self.slowdown,
+            synthetic_prefill_ms_per_token=self.prefill_ms_per_token * self.slowdown,
+        )
+
+
+@contextlib.asynccontextmanager
+async def synthetic_nodes(*specs: SyntheticNodeSpec) -> AsyncIterator[list[RunningService]]:
+    """One real inference node per spec on loopback port 0; all stop on exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = []
+        for spec in specs:
+            settings = spec.settings()
+            nodes.append(await stack.enter_async_context(running_service(build_app(settings), settings)))
+        yield nodes
