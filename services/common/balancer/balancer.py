@@ -175,6 +175,17 @@ class Balancer:
         return remaining
 
     # -- calls --------------------------------------------------------------
+    def _next_link(self, key: str | None, tried: set[str], last: errors.DomainError | None) -> NodeLink:
+        """The next node to try; with none left, the last node's error (or UNAVAILABLE)."""
+        try:
+            link = self._choose(key, tried)
+        except errors.Unavailable:
+            if last is not None:
+                raise last from None
+            raise
+        tried.add(link.address)
+        return link
+
     async def unary(self, method: str, request: Any, *, session_id: str | None = None,
                     timeout: float | None = None) -> Any:
         """Call a unary InferenceService method (Tokenize, CountTokens, ...) with retries elsewhere."""
@@ -183,13 +194,7 @@ class Balancer:
         tried: set[str] = set()
         last: errors.DomainError | None = None
         for _attempt in range(self.settings.max_attempts):
-            try:
-                link = self._choose(key, tried)
-            except errors.Unavailable:
-                if last is not None:
-                    raise last from None
-                raise
-            tried.add(link.address)
+            link = self._next_link(key, tried, last)
             link.state.num_inflight += 1
             try:
                 reply = await getattr(link.inference, method)(request, timeout=self._remaining(deadline))
@@ -216,13 +221,7 @@ class Balancer:
         tried: set[str] = set()
         last: errors.DomainError | None = None
         for _attempt in range(self.settings.max_attempts):
-            try:
-                link = self._choose(key, tried)
-            except errors.Unavailable:
-                if last is not None:
-                    raise last from None
-                raise
-            tried.add(link.address)
+            link = self._next_link(key, tried, last)
             num_streamed = 0
             failed: grpc.aio.AioRpcError | None = None
             async with contextlib.aclosing(self._stream_from(link, request, deadline)) as stream:
