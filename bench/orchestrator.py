@@ -12,6 +12,13 @@ ttfb_overhead_ratio: time from the Run call to the first token event, over
 the engine's own TTFT for that request (usage.ttft_ms of the inference
 service, or of the in-process llama.cpp adapter when the service is not
 implemented), on the bundled Gemma 3 270M, fresh session each sample.
+
+With --failover-only (`make bench-orchestrator-failover` ->
+bench/results/orchestrator_failover.json): the orchestrator reaches two
+synthetic inference nodes through the client-side balancer (setting
+`inference_nodes`); per round, a session runs turns on its node, that node
+is stopped, and the next turn is timed: `failover_turn_ms` against
+`sticky_turn_ms` is what a user waits extra when the session's node dies.
 """
 from __future__ import annotations
 
@@ -242,6 +249,40 @@ async def measure_ttfb(num_samples: int, store_target: str, data_dir: Path) -> d
             "engine": description}
 
 
+async def _timed_turn(stub, session_id: str, message: str) -> tuple[float, pb.AgentEvent]:
+    started = time.perf_counter()
+    last = None
+    async for reply in stub.Run(pb.RunRequest(request_id=f"{session_id}:{message}", tenant_id=TENANT,
+                                              session_id=session_id, user_message=message,
+                                              options=pb.RunOptions(max_steps=1, max_tokens=8, tool_choice="none"))):
+        last = reply.event
+    return (time.perf_counter() - started) * 1000, last
+
+
+async def measure_failover(num_rounds: int, data_dir: Path) -> dict:
+    from tests.orchestrator.balanced_mesh import balanced_orchestrator
+
+    sticky_ms, failover_ms, failed = [], [], 0
+    for round_index in range(num_rounds):
+        async with balanced_orchestrator(data_dir / str(round_index), synthetic_ttft_ms=20) as mesh:
+            session_id = (await mesh.stub.CreateSession(pb.CreateSessionRequest(tenant_id=TENANT))).session.session_id
+            for turn in range(4):
+                elapsed, _last = await _timed_turn(mesh.stub, session_id, f"turn {turn}")
+                if turn:  # the first turn also connects and warms the node
+                    sticky_ms.append(elapsed)
+            await mesh.kill_node_of(session_id)
+            elapsed, last = await _timed_turn(mesh.stub, session_id, "after the node died")
+            failover_ms.append(elapsed)
+            failed += 0 if last is not None and last.HasField("final") else 1
+    return {"sticky_turn_ms_p50": round(statistics.median(sticky_ms), 2),
+            "failover_turn_ms_p50": round(statistics.median(failover_ms), 2),
+            "failover_turn_ms_max": round(max(failover_ms), 2),
+            "failover_turns_failed": failed, "rounds": num_rounds,
+            "setup": {"nodes": "2 inference services, synthetic backend (200 tokens/s, 20 ms prefill), in process",
+                      "turn": "1 model step, 8 tokens, no tools; in-memory store, fake tools and policy",
+                      "failover": "the session's node is stopped (grace 0) between turns"}}
+
+
 async def main(out: Path, num_turns: int, num_samples: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         async with store_service(Path(tmp) / "store") as store_target:
@@ -285,5 +326,14 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("bench/results/orchestrator.json"))
     parser.add_argument("--turns", type=int, default=60)
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--failover-only", action="store_true", help="only the balancer failover measurement")
+    parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
+    if args.failover_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            failover = asyncio.run(measure_failover(args.rounds, Path(tmp)))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(failover, indent=2) + "\n")
+        print(json.dumps(failover, indent=2))
+        sys.exit(0)
     print(json.dumps(asyncio.run(main(args.out, args.turns, args.samples)), indent=2))

@@ -85,6 +85,11 @@ class App:
         self.orchestrator.start()
         self.servicer.bind(self.orchestrator)
 
+    @property
+    def inference_balancer(self) -> Any:
+        """The client-side balancer when `inference_nodes` is set (its view of the nodes), else None."""
+        return self._balancer
+
     async def _inference_client(self) -> GrpcInference:
         nodes = [n.strip() for n in self.settings.inference_nodes.split(",") if n.strip()]
         if not nodes:

@@ -1,8 +1,7 @@
 """A Node.js client (@grpc/grpc-js + @grpc/proto-loader from npm) built at test time from our protos.
 
-Against the fake orchestrator it checks the polyglot contract itself; against
-the real orchestrator it runs an agent turn, and skips while that service
-still answers UNIMPLEMENTED.
+Against the fake orchestrator it checks the polyglot contract itself; the
+agent turn against the real orchestrator is in test_real_mesh.py.
 """
 from __future__ import annotations
 
@@ -66,45 +65,3 @@ async def test_node_client_runs_a_turn_against_the_contract(node_client_dir):
     assert "".join(e["value"]["text"] for e in events if e["body"] == "token") == "hello from node "
     run = next(r for name, r in app.service.calls if name == "Run")
     assert (run.options.max_steps, run.request_id) == (2, "node-run-1")
-
-
-async def _probe_agent_service(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            await orchestrator_pb2_grpc.AgentServiceStub(channel).CreateSession(
-                orchestrator_pb2.CreateSessionRequest(request_id="probe", tenant_id="acme"), timeout=10)
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("the orchestrator does not implement AgentService yet (UNIMPLEMENTED)")
-
-
-async def test_node_client_against_the_real_orchestrator(node_client_dir):
-    """Set LLMESH_TEST_ORCHESTRATOR_TARGET to a running mesh's orchestrator (``make run``: 127.0.0.1:50052)."""
-    target = os.environ.get("LLMESH_TEST_ORCHESTRATOR_TARGET", "")
-    if target:
-        await _probe_agent_service(target)
-        result = await run_node_turn(node_client_dir, target, os.environ.get("LLMESH_TEST_API_KEY", ""))
-    else:
-        from services.common import errors
-        from services.orchestrator.config import Settings
-        from services.orchestrator.server import build_app
-
-        settings = Settings(port=0)
-        try:
-            app = build_app(settings)
-            service = running_service(app, settings)
-            svc = await service.__aenter__()
-        except errors.DomainError as exc:
-            pytest.skip(f"the orchestrator needs a full mesh ({exc.message}); "
-                        "set LLMESH_TEST_ORCHESTRATOR_TARGET to a running one")
-        try:
-            await _probe_agent_service(f"127.0.0.1:{svc.port}")
-            result = await run_node_turn(node_client_dir, f"127.0.0.1:{svc.port}")
-        finally:
-            await service.__aexit__(None, None, None)
-    assert result["stage"] == "done", result
-    events = result["events"]
-    assert events, result
-    first = int(events[0]["seq"])
-    assert [int(e["seq"]) for e in events] == list(range(first, first + len(events)))
-    assert events[-1]["type"] in ("EVENT_TYPE_FINAL", "EVENT_TYPE_ERROR")

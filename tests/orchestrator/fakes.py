@@ -105,6 +105,7 @@ class FakeTools:
         self.session_grants: set[tuple[str, str, str]] = set()
         self.once_grants: set[str] = set()
         self.approval_calls: dict[str, tuple[str, str, str]] = {}
+        self.answered: set[str] = set()
         self._num_approvals = 0
 
     async def list_tools(self) -> list[ToolSpec]:
@@ -120,9 +121,12 @@ class FakeTools:
     async def _one(self, session_id: str, call: ToolInvocation) -> ToolOutcome:
         key = (session_id, call.name, call.arguments_json)
         if call.name in self.risky and key not in self.session_grants and call.approval_id not in self.once_grants:
-            self._num_approvals += 1
-            approval_id = f"ap-{self._num_approvals}"
-            self.approval_calls[approval_id] = key
+            # Like the policy service: an identical call still waiting reuses its approval id.
+            approval_id = next((a for a, k in self.approval_calls.items() if k == key and a not in self.answered), "")
+            if not approval_id:
+                self._num_approvals += 1
+                approval_id = f"ap-{self._num_approvals}"
+                self.approval_calls[approval_id] = key
             return ToolOutcome(call.call_id, call.name, STATUS_APPROVAL_REQUIRED, approval_id=approval_id,
                                justification=f"{call.name} is risky")
         self.once_grants.discard(call.approval_id)
@@ -150,6 +154,7 @@ class FakePolicy:
     async def record_approval(self, *, request_id, tenant_id, session_id, approval_id, decision, approver) -> None:
         self.recorded.append((approval_id, decision))
         key = self.tools.approval_calls[approval_id]
+        self.tools.answered.add(approval_id)
         if decision == APPROVE_SESSION:
             self.tools.session_grants.add(key)
         elif decision == APPROVE_ONCE:

@@ -181,6 +181,27 @@ async def test_risky_call_waits_for_approval_and_session_approval_sticks():
     assert len(rig.tools.executed) == 2 and rig.policy.recorded == [("ap-1", APPROVE_SESSION)]
 
 
+async def test_identical_calls_in_one_reply_ask_once_and_the_session_approval_covers_later_runs():
+    # A base model often repeats a call within one reply; policy gives the copies one approval id.
+    command = call("shell", command="rm -rf build")
+    rig = make_rig(["\n".join([command] * 3), "removed", command, "removed again"])
+    session = await rig.session()
+    orch = rig.orchestrator
+    asked = []
+    for message in ("clean", "clean again"):
+        _r, events = await orch.run(request_id=message, tenant_id="acme", session_id=session.session_id,
+                                    user_message=message)
+        async for event in events:
+            if event.type == "approval_required":
+                asked.append(event.body["approval_id"])
+                await orch.submit_approval(request_id=message, tenant_id="acme", session_id=session.session_id,
+                                           approval_id=event.body["approval_id"], decision=APPROVE_SESSION,
+                                           approver="ops")
+    assert asked == ["ap-1"], "the person was asked more than once for one call"
+    assert [c.name for c in rig.tools.executed] == ["shell"] * 4
+    assert rig.policy.recorded == [("ap-1", APPROVE_SESSION)]
+
+
 @pytest.mark.parametrize("decision", [DENY, ABORT])
 async def test_denied_or_aborted_approval(decision):
     rig = make_rig([call("shell", command="reboot"), "gave up"])

@@ -1,4 +1,4 @@
-"""OpenAI chat messages -> the Gemma turn format, and tool calls via a grammar.
+"""OpenAI chat messages -> the Gemma turn format (services.common.chat_format), tool calls via a grammar.
 
 Gemma has no system role, so system text opens the first user turn. Tool
 results go back to the model as a user turn. A forced tool call is decoded
@@ -12,19 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common import errors
+from services.common.chat_format import END_OF_TURN as END
+from services.common.chat_format import FunctionSpec as ToolSpec
+from services.common.chat_format import JsonGrammar, json_literal, render_conversation
 
-START, END = "<start_of_turn>", "<end_of_turn>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Bounds keep grammar-constrained output finite even if the model never "wants" to stop.
 MAX_STRING_CHARS = 48
 MAX_ARRAY_ITEMS = 4
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    description: str
-    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -122,8 +117,7 @@ def render_prompt(messages: list[ChatMessage], tools: list[ToolSpec]) -> str:
             turns[0] = ("user", preamble + "\n\n" + turns[0][1])
         else:
             turns.insert(0, ("user", preamble))
-    body = "".join(f"{START}{role}\n{text}{END}\n" for role, text in turns)
-    return body + f"{START}model\n"
+    return render_conversation(turns)
 
 
 def _loads_or_text(value: Any) -> Any:
@@ -135,73 +129,16 @@ def _loads_or_text(value: Any) -> Any:
         return value
 
 
-def _literal(text: str) -> str:
-    return json.dumps(json.dumps(text))  # a GBNF string literal matching the JSON-encoded text
-
-
-class _GrammarBuilder:
-    def __init__(self) -> None:
-        self.rules: dict[str, str] = {
-            "ws": '" "?',
-            "char": r'[^"\\\x00-\x1f] | "\\" ["\\/bfnrt]',
-            "string": f'"\\"" char{{0,{MAX_STRING_CHARS}}} "\\""',
-            "integer": '"-"? [0-9]{1,9}',
-            "number": 'integer ("." [0-9]{1,6})?',
-            "boolean": '"true" | "false"',
-            "value": "object-any | array-any | string | number | boolean | \"null\"",
-            "object-any": f'"{{" ws (string ws ":" ws value (ws "," ws string ws ":" ws value){{0,{MAX_ARRAY_ITEMS}}})? ws "}}"',
-            "array-any": f'"[" ws (value (ws "," ws value){{0,{MAX_ARRAY_ITEMS - 1}}})? ws "]"',
-        }
-        self._count = 0
-
-    def rule_for(self, schema: Any) -> str:
-        if not isinstance(schema, dict):
-            return "value"
-        if "enum" in schema and schema["enum"]:
-            return self._add(" | ".join(_literal_json(v) for v in schema["enum"]))
-        kind = schema.get("type")
-        if kind == "string":
-            return "string"
-        if kind == "integer":
-            return "integer"
-        if kind == "number":
-            return "number"
-        if kind == "boolean":
-            return "boolean"
-        if kind == "array":
-            item = self.rule_for(schema.get("items"))
-            return self._add(f'"[" ws ({item} (ws "," ws {item}){{0,{MAX_ARRAY_ITEMS - 1}}})? ws "]"')
-        if kind == "object" and isinstance(schema.get("properties"), dict):
-            members = [f'{_literal(name)} ws ":" ws {self.rule_for(prop)}'
-                       for name, prop in schema["properties"].items()]
-            inner = ' ws "," ws '.join(members)
-            return self._add(f'"{{" ws {inner} ws "}}"' if members else '"{" ws "}"')
-        return "value"
-
-    def _add(self, body: str) -> str:
-        self._count += 1
-        name = f"r{self._count}"
-        self.rules[name] = body
-        return name
-
-    def render(self, root: str) -> str:
-        lines = [f"root ::= {root}"] + [f"{name} ::= {body}" for name, body in self.rules.items()]
-        return "\n".join(lines) + "\n"
-
-
-def _literal_json(value: Any) -> str:
-    return json.dumps(json.dumps(value))
-
-
 def tool_call_grammar(tools: list[ToolSpec]) -> str:
     """GBNF accepting exactly one call of one of ``tools`` with schema-shaped arguments."""
-    builder = _GrammarBuilder()
+    grammar = JsonGrammar(MAX_STRING_CHARS, MAX_ARRAY_ITEMS)
     calls = []
     for tool in tools:
-        args = builder.rule_for(tool.parameters)
-        calls.append(builder._add(
-            f'"{{" ws "\\"name\\"" ws ":" ws {_literal(tool.name)} ws "," ws "\\"arguments\\"" ws ":" ws {args} ws "}}"'))
-    return builder.render(" | ".join(calls))
+        args = grammar.value(tool.parameters)
+        calls.append(grammar.add(
+            f'"{{" ws "\\"name\\"" ws ":" ws {json_literal(tool.name)} ws "," ws "\\"arguments\\"" ws ":" ws '
+            f'{args} ws "}}"'))
+    return grammar.render(" | ".join(calls))
 
 
 def parse_tool_call(text: str, tools: list[ToolSpec]) -> tuple[str, str] | None:

@@ -1,4 +1,4 @@
-"""Normalised history items and how each renders in the Gemma turn format.
+"""Normalised history items and how each renders in the Gemma turn format (services.common.chat_format).
 
 Gemma has no system or tool role, so the system prompt, tool results and
 summaries render as user turns; what they are is kept here, in `kind`.
@@ -8,12 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from services.common.chat_format import GENERATION_PROMPT, MODEL, USER as USER_ROLE, render_turn
 from services.orchestrator.core.tool_format import ParsedCall, format_calls
-
-BOS_TEXT = "<bos>"
-START = "<start_of_turn>"
-END = "<end_of_turn>\n"
-GENERATION_PROMPT = START + "model\n"
 
 SYSTEM = "system"
 USER = "user"
@@ -50,13 +46,13 @@ class HistoryItem:
     def render(self) -> str:
         if self.kind == ASSISTANT:
             body = format_calls([ParsedCall(c.name, c.arguments) for c in self.calls]) if self.calls else self.text
-            return f"{START}model\n{body}{END}"
+            return render_turn(MODEL, body)
         if self.kind == TOOL_OUTPUT:
-            return (f'{START}user\n<tool_result name="{self.name}" id="{self.call_id}" status="{self.status}">\n'
-                    f"{self.text}\n</tool_result>{END}")
+            return render_turn(USER_ROLE, f'<tool_result name="{self.name}" id="{self.call_id}" status="{self.status}">\n'
+                                          f"{self.text}\n</tool_result>")
         if self.kind == SUMMARY:
-            return f"{START}user\n<summary of earlier conversation>\n{self.text}\n</summary>{END}"
-        return f"{START}user\n{self.text}{END}"
+            return render_turn(USER_ROLE, f"<summary of earlier conversation>\n{self.text}\n</summary>")
+        return render_turn(USER_ROLE, self.text)
 
     def counted(self, tokens: tuple[int, ...]) -> "HistoryItem":
         return replace(self, num_tokens=len(tokens), tokens=tokens)

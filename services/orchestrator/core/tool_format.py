@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from services.common.chat_format import JsonGrammar, gbnf_literal
 from services.orchestrator.core.ports import ToolSpec
 
 CALL_OPEN = "<tool_call>"
@@ -25,22 +26,9 @@ CALL_CLOSE = "</tool_call>"
 MAX_CALLS_PER_TURN = 4
 # Bounds keep a base model that never stops from filling the context.
 MAX_STRING_CHARS = 96
+MAX_JSON_ITEMS = 8
 
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
-
-_JSON_RULES = r"""
-ws ::= [ ]?
-string ::= "\"" char{0,%d} "\""
-string1 ::= "\"" char{1,%d} "\""
-char ::= [^"\\\x00-\x1f] | "\\" ["\\/bfnrt]
-integer ::= "-"? ([0-9] | [1-9] [0-9]{1,15})
-number ::= integer ("." [0-9]{1,8})?
-boolean ::= "true" | "false"
-value ::= object | array | string | number | boolean | "null"
-object ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value ){0,7} )? "}"
-array ::= "[" ws ( value ( "," ws value ){0,7} )? "]"
-""" % (MAX_STRING_CHARS, MAX_STRING_CHARS)
-
 
 class MalformedReply(ValueError):
     """The reply started a tool call but did not finish a valid one."""
@@ -99,30 +87,6 @@ def _rule_name(tool_name: str) -> str:
     return "tool-" + re.sub(r"[^a-zA-Z0-9]", "-", tool_name)
 
 
-def _literal(text: str) -> str:
-    """A GBNF string literal matching `text` exactly."""
-    return json.dumps(text)
-
-
-def _value_rule(schema: dict[str, Any]) -> str:
-    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
-        return "(" + " | ".join(_literal(json.dumps(v)) for v in schema["enum"]) + ")"
-    kind = schema.get("type")
-    if kind == "string":
-        return "string1" if schema.get("minLength", 0) >= 1 else "string"
-    if kind == "integer":
-        return "integer"
-    if kind == "number":
-        return "number"
-    if kind == "boolean":
-        return "boolean"
-    if kind == "array":
-        item = _value_rule(schema.get("items", {}) or {})
-        body = f'{item} ( "," ws {item} ){{0,7}}'
-        return f'("[" ws {body} "]")' if schema.get("minItems", 0) >= 1 else f'("[" ws ( {body} )? "]")'
-    return "value"
-
-
 def _required_sets(parameters: dict[str, Any]) -> list[list[str]]:
     """Required property lists; a oneOf/anyOf of `required` lists gives one per branch."""
     props = parameters.get("properties", {}) or {}
@@ -133,13 +97,13 @@ def _required_sets(parameters: dict[str, Any]) -> list[list[str]]:
     return sets or [base]
 
 
-def _arguments_rule(parameters: dict[str, Any]) -> str:
+def _arguments_rule(parameters: dict[str, Any], grammar: JsonGrammar) -> str:
     props: dict[str, Any] = parameters.get("properties", {}) or {}
     if not props:
         return '"{}"' if parameters.get("type") == "object" else "object"
 
     def member(name: str) -> str:
-        return f'{_literal(json.dumps(name) + ": ")} {_value_rule(props[name] or {})}'
+        return f'{gbnf_literal(json.dumps(name) + ": ")} {grammar.value(props[name] or {})}'
 
     sets = _required_sets(parameters)
     if len(sets) > 1:
@@ -161,22 +125,23 @@ def _arguments_rule(parameters: dict[str, Any]) -> str:
 
 def build_grammar(tools: Sequence[ToolSpec], *, allow_answer: bool = True, require_call: bool = False) -> str:
     """GBNF admitting a final answer or well-formed calls to `tools` only."""
+    grammar = JsonGrammar(MAX_STRING_CHARS, MAX_JSON_ITEMS)
     lines: list[str] = []
     alternatives = []
     if tools:
         call_alts = " | ".join(_rule_name(t.name) for t in tools)
-        lines.append(f'call ::= {_literal(CALL_OPEN)} ( {call_alts} ) {_literal(CALL_CLOSE)}')
+        lines.append(f'call ::= {gbnf_literal(CALL_OPEN)} ( {call_alts} ) {gbnf_literal(CALL_CLOSE)}')
         lines.append(f'calls ::= call ( "\\n" call ){{0,{MAX_CALLS_PER_TURN - 1}}}')
         for t in tools:
-            head = _literal('{"name": ' + json.dumps(t.name) + ', "arguments": ')
-            lines.append(f'{_rule_name(t.name)} ::= {head} {_arguments_rule(t.parameters)} "}}"')
+            head = gbnf_literal('{"name": ' + json.dumps(t.name) + ', "arguments": ')
+            lines.append(f'{_rule_name(t.name)} ::= {head} {_arguments_rule(t.parameters, grammar)} "}}"')
         alternatives.append("calls")
     if allow_answer and not (require_call and tools):
         lines.append('answer ::= [^<\\x00] [^\\x00]*')
         alternatives.append("answer")
     if not alternatives:
         raise ValueError("a grammar needs tools or an answer")
-    return "\n".join([f"root ::= {' | '.join(alternatives)}", *lines]) + _JSON_RULES
+    return grammar.render(" | ".join(alternatives), lines)
 
 
 def describe_tools(tools: Sequence[ToolSpec]) -> str:

@@ -6,7 +6,8 @@ runs them concurrently, each under its own timeout). Afterwards:
   exponential backoff and jitter, up to the retry policy's attempts;
 - a call the policy wants approved emits `approval_required` and waits for
   `SubmitApproval`; approve-once/-session runs it again, deny turns it into
-  a DENIED result, abort stops the run.
+  a DENIED result, abort stops the run. Calls sharing an approval id (the
+  same call repeated) emit one `approval_required` and wait on one answer.
 Calls waiting for approval do not hold up the results of the others.
 Cancelling the run cancels the outstanding RPCs and approval waits.
 """
@@ -102,9 +103,12 @@ class ToolOrchestrator:
 
     async def _ask(self, ctx: ToolTurnContext, call: ToolInvocation, outcome: ToolOutcome) -> str:
         pending = self._approvals.open(ctx.tenant_id, ctx.session_id, outcome.approval_id)
-        ctx.emit(ev.APPROVAL_REQUIRED, {"tool_call_id": call.call_id, "approval_id": outcome.approval_id,
-                                        "name": call.name, "arguments_json": call.arguments_json,
-                                        "justification": outcome.justification})
+        if pending.num_waiters == 1:
+            # Policy gives identical calls of a session one approval id (a base model often repeats
+            # a call in one reply): the person is asked once, and that answer releases them all.
+            ctx.emit(ev.APPROVAL_REQUIRED, {"tool_call_id": call.call_id, "approval_id": outcome.approval_id,
+                                            "name": call.name, "arguments_json": call.arguments_json,
+                                            "justification": outcome.justification})
         try:
             # Shielded: calls sharing an approval id share the future; one timing out
             # or being cancelled must not decide for the others.
