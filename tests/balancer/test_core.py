@@ -8,7 +8,7 @@ import pytest
 
 from services.common.balancer.config import BalancerSettings, load_balancer_settings
 from services.common.balancer.core.node_state import EjectionPolicy, Health, LoadReport, NodeState
-from services.common.balancer.core.picker import NoNodeAvailable, Picker, PickerConfig
+from services.common.balancer.core.picker import NoNodeAvailable, Picker, PickerConfig, Typical
 from services.common.errors import InvalidArgument
 
 POLICY = EjectionPolicy(eject_after_failures=3, base_s=2.0, max_s=10.0)
@@ -119,9 +119,9 @@ def test_p2c_prefers_the_less_loaded_of_equal_nodes() -> None:
 def test_kv_usage_raises_cost() -> None:
     nodes = make_nodes("a:1", "b:1")
     picker = make_picker()
-    base = picker.cost(nodes["a:1"], 20.0)
+    base = picker.cost(nodes["a:1"], Typical(20.0, 0.0))
     nodes["a:1"].set_load(LoadReport(kv_usage=0.9))
-    assert picker.cost(nodes["a:1"], 20.0) > 1.8 * base
+    assert picker.cost(nodes["a:1"], Typical(20.0, 0.0)) > 1.8 * base
 
 
 def test_node_without_samples_is_costed_like_its_peers() -> None:
@@ -129,7 +129,20 @@ def test_node_without_samples_is_costed_like_its_peers() -> None:
     nodes["c:1"] = NodeState("c:1", ewma_alpha=0.5)
     nodes["c:1"].set_health(True)
     picker = make_picker(initial_ttft_ms=10_000)
-    assert picker.cost(nodes["c:1"], picker._fallback_ms(nodes.values())) == picker.cost(nodes["a:1"], 20.0)
+    typical = picker._fallback(nodes.values())
+    assert picker.cost(nodes["c:1"], typical) == picker.cost(nodes["a:1"], typical)
+
+
+def test_session_stays_when_an_idle_peer_has_no_inter_token_samples_yet() -> None:
+    # The holder has streamed (TTFT and ITL known); the peer has only a TTFT.
+    # Missing ITL counts as the peers' median, not as zero, so the holder
+    # does not look "4x slower" and the session keeps its KV cache.
+    nodes = make_nodes("a:1", "b:1", ttft_ms=5.0)
+    nodes["a:1"].record_itl(20.0)
+    picker = make_picker()
+    picker.remember("session:s1", "a:1")
+    picks = {picker.choose(nodes, 0.0, key="session:s1").node.address for _ in range(10)}
+    assert picks == {"a:1"}
 
 
 def test_session_sticks_to_its_node_under_normal_load() -> None:

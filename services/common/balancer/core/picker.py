@@ -45,6 +45,14 @@ class NoNodeAvailable(Exception):
 
 
 @dataclass(frozen=True)
+class Typical:
+    """What a node without samples is assumed to measure: its peers' medians."""
+
+    ttft_ms: float
+    itl_ms: float
+
+
+@dataclass(frozen=True)
 class Pick:
     node: NodeState
     # Why this node: "affinity", "p2c", "only", "round_robin".
@@ -82,19 +90,23 @@ class Picker:
         self._affinity.pop(key, None)
 
     # -- scoring ----------------------------------------------------------
-    def latency_ms(self, node: NodeState, fallback_ms: float) -> float:
-        ttft = node.ttft_ms.value if node.ttft_ms.value is not None else fallback_ms
-        itl = node.itl_ms.value or 0.0
+    def latency_ms(self, node: NodeState, fallback: Typical) -> float:
+        ttft = node.ttft_ms.value if node.ttft_ms.value is not None else fallback.ttft_ms
+        itl = node.itl_ms.value if node.itl_ms.value is not None else fallback.itl_ms
         return ttft + self.config.itl_weight * itl
 
-    def cost(self, node: NodeState, fallback_ms: float) -> float:
+    def cost(self, node: NodeState, fallback: Typical) -> float:
         kv = min(max(node.load.kv_usage, 0.0), 1.0)
-        return self.latency_ms(node, fallback_ms) * (1 + node.outstanding) * (1 + self.config.kv_weight * kv)
+        return self.latency_ms(node, fallback) * (1 + node.outstanding) * (1 + self.config.kv_weight * kv)
 
-    def _fallback_ms(self, nodes: Collection[NodeState]) -> float:
-        # A node without samples is assumed typical: neither starved nor flooded.
-        known = [n.ttft_ms.value for n in nodes if n.ttft_ms.value is not None]
-        return statistics.median(known) if known else self.config.initial_ttft_ms
+    def _fallback(self, nodes: Collection[NodeState]) -> Typical:
+        # A node without samples is assumed typical, in TTFT and in ITL alike:
+        # neither starved nor flooded, and never "slower" than a measured peer
+        # only because one of its two figures is still missing.
+        ttfts = [n.ttft_ms.value for n in nodes if n.ttft_ms.value is not None]
+        itls = [n.itl_ms.value for n in nodes if n.itl_ms.value is not None]
+        return Typical(statistics.median(ttfts) if ttfts else self.config.initial_ttft_ms,
+                       statistics.median(itls) if itls else 0.0)
 
     # -- choosing ---------------------------------------------------------
     def candidates(self, nodes: Mapping[str, NodeState], now: float, exclude: Collection[str] = ()) -> list[NodeState]:
@@ -110,19 +122,19 @@ class Picker:
             node = pool[self._rr_counter % len(pool)]
             self._rr_counter += 1
             return Pick(node, "round_robin")
-        fallback = self._fallback_ms(nodes.values())
+        fallback = self._fallback(nodes.values())
         pick = self._sticky(pool, key, fallback) or self._two_choices(pool, fallback)
         self.remember(key, pick.node.address)
         return pick
 
-    def _sticky(self, pool: list[NodeState], key: str | None, fallback: float) -> Pick | None:
+    def _sticky(self, pool: list[NodeState], key: str | None, fallback: Typical) -> Pick | None:
         holder_address = self.holder_of(key) if key else None
         holder = next((n for n in pool if n.address == holder_address), None)
         if holder is None or self.is_overloaded(holder, pool, fallback):
             return None
         return Pick(holder, "affinity")
 
-    def is_overloaded(self, holder: NodeState, pool: list[NodeState], fallback: float) -> bool:
+    def is_overloaded(self, holder: NodeState, pool: list[NodeState], fallback: Typical) -> bool:
         """Whether a session should leave ``holder`` despite its KV cache there."""
         cfg = self.config
         # Waiting for a free sequence is what overload means on a node; moving
@@ -145,7 +157,7 @@ class Picker:
         latencies = [self.latency_ms(n, fallback) for n in others]
         return bool(latencies) and self.latency_ms(holder, fallback) > cfg.affinity_latency_ratio * min(latencies)
 
-    def _two_choices(self, pool: list[NodeState], fallback: float) -> Pick:
+    def _two_choices(self, pool: list[NodeState], fallback: Typical) -> Pick:
         if len(pool) == 1:
             return Pick(pool[0], "only")
         first, second = self.rng.sample(pool, 2)
