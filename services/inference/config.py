@@ -18,6 +18,9 @@ class Settings(ServerSettings):
     #: GGUF file; empty means the bundled Gemma 3 270M.
     model_path: str = ""
     model_name: str = "gemma-3-270m"
+    #: More names for the same model, each with sampling defaults:
+    #: "gemma-fast:temperature=0,max_tokens=64;gemma-warm:temperature=0.8".
+    model_aliases: str = ""
     #: KV cells shared by all sequences of one engine (the context size).
     n_ctx: int = 8192
     #: Sequences decoded together (and sessions kept resident) per engine.
@@ -51,3 +54,26 @@ class Settings(ServerSettings):
     synthetic_ttft_ms: float = 0.0
     #: Synthetic backend: prefill cost per prompt token.
     synthetic_prefill_ms_per_token: float = 0.0
+    #: Identical deterministic requests in flight share one decode.
+    merge_requests: bool = True
+    #: Answers of deterministic, session-free requests kept for exact replay; 0 (default) disables the cache.
+    response_cache_entries: int = 0
+    #: How long a cached answer may be replayed.
+    response_cache_ttl_s: float = 300.0
+    #: Answers kept for requests that opt into the semantic cache; 0 (default) disables it.
+    semantic_cache_entries: int = 0
+    #: Cosine similarity a stored prompt needs to answer a new one.
+    semantic_cache_threshold: float = 0.85
+    semantic_cache_ttl_s: float = 300.0
+    #: Per-tenant economics as JSON: {"tenant": {"merge", "cache", "semantic_cache": bool,
+    #: "max_priority": "interactive|normal|batch"}}; "default" applies to unlisted tenants.
+    tenant_policies: str = ""
+    #: Sequences of each engine that batch requests may never hold (kept for interactive/normal).
+    batch_reserved_sequences: int = 1
+    #: Waiting requests per class before that class gets RESOURCE_EXHAUSTED; 0 means max_queue only.
+    max_waiting_interactive: int = 0
+    max_waiting_normal: int = 0
+    max_waiting_batch: int = 0
+    #: After waiting this long a normal / batch request is admitted like an interactive one (0: never).
+    max_wait_ms_normal: float = 10_000.0
+    max_wait_ms_batch: float = 30_000.0

@@ -1,8 +1,11 @@
 """Protobuf <-> core dataclasses for the inference service."""
 from __future__ import annotations
 
+from typing import Mapping
+
 from llmesh.inference.v1 import inference_pb2 as pb
 
+from services.common.economics.tenants import TenantPolicy
 from services.common.errors import InvalidArgument
 from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, SamplingParams
 
@@ -19,41 +22,54 @@ _FINISH = {
 }
 
 
-def sampling_params(request: pb.GenerateRequest, default_max_tokens: int) -> SamplingParams:
-    """Zero values mean the server's defaults; max_tokens must be > 0 once sampling is given."""
-    if not request.HasField("sampling"):
-        return SamplingParams(max_tokens=default_max_tokens)
+def sampling_params(request: pb.GenerateRequest, default_max_tokens: int,
+                    alias: Mapping[str, float | int] | None = None) -> SamplingParams:
+    """Zero values mean the defaults: the model alias's, else the server's.
+
+    max_tokens must be > 0 once sampling is given, unless the alias supplies it.
+    """
+    d = alias or {}
     s = request.sampling
+
+    def pick(value: float | int, key: str, server_default: float | int) -> float | int:
+        return value if value != 0 else d.get(key, server_default)
+
+    seed = s.seed if s.HasField("seed") else d.get("seed")
     return SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p if s.top_p != 0.0 else 1.0,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        repeat_penalty=s.repeat_penalty if s.repeat_penalty != 0.0 else 1.0,
-        seed=s.seed if s.HasField("seed") else None,
-        max_tokens=s.max_tokens,
+        temperature=float(pick(s.temperature, "temperature", 0.0)),
+        top_p=float(pick(s.top_p, "top_p", 1.0)),
+        top_k=int(pick(s.top_k, "top_k", 0)),
+        min_p=float(pick(s.min_p, "min_p", 0.0)),
+        repeat_penalty=float(pick(s.repeat_penalty, "repeat_penalty", 1.0)),
+        seed=int(seed) if seed is not None else None,
+        max_tokens=int(pick(s.max_tokens, "max_tokens", 0 if request.HasField("sampling") else default_max_tokens)),
         stop=tuple(s.stop),
         grammar=s.grammar,
+        logprobs=request.logprobs,
     )
 
 
-def generate_spec(request: pb.GenerateRequest, default_max_tokens: int) -> GenerateSpec:
+def generate_spec(request: pb.GenerateRequest, default_max_tokens: int,
+                  alias: Mapping[str, float | int] | None = None, tenant: TenantPolicy | None = None) -> GenerateSpec:
     if request.priority not in _PRIORITY:
         raise InvalidArgument(f"priority: unknown value {request.priority}", field="priority")
-    if request.logprobs:
-        raise InvalidArgument("logprobs: this node does not return log-probabilities", field="logprobs")
+    priority = _PRIORITY[request.priority]
+    if tenant is not None:
+        priority = Priority[tenant.clamp_priority(priority.name.lower()).upper()]
     return GenerateSpec(
         prompt=request.prompt,
         prompt_tokens=tuple(request.prompt_tokens),
         session_id=request.session_id,
-        sampling=sampling_params(request, default_max_tokens),
-        priority=_PRIORITY[request.priority],
+        sampling=sampling_params(request, default_max_tokens, alias),
+        priority=priority,
         request_id=request.request_id,
+        tenant_id=request.tenant_id,
     )
 
 
 def generate_response(delta: Delta, node_id: str) -> pb.GenerateResponse:
-    reply = pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids, node_id=node_id)
+    reply = pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids, node_id=node_id,
+                                cached=delta.cached, merged=delta.merged, logprobs=delta.logprobs)
     if delta.finish_reason is not None:
         reply.finish_reason = _FINISH[delta.finish_reason]
     if delta.usage is not None:

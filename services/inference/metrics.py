@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.inference.core.observer import EngineObserver
+from services.inference.core.observer import EconomicsObserver, EngineObserver
 from services.inference.core.types import FinishReason, LoadReport, Usage
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -22,6 +22,15 @@ PROMPT_TOKENS = Counter("llmesh_inference_prompt_tokens_total", "Prompt tokens o
 CACHED_TOKENS = Counter("llmesh_inference_cached_tokens_total", "Prompt tokens served from the KV cache.",
                         ["engine"])
 GENERATED_TOKENS = Counter("llmesh_inference_generated_tokens_total", "Generated tokens.", ["engine"])
+MERGED = Counter("llmesh_inference_merged_requests_total",
+                 "Requests that shared the decode of an identical request in flight.")
+CACHE_LOOKUPS = Counter("llmesh_inference_response_cache_lookups_total",
+                        "Response cache lookups of deterministic requests.", ["result"])
+CACHE_HIT_RATIO = Gauge("llmesh_inference_response_cache_hit_ratio", "Response cache hits / lookups since start.")
+CACHE_ENTRIES = Gauge("llmesh_inference_response_cache_entries", "Answers held in the response cache.")
+SEMANTIC_LOOKUPS = Counter("llmesh_inference_semantic_cache_lookups_total",
+                           "Semantic cache lookups of opted-in single-turn requests.", ["result"])
+SEMANTIC_HIT_RATIO = Gauge("llmesh_inference_semantic_cache_hit_ratio", "Semantic cache hits / lookups since start.")
 FINISHED = Counter("llmesh_inference_requests_total", "Finished requests by reason.", ["engine", "reason"])
 
 
@@ -50,3 +59,17 @@ class PrometheusObserver(EngineObserver):
         WAITING.labels(self.engine).set(load.queue_depth)
         KV_USAGE.labels(self.engine).set(load.kv_usage)
         SESSIONS.labels(self.engine).set(load.num_sessions)
+
+
+class PrometheusEconomicsObserver(EconomicsObserver):
+    def on_merged(self) -> None:
+        MERGED.inc()
+
+    def on_cache_lookup(self, hit: bool, hit_rate: float, entries: int) -> None:
+        CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
+        CACHE_HIT_RATIO.set(hit_rate)
+        CACHE_ENTRIES.set(entries)
+
+    def on_semantic_lookup(self, hit: bool, hit_rate: float) -> None:
+        SEMANTIC_LOOKUPS.labels("hit" if hit else "miss").inc()
+        SEMANTIC_HIT_RATIO.set(hit_rate)

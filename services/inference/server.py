@@ -8,13 +8,20 @@ import os
 import grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
+from services.common.economics import ResponseCache
+from services.common.economics.semantic_cache import HashingEmbedder, SemanticCache
+from services.common.economics.tenants import parse_tenant_policies
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.config import Settings
+from services.inference.core.aliases import parse_aliases
 from services.inference.core.backend import Backend
 from services.inference.core.engine import Engine, EngineConfig
+from services.inference.core.front import GenerationFront
 from services.inference.core.placement import CPU, ModelFootprint, Placement, plan_pool
 from services.inference.core.pool import EnginePool
-from services.inference.metrics import PrometheusObserver
+from services.inference.core.priorities import PriorityPolicy, default_policy
+from services.inference.core.types import Delta, Priority
+from services.inference.metrics import PrometheusEconomicsObserver, PrometheusObserver
 from services.inference.servicer import InferenceServicer
 
 SERVICE_NAME = "llmesh.inference.v1.InferenceService"
@@ -35,7 +42,44 @@ def engine_config(settings: Settings) -> EngineConfig:
         itl_target_ms=settings.itl_target_ms,
         prefill_min_tokens=settings.prefill_min_tokens,
         saved_state_max_bytes=settings.saved_state_max_mb << 20,
+        priorities=priority_policy(settings),
     )
+
+
+def priority_policy(settings: Settings) -> PriorityPolicy:
+    for name in ("batch_reserved_sequences", "max_waiting_interactive", "max_waiting_normal", "max_waiting_batch",
+                 "max_wait_ms_normal", "max_wait_ms_batch"):
+        if getattr(settings, name) < 0:
+            raise InvalidArgument(f"{name}: must be >= 0", field=name)
+    return default_policy(
+        settings.n_seq_max, batch_reserved_sequences=settings.batch_reserved_sequences,
+        max_waiting={Priority.INTERACTIVE: settings.max_waiting_interactive,
+                     Priority.NORMAL: settings.max_waiting_normal, Priority.BATCH: settings.max_waiting_batch},
+        max_wait_ms={Priority.NORMAL: settings.max_wait_ms_normal, Priority.BATCH: settings.max_wait_ms_batch})
+
+
+def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
+    if settings.response_cache_entries < 0:
+        raise InvalidArgument("response_cache_entries: must be >= 0", field="response_cache_entries")
+    if settings.response_cache_ttl_s <= 0:
+        raise InvalidArgument("response_cache_ttl_s: must be > 0", field="response_cache_ttl_s")
+    cache = ResponseCache(settings.response_cache_entries, settings.response_cache_ttl_s) \
+        if settings.response_cache_entries else None
+    return GenerationFront(pool, pool.primary.backend.model_name, merge=settings.merge_requests, cache=cache,
+                           semantic=semantic_cache(settings), observer=PrometheusEconomicsObserver())
+
+
+def semantic_cache(settings: Settings) -> SemanticCache[list[Delta]] | None:
+    if settings.semantic_cache_entries < 0:
+        raise InvalidArgument("semantic_cache_entries: must be >= 0", field="semantic_cache_entries")
+    if not 0.0 < settings.semantic_cache_threshold <= 1.0:
+        raise InvalidArgument("semantic_cache_threshold: must be within (0, 1]", field="semantic_cache_threshold")
+    if settings.semantic_cache_ttl_s <= 0:
+        raise InvalidArgument("semantic_cache_ttl_s: must be > 0", field="semantic_cache_ttl_s")
+    if not settings.semantic_cache_entries:
+        return None
+    return SemanticCache(HashingEmbedder(), settings.semantic_cache_threshold, settings.semantic_cache_entries,
+                         settings.semantic_cache_ttl_s)
 
 
 def placements(settings: Settings, model_path: str) -> list[Placement]:
@@ -85,7 +129,10 @@ class App:
         self.settings = settings
         self.node_id = settings.node_id or f"{settings.host}:{settings.port}"
         self.pool: EnginePool | None = None
-        self._servicer = InferenceServicer(self._ready_pool, self.node_id, settings.default_max_tokens)
+        self.front: GenerationFront | None = None
+        self._servicer = InferenceServicer(self._ready_pool, self.node_id, settings.default_max_tokens,
+                                           front=self._ready_front, aliases=parse_aliases(settings.model_aliases),
+                                           tenants=parse_tenant_policies(settings.tenant_policies))
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self._servicer, server)
@@ -95,7 +142,9 @@ class App:
         engines = [Engine(b, engine_config(self.settings), PrometheusObserver(f"engine-{i}"), name=f"engine-{i}")
                    for i, b in enumerate(backends)]
         pool = EnginePool(engines)
+        front = build_front(self.settings, pool)
         pool.start()
+        self.front = front
         self.pool = pool
 
     def _ready_pool(self) -> EnginePool:
@@ -103,7 +152,13 @@ class App:
             raise Unavailable("the inference node is not serving (loading or stopped)", reason="NOT_READY")
         return self.pool
 
+    def _ready_front(self) -> GenerationFront:
+        self._ready_pool()
+        assert self.front is not None
+        return self.front
+
     async def close(self) -> None:
+        self.front = None
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await asyncio.to_thread(pool.stop)

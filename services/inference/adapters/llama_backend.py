@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import llama_cpp as ll
+import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.inference.core.types import BatchEntry, SamplingParams
@@ -96,6 +97,8 @@ class LlamaBackend:
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._samplers: dict[int, ll.llama_sampler_p] = {}
+        self._wants_logprobs: set[int] = set()
+        self._logprobs: dict[int, float] = {}
         self._pieces: dict[int, bytes] = {}
         self._tokenize_lock = threading.Lock()
 
@@ -167,9 +170,12 @@ class LlamaBackend:
 
     def open_sampler(self, key: int, params: SamplingParams) -> None:
         self._samplers[key] = self._build_sampler(params)
+        if params.logprobs:
+            self._wants_logprobs.add(key)
 
     def close_sampler(self, key: int) -> None:
         sampler = self._samplers.pop(key, None)
+        self._wants_logprobs.discard(key)
         if sampler is not None:
             ll.llama_sampler_free(sampler)
 
@@ -200,7 +206,22 @@ class LlamaBackend:
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with {rc}")
-        return {key: ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
+        sampled = {key: ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
+        for key, idx in wanted:
+            if key in self._wants_logprobs:
+                self._logprobs[key] = self._token_logprob(idx, sampled[key])
+        return sampled
+
+    def _token_logprob(self, idx: int, token: int) -> float:
+        """log softmax of the model's raw logits at ``token`` (before any sampler shaping)."""
+        pointer = ll.llama_get_logits_ith(self._ctx, idx)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        peak = float(logits.max())
+        return float(logits[token] - peak - np.log(np.exp(logits - peak).sum()))
+
+    def take_logprobs(self) -> dict[int, float]:
+        taken, self._logprobs = self._logprobs, {}
+        return taken
 
     # -- KV cache ---------------------------------------------------------
 

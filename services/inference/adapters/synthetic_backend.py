@@ -43,6 +43,7 @@ class SyntheticBackend:
         self.prefill_ms_per_token = prefill_ms_per_token
         self._history: list[list[int]] = [[] for _ in range(n_seq_max)]
         self._samplers: dict[int, SamplingParams] = {}
+        self._logprobs: dict[int, float] = {}
         self.decode_calls: list[list[BatchEntry]] = []
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -93,6 +94,9 @@ class SyntheticBackend:
                 completes_prompt = completes_prompt or entry.sampler_key is not None
             if entry.sampler_key is not None:
                 sampled[entry.sampler_key] = self._next_token(history)
+                params = self._samplers.get(entry.sampler_key)
+                if params is not None and params.logprobs:
+                    self._logprobs[entry.sampler_key] = self._logprob(history)
         delay_ms = num_prefill * self.prefill_ms_per_token
         if decoding and self.tokens_per_s > 0:
             delay_ms += 1000.0 / self.tokens_per_s
@@ -101,6 +105,15 @@ class SyntheticBackend:
         if delay_ms > 0:
             time.sleep(delay_ms / 1000.0)
         return sampled
+
+    @staticmethod
+    def _logprob(history: Sequence[int]) -> float:
+        """A made-up but repeatable confidence in [-0.9, 0]: a pure function of the history, like the token."""
+        return -(sum(history[-4:]) % 10) / 10.0
+
+    def take_logprobs(self) -> dict[int, float]:
+        taken, self._logprobs = self._logprobs, {}
+        return taken
 
     @staticmethod
     def _next_token(history: Sequence[int]) -> int:

@@ -40,6 +40,9 @@ class Backend(Protocol):
     def decode(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
         """Decode all entries in one call; return sampler_key -> sampled token."""
 
+    def take_logprobs(self) -> dict[int, float]:
+        """Log-probabilities of the last decode's sampled tokens, for samplers opened with logprobs."""
+
     def seq_truncate(self, seq_id: int, keep: int) -> None:
         """Drop every cell of ``seq_id`` at position >= keep (keep=0 clears it)."""
 

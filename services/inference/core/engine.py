@@ -21,8 +21,9 @@ from services.inference.core.backend import Backend
 from services.inference.core.budget import PrefillBudget
 from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import OpKind, StepPlan, StepResult
+from services.inference.core.priorities import PriorityPolicy, count_by_class
 from services.inference.core.scheduler import Request, Scheduler
-from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, next_key
+from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, next_key
 
 log = logging.getLogger("llmesh.inference.engine")
 
@@ -42,6 +43,8 @@ class EngineConfig:
     prefill_min_tokens: int = 4
     #: Bytes of evicted session state kept in memory for restores.
     saved_state_max_bytes: int = 256 << 20
+    #: Admission order and per-class limits; None admits by priority then arrival, no caps.
+    priorities: PriorityPolicy | None = None
 
 
 def execute(backend: Backend, plan: StepPlan) -> StepResult:
@@ -62,6 +65,7 @@ def execute(backend: Backend, plan: StepPlan) -> StepResult:
     if plan.entries:
         start = time.perf_counter()
         result.sampled = backend.decode(plan.entries)
+        result.logprobs = backend.take_logprobs()
         result.decode_ms = (time.perf_counter() - start) * 1000.0
     return result
 
@@ -94,6 +98,11 @@ class RequestHandle:
             self.done = True
             self._engine.cancel(self.key)
 
+    def promote(self, priority: Priority) -> None:
+        """Queue this request in a better class if it is still waiting (a more urgent request joined it)."""
+        if not self.done:
+            self._engine.promote(self.key, priority)
+
 
 class Engine:
     def __init__(self, backend: Backend, config: EngineConfig | None = None,
@@ -106,13 +115,15 @@ class Engine:
                                min_tokens=self.config.prefill_min_tokens, max_tokens=backend.max_batch_tokens)
         self.scheduler = Scheduler(backend, backend.n_seq_max, backend.n_ctx, backend.max_batch_tokens,
                                    budget=budget, saved_max_bytes=self.config.saved_state_max_bytes,
-                                   observer=self.observer)
+                                   observer=self.observer, priorities=self.config.priorities)
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         # Requests in the inbox not yet handed to the scheduler, and the
         # scheduler's waiting count as of the last step (both under _cond).
         self._inbox_adds = 0
+        self._inbox_adds_by_class: collections.Counter[Priority] = collections.Counter()
         self._num_waiting = 0
+        self._waiting_by_class: collections.Counter[Priority] = collections.Counter()
         self._num_idle_sequences = backend.n_seq_max
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -170,13 +181,23 @@ class Engine:
                 raise ResourceExhausted(
                     f"{queued} requests are already waiting on this node", reason="QUEUE_FULL",
                     retry_after_ms=250)
+            class_queued = self._waiting_by_class[spec.priority] + max(
+                0, self._inbox_adds_by_class[spec.priority] - self._num_idle_sequences)
+            if self.scheduler.priorities.queue_full(spec.priority, {spec.priority: class_queued}):
+                raise ResourceExhausted(
+                    f"{class_queued} {spec.priority.name.lower()} requests are already waiting on this node",
+                    reason="CLASS_QUEUE_FULL", retry_after_ms=250)
             self._inbox_adds += 1
+            self._inbox_adds_by_class[spec.priority] += 1
             self._inbox.append(lambda: self.scheduler.add(request))
             self._cond.notify()
         return handle
 
     def cancel(self, key: int) -> None:
         self._post(lambda: self.scheduler.cancel(key))
+
+    def promote(self, key: int, priority: Priority) -> None:
+        self._post(lambda: self.scheduler.promote(key, priority))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and await its result."""
@@ -218,6 +239,7 @@ class Engine:
                         break
                     inbox, self._inbox = self._inbox, []
                     self._inbox_adds = 0
+                    self._inbox_adds_by_class.clear()
                 for fn in inbox:
                     fn()
                 self.step()
@@ -238,6 +260,7 @@ class Engine:
         self._load = self._snapshot()
         with self._cond:
             self._num_waiting = self._load.queue_depth
+            self._waiting_by_class = count_by_class(self.scheduler.waiting)
             self._num_idle_sequences = self._load.num_free_sequences
         self.observer.on_load(self._load)
 

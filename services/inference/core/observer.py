@@ -21,3 +21,16 @@ class EngineObserver:
 
     def on_load(self, load: LoadReport) -> None:
         return None
+
+
+class EconomicsObserver:
+    """No-op base for merging and response-cache events."""
+
+    def on_merged(self) -> None:
+        return None
+
+    def on_cache_lookup(self, hit: bool, hit_rate: float, entries: int) -> None:
+        return None
+
+    def on_semantic_lookup(self, hit: bool, hit_rate: float) -> None:
+        return None

@@ -43,6 +43,8 @@ class StepPlan:
 @dataclass
 class StepResult:
     sampled: dict[int, int] = field(default_factory=dict)
+    #: sampler key -> log-probability of its sampled token, for requests that asked.
+    logprobs: dict[int, float] = field(default_factory=dict)
     saved: dict[str, bytes] = field(default_factory=dict)
     restored: dict[int, bool] = field(default_factory=dict)
     #: Time of the llama_decode call alone, which is what the budget learns.

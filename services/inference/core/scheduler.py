@@ -9,6 +9,7 @@ engine thread; nothing here touches the model directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from services.inference.core.budget import PrefillBudget
 from services.inference.core.kv_slots import Eviction, KVSlotTable, Slot
 from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import KVOp, OpKind, StepPlan, StepResult
+from services.inference.core.priorities import PriorityPolicy, count_by_class
 from services.inference.core.text import StreamText, common_prefix_len
-from services.inference.core.types import BatchEntry, Delta, FinishReason, GenerateSpec, Usage
+from services.inference.core.types import BatchEntry, Delta, FinishReason, GenerateSpec, Priority, Usage
 
 
 class Vocab(Protocol):
@@ -78,6 +80,7 @@ class Scheduler:
         saved_max_bytes: int = 256 << 20,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        priorities: PriorityPolicy | None = None,
     ) -> None:
         self.vocab = vocab
         self.n_ctx = vocab.n_ctx
@@ -86,6 +89,7 @@ class Scheduler:
         self.budget = budget or PrefillBudget(max_tokens=max_batch_tokens)
         self.observer = observer or EngineObserver()
         self.clock = clock
+        self.priorities = priorities or PriorityPolicy()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._by_key: dict[int, Request] = {}
@@ -102,6 +106,12 @@ class Scheduler:
         request = self._by_key.get(key)
         if request is not None:
             self._finish(request, FinishReason.CANCELLED, "", self.clock())
+
+    def promote(self, key: int, priority: Priority) -> None:
+        """Move a waiting request to a better class; a running one keeps its class (and its count)."""
+        request = self._by_key.get(key)
+        if request is not None and request.phase is Phase.WAITING and priority < request.spec.priority:
+            request.spec = dataclasses.replace(request.spec, priority=priority)
 
     def release_session(self, session_id: str) -> bool:
         """Forget a session; its cells stay as a free prefix cache."""
@@ -127,25 +137,39 @@ class Scheduler:
                 assert slot is not None
                 plan.entries.append(BatchEntry(slot.seq_id, (request.generated[-1],), len(slot.tokens), request.key))
         plan.num_decode = len(plan.entries)
-        room = min(self.budget.tokens_for_step(plan.num_decode), self.max_batch_tokens - plan.num_decode)
-        for request in self.running:
-            if room <= 0:
-                break
-            if request.phase is not Phase.PREFILL:
+        free_room = self.max_batch_tokens - plan.num_decode
+        room = min(self.budget.tokens_for_step(plan.num_decode), free_room)
+        # Fair prefill protects the inter-token latency of running streams, but an interactive
+        # prompt is not held back to protect lower classes: it prefills at full speed unless an
+        # interactive stream is decoding.
+        interactive_decoding = any(r.phase is Phase.DECODE and r.spec.priority is Priority.INTERACTIVE
+                                   for r in self.running)
+        prefilling = sorted((r for r in self.running if r.phase is Phase.PREFILL), key=lambda r: r.spec.priority)
+        for request in prefilling:
+            unthrottled = request.spec.priority is Priority.INTERACTIVE and not interactive_decoding
+            allowed = free_room if unthrottled else min(room, free_room)
+            if allowed <= 0:
                 continue
             assert request.prompt is not None and request.slot is not None
-            chunk = request.prompt[request.num_prefilled: request.num_prefilled + room]
+            chunk = request.prompt[request.num_prefilled: request.num_prefilled + allowed]
             last = request.num_prefilled + len(chunk) == len(request.prompt)
             plan.entries.append(BatchEntry(request.slot.seq_id, tuple(chunk), request.num_prefilled,
                                            request.key if last else None))
             plan.num_prefill += len(chunk)
             room -= len(chunk)
+            free_room -= len(chunk)
         return plan
 
     def _admit_waiting(self, ops: list[KVOp], now: float) -> None:
-        for request in sorted(self.waiting, key=lambda r: (r.spec.priority, r.arrival)):
+        running = count_by_class(self.running)
+        for request in self.priorities.admission_order(self.waiting, now):
+            priority = request.spec.priority
+            if self.priorities.at_running_cap(priority, running):
+                continue  # its class holds all the sequences it may; lower classes may still go
             outcome = self._admit(request, ops, now)
-            if outcome is Admission.BLOCKED:
+            if outcome is Admission.ADMITTED:
+                running[priority] += 1
+            elif outcome is Admission.BLOCKED:
                 break
 
     def _admit(self, request: Request, ops: list[KVOp], now: float) -> Admission:
@@ -303,9 +327,9 @@ class Scheduler:
             if request.phase is Phase.PREFILL:
                 request.num_prefilled += len(entry.tokens)
                 request.phase = Phase.DECODE
-            self._on_token(request, result.sampled[request.key], now)
+            self._on_token(request, result.sampled[request.key], now, result.logprobs.get(request.key))
 
-    def _on_token(self, request: Request, token: int, now: float) -> None:
+    def _on_token(self, request: Request, token: int, now: float, logprob: float | None = None) -> None:
         assert request.text is not None and request.slot is not None
         if request.first_token_at is None:
             request.first_token_at = now
@@ -318,15 +342,16 @@ class Scheduler:
             self._finish(request, FinishReason.STOP, request.text.flush(), now)
             return
         text = request.text.push(self.vocab.token_piece(token))
+        logprobs = (logprob,) if logprob is not None else ()
         if request.text.stopped:
-            self._finish(request, FinishReason.STOP, text, now, (token,))
+            self._finish(request, FinishReason.STOP, text, now, (token,), logprobs)
         elif len(request.generated) >= request.spec.sampling.max_tokens or len(request.slot.tokens) + 1 >= self.n_ctx:
-            self._finish(request, FinishReason.LENGTH, text + request.text.flush(), now, (token,))
+            self._finish(request, FinishReason.LENGTH, text + request.text.flush(), now, (token,), logprobs)
         else:
-            request.sink(Delta(text=text, token_ids=(token,)))
+            request.sink(Delta(text=text, token_ids=(token,), logprobs=logprobs))
 
     def _finish(self, request: Request, reason: FinishReason, text: str, now: float,
-                token_ids: Sequence[int] = ()) -> None:
+                token_ids: Sequence[int] = (), logprobs: tuple[float, ...] = ()) -> None:
         self._by_key.pop(request.key, None)
         if request in self.waiting:
             self.waiting.remove(request)
@@ -352,7 +377,8 @@ class Scheduler:
             total_ms=(now - request.arrival) * 1000.0,
         )
         self.observer.on_finish(usage, reason)
-        request.sink(Delta(text=text, token_ids=tuple(token_ids), finish_reason=reason, usage=usage))
+        request.sink(Delta(text=text, token_ids=tuple(token_ids), logprobs=logprobs, finish_reason=reason,
+                           usage=usage))
 
     def _fail(self, request: Request, exc: DomainError) -> None:
         self._by_key.pop(request.key, None)

@@ -33,6 +33,8 @@ class SamplingParams:
     max_tokens: int = 128
     stop: tuple[str, ...] = ()
     grammar: str = ""
+    #: Report the log-probability of each sampled token under the model.
+    logprobs: bool = False
 
     @property
     def is_greedy(self) -> bool:
@@ -49,6 +51,8 @@ class GenerateSpec:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: Priority = Priority.NORMAL
     request_id: str = ""
+    #: Cached and merged answers are shared within a tenant only.
+    tenant_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,12 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: Exception | None = None
+    #: Log-probability of each token in token_ids, when the request asked for them.
+    logprobs: tuple[float, ...] = ()
+    #: Replayed from the response cache; no engine was involved.
+    cached: bool = False
+    #: Shared with an identical request that was already decoding.
+    merged: bool = False
 
 
 @dataclass(frozen=True)

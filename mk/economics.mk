@@ -1,0 +1,7 @@
+# Request economics: merging, response cache, priority classes on a synthetic node
+# (bench/results/economics.json; see docs/economics.md).
+BENCHES += bench-economics
+.PHONY: bench-economics
+bench-economics: $(GEN_STAMP)
+	@mkdir -p bench/results
+	PYTHONPATH=.:gen $(PY) bench/economics.py --out bench/results/economics.json
