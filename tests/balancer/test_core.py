@@ -247,3 +247,12 @@ def test_bad_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(InvalidArgument) as raised:
         BalancerSettings(**{field: value})
     assert raised.value.field == field
+
+
+def test_session_on_the_only_node_stays_there() -> None:
+    nodes = make_nodes("a:1", ttft_ms=5.0)
+    nodes["a:1"].record_itl(20.0)
+    picker = make_picker()
+    picker.remember("session:s1", "a:1")
+    pick = picker.choose(nodes, 0.0, key="session:s1")
+    assert pick.node.address == "a:1" and pick.reason == "affinity"

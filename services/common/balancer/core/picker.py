@@ -141,6 +141,8 @@ class Picker:
         # pays a full prefill elsewhere, so it is worth it only where the queue
         # is clearly shorter (under uniform overload every session stays).
         others = [n for n in pool if n is not holder]
+        if not others:
+            return False  # nowhere better to go: keep the KV cache
         shortest_other = min((estimated_queue(n) for n in others), default=None)
         if shortest_other is not None and (
                 estimated_queue(holder) - shortest_other >= cfg.affinity_max_queue_depth):
