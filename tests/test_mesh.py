@@ -178,6 +178,28 @@ def test_malformed_request_gets_invalid_argument_naming_the_field(mesh, svc, met
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, "negative page_size accepted")
 
 
+def test_a_session_runs_two_turns_through_the_mesh(mesh) -> None:
+    """The basic user path: create a session, run twice; the second turn reuses
+    the session (its KV stays on the node the balancer keeps it on)."""
+    from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
+    from llmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+    target = f"127.0.0.1:{mesh['base'] + 1}"
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.AgentServiceStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest(tenant_id="t1", title="two turns", tools=["fs_list"]),
+                                     timeout=30).session
+        finals = []
+        for turn in range(2):
+            events = [r.event for r in stub.Run(pb.RunRequest(
+                tenant_id="t1", session_id=session.session_id, user_message=f"turn {turn}: say hi",
+                options=pb.RunOptions(max_steps=1, max_tokens=8, tool_choice="none", seed=1)), timeout=120)]
+            assert events[-1].type == pb.EVENT_TYPE_FINAL, events[-1]
+            finals.append(events[-1])
+    assert finals[1].seq > finals[0].seq
+    assert finals[1].final.usage.cached_tokens > 0, finals[1].final.usage
+
+
 # Runs last: it stops the mesh the other tests share.
 def test_sigterm_to_make_run_stops_every_child_quickly(mesh) -> None:
     proc = mesh["proc"]
