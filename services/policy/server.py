@@ -19,7 +19,7 @@ from services.policy.core.audit import AuditChain, AuditLog
 from services.policy.core.policy_holder import PolicyHolder
 from services.policy.core.policy_loader import PolicyLoadError, load_policy
 from services.policy.core.policy_service import PolicyService
-from services.policy.servicer import PolicyServicer
+from services.policy.servicer import APPROVALS_HELD, PolicyServicer
 
 SERVICE_NAME = "llmesh.policy.v1.PolicyService"
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.yaml")
@@ -82,6 +82,7 @@ class App:
                 self._channel = make_channel(settings.store_target)
                 audit_log = StoreAuditLog(self._channel)
         approvals = ApprovalBook(ttl_s=settings.approval_ttl_s, max_approvals=settings.max_pending_approvals)
+        APPROVALS_HELD.set_function(lambda: approvals.num_approvals)
         self._late.service = PolicyService(self.holder, approvals, AuditChain(audit_log, key))
         log.info("policy loaded", extra={"event": "policy_loaded", "source": str(policy_path),
                                          "version": policy.version, "audit_backend": settings.audit_backend})

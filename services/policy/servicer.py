@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import grpc
 from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.policy import convert
 from services.policy.core.policy_service import PolicyService
 
 DECISIONS = Counter("llmesh_policy_decisions_total", "Evaluate decisions.", ["decision", "approved_by_cache"])
+APPROVALS_HELD = Gauge("llmesh_policy_approvals_held", "Approvals held in memory (bounded by max_pending_approvals).")
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):

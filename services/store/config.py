@@ -29,7 +29,8 @@ class Settings(ServerSettings):
     event_block_timeout_ms: int = 5_000
     # Event types that may be dropped (oldest first) under back-pressure.
     droppable_event_types: tuple[str, ...] = ("token",)
-    # WatchEvents re-reads this often to see appends made by other store replicas.
+    # One query per this interval reads the last seq of every watched session, so
+    # WatchEvents streams see appends made by other store replicas (0 turns it off).
     watch_recheck_ms: int = 1_000
     # Tasks: default attempts, backoff of failed attempts, how often leases are swept.
     task_max_attempts: int = 5

@@ -5,24 +5,20 @@ import logging
 
 import grpc
 from llmesh.store.v1 import store_pb2_grpc
-from prometheus_client import Counter, Gauge
 
 from services.store.adapters.database import Database, DatabaseOptions
-from services.store.adapters.repository import SqlRepository
 from services.store.config import Settings
+from services.store.metrics import EVENTS_DROPPED, MeteredRepository, watch_writer
 from services.store.core.event_writer import EventWriter
 from services.store.core.maintenance import Maintenance, MaintenanceOptions
 from services.store.core.store import CoreOptions, StoreCore, wall_clock_ms
 from services.store.core.task_policy import RetryPolicy
-from services.store.core.watch_hub import WatchHub
+from services.store.core.watch_hub import ReplicaCommitPoller, WatchHub
 from services.store.servicer import StoreServicer
 
 SERVICE_NAME = "llmesh.store.v1.StoreService"
 log = logging.getLogger("llmesh.store")
 
-EVENTS_DROPPED = Counter("llmesh_store_events_dropped_total",
-                         "Token-delta events dropped by the overflow policy under back-pressure.")
-EVENTS_PENDING = Gauge("llmesh_store_events_pending", "Events waiting for the batched writer.")
 
 
 class App:
@@ -33,6 +29,7 @@ class App:
         self.database: Database | None = None
         self.core: StoreCore | None = None
         self.maintenance: Maintenance | None = None
+        self.poller: ReplicaCommitPoller | None = None
         self._servicer = _LateServicer(self)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -44,7 +41,7 @@ class App:
             pool_size=s.pool_size, pool_max_overflow=s.pool_max_overflow, sqlite_readers=s.sqlite_readers,
             sqlite_synchronous=s.sqlite_synchronous))
         await self.database.migrate()
-        repo = SqlRepository(self.database)
+        repo = MeteredRepository(self.database)
         hub = WatchHub()
         writer = EventWriter(
             lambda appends: repo.append_events(appends, wall_clock_ms()), max_batch_events=s.event_batch_max, max_batch_delay_ms=s.event_batch_ms,
@@ -52,19 +49,23 @@ class App:
             block_timeout_ms=s.event_block_timeout_ms, droppable_types=s.droppable_event_types,
             on_commit=lambda done: [hub.publish(t, sid, seq) for t, sid, seq in done],
             on_drop=EVENTS_DROPPED.inc)
-        EVENTS_PENDING.set_function(lambda: writer.num_pending)
+        watch_writer(writer, hub)
         writer.start()
         self.core = StoreCore(repo, writer, hub, CoreOptions(
-            default_max_attempts=s.task_max_attempts, watch_recheck_s=s.watch_recheck_ms / 1000,
+            default_max_attempts=s.task_max_attempts,
             retry=RetryPolicy(s.task_backoff_base_ms, s.task_backoff_max_ms)))
         self.maintenance = Maintenance(repo, MaintenanceOptions(
             lease_sweep_interval_s=s.lease_sweep_interval_ms / 1000, event_retention_days=s.event_retention_days,
             audit_retention_days=s.audit_retention_days, retention_interval_s=s.retention_interval_s,
             retention_batch_rows=s.retention_batch_rows), wall_clock_ms)
         self.maintenance.start()
+        self.poller = ReplicaCommitPoller(hub, repo.last_event_seqs, s.watch_recheck_ms / 1000)
+        self.poller.start()
         log.info("store ready", extra={"event": "store_ready", "dialect": self.database.dialect})
 
     async def close(self) -> None:
+        if self.poller is not None:
+            await self.poller.close()
         if self.core is not None:
             self.core.hub.close()
             await self.core.writer.close()

@@ -14,6 +14,7 @@ from services.tools.adapters.mcp_servers import McpHub, load_mcp_config
 from services.tools.adapters.policy_client import GrpcPolicyClient
 from services.tools.adapters.sandbox import Sandbox, SandboxLimits, detect_mode
 from services.tools.adapters.shell_tool import ShellTool
+from services.tools import metrics
 from services.tools.config import Settings
 from services.tools.core.cache import ResultCache
 from services.tools.core.executor import ExecutorLimits, ToolExecutor
@@ -56,6 +57,7 @@ class App:
                 retry_base_delay_ms=s.retry_base_ms, retry_max_delay_ms=s.retry_max_ms,
                 breaker_failure_threshold=s.breaker_failures, breaker_window_s=s.breaker_window_s,
                 breaker_reset_s=s.breaker_reset_s))
+        metrics.watch_executor(self.executor)
         self.mcp = McpHub(load_mcp_config(s.mcp_config), self.registry, s.mcp_refresh_s)
         self.sandbox: Sandbox | None = None
 

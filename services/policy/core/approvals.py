@@ -74,6 +74,11 @@ class ApprovalBook:
         # request_id of RecordApproval -> (approval_id, choice, audit seq), for retries.
         self._recorded: OrderedDict[tuple[str, str], tuple[str, ApprovalChoice, int]] = OrderedDict()
 
+    @property
+    def num_approvals(self) -> int:
+        """Approvals held (pending and decided, not yet expired or trimmed)."""
+        return len(self._approvals)
+
     def session_allows(self, tenant_id: str, session_id: str, subject_key: str) -> bool:
         session = self._sessions.get((tenant_id, session_id))
         return session is not None and subject_key in session.approved_keys

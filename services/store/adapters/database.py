@@ -15,7 +15,10 @@ from typing import AsyncIterator
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from services.common.errors import DomainError, ResourceExhausted, Unavailable
 
 MIGRATION_LOCK_ID = 74_151_004  # pg_advisory lock key: one migrator at a time
 
@@ -93,13 +96,19 @@ class Database:
     @contextlib.asynccontextmanager
     async def writer(self) -> AsyncIterator[AsyncSession]:
         """A write transaction: commits on normal exit, rolls back on error."""
-        if self._write_lock is None:
-            async with self._writes() as session, session.begin():
-                yield session
-            return
-        async with self._write_lock:
-            async with self._writes() as session, session.begin():
-                yield session
+        try:
+            if self._write_lock is None:
+                async with self._writes() as session, session.begin():
+                    yield session
+                return
+            async with self._write_lock:
+                async with self._writes() as session, session.begin():
+                    yield session
+        except OperationalError as exc:
+            storage_error = storage_failure(exc)
+            if storage_error is None:
+                raise
+            raise storage_error from exc
 
     @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:
@@ -127,3 +136,20 @@ class Database:
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
+
+
+# SQLite reports a full disk as SQLITE_FULL, and a file size limit or a disk
+# quota (EFBIG, EDQUOT) as a failed write; PostgreSQL as SQLSTATE class 53.
+_SQLITE_FULL = {"SQLITE_FULL", "SQLITE_IOERR_WRITE"}
+
+
+def storage_failure(exc: OperationalError) -> DomainError | None:
+    """The domain error for a database that cannot store more, else None."""
+    orig = getattr(exc, "orig", None)
+    sqlite_name = getattr(orig, "sqlite_errorname", "")
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None) or ""
+    if sqlite_name in _SQLITE_FULL or sqlstate.startswith("53"):
+        return ResourceExhausted("the store cannot write: its disk is full or over quota", reason="STORAGE_FULL")
+    if sqlite_name.startswith("SQLITE_IOERR"):
+        return Unavailable(f"the store's disk failed a write ({sqlite_name})", reason="STORAGE_IO_ERROR")
+    return None

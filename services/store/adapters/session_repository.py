@@ -156,6 +156,16 @@ class SessionRepository:
             old = [event_record(r) for r in (await s.execute(archived)).scalars()]
             return sorted({r.seq: r for r in old + rows}.values(), key=lambda r: r.seq)[:limit]
 
+    async def last_event_seqs(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Last event seq of each (tenant_id, session_id) in ``keys`` that exists."""
+        found: dict[tuple[str, str], int] = {}
+        async with self.db.reader() as s:
+            for i in range(0, len(keys), 500):  # bounded IN lists
+                query = select(SessionRow.tenant_id, SessionRow.session_id, SessionRow.last_event_seq).where(
+                    tuple_(SessionRow.tenant_id, SessionRow.session_id).in_(keys[i:i + 500]))
+                found.update({(t, sid): seq for t, sid, seq in (await s.execute(query)).all()})
+        return found
+
     async def archive_events(self, cutoff_ms: int, max_rows: int) -> int:
         return await move_rows(self.db, EventRow, ArchivedEventRow, cutoff_ms, max_rows,
                                 (EventRow.tenant_id, EventRow.session_id, EventRow.seq))

@@ -96,6 +96,10 @@ class EventWriter:
     def num_pending(self) -> int:
         return self._num_pending
 
+    @property
+    def max_pending(self) -> int:
+        return self._max_pending
+
     async def append(self, tenant_id: str, session_id: str, events: list[NewEvent]) -> list[int]:
         """Seqs of ``events`` in order once committed; 0 for a dropped token delta."""
         if self._closing:

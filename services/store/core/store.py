@@ -33,7 +33,6 @@ def wall_clock_ms() -> int:
 @dataclass(frozen=True)
 class CoreOptions:
     default_max_attempts: int = 5
-    watch_recheck_s: float = 1.0
     retry: RetryPolicy = RetryPolicy()
 
 
@@ -162,9 +161,9 @@ class StoreCore:
                     cursor = row.seq
                 if len(rows) == batch:
                     continue
-                # Woken by the writer's commit; the timeout only catches
-                # appends committed by another store replica.
-                await subscription.wait_beyond(cursor, self.options.watch_recheck_s)
+                # Woken by this replica's commits, and by the hub's shared
+                # poller for appends committed by another store replica.
+                await subscription.wait_beyond(cursor, None)
 
     # -- tasks -----------------------------------------------------------------
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
+
+log = logging.getLogger("llmesh.store.watch")
 
 
 @dataclass(eq=False)
@@ -56,9 +59,9 @@ class WatchHub:
 
     def publish(self, tenant_id: str, session_id: str, last_seq: int) -> None:
         channel = self._channels.get((tenant_id, session_id))
-        if channel is None:
-            return
-        channel.last_seq = max(channel.last_seq, last_seq)
+        if channel is None or last_seq <= channel.last_seq:
+            return  # nothing new: waking every watcher for it would be wasted work
+        channel.last_seq = last_seq
         # Swap the event so later waiters block until the next commit.
         changed, channel.changed = channel.changed, asyncio.Event()
         changed.set()
@@ -71,3 +74,58 @@ class WatchHub:
     @property
     def num_watched_sessions(self) -> int:
         return len(self._channels)
+
+    def watched(self) -> list[tuple[str, str]]:
+        return list(self._channels)
+
+    @property
+    def num_watchers(self) -> int:
+        return sum(channel.num_watchers for channel in self._channels.values())
+
+
+class ReplicaCommitPoller:
+    """Sees appends committed by other store replicas, for all watchers at once.
+
+    Local commits wake watchers through ``publish`` right away. Appends by
+    another replica are found by one query per interval that reads the last
+    seq of every watched session, so the cost grows with watched sessions,
+    not with subscribers, and idle watchers never read the event table.
+    """
+
+    def __init__(self, hub: WatchHub, last_seqs: Callable[[list[tuple[str, str]]], Awaitable[dict[tuple[str, str], int]]],
+                 interval_s: float) -> None:
+        self._hub = hub
+        self._last_seqs = last_seqs
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.num_polls = 0
+
+    def start(self) -> None:
+        if self._interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name="watch-replica-poller")
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def poll_once(self) -> None:
+        keys = self._hub.watched()
+        if not keys:
+            return
+        self.num_polls += 1
+        for (tenant_id, session_id), seq in (await self._last_seqs(keys)).items():
+            self._hub.publish(tenant_id, session_id, seq)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self._interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001 - a failed poll is retried next interval
+                log.warning("watch poll failed", exc_info=True)

@@ -107,6 +107,10 @@ class FileTools:
             return _failed("NOT_A_FILE", f"{args['path']}: is a directory")
         except OSError as exc:
             return _failed("READ_FAILED", f"{args['path']}: {exc.strerror}")
+        # O_RDONLY opens a directory without complaint; reading it would raise.
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            return _failed("NOT_A_FILE", f"{args['path']}: is a directory")
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):

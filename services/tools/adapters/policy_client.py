@@ -16,9 +16,19 @@ _DECISIONS = {
 
 class GrpcPolicyClient:
     def __init__(self, target: str, timeout_s: float) -> None:
-        self.channel = make_channel(target)
-        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.target = target
         self.timeout_s = timeout_s
+        # Opened on first use: a grpc.aio channel belongs to the loop it is made
+        # in, and the app is built before the server's loop runs.
+        self.channel: grpc.aio.Channel | None = None
+        self._stub: policy_pb2_grpc.PolicyServiceStub | None = None
+
+    @property
+    def stub(self) -> policy_pb2_grpc.PolicyServiceStub:
+        if self._stub is None:
+            self.channel = make_channel(self.target)
+            self._stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        return self._stub
 
     async def evaluate(self, query: PolicyQuery) -> PolicyVerdict:
         request = policy_pb2.EvaluateRequest(
@@ -38,4 +48,5 @@ class GrpcPolicyClient:
         return PolicyVerdict(decision, response.justification, response.approval_id)
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()

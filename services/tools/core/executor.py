@@ -78,6 +78,9 @@ class ToolExecutor:
         self.global_slots = asyncio.Semaphore(limits.max_concurrent_calls)
         self.session_slots = _SessionSlots(limits.max_concurrent_calls_per_session)
         self.breakers: dict[str, CircuitBreaker] = {}
+        # Queue depth for metrics: calls waiting for a slot, and calls holding one.
+        self.num_waiting = 0
+        self.num_running = 0
 
     def breaker(self, tool: str) -> CircuitBreaker:
         breaker = self.breakers.get(tool)
@@ -192,10 +195,20 @@ class ToolExecutor:
     async def _run_once(self, spec: ToolSpec, call: ToolInvocation, tctx: ToolContext) -> ToolOutput:
         key = (tctx.tenant_id, tctx.session_id)
         session_slots = self.session_slots.acquire_ref(key)
+        self.num_waiting += 1
+        waiting = True
         try:
             async with session_slots, self.global_slots:
-                return await asyncio.wait_for(spec.handler(call.arguments, tctx), tctx.timeout_s)
+                self.num_waiting -= 1
+                waiting = False
+                self.num_running += 1
+                try:
+                    return await asyncio.wait_for(spec.handler(call.arguments, tctx), tctx.timeout_s)
+                finally:
+                    self.num_running -= 1
         finally:
+            if waiting:  # cancelled or timed out before it got a slot
+                self.num_waiting -= 1
             self.session_slots.release_ref(key)
 
     @staticmethod

@@ -1,0 +1,122 @@
+"""The mesh the load scenarios drive: every service a child process on loopback.
+
+Inference nodes run their synthetic backend (a fixed-rate token stream, see
+docs/inference.md), so what is measured is the mesh, not the model. The
+children are started and stopped with the launcher's own code, so the load
+runs the same processes ``make run`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "gen")]
+
+from services.launcher import Child, Launcher, plan_children  # noqa: E402
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    nodes: int = 1
+    tokens_per_s: float = 50.0
+    # Sequences per node: the scenarios want the node never to queue.
+    seqs_per_node: int = 512
+    max_active_runs: int = 1024
+    data_dir: str = ""
+
+
+def _free_port_base(span: int = 120) -> int:
+    """A base port with ``span`` free ports above it (best effort, loopback only)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + span >= 65535:
+            continue
+        try:
+            held = []
+            for port in (base, base + 1, base + 2, base + 3, base + 4, base + 100, base + 101, base + 102,
+                         base + 103, base + 104, *(base + 10 + i for i in range(1, 8))):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                held.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in locals().get("held", []):
+                s.close()
+    raise OSError("no free port range on loopback")
+
+
+def mesh_env(options: MeshOptions) -> dict[str, str]:
+    return {
+        "LLMESH_INFERENCE_BACKEND": "synthetic",
+        "LLMESH_INFERENCE_SYNTHETIC_TOKENS_PER_S": str(options.tokens_per_s),
+        "LLMESH_INFERENCE_N_SEQ_MAX": str(options.seqs_per_node),
+        "LLMESH_INFERENCE_MAX_QUEUE": str(options.seqs_per_node * 4),
+        "LLMESH_INFERENCE_N_CTX": str(max(8192, options.seqs_per_node * 1024)),
+        "LLMESH_ORCHESTRATOR_MAX_ACTIVE_RUNS": str(options.max_active_runs),
+        "LLMESH_ORCHESTRATOR_MAX_WORKERS": "0",
+        "LLMESH_STORE_SQLITE_SYNCHRONOUS": "NORMAL",
+        "LLMESH_TOOLS_SANDBOX": "none",
+        "LLMESH_TOOLS_SANDBOX_UID": "-1",
+        "LLMESH_TOOLS_SANDBOX_GID": "-1",
+        "LLMESH_TOOLS_MAX_CONCURRENT_CALLS": "64",
+        "LLMESH_POLICY_AUDIT_BACKEND": "memory",
+        "LLMESH_LOG_LEVEL": "WARNING",
+    }
+
+
+@dataclass
+class Mesh:
+    children: list[Child]
+    data_dir: Path
+
+    def target(self, name: str) -> str:
+        return next(c.target for c in self.children if c.name == name)
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def pids(self) -> dict[str, int]:
+        return {c.name: c.process.pid for c in self.children if c.process is not None}
+
+    def metric(self, name: str, child: str) -> float:
+        """Sum of all samples of ``name`` on one child's /metrics."""
+        port = self.child(child).metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.eE+-]+)$", line)
+            if match:
+                total += float(match.group(2))
+        return total
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(options: MeshOptions = MeshOptions()) -> AsyncIterator[Mesh]:
+    data_dir = Path(options.data_dir or tempfile.mkdtemp(prefix="llmesh-load-"))
+    children = plan_children(data_dir, _free_port_base(), options.nodes)
+    extra = mesh_env(options)
+    for child in children:
+        child.extra_env.update(extra)
+    saved = {k: os.environ.get(k) for k in extra}
+    launcher = Launcher(children, data_dir, ready_timeout_s=60)
+    try:
+        await launcher.start_all()
+        yield Mesh(children, data_dir)
+    finally:
+        launcher.stop_all()
+        for key, value in saved.items():
+            if value is not None:
+                os.environ[key] = value

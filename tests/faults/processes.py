@@ -1,0 +1,81 @@
+"""Services as child processes, so a test can kill them like an operator's bad day would."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServiceProcess:
+    """``python -m services.<name>`` on a fixed port, restartable on the same data dir."""
+
+    def __init__(self, name: str, full_name: str, data_dir: Path, args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None) -> None:
+        self.name, self.full_name, self.data_dir = name, full_name, data_dir
+        self.args, self.env, self.preexec = list(args), env or {}, preexec
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / f"{name}.log"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "LLMESH_LOG_LEVEL": "WARNING", **self.env}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{self.name}", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir), *self.args],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
+        await self.wait_serving(timeout_s)
+
+    async def wait_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.process is not None and self.process.poll() is None, self.last_log()
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=self.full_name), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)  # start-up only
+        raise TimeoutError(f"{self.name} not serving after {timeout_s}s\n{self.last_log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no flush, no goodbye."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def last_log(self, num_chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
