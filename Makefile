@@ -58,6 +58,7 @@ clean:
 -include mk/*.mk
 
 # `make bench` runs every component's benchmark (each mk/<name>.mk defines
-# bench-<name>); results land in bench/results/*.json.
+# bench-<name>); results land in bench/results/*.json, and it ends with bench/results/report.html + report.png.
 BENCHES := $(patsubst mk/%.mk,bench-%,$(wildcard mk/*.mk))
 bench: $(BENCHES)
+	$(PY) bench/report.py --results bench/results
