@@ -54,7 +54,8 @@ def task_pb(r: TaskRecord) -> store_pb2.Task:
 def lock_pb(r: LockResult) -> store_pb2.AcquireSessionLockResponse:
     return store_pb2.AcquireSessionLockResponse(acquired=r.acquired, holder_id=r.holder_id,
                                                 lease_expire_time=timestamp(r.lease_expire_ms),
-                                                fencing_token=r.fencing_token)
+                                                fencing_token=r.fencing_token,
+                                                next_event_seq=r.next_event_seq)
 
 
 def audit_record(e: store_pb2.AuditEntry) -> AuditRecord:

@@ -43,7 +43,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     async def AppendEvents(self, request: pb.AppendEventsRequest, context):
         seqs = await self.core.append_events(request.tenant_id, request.session_id,
-                                             convert.new_events(request.events), request.request_id)
+                                             convert.new_events(request.events), request.request_id,
+                                             no_drop=request.no_drop)
         return pb.AppendEventsResponse(seqs=seqs, num_dropped=sum(1 for s in seqs if s == 0))
 
     async def ReadEvents(self, request: pb.ReadEventsRequest, context):

@@ -89,6 +89,31 @@ async def test_overflow_drops_oldest_token_deltas_first_and_counts_them() -> Non
     await writer.close()
 
 
+async def test_full_queue_drops_a_plain_requests_deltas_but_never_a_no_drop_ones() -> None:
+    log = FakeLog()
+    log.gate.clear()  # the database is stuck: nothing commits
+    writer = await started(log, max_batch_events=2, max_batch_delay_ms=0, max_pending_events=3,
+                           block_timeout_ms=2_000)
+    stuck = asyncio.create_task(writer.append("t", "a", ev("token", 2)))  # taken by the stuck flush
+    await asyncio.sleep(0.01)
+    numbered = asyncio.create_task(writer.append("t", "b", ev("token", 3), no_drop=True))  # fills the queue
+    await asyncio.sleep(0.01)
+    plain = asyncio.create_task(writer.append("t", "c", ev("token", 2)))
+    await asyncio.sleep(0.01)
+    # The plain request's deltas gave way; the no_drop one's queued deltas stayed.
+    assert plain.done() and await plain == [0, 0] and writer.num_dropped == 2
+    blocked = asyncio.create_task(writer.append("t", "b", ev("token", 2), no_drop=True))
+    await asyncio.sleep(0.01)
+    assert not blocked.done()  # waits for room like a critical event instead of dropping
+    log.gate.set()
+    assert await stuck == [1, 2]
+    assert await numbered == [1, 2, 3] and await blocked == [4, 5]
+    assert writer.num_dropped == 2
+    stored_b = [len(a.events) for batch in log.batches for a in batch if a.session_id == "b"]
+    assert sum(stored_b) == 5
+    await writer.close()
+
+
 async def test_critical_events_block_then_fail_without_being_dropped() -> None:
     log = FakeLog()
     log.gate.clear()

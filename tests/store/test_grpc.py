@@ -170,3 +170,22 @@ async def test_session_lock_and_audit_chain(stub) -> None:
     assert error_info(err).reason == "AUDIT_HEAD_MOVED"
     head = await stub.GetAuditHead(pb.GetAuditHeadRequest(tenant_id="acme"))
     assert (head.seq, head.entry_hash) == (1, "h1")
+
+
+async def test_lock_holder_learns_the_next_event_seq_and_no_drop_is_accepted(stub) -> None:
+    session = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id="acme", session_id="seqs"))).session
+    fresh = await stub.AcquireSessionLock(pb.AcquireSessionLockRequest(
+        tenant_id="acme", session_id=session.session_id, owner_id="r1", lease_ms=10_000))
+    assert fresh.acquired and fresh.next_event_seq == 1
+    appended = await stub.AppendEvents(pb.AppendEventsRequest(
+        request_id="batch-1", tenant_id="acme", session_id=session.session_id, no_drop=True,
+        events=[pb.Event(type="token", payload=b"{}") for _ in range(3)]))
+    assert list(appended.seqs) == [1, 2, 3] and appended.num_dropped == 0
+    await stub.ReleaseSessionLock(pb.ReleaseSessionLockRequest(tenant_id="acme", session_id=session.session_id,
+                                                               owner_id="r1"))
+    again = await stub.AcquireSessionLock(pb.AcquireSessionLockRequest(
+        tenant_id="acme", session_id=session.session_id, owner_id="r2", lease_ms=10_000))
+    assert again.acquired and again.next_event_seq == 4
+    denied = await stub.AcquireSessionLock(pb.AcquireSessionLockRequest(
+        tenant_id="acme", session_id=session.session_id, owner_id="r3", lease_ms=10_000))
+    assert not denied.acquired and denied.next_event_seq == 0

@@ -10,7 +10,7 @@ from llmesh.store.v1 import store_pb2, store_pb2_grpc
 
 from services.orchestrator.adapters.grpc_errors import mapped, to_domain
 from services.orchestrator.core.events import AgentEvent
-from services.orchestrator.core.ports import MessageRecord, SessionRecord, TaskRecord
+from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
 
 PAGE_SIZE = 500
 
@@ -88,6 +88,8 @@ class GrpcStore:
         with mapped("store"):
             reply = await self._c.AppendEvents(store_pb2.AppendEventsRequest(
                 request_id=request_id, tenant_id=tenant_id, session_id=session_id,
+                # Live readers already saw these seqs: a dropped delta would leave a gap.
+                no_drop=True,
                 events=[store_pb2.Event(session_id=session_id, type=e.type, payload=e.payload_json().encode(),
                                         idempotency_key=key, schema_version=e.schema_version)
                         for e, key in zip(events, idempotency_keys)]))
@@ -154,12 +156,12 @@ class GrpcStore:
             reply = await self._c.GetTask(store_pb2.GetTaskRequest(tenant_id=tenant_id, task_id=task_id))
         return _task(reply.task)
 
-    async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> bool:
+    async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> SessionLockGrant:
         with mapped("store"):
             reply = await self._c.AcquireSessionLock(store_pb2.AcquireSessionLockRequest(
                 request_id=uuid.uuid4().hex, tenant_id=tenant_id, session_id=session_id, owner_id=owner_id,
                 lease_ms=lease_ms))
-        return reply.acquired
+        return SessionLockGrant(acquired=reply.acquired, next_event_seq=reply.next_event_seq)
 
     async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> None:
         with mapped("store"):

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from services.common.errors import Aborted, FailedPrecondition, NotFound
 from services.orchestrator.core.events import AgentEvent
-from services.orchestrator.core.ports import MessageRecord, SessionRecord, TaskRecord
+from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
 
 
 @dataclass
@@ -183,13 +183,14 @@ class MemoryStore:
         return task.record
 
     # ---- session locks -------------------------------------------------------------------------
-    async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> bool:
+    async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> SessionLockGrant:
         now = self._clock()
         holder = self._locks.get((tenant_id, session_id))
         if holder is not None and holder[0] != owner_id and holder[1] > now:
-            return False
+            return SessionLockGrant(acquired=False)
         self._locks[(tenant_id, session_id)] = (owner_id, now + lease_ms / 1000.0)
-        return True
+        log = self._sessions.get((tenant_id, session_id))
+        return SessionLockGrant(acquired=True, next_event_seq=len(log.events) + 1 if log is not None else 1)
 
     async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> None:
         holder = self._locks.get((tenant_id, session_id))

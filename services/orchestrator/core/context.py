@@ -69,11 +69,17 @@ class ContextManager:
         self.fraction = fraction
         self.summarizer = summarizer
         self.message_log = message_log
+        # The session's next event seq when this context was last known current
+        # (0 = unknown): a lock grant naming the same seq means no other replica
+        # ran a turn since, so the store has no messages this context lacks.
+        self.current_at_event_seq = 0
         self.system = system
         self.items: list[HistoryItem] = []
         # Highest message position seen, including compaction markers (not kept as items).
         self._last_position = 0
         self._writes: asyncio.Task | None = None
+        # Items added but not yet appended, with the log of the run that added them.
+        self._unwritten: list[tuple[MessageLog, HistoryItem]] = []
 
     @property
     def budget_tokens(self) -> int:
@@ -88,19 +94,33 @@ class ContextManager:
         counted = [item.counted(await self.pipeline.item_tokens(item)) for item in items]
         self.items.extend(counted)
         if self.message_log is not None:
-            self._writes = asyncio.create_task(self._write(self._writes, counted))
+            # The log is bound now: a later run may swap in its own before this write runs.
+            self._unwritten.extend((self.message_log, item) for item in counted)
+            if self._writes is None or self._writes.done():
+                self._writes = asyncio.create_task(self._write_unwritten(self._writes))
 
-    async def _write(self, previous: asyncio.Task | None, items: list[HistoryItem]) -> None:
+    async def _write_unwritten(self, previous: asyncio.Task | None) -> None:
+        """One append per run of items that gathered while the last one was in flight."""
         if previous is not None:
-            await previous
-        positions = await self.message_log.append([to_record(i) for i in items])
-        stored = {id(i): i.stored(p) for i, p in zip(items, positions)}
-        self._last_position = max(self._last_position, *positions) if positions else self._last_position
-        self.items = [stored.get(id(i), i) for i in self.items]
+            await previous  # a failed write fails every later one: the log must stay in order
+        while self._unwritten:
+            message_log = self._unwritten[0][0]
+            num = next((n for n, (log, _) in enumerate(self._unwritten) if log is not message_log),
+                       len(self._unwritten))
+            items = [item for _, item in self._unwritten[:num]]
+            positions = await message_log.append([to_record(i) for i in items])
+            del self._unwritten[:num]
+            stored = {id(i): i.stored(p) for i, p in zip(items, positions)}
+            self._last_position = max(self._last_position, *positions) if positions else self._last_position
+            self.items = [stored.get(id(i), i) for i in self.items]
 
     async def flush(self) -> None:
         if self._writes is not None:
             await self._writes
+
+    def pending_writes(self) -> asyncio.Task | None:
+        """The write of the last item added; it runs after every earlier one."""
+        return self._writes
 
     @property
     def last_position(self) -> int:

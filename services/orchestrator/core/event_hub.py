@@ -1,11 +1,17 @@
 """EventHub: per-session live broadcast, batched store writes, gapless replay.
 
 The replica running a session's turn holds the session's store lock, so it is
-the only writer of the session's events. The run's first event is appended
-to the store at once (the store's reply gives the session's next seq); every
-later event gets the following seq here, goes to live subscribers at once
-and reaches the store in batches. Each stored event carries the idempotency
-key ``<run_id>:<seq>``, so a retried batch never duplicates.
+the only writer of the session's events. The lock grant says which seq the
+session's next event gets, so the run's first event is numbered here and
+written with the first batch (a store that does not say gets the first event
+appended at once, its reply giving the seq). Every later event gets the
+following seq here, goes to live subscribers at once and reaches the store in
+batches. Each stored event carries the idempotency key ``<run_id>:<seq>``, so
+a retried batch never duplicates.
+
+A run may hold its terminal event's store write behind other work
+(`hold_terminal`): the run's messages are written in the background, and a
+stored final event promises they are stored too.
 
 `follow()` gives a client every event after its cursor exactly once: with a
 run live on this replica it subscribes first, then reads the store, then the
@@ -45,6 +51,26 @@ class RunStream:
     flusher: asyncio.Task | None = None
     closing: bool = False
     num_flushes: int = 0
+    # Awaited before the batch holding the terminal event is written.
+    before_terminal: asyncio.Future | None = None
+    # The session's previous run on this replica, still writing its tail: this
+    # run's events reach the store only after it, and followers read its buffer.
+    predecessor: "RunStream | None" = None
+
+    @property
+    def num_predecessors(self) -> int:
+        num, stream = 0, self.predecessor
+        while stream is not None:
+            num, stream = num + 1, stream.predecessor
+        return num
+
+    def unstored_earlier(self) -> list[AgentEvent]:
+        """Events of the runs before this one whose tails may not be stored yet, in order."""
+        chain, stream = [], self.predecessor
+        while stream is not None:
+            chain.append(stream)
+            stream = stream.predecessor
+        return [event for earlier in reversed(chain) for event in earlier.buffer]
 
     @property
     def last_seq(self) -> int:
@@ -63,16 +89,33 @@ class EventHub:
     def live_run(self, session_id: str) -> RunStream | None:
         return self._live.get(session_id)
 
-    async def open_run(self, first: AgentEvent, tenant_id: str) -> tuple[RunStream, AgentEvent]:
-        """Store the run's first event synchronously; its seq anchors the rest."""
-        if first.session_id in self._live:
+    async def open_run(self, first: AgentEvent, tenant_id: str, *, next_seq: int = 0,
+                       after: RunStream | None = None) -> tuple[RunStream, AgentEvent]:
+        """Number the run's first event; its seq anchors the rest.
+
+        `next_seq` is the session's next seq from the lock grant: the first
+        event then goes to the store with the first batch. Without it (0) the
+        first event is appended synchronously and the store's reply gives it.
+        `after`: the session's previous run here, whose last event is out but
+        whose store writes may not be; this run takes over from it.
+        """
+        if self._live.get(first.session_id) not in (None, after):
             raise RuntimeError(f"session {first.session_id} already has a live run here")
-        (seq,) = await with_retries(lambda: self._store.append_events(
-            request_id=f"{first.run_id}:open", tenant_id=tenant_id, session_id=first.session_id,
-            events=[first], idempotency_keys=[f"{first.run_id}:first"]), self._retry)
+        if after is not None:
+            next_seq = after.next_seq
+        if next_seq > 0:
+            seq, pending = next_seq, True
+        else:
+            (seq,) = await with_retries(lambda: self._store.append_events(
+                request_id=f"{first.run_id}:open", tenant_id=tenant_id, session_id=first.session_id,
+                events=[first], idempotency_keys=[f"{first.run_id}:first"]), self._retry)
+            pending = False
         stamped = first.with_seq(seq)
         stream = RunStream(tenant_id=tenant_id, session_id=first.session_id, run_id=first.run_id,
-                           first_seq=seq, next_seq=seq + 1, buffer=[stamped])
+                           first_seq=seq, next_seq=seq + 1, buffer=[stamped],
+                           pending=[stamped] if pending else [], predecessor=after)
+        if pending:
+            stream.wake.set()
         stream.flusher = asyncio.create_task(self._flush_loop(stream), name=f"events-{first.run_id}")
         self._live[first.session_id] = stream
         return stream, stamped
@@ -90,6 +133,17 @@ class EventHub:
         stream.wake.set()
         return stamped
 
+    @staticmethod
+    def hold_terminal(stream: RunStream, work: asyncio.Future) -> None:
+        """Write the run's terminal event only after `work` is done.
+
+        Live subscribers still get the event at once; only its store write
+        waits, so a stored terminal event means `work` (the run's message
+        writes) is stored too. A failure of `work` is logged and the terminal
+        event is still written, so the stored log stays what live clients saw.
+        """
+        stream.before_terminal = work
+
     async def close_run(self, stream: RunStream) -> None:
         """Flush everything, then hand followers over to the store."""
         stream.closing = True
@@ -99,11 +153,17 @@ class EventHub:
                 await stream.flusher
             except Exception:  # noqa: BLE001 - logged in the loop; followers fall back to the store
                 pass
-        self._live.pop(stream.session_id, None)
+        if self._live.get(stream.session_id) is stream:
+            del self._live[stream.session_id]
         for queue in stream.subscribers:
             queue.put_nowait(_RUN_ENDED)
 
     async def _flush_loop(self, stream: RunStream) -> None:
+        if stream.predecessor is not None and stream.predecessor.flusher is not None:
+            # Seqs continue the previous run's: its events go to the store first.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(stream.predecessor.flusher)
+        stream.predecessor = None  # stored now; followers read it from the store
         while True:
             await stream.wake.wait()
             stream.wake.clear()
@@ -115,6 +175,12 @@ class EventHub:
                     pass
             while stream.pending:
                 batch = stream.pending[: self._batch_max]
+                if stream.before_terminal is not None:
+                    terminal = next((i for i, e in enumerate(batch) if e.is_terminal), None)
+                    if terminal == 0:
+                        await self._wait_before_terminal(stream)
+                    elif terminal is not None:
+                        batch = batch[:terminal]  # what precedes it need not wait
                 try:
                     await self._write(stream, batch)
                 except Exception:
@@ -124,6 +190,15 @@ class EventHub:
                 del stream.pending[: len(batch)]
             if stream.closing:
                 return
+
+    @staticmethod
+    async def _wait_before_terminal(stream: RunStream) -> None:
+        work, stream.before_terminal = stream.before_terminal, None
+        try:
+            await work
+        except Exception:  # noqa: BLE001 - the caller sees the failure on its own future
+            log.error("work held before the terminal event failed", exc_info=True,
+                      extra={"session_id": stream.session_id, "run_id": stream.run_id})
 
     async def _closing_or_full(self, stream: RunStream) -> None:
         while not stream.closing and len(stream.pending) < self._batch_max:
@@ -164,6 +239,8 @@ class EventHub:
                 return
             queue: asyncio.Queue = asyncio.Queue()
             stream.subscribers.add(queue)
+            # The previous runs' tails may not be stored yet, but their buffers hold them.
+            earlier = stream.unstored_earlier()
             snapshot = list(stream.buffer)
             try:
                 if cursor < stream.first_seq - 1:
@@ -171,7 +248,7 @@ class EventHub:
                         tenant_id=tenant_id, session_id=session_id, after_seq=cursor), self._retry)
                 else:
                     stored = []
-                for event in [*stored, *snapshot]:
+                for event in [*stored, *earlier, *snapshot]:
                     if event.seq <= cursor:
                         continue
                     cursor = event.seq

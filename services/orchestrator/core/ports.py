@@ -146,6 +146,14 @@ class TaskRecord:
     create_time: float = 0.0
 
 
+@dataclass(frozen=True)
+class SessionLockGrant:
+    acquired: bool
+    # Seq the session's next event gets (the holder is its only writer, so it
+    # numbers events itself); 0 when the store does not say.
+    next_event_seq: int = 0
+
+
 class StorePort(Protocol):
     async def create_session(self, *, request_id: str, tenant_id: str, title: str,
                              metadata: dict[str, Any]) -> SessionRecord: ...
@@ -181,6 +189,6 @@ class StorePort(Protocol):
     async def get_task(self, *, tenant_id: str, task_id: str) -> TaskRecord: ...
 
     async def acquire_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str,
-                                   lease_ms: int) -> bool: ...
+                                   lease_ms: int) -> SessionLockGrant: ...
 
     async def release_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str) -> None: ...

@@ -35,6 +35,9 @@ log = logging.getLogger("llmesh.orchestrator.runs")
 
 TOOL_CHOICES = ("", "auto", "required", "none")
 MAX_CACHED_CONTEXTS = 256
+# Earlier runs of a session whose tails may still be on their way to the store
+# when a new run starts; past this a new run waits, so a slow store slows turns.
+MAX_UNSTORED_RUNS = 2
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class RunLimits:
     lock_lease_ms: int = 30_000
 
 
-@dataclass
+@dataclass(eq=False)
 class ActiveRun:
     spec: RunSpec
     first_seq: int
@@ -58,6 +61,18 @@ class ActiveRun:
     task: asyncio.Task | None = None
     # Set once the final or error event is published.
     finishing: bool = False
+    # The session's next event seq from the lock grant (0 = the store did not say).
+    granted_next_seq: int = 0
+    # The run's message writes; the final event's store write waits for them.
+    message_writes: asyncio.Future | None = None
+    # Owner of the session's store lock; a next run on this replica inherits it.
+    lock_owner: str = ""
+    stream: RunStream | None = None
+    # Set when the next run of the session took over the lock and the event stream.
+    handed_over: bool = False
+    releasing: bool = False
+    # Took over from the session's previous run on this replica (see _can_take_over).
+    took_over: bool = False
 
 
 class _StoreMessageLog(MessageLog):
@@ -80,6 +95,8 @@ class RunManager:
         self._agent, self.sessions, self._limiter, self._limits = agent, sessions, limiter, limits
         self._replica_id = replica_id
         self._active: dict[str, ActiveRun | None] = {}
+        # Runs whose task has not ended, including ones still writing a handed-over tail.
+        self._unfinished: set[ActiveRun] = set()
         self._by_request: OrderedDict[str, ActiveRun] = OrderedDict()
         self._pipelines: dict[str, PromptPipeline] = {}
         self._contexts: OrderedDict[str, ContextManager] = OrderedDict()
@@ -111,11 +128,12 @@ class RunManager:
             return self._by_request[key]  # a retried Run joins the run it started
         session = await self.sessions.get(tenant_id, session_id)
         previous = self._active.get(session_id)
-        if previous is not None and previous.finishing:
+        handoff = previous if previous is not None and self._can_take_over(previous) else None
+        if previous is not None and previous.finishing and handoff is None:
             # Its last event is out and it is only flushing and unlocking: a client that
             # starts the next turn on seeing that event waits for it instead of failing.
             await previous.done.wait()
-        if session_id in self._active:
+        if session_id in self._active and handoff is None:
             raise FailedPrecondition(f"session {session_id!r} already has an active run", reason="SESSION_BUSY",
                                      field="session_id")
         if len(self._active) >= self._limits.max_active_runs:
@@ -127,24 +145,37 @@ class RunManager:
                        model=session.model, max_steps=max_steps or self._limits.default_max_steps,
                        max_tokens=max_tokens or self._limits.default_max_tokens, temperature=temperature,
                        seed=seed, priority=priority, tool_choice=tool_choice or "auto")
+        lock_owner = run_id
+        if handoff is not None:
+            # The previous run's last event is out and it only writes its tail: keep
+            # its lock (same owner renews) and continue its seqs, no store round trip.
+            handoff.handed_over = True
+            lock_owner, next_seq = handoff.lock_owner, handoff.stream.next_seq
         self._active[session_id] = None  # reserved while we take the lock
         try:
-            if not await self._store.acquire_session_lock(tenant_id=tenant_id, session_id=session_id,
-                                                          owner_id=run_id, lease_ms=self._limits.lock_lease_ms):
-                raise FailedPrecondition(f"session {session_id!r} has an active run on another replica",
-                                         reason="SESSION_BUSY", field="session_id")
+            if handoff is None:
+                grant = await self._store.acquire_session_lock(tenant_id=tenant_id, session_id=session_id,
+                                                               owner_id=lock_owner,
+                                                               lease_ms=self._limits.lock_lease_ms)
+                if not grant.acquired:
+                    raise FailedPrecondition(f"session {session_id!r} has an active run on another replica",
+                                             reason="SESSION_BUSY", field="session_id")
+                next_seq = grant.next_event_seq
             try:
                 stream, first = await self._hub.open_run(ev.AgentEvent(
                     session_id=session_id, run_id=run_id, type=ev.TURN_STARTED,
-                    body={"user_message": user_message, "model": session.model}), tenant_id)
+                    body={"user_message": user_message, "model": session.model}), tenant_id,
+                    next_seq=next_seq, after=handoff.stream if handoff is not None else None)
             except BaseException:
-                await self._release_lock(spec)
+                await self._release_lock(spec, lock_owner)
                 raise
         except BaseException:
             self._active.pop(session_id, None)
             raise
-        run = ActiveRun(spec=spec, first_seq=first.seq, token=CancelToken())
+        run = ActiveRun(spec=spec, first_seq=first.seq, token=CancelToken(), granted_next_seq=next_seq,
+                        lock_owner=lock_owner, stream=stream, took_over=handoff is not None)
         self._active[session_id] = run
+        self._unfinished.add(run)
         if key:
             self._by_request[key] = run
             while len(self._by_request) > 1024:
@@ -160,11 +191,18 @@ class RunManager:
         return run.token.cancel("cancelled by request")
 
     async def close(self) -> None:
-        runs = [r for r in self._active.values() if r is not None]
+        runs = list(self._unfinished)
         for run in runs:
             run.token.cancel("server shutting down")
         for run in runs:
             await run.done.wait()
+
+    @staticmethod
+    def _can_take_over(previous: ActiveRun) -> bool:
+        """Whether a new run may inherit this finishing run's lock and event stream."""
+        return (previous.finishing and not previous.releasing and not previous.handed_over
+                and previous.stream is not None and previous.stream.num_predecessors + 1 <= MAX_UNSTORED_RUNS
+                and previous.token.reason != "lock lost")
 
     # ---- the run itself ------------------------------------------------------------------------
     async def _drive(self, run: ActiveRun, session: AgentSession, stream: RunStream) -> None:
@@ -179,6 +217,8 @@ class RunManager:
         try:
             try:
                 await inner
+                if run.message_writes is not None:
+                    self._hub.hold_terminal(stream, run.message_writes)
                 emit(ev.FINAL, {"text": run.result.text, "reason": run.result.reason,
                                 "usage": run.result.usage.as_dict()})
             except asyncio.CancelledError:
@@ -203,9 +243,15 @@ class RunManager:
             renew.cancel()
             try:
                 await self._hub.close_run(stream)
+                if not run.handed_over:
+                    self._note_context_current(run, stream)
             finally:
-                await self._release_lock(spec)
-                self._active.pop(spec.session_id, None)
+                if not run.handed_over:
+                    run.releasing = True
+                    await self._release_lock(spec, run.lock_owner)
+                if self._active.get(spec.session_id) is run:
+                    del self._active[spec.session_id]
+                self._unfinished.discard(run)
                 run.done.set()
 
     async def _execute(self, run: ActiveRun, session: AgentSession, emit) -> None:
@@ -214,10 +260,13 @@ class RunManager:
         pipeline = self._pipelines.setdefault(spec.model, PromptPipeline(self._inference, model=spec.model))
         n_ctx = self._n_ctx.get(spec.model) or await self._inference.context_size(spec.model)
         self._n_ctx[spec.model] = n_ctx
-        context = await self._context(spec, session, pipeline, n_ctx, tools)
+        context = await self._context(spec, session, pipeline, n_ctx, tools, run.granted_next_seq,
+                                      took_over=run.took_over)
         try:
             await self._agent.run(spec, context, tools, emit, run.result)
-            await context.flush()
+            # Off the turn's critical path: the final event goes out at once and
+            # its store write waits for these (EventHub.hold_terminal).
+            run.message_writes = context.pending_writes()
         except BaseException:
             # Memory may now hold items the store has not: rebuild from the store next time.
             self._contexts.pop(spec.session_id, None)
@@ -226,13 +275,18 @@ class RunManager:
             raise
 
     async def _context(self, spec: RunSpec, session: AgentSession, pipeline: PromptPipeline, n_ctx: int,
-                       tools: list[ToolSpec]) -> ContextManager:
+                       tools: list[ToolSpec], granted_next_seq: int, took_over: bool = False) -> ContextManager:
         """The session's context, kept between runs; rebuilt when the store has news for it."""
         system = system_item(session.system_prompt, describe_tools(tools))
         context = self._contexts.pop(spec.session_id, None)
+        # This run's first event took the seq our last run left next, so no other
+        # replica ran a turn since: the cached context is current without asking.
+        # A run that took over from this replica's previous one needs no check either.
+        known_current = context is not None and (
+            took_over or context.current_at_event_seq == granted_next_seq - 1 > 0)
         if context is not None and context.pipeline is pipeline and context.n_ctx == n_ctx:
-            newer = await self._store.list_messages(tenant_id=spec.tenant_id, session_id=spec.session_id,
-                                                    after_position=context.last_position)
+            newer = [] if known_current else await self._store.list_messages(
+                tenant_id=spec.tenant_id, session_id=spec.session_id, after_position=context.last_position)
             if newer:  # another replica ran a turn here since
                 context = None
         else:
@@ -242,12 +296,27 @@ class RunManager:
             context.restore(await self._store.list_messages(tenant_id=spec.tenant_id, session_id=spec.session_id,
                                                             after_position=0))
         context.system = system
+        context.current_at_event_seq = 0  # until this run has stored everything it adds
         context.message_log = _StoreMessageLog(self._store, spec.tenant_id, spec.session_id, spec.run_id)
         context.summarizer = self._agent.make_summarizer(pipeline, n_ctx, spec)
         self._contexts[spec.session_id] = context
         while len(self._contexts) > MAX_CACHED_CONTEXTS:
             self._contexts.popitem(last=False)
         return context
+
+    def _note_context_current(self, run: ActiveRun, stream: RunStream) -> None:
+        """Remember up to which event seq the cached context matches the store."""
+        context = self._contexts.get(run.spec.session_id)
+        writes = run.message_writes
+        if context is None or writes is None or not writes.done() or writes.cancelled():
+            return
+        if writes.exception() is not None:
+            # The store may lack some of this turn's messages: rebuild from it next time.
+            self._contexts.pop(run.spec.session_id, None)
+            return
+        if run.granted_next_seq > 0:
+            # The next run's grant names last_seq + 1 unless another replica wrote since.
+            context.current_at_event_seq = stream.last_seq
 
     async def _session_tools(self, session: AgentSession) -> list[ToolSpec]:
         now = self._clock()
@@ -269,18 +338,18 @@ class RunManager:
             await asyncio.sleep(interval)
             try:
                 held = await self._store.acquire_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
-                                                              owner_id=spec.run_id,
+                                                              owner_id=run.lock_owner,
                                                               lease_ms=self._limits.lock_lease_ms)
             except Unavailable:
                 continue  # the lease outlives a few missed renewals
-            if not held:
+            if not held.acquired:
                 log.error("session lock lost", extra={"session_id": spec.session_id, "run_id": spec.run_id})
                 run.token.cancel("lock lost")
                 return
 
-    async def _release_lock(self, spec: RunSpec) -> None:
+    async def _release_lock(self, spec: RunSpec, owner_id: str) -> None:
         try:
             await self._store.release_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
-                                                   owner_id=spec.run_id)
+                                                   owner_id=owner_id)
         except DomainError:
             log.warning("session lock not released; it will expire", extra={"session_id": spec.session_id})

@@ -6,8 +6,8 @@ committed, so an acknowledged event survives a crash of the store process.
 Overflow policy, applied when more than ``max_pending_events`` wait:
 - droppable events (token deltas) already queued are dropped oldest-first,
   then droppable events of the incoming request; each drop is counted;
-- other events (final, tool_result, compaction, approval, ...) are never
-  dropped: the request waits up to ``block_timeout_ms`` for room, then fails
+- other events (final, tool_result, compaction, approval, ...), and every
+  event of a request marked ``no_drop``, are never dropped: the request waits up to ``block_timeout_ms`` for room, then fails
   with RESOURCE_EXHAUSTED having written nothing.
 """
 from __future__ import annotations
@@ -100,11 +100,17 @@ class EventWriter:
     def max_pending(self) -> int:
         return self._max_pending
 
-    async def append(self, tenant_id: str, session_id: str, events: list[NewEvent]) -> list[int]:
-        """Seqs of ``events`` in order once committed; 0 for a dropped token delta."""
+    async def append(self, tenant_id: str, session_id: str, events: list[NewEvent], *,
+                     no_drop: bool = False) -> list[int]:
+        """Seqs of ``events`` in order once committed; 0 for a dropped token delta.
+
+        ``no_drop``: the caller numbered these events itself and live readers
+        already saw them, so a drop would make the stored log differ; such a
+        request waits for room like a critical event.
+        """
         if self._closing:
             raise Unavailable("store is shutting down", reason="STORE_CLOSING")
-        droppable = [e.type in self._droppable_types for e in events]
+        droppable = [not no_drop and e.type in self._droppable_types for e in events]
         pending = _Pending(tenant_id, session_id, list(events), droppable,
                            asyncio.get_running_loop().create_future(), dropped=[False] * len(events))
         await self._make_room(pending)

@@ -113,6 +113,8 @@ class LockResult:
     holder_id: str
     lease_expire_ms: int
     fencing_token: int
+    # Seq the session's next event gets, when the lock was acquired; 0 otherwise.
+    next_event_seq: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ class StoreCore:
     # -- events ----------------------------------------------------------------
 
     async def append_events(self, tenant_id: str, session_id: str, events: list[NewEvent],
-                            request_id: str) -> list[int]:
+                            request_id: str, *, no_drop: bool = False) -> list[int]:
         check.check_id(tenant_id, "tenant_id")
         check.check_id(session_id, "session_id")
         check.check_id(request_id, "request_id", required=False)
@@ -124,7 +125,7 @@ class StoreCore:
             events = [e if e.idempotency_key else
                       NewEvent(e.type, e.payload, f"{request_id}#{i}", e.schema_version)
                       for i, e in enumerate(events)]
-        return await self.writer.append(tenant_id, session_id, events)
+        return await self.writer.append(tenant_id, session_id, events, no_drop=no_drop)
 
     async def read_events(self, tenant_id: str, session_id: str, after_seq: int, page_size: int,
                           page_token: str) -> Page:
@@ -226,7 +227,14 @@ class StoreCore:
         check.check_id(owner_id, "owner_id")
         check.check_lease_ms(lease_ms)
         async with self._local_lock(tenant_id, session_id):
-            return await self.repo.acquire_lock(tenant_id, session_id, owner_id, lease_ms, self.clock())
+            result = await self.repo.acquire_lock(tenant_id, session_id, owner_id, lease_ms, self.clock())
+        next_seq = 0
+        if result.acquired:
+            # The holder is the session's only writer while its lease lasts, so
+            # it can number its events from here without asking again.
+            last = await self.repo.last_event_seqs([(tenant_id, session_id)])
+            next_seq = last.get((tenant_id, session_id), 0) + 1
+        return dataclasses.replace(result, next_event_seq=next_seq)
 
     async def release_session_lock(self, tenant_id: str, session_id: str, owner_id: str) -> bool:
         check.check_id(tenant_id, "tenant_id")
