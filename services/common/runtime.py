@@ -84,6 +84,11 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Calls waiting for the Python server to pick them up; past the default
+        # (1000) gRPC cancels them, so a burst of reconnecting watchers (after
+        # a restart) would lose a share of its streams.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ]
 
 

@@ -19,6 +19,7 @@ from services.gateway.adapters.grpc_backend import BackendError, GrpcBackends
 from services.gateway.core import streaming
 from services.gateway.http_errors import error_payload, error_response
 from services.gateway.routes import Route, match_route, path_exists
+from services.gateway.tracing_middleware import name_request_span
 
 SSE_HEARTBEAT_S = 15.0
 
@@ -46,6 +47,7 @@ class GenericRestApi:
                                            {"Allow": ", ".join(allowed)})
             return error_response(errors.NotFound(f"no route for {request.method} {path}", reason="ROUTE_NOT_FOUND"))
         route, path_vars = found
+        name_request_span(request.method, route.template.template)
         try:
             message = await self._decode(request, route, path_vars)
             metadata = forwarded_metadata(request)

@@ -34,6 +34,7 @@ from services.gateway.http_api import GenericRestApi
 from services.gateway.openai_routes import OpenAIRoutes
 from services.gateway.openapi import build_openapi
 from services.gateway.routes import Route, load_routes
+from services.gateway.tracing_middleware import HttpServerSpanMiddleware
 
 log = logging.getLogger("llmesh.gateway")
 
@@ -110,7 +111,8 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
             HttpRoute("/{path:path}", GenericRestApi(route_table, backends, settings.max_body_bytes).handle,
                       methods=_ANY_METHOD),
         ],
-        middleware=[Middleware(ApiKeyMiddleware, authenticator=authenticator)],
+        # Tracing outermost: refused requests (401/429) are traced too.
+        middleware=[Middleware(HttpServerSpanMiddleware), Middleware(ApiKeyMiddleware, authenticator=authenticator)],
         lifespan=lifespan,
     )
     app.state.backends = backends

@@ -54,6 +54,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         else:
             handle = self.pool.submit(spec, require_session=request.require_cached_session)
         span = trace.get_current_span()
+        # Which model and which node served a turn, so a slow trace points at a node.
+        span.set_attribute("model", request.model or self.pool.primary.backend.model_name)
+        span.set_attribute("node", self.node_id)
         try:
             async for delta in handle:
                 if delta.finish_reason is not None:

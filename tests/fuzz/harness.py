@@ -8,9 +8,10 @@ dominate the run time), which also proves the service survives the whole run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import Future
-from typing import Any, Awaitable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 from google.protobuf import descriptor as d
@@ -21,6 +22,9 @@ from services.common.runtime import RunningService, ServiceApp, start_service
 from services.common.settings import ServerSettings
 
 T = TypeVar("T")
+# Starts what the service under test depends on (their lifetimes go on the stack)
+# and returns that service, wired to them.
+MeshBuilder = Callable[[contextlib.AsyncExitStack], Awaitable[tuple[ServiceApp, ServerSettings]]]
 
 # What a service may answer to garbage; UNKNOWN and INTERNAL mean an unmapped failure.
 FORBIDDEN_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
@@ -31,10 +35,16 @@ STREAM_WINDOW_S = 0.3
 class ServiceThread:
     """A started service plus a channel to it, on a private loop thread."""
 
-    def __init__(self, app: ServiceApp, settings: ServerSettings) -> None:
+    def __init__(self, app: ServiceApp | None = None, settings: ServerSettings | None = None, *,
+                 build: MeshBuilder | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fuzz-service", daemon=True)
         self._thread.start()
+        # Dependencies must start on the service's loop: grpc.aio objects are bound to it.
+        self._dependencies = contextlib.AsyncExitStack()
+        if build is not None:
+            app, settings = self.call(build(self._dependencies), timeout_s=60)
+        assert app is not None and settings is not None, "pass app and settings, or build"
         self.running: RunningService = self.call(start_service(app, settings), timeout_s=60)
         self.channel: grpc.aio.Channel = self.call(self._open_channel())
 
@@ -65,6 +75,7 @@ class ServiceThread:
         try:
             self.call(self.channel.close())
             self.call(self.running.stop(grace=0.5))
+            self.call(self._dependencies.aclose())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)

@@ -80,7 +80,8 @@ async def rest_mesh(base: Path) -> AsyncIterator[str]:
         conf = ToolsSettings(port=0, data_dir=str(base / "tools"), policy_target=policy, sandbox="none",
                              sandbox_uid=-1, sandbox_gid=-1, workspace_root=str(base / "ws"))
         tools = await serve(build_tools(conf), conf)
-        conf = InferenceSettings(port=0, backend="synthetic", n_ctx=4096, n_seq_max=2, synthetic_tokens_per_s=0.0)
+        conf = InferenceSettings(port=0, node_id="trace-node", backend="synthetic", n_ctx=4096, n_seq_max=2,
+                                 synthetic_tokens_per_s=0.0)
         node = await serve(build_inference(conf), conf)
         channel = make_channel(node)
         stack.push_async_callback(channel.close)
@@ -130,19 +131,31 @@ async def test_one_agent_turn_is_one_trace_across_every_service(exporter: InMemo
     (tool_call,) = [e["toolCall"] for e in events if "toolCall" in e]
     call_id = tool_call["toolCallId"]
 
-    roots = [root for roots in build_trees(list(exporter.get_finished_spans())).values() for root in roots
-             if root.name == AGENT + "Run"]
-    assert len(roots) == 1, "the Run was split over several traces, or not traced"
+    all_roots = [root for roots in build_trees(list(exporter.get_finished_spans())).values() for root in roots]
+    roots = [root for root in all_roots if find(root, AGENT + "Run")]
+    assert len(roots) == 1, "the Run was split over several traces, or not traced:\n" + \
+        "\n".join(r.render() for r in all_roots)
     (root,) = roots
     tree_text = root.render()
-    # The REST layer's call starts the trace; the orchestrator serves it.
-    assert root.span.kind == SpanKind.CLIENT, tree_text
-    (run,) = find(root, AGENT + "Run")
+    # The REST request is the root: the HTTP server span, named by its route, with the call under it.
+    assert root.span.kind == SpanKind.SERVER, tree_text
+    assert root.name == "POST /v1/sessions/{session_id}:run", tree_text
+    assert root.span.attributes.get("http.response.status_code") == 200, tree_text
+    (rest_call,) = [c for c in root.children if c.name == AGENT + "Run"]
+    assert rest_call.span.kind == SpanKind.CLIENT, tree_text
+    (run,) = find(rest_call, AGENT + "Run")
     assert run.span.attributes.get("session_id") == session_id
+    # The HTTP span lasts as long as the SSE stream, so it encloses the whole turn.
+    assert root.span.end_time >= run.span.end_time, tree_text
 
     # Every downstream service served a part of this turn, inside this trace.
     generates = find(run, "InferenceService/Generate")
     assert len(generates) == 2, tree_text  # the tool-call step and the answer step
+    for generate in generates:
+        attributes = generate.span.attributes
+        assert attributes.get("model"), tree_text
+        assert attributes.get("node") == "trace-node", tree_text
+        assert attributes.get("session_id") == session_id, tree_text
     (execute,) = find(run, "ToolService/ExecuteTools") + find(run, "ToolService/ExecuteTool")
     assert call_id in (execute.span.attributes.get("tool_call_id"),
                        *(execute.span.attributes.get("tool_call_ids") or ())), tree_text

@@ -42,7 +42,7 @@ class SpanNode:
             yield from child.walk()
 
     def render(self, depth: int = 0) -> str:
-        attrs = {k: v for k, v in (self.span.attributes or {}).items() if k in ("session_id", "tool_call_id")}
+        attrs = {k: v for k, v in (self.span.attributes or {}).items() if k in ("session_id", "tool_call_id", "model", "node")}
         lines = [f"{'  ' * depth}{self.span.kind.name.lower()} {self.name} {attrs or ''}".rstrip()]
         lines += [child.render(depth + 1) for child in self.children]
         return "\n".join(lines)
