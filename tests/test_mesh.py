@@ -211,3 +211,20 @@ def test_sigterm_to_make_run_stops_every_child_quickly(mesh) -> None:
     _gone, alive = psutil.wait_procs(tree, timeout=max(0.1, 10 - (time.monotonic() - started)))
     assert not alive, [p.cmdline() for p in alive]
     assert time.monotonic() - started < 10
+
+
+def _trace_ids(path: Path) -> set[str]:
+    import json
+
+    return {json.loads(line)["context"]["trace_id"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def test_stopped_services_flushed_their_traces_and_a_turn_spans_services(mesh) -> None:
+    """Runs after the SIGTERM test: every service wrote traces/<svc>.jsonl on
+    its way out, and the two-turn session's traces cross service lines."""
+    traces = Path(mesh["data_dir"]) / "traces"
+    files = {svc.name: traces / f"{svc.name}.jsonl" for svc in SERVICES}
+    for name, path in files.items():
+        assert path.exists() and path.stat().st_size > 0, name
+    shared = _trace_ids(files["orchestrator"]) & _trace_ids(files["inference"]) & _trace_ids(files["store"])
+    assert shared, "one agent turn is one trace across orchestrator, inference and store"

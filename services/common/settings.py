@@ -36,8 +36,9 @@ class ServerSettings:
     data_dir: str = "data"
     # OTLP gRPC endpoint for traces; empty writes traces to trace_file.
     otlp_endpoint: str = ""
-    # JSON-lines trace file, relative to data_dir; empty disables it.
-    trace_file: str = ""
+    # JSON-lines trace file, relative to data_dir ({service} is replaced by the
+    # service's name); used when no otlp_endpoint is set; empty disables it.
+    trace_file: str = "traces/{service}.jsonl"
     # Require an API key (``authorization: Bearer <key>`` metadata) on every
     # RPC but health and reflection; keys are hashed in api_keys_file
     # (relative to data_dir), made with ``python -m services.common.auth create-key``.

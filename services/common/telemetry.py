@@ -40,7 +40,7 @@ def configure_tracing(service: str, settings: ServerSettings) -> TracerProvider 
 
         exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=True)
     elif settings.trace_file:
-        exporter = JsonLinesSpanExporter(settings.data_path / settings.trace_file)
+        exporter = JsonLinesSpanExporter(settings.data_path / settings.trace_file.format(service=service))
     if exporter is None:
         return None
     provider = TracerProvider(resource=Resource.create({"service.name": f"llmesh-{service}"}))
