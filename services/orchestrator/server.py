@@ -15,6 +15,7 @@ from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common.clients import make_channel
 from services.common.errors import FailedPrecondition
+from services.orchestrator import metrics
 from services.orchestrator.adapters.grpc_inference import GrpcInference
 from services.orchestrator.adapters.grpc_policy import GrpcPolicy
 from services.orchestrator.adapters.grpc_store import GrpcStore
@@ -82,6 +83,7 @@ class App:
         policy = self._ports["policy"] or GrpcPolicy.for_channel(self._channel("policy", s.policy_target))
         self.orchestrator = Orchestrator(store=store, inference=inference, tools=tools, policy=policy,
                                          config=orchestrator_config(s))
+        self.orchestrator.hub.add_observer(metrics.observe_event)
         self.orchestrator.start()
         self.servicer.bind(self.orchestrator)
 

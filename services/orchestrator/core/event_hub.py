@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.ports import StorePort
@@ -85,6 +85,15 @@ class EventHub:
         self._batch_max = batch_max
         self._retry = retry
         self._live: dict[str, RunStream] = {}
+        # Called with every stamped event (metrics); must not block or raise.
+        self._observers: list[Callable[[AgentEvent], None]] = []
+
+    def add_observer(self, observer: Callable[[AgentEvent], None]) -> None:
+        self._observers.append(observer)
+
+    def _observe(self, event: AgentEvent) -> None:
+        for observer in self._observers:
+            observer(event)
 
     def live_run(self, session_id: str) -> RunStream | None:
         return self._live.get(session_id)
@@ -118,6 +127,7 @@ class EventHub:
             stream.wake.set()
         stream.flusher = asyncio.create_task(self._flush_loop(stream), name=f"events-{first.run_id}")
         self._live[first.session_id] = stream
+        self._observe(stamped)
         return stream, stamped
 
     def publish(self, stream: RunStream, event: AgentEvent) -> AgentEvent:
@@ -131,6 +141,7 @@ class EventHub:
         for queue in stream.subscribers:
             queue.put_nowait(stamped)
         stream.wake.set()
+        self._observe(stamped)
         return stamped
 
     @staticmethod

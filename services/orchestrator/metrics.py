@@ -1,0 +1,29 @@
+"""Prometheus metrics of the orchestrator, fed by the event hub's observer."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.orchestrator.core import events as ev
+from services.orchestrator.core.events import AgentEvent
+
+EVENTS = Counter("llmesh_orchestrator_events_total", "Events published to run streams.", ["type"])
+ACTIVE_RUNS = Gauge("llmesh_orchestrator_active_runs", "Runs started here and not yet final.")
+RUNS_ENDED = Counter("llmesh_orchestrator_runs_ended_total", "Runs that ended, by how.", ["outcome"])
+COMPACTIONS = Counter("llmesh_orchestrator_compactions_total", "Context compactions.", ["strategy"])
+COMPACTION_RATIO = Histogram(
+    "llmesh_orchestrator_compaction_ratio", "Prompt tokens after a compaction over tokens before it.",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+
+
+def observe_event(event: AgentEvent) -> None:
+    EVENTS.labels(event.type).inc()
+    if event.type == ev.TURN_STARTED:
+        ACTIVE_RUNS.inc()
+    elif event.type in ev.TERMINAL_TYPES:
+        ACTIVE_RUNS.dec()
+        RUNS_ENDED.labels(event.type).inc()
+    elif event.type == ev.COMPACTION:
+        COMPACTIONS.labels(str(event.body.get("strategy", ""))).inc()
+        before = event.body.get("tokens_before") or 0
+        if before > 0:
+            COMPACTION_RATIO.observe((event.body.get("tokens_after") or 0) / before)
