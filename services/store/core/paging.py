@@ -4,9 +4,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from services.common.errors import InvalidArgument
+
+Row = TypeVar("Row")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
@@ -42,3 +44,24 @@ def decode_token(token: str, scope: str) -> Any:
     if not isinstance(body, dict) or body.get("s") != scope or "c" not in body:
         raise InvalidArgument("page_token: does not belong to this query", field="page_token")
     return body["c"]
+
+
+async def page_after(scope: str, after: int, page_size: int, page_token: str,
+                     fetch: Callable[[int, int], Awaitable[Sequence[Row]]],
+                     position: Callable[[Row], int]) -> tuple[list[Row], str]:
+    """One page of rows past ``after`` (a seq or position), resuming from ``page_token``.
+
+    ``fetch(after, limit)`` returns rows in order; asking for one more than the
+    page tells whether another page follows.
+    """
+    limit = page_limit(page_size)
+    cursor = decode_token(page_token, scope)
+    if cursor is not None:
+        if not isinstance(cursor, int):
+            raise InvalidArgument("page_token: malformed", field="page_token")
+        after = max(after, cursor)
+    rows = list(await fetch(after, limit + 1))
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, encode_token(scope, position(rows[-1]))

@@ -19,7 +19,7 @@ from services.store.core.models import (
     AuditRecord, EventRecord, LockResult, NewEvent, NewMessage, NewSession, NewTask, Page, SessionRecord,
     TaskRecord,
 )
-from services.store.core.paging import decode_token, encode_token, page_limit
+from services.store.core.paging import decode_token, encode_token, page_after, page_limit
 from services.store.core.ports import StoreRepository
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
@@ -98,18 +98,13 @@ class StoreCore:
         check.check_id(tenant_id, "tenant_id")
         check.check_id(session_id, "session_id")
         check.check_seq(after_position, "after_position")
-        limit = page_limit(page_size)
-        scope = f"messages:{tenant_id}:{session_id}"
-        cursor = decode_token(page_token, scope)
-        if cursor is not None:
-            require(isinstance(cursor, int), "page_token", "malformed")
-            after_position = max(after_position, cursor)
-        await self.get_session(tenant_id, session_id)
-        rows = await self.repo.list_messages(tenant_id, session_id, after_position, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = encode_token(scope, rows[-1].position)
+
+        async def fetch(after: int, limit: int) -> list:
+            await self.get_session(tenant_id, session_id)
+            return await self.repo.list_messages(tenant_id, session_id, after, limit)
+
+        rows, token = await page_after(f"messages:{tenant_id}:{session_id}", after_position, page_size, page_token,
+                                       fetch, lambda row: row.position)
         return Page(rows, token)
 
     # -- events ----------------------------------------------------------------
@@ -132,18 +127,13 @@ class StoreCore:
         check.check_id(tenant_id, "tenant_id")
         check.check_id(session_id, "session_id")
         check.check_seq(after_seq, "after_seq")
-        limit = page_limit(page_size)
-        scope = f"events:{tenant_id}:{session_id}"
-        cursor = decode_token(page_token, scope)
-        if cursor is not None:
-            require(isinstance(cursor, int), "page_token", "malformed")
-            after_seq = max(after_seq, cursor)
-        await self.get_session(tenant_id, session_id)
-        rows = await self.repo.read_events(tenant_id, session_id, after_seq, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = encode_token(scope, rows[-1].seq)
+
+        async def fetch(after: int, limit: int) -> list:
+            await self.get_session(tenant_id, session_id)
+            return await self.repo.read_events(tenant_id, session_id, after, limit)
+
+        rows, token = await page_after(f"events:{tenant_id}:{session_id}", after_seq, page_size, page_token,
+                                       fetch, lambda row: row.seq)
         return Page(rows, token)
 
     async def watch_events(self, tenant_id: str, session_id: str, after_seq: int,
@@ -272,15 +262,7 @@ class StoreCore:
     async def list_audit(self, tenant_id: str, after_seq: int, page_size: int, page_token: str) -> Page:
         check.check_id(tenant_id, "tenant_id")
         check.check_seq(after_seq, "after_seq")
-        limit = page_limit(page_size)
-        scope = f"audit:{tenant_id}"
-        cursor = decode_token(page_token, scope)
-        if cursor is not None:
-            require(isinstance(cursor, int), "page_token", "malformed")
-            after_seq = max(after_seq, cursor)
-        rows = await self.repo.list_audit(tenant_id, after_seq, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = encode_token(scope, rows[-1].seq)
+        rows, token = await page_after(
+            f"audit:{tenant_id}", after_seq, page_size, page_token,
+            lambda after, limit: self.repo.list_audit(tenant_id, after, limit), lambda row: row.seq)
         return Page(rows, token)
