@@ -219,12 +219,10 @@ def report_death(child: Child) -> None:
 
 def print_table(children: list[Child], data_dir: Path) -> None:
     print("\nllmesh is up (Ctrl-C stops it):\n")
-    print(f"  {'service':<14} {'gRPC':<18} {'metrics':<28} log")
+    print(f"  {'service':<14} {'address':<22} {'metrics':<32} log")
     for c in children:
-        if c.service.kind == "http":
-            print(f"  {c.name:<14} {'http://' + c.target:<18} {'-':<28} {c.log_path}")
-        else:
-            print(f"  {c.name:<14} {c.target:<18} {'http://127.0.0.1:%d/metrics' % c.metrics_port:<28} {c.log_path}")
+        address = "http://" + c.target if c.service.kind == "http" else c.target
+        print(f"  {c.name:<14} {address:<22} {'http://127.0.0.1:%d/metrics' % c.metrics_port:<32} {c.log_path}")
     print(f"\n  data: {data_dir}   try: grpcurl -plaintext {children[0].target} list")
     key_file = data_dir / DEV_KEY_FILE
     if key_file.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import uvicorn
+from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -153,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("gateway", settings.log_level)
     provider = configure_tracing("gateway", settings)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    if settings.metrics_port >= 0:
+        start_http_server(settings.metrics_port, addr=settings.host)
     try:
         uvicorn.Server(uvicorn_config(build_app(settings), settings)).run()
     finally:

@@ -77,3 +77,26 @@ async def test_a_handler_that_raises_ends_its_span_as_an_error(exporter) -> None
     assert http.status.status_code == StatusCode.ERROR
     assert http.name == "GET /boom"
     assert any(e.name == "exception" for e in http.events)
+
+
+def _http_count(method: str, route: str, code: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("llmesh_http_request_duration_seconds_count",
+                                     {"method": method, "route": route, "code": code}) or 0.0
+
+
+async def test_requests_are_timed_by_route_template_not_raw_path(mesh: Mesh, exporter) -> None:
+    before_create = _http_count("POST", "/v1/sessions", "200")
+    before_get = _http_count("GET", "/v1/sessions/{session_id}", "200")
+    # Refused before routing: the route is not known yet, and raw paths are never labels.
+    before_refused = _http_count("POST", "unrouted", "401")
+    async with mesh.client() as client:
+        created = await client.post("/v1/sessions", json={"tenantId": "acme"})
+        session_id = created.json()["session"]["sessionId"]
+        assert (await client.get(f"/v1/sessions/{session_id}")).status_code == 200
+    async with mesh.client(key=None) as client:
+        assert (await client.post("/v1/sessions", json={"tenantId": "acme"})).status_code == 401
+    assert _http_count("POST", "/v1/sessions", "200") == before_create + 1
+    assert _http_count("GET", "/v1/sessions/{session_id}", "200") == before_get + 1
+    assert _http_count("POST", "unrouted", "401") == before_refused + 1
