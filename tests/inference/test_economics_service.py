@@ -25,8 +25,7 @@ def settings(**overrides) -> Settings:
 
 def engine_requests(svc) -> int:
     """Requests the node's engine actually decoded (one sampler each)."""
-    backend = svc.app.pool.engines[0].backend
-    return len({e.sampler_key for call in backend.decode_calls for e in call if e.sampler_key is not None})
+    return svc.app.pool.engines[0].backend.samplers_opened
 
 
 def metric(name: str, **labels) -> float:
@@ -64,16 +63,16 @@ async def test_cached_answer_is_marked_and_never_reaches_the_engine(node):
     svc, stub = node
     hits_before = metric("llmesh_inference_response_cache_lookups_total", result="hit")
     first = await collect(stub, gen())
-    calls = len(svc.app.pool.engines[0].backend.decode_calls)
+    calls = svc.app.pool.engines[0].backend.decode_count
     second = await collect(stub, gen())
-    assert len(svc.app.pool.engines[0].backend.decode_calls) == calls
+    assert svc.app.pool.engines[0].backend.decode_count == calls
     assert all(r.cached for r in second) and not any(r.cached for r in first)
     assert [r.text for r in second] == [r.text for r in first]
     assert second[-1].usage.cached_tokens == second[-1].usage.prompt_tokens
     assert metric("llmesh_inference_response_cache_lookups_total", result="hit") - hits_before == 1
     assert 0.0 < metric("llmesh_inference_response_cache_hit_ratio") <= 1.0
     fresh = await collect(stub, gen(skip_cache=True))
-    assert not fresh[-1].cached and len(svc.app.pool.engines[0].backend.decode_calls) > calls
+    assert not fresh[-1].cached and svc.app.pool.engines[0].backend.decode_count > calls
 
 
 async def test_cache_is_off_unless_configured():

@@ -142,9 +142,9 @@ async def test_cached_answer_returns_without_touching_the_engine(node):
     engine, finishes = node
     front, counter = make_front(engine, cache_entries=8)
     first = await read_all(front.submit(spec()))
-    decode_calls = len(engine.backend.decode_calls)
+    decode_calls = engine.backend.decode_count
     second = await read_all(front.submit(spec()))
-    assert len(engine.backend.decode_calls) == decode_calls and len(finishes.reasons) == 1
+    assert engine.backend.decode_count == decode_calls and len(finishes.reasons) == 1
     assert tokens_of(second) == tokens_of(first)
     assert all(d.cached for d in second) and not any(d.cached for d in first)
     assert second[-1].usage.cached_tokens == second[-1].usage.prompt_tokens

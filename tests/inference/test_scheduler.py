@@ -29,7 +29,8 @@ class Collected:
 
 def make_scheduler(n_seq: int = 4, n_ctx: int = 512, n_batch: int = 64,
                    budget: PrefillBudget | None = None) -> tuple[Scheduler, SyntheticBackend]:
-    backend = SyntheticBackend(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=n_batch, tokens_per_s=0)
+    backend = SyntheticBackend(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=n_batch, tokens_per_s=0,
+                               record_decodes=True)
     return Scheduler(backend, n_seq, n_ctx, n_batch, budget=budget), backend
 
 

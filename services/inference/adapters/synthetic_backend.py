@@ -31,6 +31,7 @@ class SyntheticBackend:
         ttft_ms: float = 0.0,
         prefill_ms_per_token: float = 0.0,
         model_name: str = "synthetic",
+        record_decodes: bool = False,
     ) -> None:
         self.model_name = model_name
         self.device = "synthetic"
@@ -44,7 +45,11 @@ class SyntheticBackend:
         self._history: list[list[int]] = [[] for _ in range(n_seq_max)]
         self._samplers: dict[int, SamplingParams] = {}
         self._logprobs: dict[int, float] = {}
-        self.decode_calls: list[list[BatchEntry]] = []
+        # Counters are always kept; the batch-by-batch record only when asked for
+        # (tests), since a long-running node would otherwise grow without bound.
+        self.decode_count = 0
+        self.samplers_opened = 0
+        self.decode_calls: list[list[BatchEntry]] | None = [] if record_decodes else None
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         body = [b + BYTE_OFFSET for b in text.encode("utf-8")]
@@ -70,12 +75,15 @@ class SyntheticBackend:
 
     def open_sampler(self, key: int, params: SamplingParams) -> None:
         self._samplers[key] = params
+        self.samplers_opened += 1
 
     def close_sampler(self, key: int) -> None:
         self._samplers.pop(key, None)
 
     def decode(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
-        self.decode_calls.append(list(entries))
+        self.decode_count += 1
+        if self.decode_calls is not None:
+            self.decode_calls.append(list(entries))
         if sum(len(e.tokens) for e in entries) > self.max_batch_tokens:
             raise ValueError("batch exceeds n_batch")
         sampled: dict[int, int] = {}
