@@ -71,7 +71,6 @@ def mesh_env(options: MeshOptions) -> dict[str, str]:
         "LLMESH_TOOLS_SANDBOX_UID": "-1",
         "LLMESH_TOOLS_SANDBOX_GID": "-1",
         "LLMESH_TOOLS_MAX_CONCURRENT_CALLS": "64",
-        "LLMESH_POLICY_AUDIT_BACKEND": "memory",
         "LLMESH_LOG_LEVEL": "WARNING",
     }
 

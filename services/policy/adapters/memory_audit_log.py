@@ -1,5 +1,6 @@
 """An AuditLog kept in memory, with the store's append rules; for tests and
-single-process runs without a store."""
+short single-process runs without a store. It keeps every entry (a chain cannot
+drop its old links and still verify), so it grows with every decision."""
 from __future__ import annotations
 
 from dataclasses import replace
