@@ -30,6 +30,7 @@ class MeshOptions:
     # Sequences per node: the scenarios want the node never to queue.
     seqs_per_node: int = 512
     max_active_runs: int = 1024
+    saved_state_max_mb: int = 8
     data_dir: str = ""
 
 
@@ -64,6 +65,9 @@ def mesh_env(options: MeshOptions) -> dict[str, str]:
         "LLMESH_INFERENCE_N_SEQ_MAX": str(options.seqs_per_node),
         "LLMESH_INFERENCE_MAX_QUEUE": str(options.seqs_per_node * 4),
         "LLMESH_INFERENCE_N_CTX": str(max(8192, options.seqs_per_node * 1024)),
+        # Every S1 turn opens a session, so evicted sessions' saved states pile
+        # up to this budget; a small one reaches its plateau early in a soak.
+        "LLMESH_INFERENCE_SAVED_STATE_MAX_MB": str(options.saved_state_max_mb),
         "LLMESH_ORCHESTRATOR_MAX_ACTIVE_RUNS": str(options.max_active_runs),
         "LLMESH_ORCHESTRATOR_MAX_WORKERS": "0",
         "LLMESH_STORE_SQLITE_SYNCHRONOUS": "NORMAL",

@@ -36,6 +36,22 @@ class SavedSession:
     prompt_tokens: list[int]
     state: bytes
 
+    @property
+    def footprint(self) -> int:
+        """Bytes this entry holds: the state plus its token lists and text.
+
+        A real model's state (~13 KB a token) dwarfs the rest, but a small or
+        synthetic one does not, so the budget counts everything.
+        """
+        return (len(self.state) + len(self.prompt_text) + _POINTER_BYTES * (len(self.tokens) + len(self.prompt_tokens))
+                + _ENTRY_OVERHEAD_BYTES)
+
+
+# A list slot per token id (small ints are shared), and the fixed cost of an
+# entry (dataclass, lists, dict slot).
+_POINTER_BYTES = 8
+_ENTRY_OVERHEAD_BYTES = 400
+
 
 @dataclass(frozen=True)
 class Eviction:
@@ -140,9 +156,7 @@ class KVSlotTable:
 
     def drop_session(self, session_id: str) -> Slot | None:
         """Forget a session (resident or saved); returns its slot if the cells must be cleared."""
-        saved = self.saved.pop(session_id, None)
-        if saved is not None:
-            self._saved_bytes -= len(saved.state)
+        self.take_saved(session_id)
         slot = self._by_session.pop(session_id, None)
         if slot is None:
             return None
@@ -154,19 +168,20 @@ class KVSlotTable:
     # -- saved states -------------------------------------------------------
 
     def store_saved(self, eviction: Eviction, state: bytes) -> None:
-        if len(state) > self.saved_max_bytes:
+        entry = SavedSession(eviction.tokens, eviction.prompt_text, eviction.prompt_tokens, state)
+        if entry.footprint > self.saved_max_bytes:
             return
-        self.saved[eviction.session_id] = SavedSession(eviction.tokens, eviction.prompt_text,
-                                                       eviction.prompt_tokens, state)
-        self._saved_bytes += len(state)
+        self.take_saved(eviction.session_id)
+        self.saved[eviction.session_id] = entry
+        self._saved_bytes += entry.footprint
         while self._saved_bytes > self.saved_max_bytes:
             _, oldest = self.saved.popitem(last=False)
-            self._saved_bytes -= len(oldest.state)
+            self._saved_bytes -= oldest.footprint
 
     def take_saved(self, session_id: str) -> SavedSession | None:
         saved = self.saved.pop(session_id, None)
         if saved is not None:
-            self._saved_bytes -= len(saved.state)
+            self._saved_bytes -= saved.footprint
         return saved
 
     @staticmethod
