@@ -49,8 +49,10 @@ class OpenAIRoutes:
         try:
             compat = self._compat()
             plan: CompletionPlan = planner(await self._body(request))
+            principal = getattr(request.state, "principal", None)
             plan = dataclasses.replace(plan, params=dataclasses.replace(
-                plan.params, metadata=tuple(forwarded_metadata(request))))
+                plan.params, metadata=tuple(forwarded_metadata(request)),
+                tenant_id=principal.tenant_id if principal else ""))
             if not plan.stream:
                 result = await (compat.chat(plan) if kind == "chat" else compat.completion(plan))
                 return JSONResponse(result)

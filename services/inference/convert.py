@@ -67,11 +67,12 @@ def generate_spec(request: pb.GenerateRequest, default_max_tokens: int,
     )
 
 
-def generate_response(delta: Delta, node_id: str) -> pb.GenerateResponse:
+def generate_response(delta: Delta, node_id: str, model: str = "") -> pb.GenerateResponse:
     reply = pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids, node_id=node_id,
                                 cached=delta.cached, merged=delta.merged, logprobs=delta.logprobs)
     if delta.finish_reason is not None:
         reply.finish_reason = _FINISH[delta.finish_reason]
+        reply.model = model
     if delta.usage is not None:
         u = delta.usage
         reply.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,

@@ -54,16 +54,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         else:
             handle = self.pool.submit(spec, require_session=request.require_cached_session)
         span = trace.get_current_span()
+        served = request.model or self.pool.primary.backend.model_name
         # Which model and which node served a turn, so a slow trace points at a node.
-        span.set_attribute("model", request.model or self.pool.primary.backend.model_name)
+        span.set_attribute("model", served)
         span.set_attribute("node", self.node_id)
         try:
             async for delta in handle:
                 if delta.finish_reason is not None:
                     span.set_attribute("llmesh.inference.cache_hit", delta.cached)
                     span.set_attribute("llmesh.inference.merged", delta.merged)
-                    span.set_attribute("llmesh.inference.model", request.model or self.pool.primary.backend.model_name)
-                yield convert.generate_response(delta, self.node_id)
+                    span.set_attribute("llmesh.inference.model", served)
+                yield convert.generate_response(delta, self.node_id, served)
         finally:
             # A client that went away (or any early exit) frees its sequence now.
             handle.cancel()

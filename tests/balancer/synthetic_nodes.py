@@ -23,6 +23,7 @@ class SyntheticNodeSpec:
     max_tokens: int = 8
     # 3.0 makes every delay three times as long: a 3x slower node.
     slowdown: float = 1.0
+    model_name: str = "synthetic"
 
     def settings(self) -> Settings:
         return Settings(
@@ -34,6 +35,7 @@ class SyntheticNodeSpec:
             synthetic_tokens_per_s=self.tokens_per_s / self.slowdown,
             synthetic_ttft_ms=self.ttft_ms * self.slowdown,
             synthetic_prefill_ms_per_token=self.prefill_ms_per_token * self.slowdown,
+            model_name=self.model_name,
         )
 
 

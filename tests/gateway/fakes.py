@@ -202,6 +202,8 @@ class ScriptedGenerator:
         self.text = text
         self.models = models
         self.requests: list[GenerationParams] = []
+        # The model the last chunk names as having answered ("" names none).
+        self.answered_by = ""
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         self.requests.append(params)
@@ -210,7 +212,8 @@ class ScriptedGenerator:
             last = i == len(words) - 1
             yield GenerationChunk(text=word if i == 0 else " " + word, finish_reason="stop" if last else None,
                                   prompt_tokens=len(params.prompt) // 4 if last else 0,
-                                  generated_tokens=len(words) if last else 0)
+                                  generated_tokens=len(words) if last else 0,
+                                  model=self.answered_by if last else "")
 
     async def list_models(self) -> list[str]:
         return list(self.models)

@@ -35,6 +35,20 @@ async def test_chat_completion_non_stream(mesh: Mesh):
     assert "<end_of_turn>" in sent.stop and sent.grammar == ""
 
 
+async def test_the_answer_names_the_model_that_served_it_and_the_tenant_travels(mesh: Mesh):
+    # Behind a balancer, "auto" (or a fallback) may be served by another name than asked for.
+    mesh.generator.answered_by = "gemma-fast"
+    async with client_for(mesh) as client:
+        reply = await client.chat.completions.create(model="auto", max_tokens=8,
+                                                     messages=[{"role": "user", "content": "Say hi"}])
+        stream = await client.completions.create(model="auto", prompt="Say hi", max_tokens=8, stream=True)
+        pieces = [piece async for piece in stream]
+    assert reply.model == "gemma-fast"
+    assert pieces[0].model == "auto" and pieces[-1].model == "gemma-fast"
+    assert [r.model for r in mesh.generator.requests] == ["auto", "auto"]
+    assert {r.tenant_id for r in mesh.generator.requests} == {"acme"}
+
+
 async def test_chat_completion_stream_with_usage(mesh: Mesh):
     async with client_for(mesh) as client:
         stream = await client.chat.completions.create(

@@ -56,7 +56,8 @@ class FakeBalancer:
         return inference_pb2.CountTokensResponse(n_ctx=4096)
 
     async def generate(self, request, *, session_id=None, **_kw):
-        self.calls.append(("Generate", session_id, list(request.prompt_tokens), request.sampling.grammar))
+        self.calls.append(("Generate", session_id, list(request.prompt_tokens), request.sampling.grammar,
+                           request.tenant_id))
         yield inference_pb2.GenerateResponse(text="hi")
         yield inference_pb2.GenerateResponse(text="", finish_reason=inference_pb2.FINISH_REASON_STOP,
                                              usage=inference_pb2.Usage(prompt_tokens=3, generated_tokens=1,
@@ -69,11 +70,11 @@ async def test_inference_adapter_goes_through_a_balancer():
     assert await inference.tokenize("x") == [1, 2, 3]
     assert await inference.context_size() == 4096
     chunks = [c async for c in inference.generate(GenerationRequest(
-        request_id="r", prompt_tokens=(1, 2, 3), session_id="s1", grammar="root ::= \"hi\""))]
+        request_id="r", prompt_tokens=(1, 2, 3), session_id="s1", grammar="root ::= \"hi\"", tenant_id="acme"))]
     assert [c.text for c in chunks] == ["hi", ""]
     assert chunks[-1].finish_reason == "stop" and chunks[-1].ttft_ms == 12.5
     assert chunks[-1].usage.prompt_tokens == 3
-    assert balancer.calls[-1] == ("Generate", "s1", [1, 2, 3], 'root ::= "hi"')
+    assert balancer.calls[-1] == ("Generate", "s1", [1, 2, 3], 'root ::= "hi"', "acme")
 
 
 async def test_a_retried_run_request_joins_the_run_it_started():
@@ -86,3 +87,5 @@ async def test_a_retried_run_request_joins_the_run_it_started():
     assert again is run
     first, second = await collect(events), await collect(replay)
     assert [e.seq for e in first] == [e.seq for e in second] and len(rig.inference.requests) == 1
+    # The node is told whose turn it is (its per-tenant settings apply).
+    assert rig.inference.requests[0].tenant_id == "acme"

@@ -26,15 +26,19 @@ from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import errors
 from services.common.balancer.config import BalancerSettings
-from services.common.balancer.core.node_state import EjectionPolicy, NodeState
+from services.common.balancer.core.node_state import EjectionPolicy, Health, NodeState
 from services.common.balancer.core.picker import NoNodeAvailable, Picker, PickerConfig
 from services.common.balancer.discovery import Resolver, has_dns_entries, resolve_dns, resolve_entries
 from services.common.balancer.node_link import NodeLink
 from services.common.balancer.rpc_errors import is_node_fault, is_retryable, to_domain_error
+from services.common.economics.routing import (FALLBACK_ERRORS, Attempt, ModelProfile, ModelRegistry, ModelRouter,
+                                               RouteRequest, chain_exhausted, estimate_complexity, failed_attempt,
+                                               parse_fallbacks, parse_model_profiles, parse_tier_thresholds)
 
 log = logging.getLogger("llmesh.balancer")
 
@@ -43,6 +47,14 @@ RETRIES = Counter("llmesh_balancer_retries_total", "Requests retried on another 
                   ["code"])
 EJECTIONS = Counter("llmesh_balancer_ejections_total", "Nodes ejected after consecutive failures.", ["node"])
 NO_NODE = Counter("llmesh_balancer_no_node_total", "Requests failed fast because no node was usable.")
+ROUTED = Counter("llmesh_balancer_routed_total", "Requests served along a model chain (auto or with fallbacks).",
+                 ["model", "fell_back"])
+FALLBACKS = Counter("llmesh_balancer_fallbacks_total", "Models skipped in a chain before answering.",
+                    ["model", "error"])
+# The model name that asks the balancer's router to choose.
+AUTO_MODEL = "auto"
+# max_tokens assumed for routing when a request leaves it to the node.
+DEFAULT_ROUTE_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,9 @@ class Balancer:
         ), rng=rng)
         self._links: dict[str, NodeLink] = {}
         self._refresh_task: asyncio.Task[None] | None = None
+        self._profiles = parse_model_profiles(settings.model_profiles)
+        self._fallbacks = parse_fallbacks(settings.model_fallbacks)
+        self._router_config = parse_tier_thresholds(settings.route_tier_thresholds)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
@@ -106,10 +121,14 @@ class Balancer:
         await self.close()
 
     async def wait_for_health(self, timeout_s: float) -> None:
-        """Until every node reported health once, or ``timeout_s`` passed."""
-        waits = [link.health_known.wait() for link in self._links.values()]
+        """Until every node reported health once (and a serving one its models), or ``timeout_s`` passed."""
+        async def known(link: NodeLink) -> None:
+            await link.health_known.wait()
+            if link.state.health is Health.SERVING:
+                await link.models_listed.wait()
+
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
+            await asyncio.wait_for(asyncio.gather(*(known(link) for link in self._links.values())), timeout_s)
 
     async def _sync_nodes(self, addresses: set[str]) -> None:
         for address in sorted(addresses - self._links.keys()):
@@ -143,13 +162,14 @@ class Balancer:
         return self._picker.holder_of("session:" + session_id)
 
     # -- choosing ---------------------------------------------------------
-    def _choose(self, key: str | None, exclude: set[str]) -> NodeLink:
+    def _choose(self, key: str | None, exclude: set[str], model: str = "") -> NodeLink:
         try:
-            pick = self._picker.choose(self.nodes, self._clock(), key, exclude)
+            pick = self._picker.choose(self.nodes, self._clock(), key, exclude, model)
         except NoNodeAvailable:
             NO_NODE.inc()
+            serving = f" serving model {model!r}" if model else ""
             raise errors.Unavailable(
-                f"no healthy inference node (of {len(self._links)}; tried {len(exclude)})",
+                f"no healthy inference node{serving} (of {len(self._links)}; tried {len(exclude)})",
                 reason="NO_HEALTHY_NODE", metadata={"num_nodes": str(len(self._links))}) from None
         PICKS.labels(pick.node.address, pick.reason).inc()
         pick.node.num_picked += 1
@@ -175,10 +195,11 @@ class Balancer:
         return remaining
 
     # -- calls --------------------------------------------------------------
-    def _next_link(self, key: str | None, tried: set[str], last: errors.DomainError | None) -> NodeLink:
+    def _next_link(self, key: str | None, tried: set[str], last: errors.DomainError | None,
+                   model: str = "") -> NodeLink:
         """The next node to try; with none left, the last node's error (or UNAVAILABLE)."""
         try:
-            link = self._choose(key, tried)
+            link = self._choose(key, tried, model)
         except errors.Unavailable:
             if last is not None:
                 raise last from None
@@ -193,8 +214,9 @@ class Balancer:
         deadline = None if timeout is None else self._clock() + timeout
         tried: set[str] = set()
         last: errors.DomainError | None = None
+        model = getattr(request, "model", "")
         for _attempt in range(self.settings.max_attempts):
-            link = self._next_link(key, tried, last)
+            link = self._next_link(key, tried, last, model)
             link.state.num_inflight += 1
             try:
                 reply = await getattr(link.inference, method)(request, timeout=self._remaining(deadline))
@@ -212,16 +234,86 @@ class Balancer:
         assert last is not None
         raise last
 
+    # -- models -------------------------------------------------------------
+    def registry(self) -> ModelRegistry:
+        """The model names healthy nodes serve now, with their configured profiles."""
+        now = self._clock()
+        contexts: dict[str, int] = {}
+        served: dict[str, list[str]] = {}
+        for address, state in self.nodes.items():
+            if state.models is None or not state.is_available(now):
+                continue
+            for name, n_ctx in state.models.items():
+                contexts[name] = min(contexts.get(name, n_ctx), n_ctx)
+                served.setdefault(name, []).append(address)
+        registry = ModelRegistry()
+        for name, addresses in served.items():
+            profile = replace(self._profiles.get(name) or ModelProfile(name), context_tokens=contexts[name])
+            for address in addresses:
+                registry.register(address, profile)
+        return registry
+
+    def model_chain(self, request: inference_pb2.GenerateRequest) -> list[str]:
+        """Models to try for a request, in order: the router's chain for "auto", else the name and its fallbacks."""
+        if request.model != AUTO_MODEL:
+            return [request.model, *self._fallbacks.get(request.model, ())]
+        errors.require(not request.prompt_tokens, "model",
+                       f"{AUTO_MODEL!r} needs a text prompt: token ids belong to one model's vocabulary")
+        route = RouteRequest(
+            # About four characters a token: the router only compares it with context sizes.
+            prompt_tokens=max(1, len(request.prompt) // 4),
+            max_tokens=request.sampling.max_tokens or DEFAULT_ROUTE_MAX_TOKENS,
+            capabilities=frozenset({"grammar"}) if request.sampling.grammar else frozenset(),
+            complexity=estimate_complexity(request.prompt))
+        return [p.name for p in ModelRouter(self.registry(), self._router_config).chain(route)]
+
     async def generate(self, request: inference_pb2.GenerateRequest, *, session_id: str | None = None,
                        timeout: float | None = None) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Stream a generation from the best node, retrying elsewhere until the first message."""
+        """Stream a generation, moving along the request's model chain while no token was streamed.
+
+        A plain model name without fallbacks goes straight to ``_generate_on_model``.
+        """
+        chain = self.model_chain(request)
+        if chain == [request.model]:
+            async with contextlib.aclosing(self._generate_on_model(request, session_id, timeout)) as stream:
+                async for reply in stream:
+                    yield reply
+            return
+        failed: list[Attempt] = []
+        for index, model in enumerate(chain):
+            attempt = inference_pb2.GenerateRequest()
+            attempt.CopyFrom(request)
+            attempt.model = model
+            first_within = self.settings.fallback_after_s if index < len(chain) - 1 else 0.0
+            async with contextlib.aclosing(self._generate_on_model(attempt, session_id, timeout)) as stream:
+                try:
+                    first = await (asyncio.wait_for(anext(stream), first_within) if first_within else anext(stream))
+                except StopAsyncIteration:
+                    return
+                except FALLBACK_ERRORS as exc:
+                    failed.append(failed_attempt(model, exc))
+                    FALLBACKS.labels(model, type(exc).__name__).inc()
+                    continue
+                ROUTED.labels(model, str(bool(failed)).lower()).inc()
+                span = trace.get_current_span()
+                span.set_attribute("llmesh.route.model", model)
+                span.set_attribute("llmesh.route.fell_back", bool(failed))
+                yield first
+                async for reply in stream:
+                    yield reply
+            return
+        raise chain_exhausted(failed)
+
+    async def _generate_on_model(self, request: inference_pb2.GenerateRequest, session_id: str | None,
+                                 timeout: float | None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Stream from the best node serving ``request.model``, retrying elsewhere until the first message."""
         session = request.session_id if session_id is None else session_id
         key = self._picker.affinity_key(session, request.prompt)
         deadline = None if timeout is None else self._clock() + timeout
         tried: set[str] = set()
         last: errors.DomainError | None = None
         for _attempt in range(self.settings.max_attempts):
-            link = self._next_link(key, tried, last)
+            link = self._next_link(key, tried, last, request.model)
             num_streamed = 0
             failed: grpc.aio.AioRpcError | None = None
             async with contextlib.aclosing(self._stream_from(link, request, deadline)) as stream:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from services.common.economics.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
 from services.common.errors import require
 from services.common.settings import load_settings
 
@@ -60,6 +61,22 @@ class BalancerSettings:
     max_attempts: int = 3
     # start() waits this long for the first health answer of every node.
     start_timeout_s: float = 5.0
+    # Models each node serves are re-listed every this many load polls.
+    models_refresh_polls: int = 20
+    # Routing (docs/economics.md). Profiles of the served model names as JSON:
+    # {"name": {"tier": 1, "cost_per_1k_tokens": 2.0, "ms_per_token": 30,
+    #  "capabilities": ["chat", "grammar"]}}; a name without one gets the defaults.
+    model_profiles: str = ""
+    # Fallback chains as JSON, {"model": ["next", ...]}: when a model's nodes
+    # are unavailable (or give no first token within fallback_after_s) the
+    # request moves on to the next name. "auto" requests use the router's chain.
+    model_fallbacks: str = ""
+    # Seconds a model may take to stream its first token before a request
+    # with a fallback moves on; 0 waits for the node's own answer or deadline.
+    fallback_after_s: float = 0.0
+    # Thresholds of the complexity estimate that need each tier, as JSON
+    # {"1": 0.5}: prompts at 0.5 or above want a tier-1 model.
+    route_tier_thresholds: str = '{"1": 0.5}'
 
     def __post_init__(self) -> None:
         require(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -71,11 +88,17 @@ class BalancerSettings:
         require(0 < self.ejection_base_s <= self.ejection_max_s, "ejection_base_s",
                 "must be > 0 and <= ejection_max_s")
         require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        require(self.models_refresh_polls >= 1, "models_refresh_polls", "must be >= 1")
+        require(self.fallback_after_s >= 0, "fallback_after_s", "must be >= 0")
         require(self.affinity_latency_ratio >= 1.0, "affinity_latency_ratio", "must be >= 1")
         require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
         require(self.prefix_affinity_chars >= 0, "prefix_affinity_chars", "must be >= 0")
         for entry in self.nodes:
             require(_valid_entry(entry), "nodes", f"{entry!r} is not host:port or dns:host:port")
+        # Refused here, naming the setting, rather than on the first request.
+        parse_model_profiles(self.model_profiles)
+        parse_fallbacks(self.model_fallbacks)
+        parse_tier_thresholds(self.route_tier_thresholds)
 
 
 def _valid_entry(entry: str) -> bool:

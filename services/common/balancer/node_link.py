@@ -56,6 +56,9 @@ class NodeLink:
         # "watch" (pushed by the node) or "check" (probed once per interval).
         self.health_mode = "watch"
         self.load_polled = asyncio.Event()
+        # Set once the node's models were asked for (answered or not).
+        self.models_listed = asyncio.Event()
+        self._list_models = True
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -114,9 +117,27 @@ class NodeLink:
                 self._set_health(False)
             await asyncio.sleep(period_s)
 
+    async def _refresh_models(self) -> None:
+        """Which model names the node serves (ListModels), for model-aware picks and routing."""
+        try:
+            reply = await self._control.ListModels(inference_pb2.ListModelsRequest(),
+                                                   timeout=self.settings.load_interval_s * 2)
+            self.state.models = {m.name: m.n_ctx for m in reply.models}
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # Such a node is offered any model name and answers for itself.
+                self._list_models = False
+        finally:
+            self.models_listed.set()
+
     async def _poll_load(self) -> None:
+        polls = 0
         while True:
             if self.state.health is Health.SERVING:
+                if self._list_models and (self.state.models is None
+                                          or polls % self.settings.models_refresh_polls == 0):
+                    await self._refresh_models()
+                polls += 1
                 try:
                     reply = await self._control.GetLoad(inference_pb2.GetLoadRequest(),
                                                         timeout=self.settings.load_interval_s * 2)

@@ -8,11 +8,12 @@ under several names (``ModelProfile.gguf``) with different settings.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable, Mapping, TypeVar
 
-from services.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
 T = TypeVar("T")
 
@@ -153,19 +154,87 @@ class Routed:
         return bool(self.failed)
 
 
+#: Errors that move a request on to the next model of its chain; any other
+#: error (bad input, permission) is the request's fault and ends the chain.
+FALLBACK_ERRORS = (Unavailable, DeadlineExceeded, asyncio.TimeoutError)
+
+
+def failed_attempt(model: str, exc: BaseException) -> Attempt:
+    return Attempt(model, str(exc) or type(exc).__name__)
+
+
+def chain_exhausted(failed: Iterable[Attempt]) -> Unavailable:
+    tried = ", ".join(f"{a.model} ({a.error})" for a in failed) or "none"
+    return Unavailable(f"every model in the fallback chain failed: {tried}", reason="NO_MODEL_AVAILABLE")
+
+
 async def run_with_fallback(chain: Iterable[ModelProfile], call: Callable[[ModelProfile], Awaitable[T]],
                             timeout_s: float | None = None) -> Routed:
-    """Call each model in turn until one answers; a model that is unavailable or times out is skipped.
-
-    Other errors (bad input, permission) are the request's fault and end the chain at once.
-    """
+    """Call each model in turn until one answers; a model that is unavailable or times out is skipped."""
     failed: list[Attempt] = []
     for profile in chain:
         try:
             value = await asyncio.wait_for(call(profile), timeout_s) if timeout_s else await call(profile)
-        except (Unavailable, DeadlineExceeded, asyncio.TimeoutError) as exc:
-            failed.append(Attempt(profile.name, type(exc).__name__ if not str(exc) else str(exc)))
+        except FALLBACK_ERRORS as exc:
+            failed.append(failed_attempt(profile.name, exc))
             continue
         return Routed(value=value, model=profile.name, failed=tuple(failed))
-    tried = ", ".join(f"{a.model} ({a.error})" for a in failed) or "none"
-    raise Unavailable(f"every model in the fallback chain failed: {tried}", reason="NO_MODEL_AVAILABLE")
+    raise chain_exhausted(failed)
+
+
+def _json_object(text: str, field_name: str) -> dict:
+    try:
+        raw = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise InvalidArgument(f"{field_name}: not valid JSON ({exc})", field=field_name) from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{field_name}: expected a JSON object", field=field_name)
+    return raw
+
+
+_PROFILE_FIELDS = {"capabilities": list, "cost_per_1k_tokens": (int, float), "ms_per_token": (int, float),
+                   "tier": int, "gguf": str}
+
+
+def parse_model_profiles(text: str, field_name: str = "model_profiles") -> dict[str, ModelProfile]:
+    """``{"name": {"tier": 1, "capabilities": ["chat"], ...}}`` -> profiles (context comes from the node)."""
+    profiles = {}
+    for name, values in _json_object(text, field_name).items():
+        if not isinstance(values, dict):
+            raise InvalidArgument(f"{field_name}: the profile of {name!r} must be an object", field=field_name)
+        for key, value in values.items():
+            expected = _PROFILE_FIELDS.get(key)
+            if expected is None:
+                raise InvalidArgument(f"{field_name}: {name!r} has unknown key {key!r} "
+                                      f"(known: {', '.join(sorted(_PROFILE_FIELDS))})", field=field_name)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise InvalidArgument(f"{field_name}: {name!r}.{key} has the wrong type", field=field_name)
+        caps = values.get("capabilities", [])
+        if not all(isinstance(c, str) for c in caps):
+            raise InvalidArgument(f"{field_name}: {name!r}.capabilities must be strings", field=field_name)
+        profiles[name] = ModelProfile(name=name, **{**values, "capabilities": frozenset(caps)})
+    return profiles
+
+
+def parse_fallbacks(text: str, field_name: str = "model_fallbacks") -> dict[str, tuple[str, ...]]:
+    """``{"model": ["next", ...]}`` -> fallback chains."""
+    chains = {}
+    for name, chain in _json_object(text, field_name).items():
+        if not isinstance(chain, list) or not all(isinstance(c, str) and c for c in chain):
+            raise InvalidArgument(f"{field_name}: the chain of {name!r} must be a list of model names",
+                                  field=field_name)
+        if name in chain:
+            raise InvalidArgument(f"{field_name}: the chain of {name!r} names {name!r} itself", field=field_name)
+        chains[name] = tuple(chain)
+    return chains
+
+
+def parse_tier_thresholds(text: str, field_name: str = "route_tier_thresholds") -> RouterConfig:
+    """``{"1": 0.5, "2": 0.8}`` -> the complexity at which each tier is wanted."""
+    thresholds = {}
+    for tier, at in _json_object(text, field_name).items():
+        if not tier.isdigit() or not isinstance(at, (int, float)) or isinstance(at, bool) or not 0 <= at <= 1:
+            raise InvalidArgument(f"{field_name}: expected tier number -> complexity in [0, 1], got "
+                                  f"{tier!r}: {at!r}", field=field_name)
+        thresholds[int(tier)] = float(at)
+    return RouterConfig(tier_thresholds=thresholds)

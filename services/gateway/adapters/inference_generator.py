@@ -26,14 +26,15 @@ def to_generate_request(params: GenerationParams) -> inference_pb2.GenerateReque
     if params.seed is not None:
         sampling.seed = params.seed
     return inference_pb2.GenerateRequest(request_id=params.request_id, model=params.model, prompt=params.prompt,
-                                         sampling=sampling, priority=inference_pb2.PRIORITY_INTERACTIVE)
+                                         sampling=sampling, priority=inference_pb2.PRIORITY_INTERACTIVE,
+                                         tenant_id=params.tenant_id)
 
 
 def to_chunk(reply: inference_pb2.GenerateResponse) -> GenerationChunk:
     usage = reply.usage
     return GenerationChunk(text=reply.text, finish_reason=_FINISH.get(reply.finish_reason),
                            prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
-                           generated_tokens=usage.generated_tokens)
+                           generated_tokens=usage.generated_tokens, model=reply.model)
 
 
 class InferenceGenerator:

@@ -102,6 +102,11 @@ def plan_completion(body: Any) -> CompletionPlan:
     return CompletionPlan(replace(params, prompt=prompt), model, stream, include_usage)
 
 
+def answered_model(plan: CompletionPlan, last: GenerationChunk | None) -> str:
+    """The model that served the answer when the node said so (routing may pick another), else the asked one."""
+    return (last.model if last is not None and last.model else "") or plan.model or "default"
+
+
 def _usage(last: GenerationChunk | None) -> dict[str, Any]:
     prompt = last.prompt_tokens if last else 0
     generated = last.generated_tokens if last else 0
@@ -135,22 +140,23 @@ class OpenAICompat:
             message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(*call)]}
             finish = "tool_calls"
         return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
-                "model": plan.model or "default", "system_fingerprint": None,
+                "model": answered_model(plan, last), "system_fingerprint": None,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
                 "usage": _usage(last)}
 
     async def chat_stream(self, plan: CompletionPlan) -> AsyncIterator[dict[str, Any]]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
+        last: GenerationChunk | None = None
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                    "model": plan.model or "default", "system_fingerprint": None,
+                    "model": answered_model(plan, last), "system_fingerprint": None,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
         yield chunk({"role": "assistant", "content": ""})
         # Output that may be a tool call is held back until it is known not to be one.
-        held, holding, last = [], plan.tool_mode != "none", None
+        held, holding = [], plan.tool_mode != "none"
         async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
             last = piece
             if holding:
@@ -174,13 +180,13 @@ class OpenAICompat:
         yield chunk({}, finish)
         if plan.include_usage:
             yield {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                   "model": plan.model or "default", "choices": [], "usage": _usage(last)}
+                   "model": answered_model(plan, last), "choices": [], "usage": _usage(last)}
 
     async def completion(self, plan: CompletionPlan) -> dict[str, Any]:
         response_id = "cmpl-" + secrets.token_hex(12)
         text, last = await self._run(plan, response_id)
         return {"id": response_id, "object": "text_completion", "created": int(time.time()),
-                "model": plan.model or "default",
+                "model": answered_model(plan, last),
                 "choices": [{"index": 0, "text": text, "finish_reason": _FINISH.get(last.finish_reason if last else None),
                              "logprobs": None}],
                 "usage": _usage(last)}
@@ -194,11 +200,11 @@ class OpenAICompat:
             finish = _FINISH.get(piece.finish_reason) if piece.finish_reason else None
             if piece.text or finish:
                 yield {"id": response_id, "object": "text_completion", "created": created,
-                       "model": plan.model or "default",
+                       "model": answered_model(plan, piece),
                        "choices": [{"index": 0, "text": piece.text, "finish_reason": finish, "logprobs": None}]}
         if plan.include_usage:
             yield {"id": response_id, "object": "text_completion", "created": created,
-                   "model": plan.model or "default", "choices": [], "usage": _usage(last)}
+                   "model": answered_model(plan, last), "choices": [], "usage": _usage(last)}
 
     async def models(self) -> dict[str, Any]:
         names = await self.generator.list_models()

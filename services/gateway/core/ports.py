@@ -22,6 +22,8 @@ class GenerationParams:
     grammar: str = ""
     request_id: str = ""
     metadata: tuple[tuple[str, str], ...] = field(default=())
+    # The authenticated caller's tenant: picks the node's per-tenant settings.
+    tenant_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class GenerationChunk:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    # The model that answered, on the last chunk (a routed or fallen-back
+    # request may be served by another name than it asked for).
+    model: str = ""
 
 
 class TextGenerator(Protocol):

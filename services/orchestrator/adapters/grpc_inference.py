@@ -60,7 +60,8 @@ class GrpcInference:
             sampling.seed = request.seed
         call = self._client.Generate(inference_pb2.GenerateRequest(
             request_id=request.request_id, model=request.model, session_id=request.session_id,
-            prompt_tokens=list(request.prompt_tokens), sampling=sampling, priority=request.priority))
+            prompt_tokens=list(request.prompt_tokens), sampling=sampling, priority=request.priority,
+            tenant_id=request.tenant_id))
         try:
             async for reply in call:
                 usage = None

@@ -110,7 +110,8 @@ class AgentLoop:
                 return ""
             request = GenerationRequest(request_id=f"{spec.run_id}:summary:{len(tokens)}", prompt_tokens=tokens,
                                         model=spec.model, max_tokens=SUMMARY_MAX_TOKENS, temperature=0.0,
-                                        grammar='root ::= [^<\\x00] [^<\\x00]*', priority=spec.priority)
+                                        grammar='root ::= [^<\\x00] [^<\\x00]*', priority=spec.priority,
+                                        tenant_id=spec.tenant_id)
             text, _usage, _ttft = await self._generate(request, lambda _t: None)
             return text
         return summarize
@@ -130,7 +131,7 @@ class AgentLoop:
             request = GenerationRequest(
                 request_id=f"{spec.run_id}:{step}", prompt_tokens=prepared.prompt.tokens, model=spec.model,
                 session_id=spec.session_id, max_tokens=prepared.max_tokens, temperature=spec.temperature,
-                seed=spec.seed, grammar=grammar, priority=spec.priority)
+                seed=spec.seed, grammar=grammar, priority=spec.priority, tenant_id=spec.tenant_id)
             started = self._clock()
             streamer = _TokenStreamer(emit, answer_only=answer_only)
             text, usage, ttft_ms = await self._generate(request, streamer.feed)

@@ -25,6 +25,8 @@ class GenerationRequest:
     grammar: str = ""
     stop: tuple[str, ...] = ()
     priority: int = 0
+    # Whose turn this is: the node applies that tenant's merging/caching/priority settings.
+    tenant_id: str = ""
 
 
 @dataclass(frozen=True)

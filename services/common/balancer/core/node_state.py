@@ -64,6 +64,9 @@ class NodeState:
     ejected_until: float = 0.0
     readmitted_at: float | None = None
     node_id: str = ""
+    # Model names the node serves (from ListModels) -> their context size;
+    # None until listed (or for a node without ListModels).
+    models: dict[str, int] | None = None
     ttft_ms: Ewma = field(init=False)
     itl_ms: Ewma = field(init=False)
 
@@ -109,6 +112,14 @@ class NodeState:
 
     def is_available(self, now: float) -> bool:
         return self.health is Health.SERVING and not self.is_ejected(now)
+
+    def serves(self, model: str) -> bool:
+        """Whether a request for ``model`` may go here; "" is every node's default model.
+
+        A node whose models are not known is offered any name; it answers
+        NOT_FOUND itself if it lacks the model.
+        """
+        return not model or self.models is None or model in self.models
 
     @property
     def outstanding(self) -> int:

@@ -109,15 +109,18 @@ class Picker:
                        statistics.median(itls) if itls else 0.0)
 
     # -- choosing ---------------------------------------------------------
-    def candidates(self, nodes: Mapping[str, NodeState], now: float, exclude: Collection[str] = ()) -> list[NodeState]:
-        return [n for addr, n in sorted(nodes.items()) if addr not in exclude and n.is_available(now)]
+    def candidates(self, nodes: Mapping[str, NodeState], now: float, exclude: Collection[str] = (),
+                   model: str = "") -> list[NodeState]:
+        return [n for addr, n in sorted(nodes.items())
+                if addr not in exclude and n.is_available(now) and n.serves(model)]
 
     def choose(self, nodes: Mapping[str, NodeState], now: float, key: str | None = None,
-               exclude: Collection[str] = ()) -> Pick:
-        """Pick a node for a request with affinity ``key``; records the choice for ``key``."""
-        pool = self.candidates(nodes, now, exclude)
+               exclude: Collection[str] = (), model: str = "") -> Pick:
+        """Pick a node serving ``model`` for a request with affinity ``key``; records the choice for ``key``."""
+        pool = self.candidates(nodes, now, exclude, model)
         if not pool:
-            raise NoNodeAvailable("no healthy inference node is available")
+            raise NoNodeAvailable("no healthy inference node is available"
+                                  + (f" for model {model!r}" if model else ""))
         if self.config.strategy == "round_robin":
             node = pool[self._rr_counter % len(pool)]
             self._rr_counter += 1

@@ -1,0 +1,127 @@
+"""Model-aware picks, "auto" routing and fallback chains in the balancer, against real synthetic nodes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from llmesh.inference.v1 import inference_pb2
+from prometheus_client import REGISTRY
+
+from services.common import errors
+from services.common.balancer import BalancerSettings
+from tests.balancer.conftest import collect, gen_request, make_balancer, wait_until
+from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
+
+PROFILES = json.dumps({"small": {"tier": 0, "cost_per_1k_tokens": 0.1},
+                       "large": {"tier": 1, "cost_per_1k_tokens": 1.0}})
+HARD_PROMPT = ("Explain step by step why this design is slow, compare the trade-offs and optimize it:\n"
+               "```\ndef scan(rows):\n    for r in rows: {}\n```\nWhy? How? What would you refactor?")
+
+
+def small_and_large(**large: object):
+    return synthetic_nodes(SyntheticNodeSpec("small-node", model_name="small"),
+                           SyntheticNodeSpec("large-node", model_name="large", **large))
+
+
+def addresses(nodes) -> list[str]:
+    return [f"127.0.0.1:{n.port}" for n in nodes]
+
+
+def routed(model: str, fell_back: bool) -> float:
+    return REGISTRY.get_sample_value("llmesh_balancer_routed_total",
+                                     {"model": model, "fell_back": str(fell_back).lower()}) or 0.0
+
+
+def request(model: str, prompt: str = "hello there") -> inference_pb2.GenerateRequest:
+    req = gen_request(prompt, max_tokens=4)
+    req.model = model
+    return req
+
+
+async def test_a_named_model_goes_only_to_nodes_that_serve_it():
+    async with small_and_large() as nodes:
+        async with make_balancer(addresses(nodes), model_profiles=PROFILES) as balancer:
+            assert {s.models and next(iter(s.models)) for s in balancer.nodes.values()} == {"small", "large"}
+            for model, node_id in (("small", "small-node"), ("large", "large-node")):
+                for _ in range(6):
+                    replies = await collect(balancer, request(model))
+                    assert {r.node_id for r in replies} == {node_id}
+                    assert replies[-1].model == model
+
+
+async def test_auto_sends_easy_prompts_to_the_cheap_model_and_hard_ones_up_a_tier():
+    async with small_and_large() as nodes:
+        async with make_balancer(addresses(nodes), model_profiles=PROFILES) as balancer:
+            assert balancer.model_chain(request("auto")) == ["small", "large"]
+            assert balancer.model_chain(request("auto", HARD_PROMPT)) == ["large", "small"]
+            before = routed("large", False)
+            easy = await collect(balancer, request("auto"))
+            hard = await collect(balancer, request("auto", HARD_PROMPT))
+            assert (easy[-1].model, easy[-1].node_id) == ("small", "small-node")
+            assert (hard[-1].model, hard[-1].node_id) == ("large", "large-node")
+            assert routed("large", False) - before == 1
+
+
+async def test_auto_refuses_token_prompts_naming_the_field():
+    async with small_and_large() as nodes:
+        async with make_balancer(addresses(nodes)) as balancer:
+            req = inference_pb2.GenerateRequest(model="auto", prompt_tokens=[2, 3, 4])
+            with pytest.raises(errors.InvalidArgument) as info:
+                await collect(balancer, req)
+            assert info.value.field == "model"
+
+
+async def test_a_model_whose_nodes_are_gone_falls_back_to_the_next():
+    async with synthetic_nodes(SyntheticNodeSpec("small-node", model_name="small"),
+                               SyntheticNodeSpec("large-node", model_name="large")) as nodes:
+        chained = make_balancer(addresses(nodes), model_profiles=PROFILES,
+                                model_fallbacks=json.dumps({"large": ["small"]}))
+        plain = make_balancer(addresses(nodes), model_profiles=PROFILES)
+        async with chained, plain:
+            assert (await collect(chained, request("large")))[-1].model == "large"
+            await nodes[1].stop()
+            large = addresses(nodes)[1]
+            await wait_until(lambda: not chained.nodes[large].is_available(0.0)
+                             and not plain.nodes[large].is_available(0.0), 5.0)
+            before = routed("small", True)
+            replies = await collect(chained, request("large"))
+            assert (replies[-1].model, replies[-1].node_id) == ("small", "small-node")
+            assert routed("small", True) - before == 1
+            # Without a fallback chain the same outage is a clear UNAVAILABLE.
+            with pytest.raises(errors.Unavailable) as info:
+                await collect(plain, request("large"))
+            assert "serving model 'large'" in str(info.value)
+
+
+async def test_a_model_slow_to_start_is_left_for_the_next_after_fallback_after_s():
+    async with small_and_large(ttft_ms=3000.0) as nodes:
+        async with make_balancer(addresses(nodes), model_profiles=PROFILES, fallback_after_s=0.3,
+                                 model_fallbacks=json.dumps({"large": ["small"]})) as balancer:
+            replies = await collect(balancer, request("large"))
+            assert (replies[-1].model, replies[-1].node_id) == ("small", "small-node")
+            # The abandoned attempt freed its sequence on the slow node.
+            large = addresses(nodes)[1]
+            await wait_until(lambda: balancer.nodes[large].num_inflight == 0, 2.0)
+
+
+async def test_every_model_failing_names_each_one():
+    async with synthetic_nodes(SyntheticNodeSpec("small-node", model_name="small")) as nodes:
+        async with make_balancer(addresses(nodes), model_fallbacks=json.dumps({"gone": ["also-gone"]})) as balancer:
+            with pytest.raises(errors.Unavailable) as info:
+                await collect(balancer, request("gone"))
+            assert info.value.reason == "NO_MODEL_AVAILABLE"
+            assert "gone (" in str(info.value) and "also-gone (" in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model_profiles", '{"small": {"tier": "high"}}'),
+    ("model_profiles", '{"small": {"speed": 3}}'),
+    ("model_fallbacks", '{"large": "small"}'),
+    ("model_fallbacks", '{"large": ["large"]}'),
+    ("route_tier_thresholds", '{"one": 0.5}'),
+    ("route_tier_thresholds", "not json"),
+])
+def test_bad_routing_settings_are_refused_naming_the_setting(field, value):
+    with pytest.raises(errors.InvalidArgument) as info:
+        BalancerSettings(nodes=("127.0.0.1:1",), **{field: value})
+    assert info.value.field == field
