@@ -41,6 +41,19 @@ class Settings(ServerSettings):
     task_lease_ms: int = 30_000
     task_idle_wait_ms: int = 1000
     task_max_attempts: int = 3
+    # Task classes (interactive / normal / batch, from the run's priority):
+    # running tasks per class on this replica (0: only max_workers), workers
+    # batch may never hold, and how long a class may go unclaimed behind
+    # better ones before it is tried first (0: never).
+    task_max_running_interactive: int = 0
+    task_max_running_normal: int = 0
+    task_max_running_batch: int = 0
+    task_batch_reserved_workers: int = 1
+    task_max_wait_ms_normal: int = 10_000
+    task_max_wait_ms_batch: int = 30_000
+    # Per-tenant economics settings as JSON (services/common/economics/tenants.py);
+    # here a tenant's max_priority caps the class of its tasks.
+    tenant_policies: str = ""
     # Transient inference/tool/store failures.
     retry_attempts: int = 3
     retry_base_ms: int = 50

@@ -14,6 +14,7 @@ import grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common.clients import make_channel
+from services.common.economics.tenants import parse_tenant_policies
 from services.common.errors import FailedPrecondition
 from services.orchestrator import metrics
 from services.orchestrator.adapters.grpc_inference import GrpcInference
@@ -25,6 +26,7 @@ from services.orchestrator.config import Settings
 from services.orchestrator.core.orchestrator import Orchestrator, OrchestratorConfig
 from services.orchestrator.core.retry import RetryPolicy
 from services.orchestrator.core.runs import RunLimits
+from services.orchestrator.core.tasks import TaskClassLimits
 from services.orchestrator.servicer import AgentServicer
 
 SERVICE_NAME = "llmesh.orchestrator.v1.AgentService"
@@ -43,7 +45,14 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         event_batch_interval_s=settings.event_batch_ms / 1000.0, event_batch_max=settings.event_batch_max,
         approval_timeout_s=settings.approval_timeout_s, max_workers=settings.max_workers,
         task_lease_ms=settings.task_lease_ms, task_idle_wait_s=settings.task_idle_wait_ms / 1000.0,
-        task_max_attempts=settings.task_max_attempts, replica_id=settings.replica_id)
+        task_max_attempts=settings.task_max_attempts, replica_id=settings.replica_id,
+        task_class_limits=TaskClassLimits(
+            max_running={"interactive": settings.task_max_running_interactive,
+                         "normal": settings.task_max_running_normal, "batch": settings.task_max_running_batch},
+            batch_reserved_workers=settings.task_batch_reserved_workers,
+            max_wait_s={"normal": settings.task_max_wait_ms_normal / 1000.0,
+                        "batch": settings.task_max_wait_ms_batch / 1000.0}),
+        tenant_policies=parse_tenant_policies(settings.tenant_policies))
 
 
 class App:

@@ -120,11 +120,11 @@ class GrpcStore:
             call.cancel()
 
     async def enqueue_task(self, *, request_id, tenant_id, queue, payload_json, idempotency_key,
-                           max_attempts) -> TaskRecord:
+                           max_attempts, priority=0) -> TaskRecord:
         with mapped("store"):
             reply = await self._c.EnqueueTask(store_pb2.EnqueueTaskRequest(
                 request_id=request_id, tenant_id=tenant_id, queue=queue, payload_json=payload_json,
-                idempotency_key=idempotency_key, max_attempts=max_attempts))
+                idempotency_key=idempotency_key, max_attempts=max_attempts, priority=priority))
         return _task(reply.task)
 
     async def claim_tasks(self, *, queue, worker_id, max_tasks, lease_ms) -> list[TaskRecord]:

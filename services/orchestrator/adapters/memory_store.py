@@ -125,7 +125,7 @@ class MemoryStore:
 
     # ---- task queue ----------------------------------------------------------------------------
     async def enqueue_task(self, *, request_id, tenant_id, queue, payload_json, idempotency_key,
-                           max_attempts) -> TaskRecord:
+                           max_attempts, priority=0) -> TaskRecord:
         if idempotency_key and idempotency_key in self._task_keys:
             return self._tasks[self._task_keys[idempotency_key]].record
         task_id = uuid.uuid4().hex

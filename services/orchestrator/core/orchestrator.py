@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Mapping
 
+from services.common.economics.tenants import TenantPolicy
 from services.common.errors import InvalidArgument, require
 from services.orchestrator.core.agent import AgentLoop
 from services.orchestrator.core.approvals import ApprovalBook
@@ -17,7 +18,7 @@ from services.orchestrator.core.rate_limit import RateLimiter
 from services.orchestrator.core.retry import RetryPolicy
 from services.orchestrator.core.runs import ActiveRun, RunLimits, RunManager
 from services.orchestrator.core.sessions import AgentSession, SessionDirectory, require_ids
-from services.orchestrator.core.tasks import TaskQueue, TaskView
+from services.orchestrator.core.tasks import TaskClassLimits, TaskQueue, TaskView
 from services.orchestrator.core.tool_runner import ToolOrchestrator
 
 
@@ -36,6 +37,9 @@ class OrchestratorConfig:
     task_lease_ms: int = 30_000
     task_idle_wait_s: float = 1.0
     task_max_attempts: int = 3
+    task_class_limits: TaskClassLimits = TaskClassLimits()
+    # Per-tenant economics settings; the orchestrator applies max_priority to tasks.
+    tenant_policies: Mapping[str, TenantPolicy] = field(default_factory=dict)
     replica_id: str = ""
 
 
@@ -59,7 +63,8 @@ class Orchestrator:
                                replica_id=self.replica_id)
         self.tasks = TaskQueue(store, self.runs, worker_id=self.replica_id, max_workers=config.max_workers,
                                lease_ms=config.task_lease_ms, idle_wait_s=config.task_idle_wait_s,
-                               max_attempts=config.task_max_attempts)
+                               max_attempts=config.task_max_attempts, class_limits=config.task_class_limits,
+                               tenant_policies=config.tenant_policies)
 
     def start(self) -> None:
         if self.config.max_workers > 0:

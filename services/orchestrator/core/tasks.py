@@ -11,6 +11,15 @@ the session lock also keeps two runs of a session apart.
 Workers wait for work on an event set by local enqueues; tasks enqueued on
 other replicas or released by expired leases are found by a claim every
 `idle_wait_s`, which is the one periodic check (the store has no push).
+
+Tasks come in three classes, from the run's priority (capped by the
+tenant's `max_priority`): interactive, normal and batch, each in its own
+store queue. A free worker claims from the best class first, so a batch
+flood never delays interactive work by more than the run already in hand;
+batch may never hold the last `batch_reserved_workers` workers, and each
+class may have its own cap on running tasks. A class that has not been
+looked at for its `max_wait_s` is tried first, so the better classes cannot
+starve it either.
 """
 from __future__ import annotations
 
@@ -18,15 +27,49 @@ import asyncio
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
+from prometheus_client import Counter
+
+from services.common.economics.tenants import TenantPolicy, policy_for
 from services.orchestrator.core.ports import StorePort, TaskRecord
 from services.orchestrator.core.runs import ActiveRun, RunManager
 
 log = logging.getLogger("llmesh.orchestrator.tasks")
 
+TASKS_CLAIMED = Counter("llmesh_orchestrator_tasks_claimed_total", "Background tasks claimed here, by class.",
+                        ["task_class"])
+
 QUEUE = "agent-runs"
+CLASSES = ("interactive", "normal", "batch")
+# llmesh.orchestrator.v1.Priority -> class; UNSPECIFIED runs as normal.
+_CLASS_OF_PRIORITY = {0: "normal", 1: "interactive", 2: "normal", 3: "batch"}
+_PRIORITY_OF_CLASS = {"interactive": 1, "normal": 2, "batch": 3}
+
+
+def queue_of(task_class: str) -> str:
+    """Store queue of a class; normal keeps the original queue name, so older tasks still run."""
+    return QUEUE if task_class == "normal" else f"{QUEUE}.{task_class}"
+
+
+@dataclass(frozen=True)
+class TaskClassLimits:
+    #: Most tasks of a class running at once on this replica; 0 or absent: only max_workers.
+    max_running: Mapping[str, int] = field(default_factory=dict)
+    #: Workers batch tasks may never hold (at least one worker always takes batch).
+    batch_reserved_workers: int = 1
+    #: A class not looked at for this long is tried first; 0 or absent: never.
+    max_wait_s: Mapping[str, float] = field(default_factory=lambda: {"normal": 10.0, "batch": 30.0})
+
+    def __post_init__(self) -> None:
+        for task_class, cap in self.max_running.items():
+            require(task_class in CLASSES and cap >= 0, f"task_max_running_{task_class}", "must be >= 0")
+        for task_class, wait_s in self.max_wait_s.items():
+            require(task_class in CLASSES and wait_s >= 0, f"task_max_wait_ms_{task_class}", "must be >= 0")
+        require(self.batch_reserved_workers >= 0, "task_batch_reserved_workers", "must be >= 0")
 
 _STATES = {"READY": "QUEUED", "LEASED": "RUNNING", "DONE": "SUCCEEDED", "DEAD": "FAILED"}
 
@@ -53,11 +96,20 @@ def view(record: TaskRecord) -> TaskView:
 
 class TaskQueue:
     def __init__(self, store: StorePort, runs: RunManager, *, worker_id: str = "", max_workers: int = 2,
-                 lease_ms: int = 30_000, idle_wait_s: float = 1.0, max_attempts: int = 3) -> None:
+                 lease_ms: int = 30_000, idle_wait_s: float = 1.0, max_attempts: int = 3,
+                 class_limits: TaskClassLimits = TaskClassLimits(),
+                 tenant_policies: Mapping[str, TenantPolicy] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._runs = runs
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.max_workers = max_workers
+        self._limits = class_limits
+        self._tenants = tenant_policies or {}
+        self._clock = clock
+        self.busy_by_class = {c: 0 for c in CLASSES}
+        # When each class was last claimed from or found empty.
+        self._looked_at = {c: clock() for c in CLASSES}
         self._lease_ms = lease_ms
         self._idle_wait_s = idle_wait_s
         self._max_attempts = max_attempts
@@ -69,10 +121,14 @@ class TaskQueue:
                       options: dict) -> TaskView:
         require(bool(user_message.strip()), "user_message", "must not be empty")
         await self._runs.sessions.get(tenant_id, session_id)
+        task_class = self.class_of(tenant_id, int(options.get("priority", 0)))
+        # The run is queued in the inference pool with the class it was queued in here.
+        options = {**options, "priority": _PRIORITY_OF_CLASS[task_class]}
         payload = {"tenant_id": tenant_id, "session_id": session_id, "user_message": user_message,
                    "options": options}
         record = await self._store.enqueue_task(
-            request_id=request_id or uuid.uuid4().hex, tenant_id=tenant_id, queue=QUEUE,
+            request_id=request_id or uuid.uuid4().hex, tenant_id=tenant_id, queue=queue_of(task_class),
+            priority=CLASSES.index(task_class),
             payload_json=json.dumps(payload, sort_keys=True),
             idempotency_key=f"{tenant_id}:{request_id}" if request_id else "", max_attempts=self._max_attempts)
         self._wake.set()
@@ -96,29 +152,66 @@ class TaskQueue:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
 
-    async def _work(self) -> None:
-        while True:
+    def class_of(self, tenant_id: str, priority: int) -> str:
+        """The class a task asking for ``priority`` is queued in (the tenant's max_priority caps it)."""
+        require(priority in _CLASS_OF_PRIORITY, "options.priority", f"unknown priority {priority}")
+        return policy_for(self._tenants, tenant_id).clamp_priority(_CLASS_OF_PRIORITY[priority])
+
+    def _may_take(self, task_class: str) -> bool:
+        cap = self._limits.max_running.get(task_class, 0)
+        if cap and self.busy_by_class[task_class] >= cap:
+            return False
+        if task_class == "batch":
+            allowed = max(1, self.max_workers - self._limits.batch_reserved_workers)
+            return self.busy_by_class["batch"] < allowed
+        return True
+
+    def claim_order(self) -> list[str]:
+        """Classes this worker may take now, best first, any class overdue for a look moved ahead."""
+        now = self._clock()
+        open_classes = [c for c in CLASSES if self._may_take(c)]
+        overdue = [c for c in open_classes
+                   if self._limits.max_wait_s.get(c, 0) and now - self._looked_at[c] >= self._limits.max_wait_s[c]]
+        return overdue + [c for c in open_classes if c not in overdue]
+
+    async def _claim(self) -> tuple[str, TaskRecord] | None:
+        for task_class in self.claim_order():
+            # Counted before the claim so concurrent workers respect the caps.
+            self.busy_by_class[task_class] += 1
             try:
-                tasks = await self._store.claim_tasks(queue=QUEUE, worker_id=self.worker_id, max_tasks=1,
-                                                      lease_ms=self._lease_ms)
+                tasks = await self._store.claim_tasks(queue=queue_of(task_class), worker_id=self.worker_id,
+                                                      max_tasks=1, lease_ms=self._lease_ms)
             except Unavailable:
                 tasks = []
-            if not tasks:
+            finally:
+                self._looked_at[task_class] = self._clock()
+            if tasks:
+                return task_class, tasks[0]
+            self.busy_by_class[task_class] -= 1
+        return None
+
+    async def _work(self) -> None:
+        while True:
+            claimed = await self._claim()
+            if claimed is None:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._idle_wait_s)
                 except asyncio.TimeoutError:
                     pass
                 continue
+            task_class, task = claimed
             self.num_busy += 1
+            TASKS_CLAIMED.labels(task_class).inc()
             try:
-                await self.process(tasks[0])
+                await self.process(task)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - one bad task must not stop the worker
-                log.exception("task failed unexpectedly", extra={"task_id": tasks[0].task_id})
+                log.exception("task failed unexpectedly", extra={"task_id": task.task_id})
             finally:
                 self.num_busy -= 1
+                self.busy_by_class[task_class] -= 1
 
     async def process(self, task: TaskRecord) -> None:
         payload = json.loads(task.payload_json)
