@@ -113,7 +113,46 @@ async def test_every_model_failing_names_each_one():
             assert "gone (" in str(info.value) and "also-gone (" in str(info.value)
 
 
+def cascade_settings(min_mean_logprob: float) -> str:
+    return json.dumps({"cascade": {"small": "small", "large": "large", "min_mean_logprob": min_mean_logprob}})
+
+
+def escalations(outcome: str) -> float:
+    return REGISTRY.get_sample_value("llmesh_balancer_cascade_total", {"cascade": "cascade", "outcome": outcome}) or 0.0
+
+
+async def test_a_cascade_keeps_a_confident_small_answer():
+    async with small_and_large() as nodes:
+        # Synthetic log-probabilities lie in [-0.9, 0]: a -1.0 floor keeps every small answer.
+        async with make_balancer(addresses(nodes), model_cascades=cascade_settings(-1.0)) as balancer:
+            before = escalations("kept")
+            replies = await collect(balancer, request("cascade"))
+            assert (replies[-1].model, replies[-1].node_id) == ("small", "small-node")
+            assert not any(r.logprobs for r in replies), "log-probabilities only when the caller asked"
+            assert escalations("kept") - before == 1
+
+
+async def test_a_cascade_escalates_a_forced_low_confidence_answer_to_the_large_model():
+    async with small_and_large() as nodes:
+        # A floor above every synthetic log-probability forces "low confidence".
+        async with make_balancer(addresses(nodes), model_cascades=cascade_settings(0.5)) as balancer:
+            before = escalations("low_confidence")
+            replies = await collect(balancer, request("cascade"))
+            assert (replies[-1].model, replies[-1].node_id) == ("large", "large-node")
+            assert escalations("low_confidence") - before == 1
+
+
+async def test_a_cascade_whose_small_model_is_gone_escalates():
+    async with synthetic_nodes(SyntheticNodeSpec("large-node", model_name="large")) as nodes:
+        async with make_balancer(addresses(nodes), model_cascades=cascade_settings(-1.0)) as balancer:
+            replies = await collect(balancer, request("cascade"))
+            assert replies[-1].model == "large"
+
+
 @pytest.mark.parametrize("field, value", [
+    ("model_cascades", '{"c": {"small": "a"}}'),
+    ("model_cascades", '{"c": {"small": "a", "large": "b", "min_mean_logprob": "low"}}'),
+    ("model_cascades", '{"c": {"small": "a", "large": "d"}, "d": {"small": "a", "large": "c"}}'),
     ("model_profiles", '{"small": {"tier": "high"}}'),
     ("model_profiles", '{"small": {"speed": 3}}'),
     ("model_fallbacks", '{"large": "small"}'),

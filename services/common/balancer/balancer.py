@@ -36,6 +36,7 @@ from services.common.balancer.core.picker import NoNodeAvailable, Picker, Picker
 from services.common.balancer.discovery import Resolver, has_dns_entries, resolve_dns, resolve_entries
 from services.common.balancer.node_link import NodeLink
 from services.common.balancer.rpc_errors import is_node_fault, is_retryable, to_domain_error
+from services.common.economics.cascade import Answer, CascadeSpec, parse_cascades
 from services.common.economics.routing import (FALLBACK_ERRORS, Attempt, ModelProfile, ModelRegistry, ModelRouter,
                                                RouteRequest, chain_exhausted, estimate_complexity, failed_attempt,
                                                parse_fallbacks, parse_model_profiles, parse_tier_thresholds)
@@ -51,6 +52,9 @@ ROUTED = Counter("llmesh_balancer_routed_total", "Requests served along a model 
                  ["model", "fell_back"])
 FALLBACKS = Counter("llmesh_balancer_fallbacks_total", "Models skipped in a chain before answering.",
                     ["model", "error"])
+ESCALATIONS = Counter("llmesh_balancer_cascade_total",
+                      "Cascade requests, by cascade and outcome (kept, or why the small answer was escalated).",
+                      ["cascade", "outcome"])
 # The model name that asks the balancer's router to choose.
 AUTO_MODEL = "auto"
 # max_tokens assumed for routing when a request leaves it to the node.
@@ -96,6 +100,7 @@ class Balancer:
         self._profiles = parse_model_profiles(settings.model_profiles)
         self._fallbacks = parse_fallbacks(settings.model_fallbacks)
         self._router_config = parse_tier_thresholds(settings.route_tier_thresholds)
+        self._cascades = parse_cascades(settings.model_cascades)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
@@ -273,6 +278,12 @@ class Balancer:
 
         A plain model name without fallbacks goes straight to ``_generate_on_model``.
         """
+        spec = self._cascades.get(request.model)
+        if spec is not None:
+            async with contextlib.aclosing(self._cascade(request, spec, session_id, timeout)) as stream:
+                async for reply in stream:
+                    yield reply
+            return
         chain = self.model_chain(request)
         if chain == [request.model]:
             async with contextlib.aclosing(self._generate_on_model(request, session_id, timeout)) as stream:
@@ -303,6 +314,44 @@ class Balancer:
                     yield reply
             return
         raise chain_exhausted(failed)
+
+    async def _cascade(self, request: inference_pb2.GenerateRequest, spec: CascadeSpec, session_id: str | None,
+                       timeout: float | None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """The small model's whole answer is checked before anything is sent; a failed check escalates.
+
+        So a cascade's first token arrives with the small model's last one
+        (or the large model's first); its win is the large model not running.
+        """
+        small = inference_pb2.GenerateRequest()
+        small.CopyFrom(request)
+        small.model, small.logprobs = spec.small, True
+        replies: list[inference_pb2.GenerateResponse] = []
+        try:
+            async with contextlib.aclosing(self.generate(small, session_id=session_id, timeout=timeout)) as stream:
+                replies = [reply async for reply in stream]
+            answer = Answer("".join(r.text for r in replies), [lp for r in replies for lp in r.logprobs])
+            reason = spec.check.failure(answer)
+        except FALLBACK_ERRORS as exc:
+            reason = "small_failed"
+            log.info("cascade small model failed", extra={"event": "cascade_small_failed", "model": spec.small,
+                                                         "error": str(exc)})
+        span = trace.get_current_span()
+        span.set_attribute("llmesh.route.escalated", reason is not None)
+        ESCALATIONS.labels(request.model, reason or "kept").inc()
+        if reason is None:
+            span.set_attribute("llmesh.route.model", spec.small)
+            for reply in replies:
+                if not request.logprobs:
+                    del reply.logprobs[:]
+                yield reply
+            return
+        span.set_attribute("llmesh.route.escalation_reason", reason)
+        large = inference_pb2.GenerateRequest()
+        large.CopyFrom(request)
+        large.model = spec.large
+        async with contextlib.aclosing(self.generate(large, session_id=session_id, timeout=timeout)) as stream:
+            async for reply in stream:
+                yield reply
 
     async def _generate_on_model(self, request: inference_pb2.GenerateRequest, session_id: str | None,
                                  timeout: float | None) -> AsyncIterator[inference_pb2.GenerateResponse]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from services.common.economics.cascade import parse_cascades
 from services.common.economics.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
 from services.common.errors import require
 from services.common.settings import load_settings
@@ -74,6 +75,11 @@ class BalancerSettings:
     # Seconds a model may take to stream its first token before a request
     # with a fallback moves on; 0 waits for the node's own answer or deadline.
     fallback_after_s: float = 0.0
+    # Cascades as JSON: a model name answered by "small" and escalated to
+    # "large" when the small answer fails its check, e.g. {"gemma-cascade":
+    # {"small": "gemma-fast", "large": "gemma-3-270m", "min_mean_logprob": -1.0,
+    #  "min_chars": 1, "max_chars": 0}}.
+    model_cascades: str = ""
     # Thresholds of the complexity estimate that need each tier, as JSON
     # {"1": 0.5}: prompts at 0.5 or above want a tier-1 model.
     route_tier_thresholds: str = '{"1": 0.5}'
@@ -99,6 +105,7 @@ class BalancerSettings:
         parse_model_profiles(self.model_profiles)
         parse_fallbacks(self.model_fallbacks)
         parse_tier_thresholds(self.route_tier_thresholds)
+        parse_cascades(self.model_cascades)
 
 
 def _valid_entry(entry: str) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from services.common.economics.routing import ModelProfile
+from services.common.economics.routing import ModelProfile, json_object
+from services.common.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,44 @@ async def cascade(small: ModelProfile, large: ModelProfile, call: Callable[[Mode
     if reason is None:
         return CascadeResult(first, small.name, escalated=False)
     return CascadeResult(await call(large), large.name, escalated=True, reason=reason)
+
+
+@dataclass(frozen=True)
+class CascadeSpec:
+    """A model name that answers with ``small`` and escalates to ``large`` when ``check`` fails."""
+
+    small: str
+    large: str
+    check: AnswerCheck
+
+
+_CHECK_FIELDS = {"min_mean_logprob": (int, float), "min_chars": int, "max_chars": int}
+
+
+def parse_cascades(text: str, field_name: str = "model_cascades") -> dict[str, CascadeSpec]:
+    """``{"name": {"small": "a", "large": "b", "min_mean_logprob": -1.0, "min_chars": 1}}`` -> cascades."""
+    cascades = {}
+    for name, values in json_object(text, field_name).items():
+        if not isinstance(values, dict) or not all(isinstance(values.get(k), str) and values.get(k)
+                                                   for k in ("small", "large")):
+            raise InvalidArgument(f"{field_name}: {name!r} needs \"small\" and \"large\" model names",
+                                  field=field_name)
+        if name in (values["small"], values["large"]):
+            raise InvalidArgument(f"{field_name}: {name!r} cannot name itself as a step", field=field_name)
+        check = {}
+        for key, value in values.items():
+            if key in ("small", "large"):
+                continue
+            expected = _CHECK_FIELDS.get(key)
+            if expected is None:
+                raise InvalidArgument(f"{field_name}: {name!r} has unknown key {key!r} "
+                                      f"(known: small, large, {', '.join(sorted(_CHECK_FIELDS))})", field=field_name)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise InvalidArgument(f"{field_name}: {name!r}.{key} has the wrong type", field=field_name)
+            check[key] = value
+        cascades[name] = CascadeSpec(values["small"], values["large"],
+                                     AnswerCheck(require_logprobs="min_mean_logprob" in check, **check))
+    for name, spec in cascades.items():
+        if spec.small in cascades or spec.large in cascades:
+            raise InvalidArgument(f"{field_name}: {name!r} has a cascade as a step", field=field_name)
+    return cascades

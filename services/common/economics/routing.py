@@ -182,7 +182,8 @@ async def run_with_fallback(chain: Iterable[ModelProfile], call: Callable[[Model
     raise chain_exhausted(failed)
 
 
-def _json_object(text: str, field_name: str) -> dict:
+def json_object(text: str, field_name: str) -> dict:
+    """A setting holding a JSON object (empty text is {}); anything else is refused naming the setting."""
     try:
         raw = json.loads(text) if text.strip() else {}
     except ValueError as exc:
@@ -199,7 +200,7 @@ _PROFILE_FIELDS = {"capabilities": list, "cost_per_1k_tokens": (int, float), "ms
 def parse_model_profiles(text: str, field_name: str = "model_profiles") -> dict[str, ModelProfile]:
     """``{"name": {"tier": 1, "capabilities": ["chat"], ...}}`` -> profiles (context comes from the node)."""
     profiles = {}
-    for name, values in _json_object(text, field_name).items():
+    for name, values in json_object(text, field_name).items():
         if not isinstance(values, dict):
             raise InvalidArgument(f"{field_name}: the profile of {name!r} must be an object", field=field_name)
         for key, value in values.items():
@@ -219,7 +220,7 @@ def parse_model_profiles(text: str, field_name: str = "model_profiles") -> dict[
 def parse_fallbacks(text: str, field_name: str = "model_fallbacks") -> dict[str, tuple[str, ...]]:
     """``{"model": ["next", ...]}`` -> fallback chains."""
     chains = {}
-    for name, chain in _json_object(text, field_name).items():
+    for name, chain in json_object(text, field_name).items():
         if not isinstance(chain, list) or not all(isinstance(c, str) and c for c in chain):
             raise InvalidArgument(f"{field_name}: the chain of {name!r} must be a list of model names",
                                   field=field_name)
@@ -232,7 +233,7 @@ def parse_fallbacks(text: str, field_name: str = "model_fallbacks") -> dict[str,
 def parse_tier_thresholds(text: str, field_name: str = "route_tier_thresholds") -> RouterConfig:
     """``{"1": 0.5, "2": 0.8}`` -> the complexity at which each tier is wanted."""
     thresholds = {}
-    for tier, at in _json_object(text, field_name).items():
+    for tier, at in json_object(text, field_name).items():
         if not tier.isdigit() or not isinstance(at, (int, float)) or isinstance(at, bool) or not 0 <= at <= 1:
             raise InvalidArgument(f"{field_name}: expected tier number -> complexity in [0, 1], got "
                                   f"{tier!r}: {at!r}", field=field_name)

@@ -7,10 +7,10 @@ silently change how a tenant is served.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from typing import Mapping
 
+from services.common.economics.routing import json_object
 from services.common.errors import InvalidArgument
 
 PRIORITY_NAMES = ("interactive", "normal", "batch")
@@ -37,14 +37,7 @@ _TYPES = {f.name: f.type for f in fields(TenantPolicy)}
 
 def parse_tenant_policies(text: str, field_name: str = "tenant_policies") -> dict[str, TenantPolicy]:
     """``{"tenant": {...}}`` -> policies; the key "default" applies to tenants not listed."""
-    if not text.strip():
-        return {}
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise InvalidArgument(f"{field_name}: not valid JSON ({exc})", field=field_name) from None
-    if not isinstance(raw, dict):
-        raise InvalidArgument(f"{field_name}: expected an object of tenant -> settings", field=field_name)
+    raw = json_object(text, field_name)
     policies: dict[str, TenantPolicy] = {}
     for tenant, values in raw.items():
         if not isinstance(values, dict):
