@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from services.common.economics.routing import ModelProfile, json_object
+from services.common.economics.routing import ModelProfile, check_entry_keys, json_object
 from services.common.errors import InvalidArgument
 
 
@@ -77,7 +77,7 @@ class CascadeSpec:
     check: AnswerCheck
 
 
-_CHECK_FIELDS = {"min_mean_logprob": (int, float), "min_chars": int, "max_chars": int}
+_CASCADE_FIELDS = {"small": str, "large": str, "min_mean_logprob": (int, float), "min_chars": int, "max_chars": int}
 
 
 def parse_cascades(text: str, field_name: str = "model_cascades") -> dict[str, CascadeSpec]:
@@ -90,17 +90,8 @@ def parse_cascades(text: str, field_name: str = "model_cascades") -> dict[str, C
                                   field=field_name)
         if name in (values["small"], values["large"]):
             raise InvalidArgument(f"{field_name}: {name!r} cannot name itself as a step", field=field_name)
-        check = {}
-        for key, value in values.items():
-            if key in ("small", "large"):
-                continue
-            expected = _CHECK_FIELDS.get(key)
-            if expected is None:
-                raise InvalidArgument(f"{field_name}: {name!r} has unknown key {key!r} "
-                                      f"(known: small, large, {', '.join(sorted(_CHECK_FIELDS))})", field=field_name)
-            if not isinstance(value, expected) or isinstance(value, bool):
-                raise InvalidArgument(f"{field_name}: {name!r}.{key} has the wrong type", field=field_name)
-            check[key] = value
+        check_entry_keys(values, _CASCADE_FIELDS, name, field_name)
+        check = {k: v for k, v in values.items() if k not in ("small", "large")}
         cascades[name] = CascadeSpec(values["small"], values["large"],
                                      AnswerCheck(require_logprobs="min_mean_logprob" in check, **check))
     for name, spec in cascades.items():

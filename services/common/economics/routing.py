@@ -193,6 +193,17 @@ def json_object(text: str, field_name: str) -> dict:
     return raw
 
 
+def check_entry_keys(values: dict, known: dict, name: str, field_name: str) -> None:
+    """Every key of one entry of a JSON setting is known and of its type (bools are not numbers)."""
+    for key, value in values.items():
+        expected = known.get(key)
+        if expected is None:
+            raise InvalidArgument(f"{field_name}: {name!r} has unknown key {key!r} "
+                                  f"(known: {', '.join(sorted(known))})", field=field_name)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise InvalidArgument(f"{field_name}: {name!r}.{key} has the wrong type", field=field_name)
+
+
 _PROFILE_FIELDS = {"capabilities": list, "cost_per_1k_tokens": (int, float), "ms_per_token": (int, float),
                    "tier": int, "gguf": str}
 
@@ -203,13 +214,7 @@ def parse_model_profiles(text: str, field_name: str = "model_profiles") -> dict[
     for name, values in json_object(text, field_name).items():
         if not isinstance(values, dict):
             raise InvalidArgument(f"{field_name}: the profile of {name!r} must be an object", field=field_name)
-        for key, value in values.items():
-            expected = _PROFILE_FIELDS.get(key)
-            if expected is None:
-                raise InvalidArgument(f"{field_name}: {name!r} has unknown key {key!r} "
-                                      f"(known: {', '.join(sorted(_PROFILE_FIELDS))})", field=field_name)
-            if not isinstance(value, expected) or isinstance(value, bool):
-                raise InvalidArgument(f"{field_name}: {name!r}.{key} has the wrong type", field=field_name)
+        check_entry_keys(values, _PROFILE_FIELDS, name, field_name)
         caps = values.get("capabilities", [])
         if not all(isinstance(c, str) for c in caps):
             raise InvalidArgument(f"{field_name}: {name!r}.capabilities must be strings", field=field_name)
