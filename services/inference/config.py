@@ -62,8 +62,12 @@ class Settings(ServerSettings):
     response_cache_ttl_s: float = 300.0
     #: Answers kept for requests that opt into the semantic cache; 0 (default) disables it.
     semantic_cache_entries: int = 0
-    #: Cosine similarity a stored prompt needs to answer a new one.
-    semantic_cache_threshold: float = 0.85
+    #: Cosine similarity a stored prompt needs to answer a new one; 0 uses the
+    #: embedder's own default (model 0.75, lexical 0.85).
+    semantic_cache_threshold: float = 0.0
+    #: "model" (this node's llama.cpp model), "lexical" (hashed words and
+    #: trigrams, no model) or "auto" (model on a llama backend, else lexical).
+    semantic_embedder: str = "auto"
     semantic_cache_ttl_s: float = 300.0
     #: Per-tenant economics as JSON: {"tenant": {"merge", "cache", "semantic_cache": bool,
     #: "max_priority": "interactive|normal|batch"}}; "default" applies to unlisted tenants.

@@ -9,7 +9,7 @@ import grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
 from services.common.economics import ResponseCache
-from services.common.economics.semantic_cache import HashingEmbedder, SemanticCache
+from services.common.economics.semantic_cache import Embedder, HashingEmbedder, SemanticCache
 from services.common.economics.tenants import parse_tenant_policies
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.config import Settings
@@ -66,20 +66,40 @@ def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
     cache = ResponseCache(settings.response_cache_entries, settings.response_cache_ttl_s) \
         if settings.response_cache_entries else None
     return GenerationFront(pool, pool.primary.backend.model_name, merge=settings.merge_requests, cache=cache,
-                           semantic=semantic_cache(settings), observer=PrometheusEconomicsObserver())
+                           semantic=semantic_cache(settings, pool.primary.backend),
+                           observer=PrometheusEconomicsObserver())
 
 
-def semantic_cache(settings: Settings) -> SemanticCache[list[Delta]] | None:
+# Similarity a stored prompt needs by default, per embedder (docs/economics.md).
+DEFAULT_THRESHOLDS = {"model": 0.75, "lexical": 0.85}
+
+
+def semantic_cache(settings: Settings, backend: Backend) -> SemanticCache[list[Delta]] | None:
     if settings.semantic_cache_entries < 0:
         raise InvalidArgument("semantic_cache_entries: must be >= 0", field="semantic_cache_entries")
-    if not 0.0 < settings.semantic_cache_threshold <= 1.0:
-        raise InvalidArgument("semantic_cache_threshold: must be within (0, 1]", field="semantic_cache_threshold")
+    if not 0.0 <= settings.semantic_cache_threshold <= 1.0:
+        raise InvalidArgument("semantic_cache_threshold: must be within [0, 1] (0: the embedder's default)",
+                              field="semantic_cache_threshold")
     if settings.semantic_cache_ttl_s <= 0:
         raise InvalidArgument("semantic_cache_ttl_s: must be > 0", field="semantic_cache_ttl_s")
+    kind = settings.semantic_embedder
+    if kind not in ("auto", "model", "lexical"):
+        raise InvalidArgument("semantic_embedder: must be auto, model or lexical", field="semantic_embedder")
+    on_llama = hasattr(backend, "llama_model")
+    if kind == "model" and not on_llama:
+        raise InvalidArgument("semantic_embedder: 'model' needs the llama backend", field="semantic_embedder")
     if not settings.semantic_cache_entries:
         return None
-    return SemanticCache(HashingEmbedder(), settings.semantic_cache_threshold, settings.semantic_cache_entries,
-                         settings.semantic_cache_ttl_s)
+    if kind == "auto":
+        kind = "model" if on_llama else "lexical"
+    if kind == "model":
+        from services.inference.adapters.llama_embedder import LlamaEmbedder
+
+        embedder: Embedder = LlamaEmbedder(backend, n_threads=settings.n_threads)  # type: ignore[arg-type]
+    else:
+        embedder = HashingEmbedder()
+    threshold = settings.semantic_cache_threshold or DEFAULT_THRESHOLDS[kind]
+    return SemanticCache(embedder, threshold, settings.semantic_cache_entries, settings.semantic_cache_ttl_s)
 
 
 def placements(settings: Settings, model_path: str) -> list[Placement]:
@@ -158,7 +178,11 @@ class App:
         return self.front
 
     async def close(self) -> None:
-        self.front = None
+        front, self.front = self.front, None
+        embedder = front.semantic.embedder if front is not None and front.semantic is not None else None
+        if hasattr(embedder, "close"):
+            # Before the engines free the weights it runs on.
+            embedder.close()  # type: ignore[union-attr]
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await asyncio.to_thread(pool.stop)

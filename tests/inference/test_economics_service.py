@@ -9,11 +9,14 @@ from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc
 from prometheus_client import REGISTRY
 
+from services.common.economics.semantic_cache import HashingEmbedder
 from services.common.errors import InvalidArgument
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
+from services.inference.adapters.synthetic_backend import SyntheticBackend
 from services.inference.config import Settings
-from services.inference.server import build_app, priority_policy
+from services.inference.core.front import semantic_text
+from services.inference.server import build_app, priority_policy, semantic_cache
 
 
 def settings(**overrides) -> Settings:
@@ -216,3 +219,24 @@ async def test_cascade_over_node_aliases_escalates_on_a_low_confidence_answer():
             doubtful = await cascade(small, large, call, AnswerCheck(min_mean_logprob=-0.0))
             assert (doubtful.model, doubtful.escalated, doubtful.reason) == ("large", True, "low_confidence")
             assert len(doubtful.answer.text) == 9
+
+
+def test_the_semantic_text_drops_the_chat_markup():
+    prompt = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+    assert semantic_text(prompt) == "What is the capital of France?"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"semantic_embedder": "model"}, "semantic_embedder"),
+    ({"semantic_embedder": "neural"}, "semantic_embedder"),
+    ({"semantic_cache_threshold": 1.5}, "semantic_cache_threshold"),
+])
+def test_bad_semantic_settings_are_refused_naming_the_setting(overrides, field):
+    with pytest.raises(InvalidArgument) as info:
+        semantic_cache(settings(semantic_cache_entries=8, **overrides), SyntheticBackend())
+    assert info.value.field == field
+
+
+def test_the_synthetic_node_embeds_lexically_with_the_lexical_default_threshold():
+    cache = semantic_cache(settings(semantic_cache_entries=8), SyntheticBackend())
+    assert isinstance(cache.embedder, HashingEmbedder) and cache.threshold == 0.85

@@ -102,6 +102,11 @@ class LlamaBackend:
         self._pieces: dict[int, bytes] = {}
         self._tokenize_lock = threading.Lock()
 
+    @property
+    def llama_model(self) -> ll.llama_model_p:
+        """The loaded weights, for another context over them (the embedder's)."""
+        return self._model
+
     # -- vocabulary -------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:

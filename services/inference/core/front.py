@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from typing import AsyncIterator, Protocol
 
@@ -34,6 +35,14 @@ USER_TURN = "<start_of_turn>user"
 
 def is_single_turn(spec: GenerateSpec) -> bool:
     return bool(spec.prompt) and spec.prompt.count(USER_TURN) <= 1
+
+
+_TURN_MARKUP = re.compile(r"<start_of_turn>(?:user|model)\n?|<end_of_turn>\n?")
+
+
+def semantic_text(prompt: str) -> str:
+    """What a single-turn prompt asks, without its chat-template markup: the text the embedder compares."""
+    return _TURN_MARKUP.sub("", prompt).strip()
 
 
 def request_key(model: str, spec: GenerateSpec, *, with_prompt: bool = True) -> str:
@@ -138,7 +147,7 @@ class GenerationFront:
         cache = self.semantic
         scope = request_key(self.model_name, spec, with_prompt=False)
         # The embedder may run a model: keep it off the event loop.
-        vector = await asyncio.to_thread(cache.vector, spec.prompt)
+        vector = await asyncio.to_thread(cache.vector, semantic_text(spec.prompt))
         hit = cache.lookup(scope, vector)
         self.observer.on_semantic_lookup(hit is not None, cache.hit_rate)
         if hit is not None:
