@@ -25,6 +25,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from load import parse_args as load_args, s1_level  # noqa: E402
 from load_mesh import MeshOptions, running_mesh  # noqa: E402
 
+# What each round keeps (the RSS and fd samples are kept beside them).
+ROUND_FIELDS = ("throughput_ops_per_s", "error_rate", "errors", "error_samples", "overhead_ms_p95",
+                "turn_ms_p50", "tool_batch_ms_p50")
 # Growth of the late-run mean over the early-run mean that still counts as flat.
 RSS_GROWTH_LIMIT = 0.10
 FD_GROWTH_LIMIT = 5
@@ -66,14 +69,17 @@ async def soak(minutes: float, concurrency: int, sample_s: float) -> dict:
         deadline = time.monotonic() + minutes * 60
         while time.monotonic() < deadline:
             result = await s1_level(mesh, concurrency, min(sample_s, max(1.0, deadline - time.monotonic())), opts)
-            rounds.append({k: result[k] for k in ("throughput_ops_per_s", "error_rate", "overhead_ms_p95")})
+            rounds.append({k: result[k] for k in ROUND_FIELDS})
             samples.append(sample(pids))
-            print(f"{len(samples)}: {samples[-1]}", flush=True)
+            print(f"{len(samples)}: {rounds[-1]} {samples[-1]}", flush=True)
     processes = verdict(samples) if len(samples) >= 4 else {}
     return {"benchmark": "soak", "minutes": minutes, "concurrency": concurrency, "num_samples": len(samples),
             "flat": bool(processes) and all(p["flat"] for p in processes.values()), "processes": processes,
             "error_rate_max": max((r["error_rate"] for r in rounds), default=None),
             "throughput_ops_per_s_by_round": [r["throughput_ops_per_s"] for r in rounds],
+            "errors": {code: sum(r["errors"].get(code, 0) for r in rounds)
+                       for code in sorted({c for r in rounds for c in r["errors"]})},
+            "rounds": rounds,
             "samples": samples}
 
 

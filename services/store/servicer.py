@@ -93,8 +93,9 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         return pb.ReleaseSessionLockResponse(released=released)
 
     async def AppendAudit(self, request: pb.AppendAuditRequest, context):
-        entry = await self.core.append_audit(convert.audit_record(request.entry))
-        return pb.AppendAuditResponse(entry=convert.audit_pb(entry))
+        first, *more = await self.core.append_audit(
+            [convert.audit_record(e) for e in (request.entry, *request.more_entries)])
+        return pb.AppendAuditResponse(entry=convert.audit_pb(first), more_entries=[convert.audit_pb(e) for e in more])
 
     async def GetAuditHead(self, request: pb.GetAuditHeadRequest, context):
         seq, entry_hash = await self.core.get_audit_head(request.tenant_id)

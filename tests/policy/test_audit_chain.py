@@ -1,10 +1,11 @@
 """The hash chain detects edited, deleted and reordered rows."""
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 
-from services.common.errors import Aborted
+from services.common.errors import Aborted, Unavailable
 from services.policy.adapters.memory_audit_log import MemoryAuditLog
 from services.policy.core.audit import AuditChain, AuditRecord, entry_hash
 from tests.policy.builders import TEST_KEY
@@ -74,7 +75,7 @@ async def test_append_retries_when_another_writer_moved_the_head() -> None:
 async def test_memory_log_refuses_a_record_that_does_not_extend_the_head() -> None:
     log = MemoryAuditLog()
     try:
-        await log.append(AuditRecord("acme", 2, "", "h", "{}"))
+        await log.append([AuditRecord("acme", 2, "", "h", "{}")])
     except Aborted:
         return
     raise AssertionError("expected Aborted")
@@ -85,3 +86,49 @@ async def test_tenants_have_separate_chains() -> None:
     await chain.append("globex", {"n": 0})
     assert [r.seq for r in log.rows["globex"]] == [1]
     assert (await chain.verify("globex")).ok and (await chain.verify("acme")).ok
+
+
+class SlowLog(MemoryAuditLog):
+    """A store with a round trip: appends take a while, so decisions pile up behind them."""
+
+    def __init__(self, fail_next: int = 0) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+        self.fail_next = fail_next
+
+    async def append(self, records):
+        await asyncio.sleep(0.01)
+        self.calls.append(len(records))
+        if self.fail_next:
+            self.fail_next -= 1
+            raise Unavailable("store is down")
+        return await super().append(records)
+
+
+async def test_concurrent_decisions_share_writes_and_the_chain_still_verifies() -> None:
+    log = SlowLog()
+    chain = AuditChain(log, TEST_KEY)
+    stored = await asyncio.gather(*(chain.append("acme", {"n": i}) for i in range(200)))
+    assert sorted(r.seq for r in stored) == list(range(1, 201))
+    assert [json.loads(r.payload_json)["n"] for r in sorted(stored, key=lambda r: r.seq)] == list(range(200))
+    assert len(log.calls) < 20 and sum(log.calls) == 200, log.calls
+    assert (await chain.verify("acme")).ok
+
+
+async def test_a_failed_write_fails_its_waiters_and_the_next_ones_still_land() -> None:
+    log = SlowLog(fail_next=1)
+    chain = AuditChain(log, TEST_KEY)
+    first = await asyncio.gather(*(chain.append("acme", {"n": i}) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in first)
+    again = await chain.append("acme", {"n": "after"})
+    assert again.seq == 1 and (await chain.verify("acme")).ok
+
+
+async def test_a_caller_that_goes_away_does_not_take_its_entry_with_it() -> None:
+    log = SlowLog()
+    chain = AuditChain(log, TEST_KEY)
+    waiter = asyncio.ensure_future(chain.append("acme", {"n": 1}))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.sleep(0.05)
+    assert [json.loads(r.payload_json)["n"] for r in log.rows["acme"]] == [1]

@@ -117,19 +117,30 @@ async def test_session_lock_excludes_other_owners_until_expiry(repo) -> None:
 
 
 async def test_audit_chain_extends_head_only(repo) -> None:
-    await repo.append_audit(AuditRecord("acme", 1, "", "h1", "{}"), 1)
+    await repo.append_audit([AuditRecord("acme", 1, "", "h1", "{}")], 1)
     with pytest.raises(Aborted):
-        await repo.append_audit(AuditRecord("acme", 3, "h1", "h3", "{}"), 2)
+        await repo.append_audit([AuditRecord("acme", 3, "h1", "h3", "{}")], 2)
     with pytest.raises(Aborted):
-        await repo.append_audit(AuditRecord("acme", 2, "wrong", "h2", "{}"), 2)
-    await repo.append_audit(AuditRecord("acme", 2, "h1", "h2", "{}"), 3)
-    assert (await repo.append_audit(AuditRecord("acme", 2, "h1", "h2", "{}"), 4)).seq == 2  # retry
+        await repo.append_audit([AuditRecord("acme", 2, "wrong", "h2", "{}")], 2)
+    await repo.append_audit([AuditRecord("acme", 2, "h1", "h2", "{}")], 3)
+    assert (await repo.append_audit([AuditRecord("acme", 2, "h1", "h2", "{}")], 4))[0].seq == 2  # retry
     assert await repo.audit_head("acme") == (2, "h2")
     assert await repo.audit_head("other") == (0, "")
 
 
+async def test_a_run_of_audit_entries_lands_in_one_append_and_a_retry_returns_it(repo) -> None:
+    run = [AuditRecord("acme", 1, "", "h1", "{}"), AuditRecord("acme", 2, "h1", "h2", "{}"),
+           AuditRecord("acme", 3, "h2", "h3", "{}")]
+    assert [r.seq for r in await repo.append_audit(run, 1)] == [1, 2, 3]
+    assert await repo.audit_head("acme") == (3, "h3")
+    assert [r.entry_hash for r in await repo.append_audit(run, 2)] == ["h1", "h2", "h3"]  # retried
+    with pytest.raises(Aborted):  # a different run at those seqs is not a retry
+        await repo.append_audit([AuditRecord("acme", 2, "h1", "x2", "{}"), AuditRecord("acme", 3, "x2", "x3", "{}")], 3)
+    assert [a.seq for a in await repo.list_audit("acme", 0, 10)] == [1, 2, 3]
+
+
 async def test_concurrent_audit_appends_one_wins(repo) -> None:
-    results = await asyncio.gather(*[repo.append_audit(AuditRecord("acme", 1, "", f"h{i}", "{}"), i)
+    results = await asyncio.gather(*[repo.append_audit([AuditRecord("acme", 1, "", f"h{i}", "{}")], i)
                                      for i in range(4)], return_exceptions=True)
     assert sum(not isinstance(r, Exception) for r in results) == 1
     assert all(isinstance(r, Aborted) for r in results if isinstance(r, Exception))
@@ -144,7 +155,7 @@ async def test_retention_archives_old_rows_and_replay_stays_complete(repo) -> No
     assert await repo.archive_events(5_000, 10) == 0
     assert [e.seq for e in await repo.read_events("acme", "s1", 0, 10)] == [1, 2, 3]
     for seq, h in ((1, "h1"), (2, "h2")):
-        await repo.append_audit(AuditRecord("acme", seq, "h1" if seq == 2 else "", h, "{}"), 100)
+        await repo.append_audit([AuditRecord("acme", seq, "h1" if seq == 2 else "", h, "{}")], 100)
     assert await repo.archive_audit(5_000, 10) == 1  # the head stays hot
     assert await repo.audit_head("acme") == (2, "h2")
     assert [a.seq for a in await repo.list_audit("acme", 0, 10)] == [1, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Sequence
 
 from services.common.errors import Aborted
 from services.policy.core.audit import AuditHead, AuditRecord
@@ -18,12 +19,14 @@ class MemoryAuditLog:
         rows = self.rows.get(tenant_id)
         return AuditHead(rows[-1].seq, rows[-1].entry_hash) if rows else AuditHead()
 
-    async def append(self, record: AuditRecord) -> AuditRecord:
-        head = await self.head(record.tenant_id)
-        if record.seq != head.seq + 1 or record.prev_hash != head.entry_hash:
-            raise Aborted(f"audit head of {record.tenant_id!r} moved to {head.seq}")
-        stored = replace(record, create_time=datetime.now(timezone.utc))
-        self.rows.setdefault(record.tenant_id, []).append(stored)
+    async def append(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        first = records[0]
+        head = await self.head(first.tenant_id)
+        if first.seq != head.seq + 1 or first.prev_hash != head.entry_hash:
+            raise Aborted(f"audit head of {first.tenant_id!r} moved to {head.seq}")
+        now = datetime.now(timezone.utc)
+        stored = [replace(record, create_time=now) for record in records]
+        self.rows.setdefault(first.tenant_id, []).extend(stored)
         return stored
 
     async def list(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import timezone
+from typing import Sequence
 
 import grpc
 from llmesh.store.v1 import store_pb2, store_pb2_grpc
@@ -24,17 +25,18 @@ class StoreAuditLog:
             raise _domain_error(exc) from None
         return AuditHead(reply.seq, reply.entry_hash)
 
-    async def append(self, record: AuditRecord) -> AuditRecord:
-        entry = store_pb2.AuditEntry(tenant_id=record.tenant_id, seq=record.seq, prev_hash=record.prev_hash,
-                                     entry_hash=record.entry_hash, payload_json=record.payload_json)
+    async def append(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        first, *more = [store_pb2.AuditEntry(tenant_id=r.tenant_id, seq=r.seq, prev_hash=r.prev_hash,
+                                             entry_hash=r.entry_hash, payload_json=r.payload_json) for r in records]
         try:
-            # The entry hash is unique per entry, so a retried append is recognised.
+            # Entry hashes are unique per entry, so a retried append is recognised.
             reply = await self._stub.AppendAudit(
-                store_pb2.AppendAuditRequest(request_id=f"audit-{record.entry_hash}", entry=entry),
+                store_pb2.AppendAuditRequest(request_id=f"audit-{first.entry_hash}-{len(records)}", entry=first,
+                                             more_entries=more),
                 timeout=STORE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc) from None
-        return _record(reply.entry) if reply.entry.seq else record
+        return [_record(entry) for entry in (reply.entry, *reply.more_entries)]
 
     async def list(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
         found: list[AuditRecord] = []

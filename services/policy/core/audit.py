@@ -14,7 +14,7 @@ import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from services.common.errors import Aborted, Unavailable
 from services.policy.core.redaction import redact_value
@@ -53,8 +53,8 @@ class AuditLog(Protocol):
     async def head(self, tenant_id: str) -> AuditHead:
         """Last seq and hash of the tenant's chain; seq 0 when empty."""
 
-    async def append(self, record: AuditRecord) -> AuditRecord:
-        """Store ``record``; raises Aborted unless it extends the head exactly."""
+    async def append(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """Store consecutive ``records`` atomically; raises Aborted unless the first extends the head exactly."""
 
     async def list(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
         """Up to ``limit`` records with seq > after_seq, in seq order."""
@@ -70,40 +70,82 @@ def entry_hash(key: bytes, seq: int, prev_hash: str, payload_json: str) -> str:
 
 
 class AuditChain:
-    """Appends redacted, hash-chained entries and verifies chains."""
+    """Appends redacted, hash-chained entries and verifies chains.
+
+    Appends of one tenant are group-committed: while one batch is being
+    written, new entries queue up, and the next write carries all of them
+    (up to ``max_batch``) in one call. A chain must be written in order, so
+    without this every decision would wait for the round trips of all the
+    decisions before it.
+    """
 
     def __init__(self, log: AuditLog, key: bytes,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc), max_batch: int = 256) -> None:
         if len(key) < 16:
             raise ValueError("the audit HMAC key must be at least 16 bytes")
         self.log = log
         self._key = key
         self._clock = clock
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.max_batch = max_batch
+        # Entries waiting for the tenant's writer: (payload_json, future of the stored record).
+        self._pending: dict[str, list[tuple[str, asyncio.Future[AuditRecord]]]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
         # Heads this process wrote: a chain that ends before one was truncated.
         self._known_heads: dict[str, AuditHead] = {}
+        self.num_writes = 0
 
     async def append(self, tenant_id: str, payload: dict[str, Any]) -> AuditRecord:
         body = redact_value(dict(payload))
         body["time"] = self._clock().isoformat()
-        payload_json = canonical_json(body)
-        lock = self._locks.setdefault(tenant_id, asyncio.Lock())
-        async with lock:
-            head = self._known_heads.get(tenant_id)
-            for _attempt in range(MAX_APPEND_ATTEMPTS):
-                if head is None:
-                    head = await self.log.head(tenant_id)
-                seq = head.seq + 1
-                record = AuditRecord(tenant_id, seq, head.entry_hash,
-                                     entry_hash(self._key, seq, head.entry_hash, payload_json), payload_json)
+        future: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(tenant_id, []).append((canonical_json(body), future))
+        if tenant_id not in self._writers:
+            self._writers[tenant_id] = asyncio.create_task(self._write_pending(tenant_id),
+                                                           name=f"audit-writer-{tenant_id}")
+        # The entry is written even if this caller goes away: the decision was made.
+        return await asyncio.shield(future)
+
+    async def _write_pending(self, tenant_id: str) -> None:
+        try:
+            while self._pending.get(tenant_id):
+                queue = self._pending[tenant_id]
+                batch, self._pending[tenant_id] = queue[:self.max_batch], queue[self.max_batch:]
                 try:
-                    stored = await self.log.append(record)
-                except Aborted:
-                    # Another writer extended the chain first: re-read the head.
-                    head = None
+                    stored = await self._write(tenant_id, [payload_json for payload_json, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
                     continue
-                self._known_heads[tenant_id] = AuditHead(stored.seq, stored.entry_hash)
-                return stored
+                for (_, future), record in zip(batch, stored):
+                    if not future.done():
+                        future.set_result(record)
+        finally:
+            del self._writers[tenant_id]
+            if not self._pending.get(tenant_id):
+                self._pending.pop(tenant_id, None)
+
+    async def _write(self, tenant_id: str, payloads: list[str]) -> list[AuditRecord]:
+        head = self._known_heads.get(tenant_id)
+        for _attempt in range(MAX_APPEND_ATTEMPTS):
+            if head is None:
+                head = await self.log.head(tenant_id)
+            records, seq, prev = [], head.seq, head.entry_hash
+            for payload_json in payloads:
+                seq += 1
+                record = AuditRecord(tenant_id, seq, prev, entry_hash(self._key, seq, prev, payload_json),
+                                     payload_json)
+                records.append(record)
+                prev = record.entry_hash
+            try:
+                stored = await self.log.append(records)
+            except Aborted:
+                # Another writer extended the chain first: re-read the head.
+                head = None
+                continue
+            self.num_writes += 1
+            self._known_heads[tenant_id] = AuditHead(stored[-1].seq, stored[-1].entry_hash)
+            return stored
         raise Unavailable(f"audit chain of tenant {tenant_id!r} kept moving; gave up after "
                           f"{MAX_APPEND_ATTEMPTS} attempts", reason="AUDIT_CONTENDED")
 

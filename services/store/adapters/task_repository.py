@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Sequence
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -194,26 +195,35 @@ class TaskRepository:
 
     # -- audit chain -----------------------------------------------------------
 
-    async def append_audit(self, entry: AuditRecord, now_ms: int) -> AuditRecord:
+    async def append_audit(self, entries: Sequence[AuditRecord], now_ms: int) -> list[AuditRecord]:
+        """Append consecutive entries of one chain in one transaction (the caller checked they link up)."""
+        first, last = entries[0], entries[-1]
         try:
             async with self.db.writer() as s:
-                head = await self._head(s, entry.tenant_id)
-                if head is not None and head.seq == entry.seq and head.entry_hash == entry.entry_hash \
-                        and head.prev_hash == entry.prev_hash:
-                    return audit_record(head)  # a retried append of the current head
+                head = await self._head(s, first.tenant_id)
+                if head is not None and head.seq >= last.seq:
+                    stored = await self._rows_between(s, first.tenant_id, first.seq, last.seq)
+                    if [(r.seq, r.prev_hash, r.entry_hash) for r in stored] == \
+                            [(e.seq, e.prev_hash, e.entry_hash) for e in entries]:
+                        return stored  # a retried append that already landed
                 head_seq, head_hash = (head.seq, head.entry_hash) if head is not None else (0, "")
-                if entry.seq != head_seq + 1 or entry.prev_hash != head_hash:
+                if first.seq != head_seq + 1 or first.prev_hash != head_hash:
                     raise Aborted(f"audit chain head is seq {head_seq}; entry must be seq {head_seq + 1} "
                                   "with prev_hash equal to the head's hash", reason="AUDIT_HEAD_MOVED",
                                   metadata={"head_seq": str(head_seq)})
-                await s.execute(insert(AuditRow).values(
-                    tenant_id=entry.tenant_id, seq=entry.seq, prev_hash=entry.prev_hash,
-                    entry_hash=entry.entry_hash, payload_json=entry.payload_json, create_ms=now_ms))
+                await s.execute(insert(AuditRow), [
+                    dict(tenant_id=e.tenant_id, seq=e.seq, prev_hash=e.prev_hash, entry_hash=e.entry_hash,
+                         payload_json=e.payload_json, create_ms=now_ms) for e in entries])
         except IntegrityError:
             # Another replica appended the same seq first (the primary key is the guard).
             raise Aborted("audit chain head moved concurrently", reason="AUDIT_HEAD_MOVED") from None
-        return AuditRecord(entry.tenant_id, entry.seq, entry.prev_hash, entry.entry_hash, entry.payload_json,
-                           now_ms)
+        return [AuditRecord(e.tenant_id, e.seq, e.prev_hash, e.entry_hash, e.payload_json, now_ms) for e in entries]
+
+    @staticmethod
+    async def _rows_between(s, tenant_id: str, first_seq: int, last_seq: int) -> list[AuditRecord]:
+        query = (select(AuditRow).where(AuditRow.tenant_id == tenant_id, AuditRow.seq >= first_seq,
+                                        AuditRow.seq <= last_seq).order_by(AuditRow.seq))
+        return [audit_record(r) for r in (await s.execute(query)).scalars()]
 
     @staticmethod
     async def _head(s, tenant_id: str) -> AuditRow | None:

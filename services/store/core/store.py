@@ -10,7 +10,7 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from services.common.errors import NotFound, require
 from services.store.core import validation as check
@@ -25,6 +25,9 @@ from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
 
 Clock = Callable[[], int]
+
+# Entries one AppendAudit may carry (entry plus more_entries).
+MAX_AUDIT_BATCH = 512
 
 
 def wall_clock_ms() -> int:
@@ -246,14 +249,23 @@ class StoreCore:
 
     # -- audit -----------------------------------------------------------------
 
-    async def append_audit(self, entry: AuditRecord) -> AuditRecord:
-        check.check_id(entry.tenant_id, "entry.tenant_id")
-        require(entry.seq >= 1, "entry.seq", "must be at least 1")
-        require(bool(entry.entry_hash), "entry.entry_hash", "is required")
-        require(len(entry.entry_hash) <= 256 and len(entry.prev_hash) <= 256, "entry.entry_hash", "too long")
-        require(entry.seq > 1 or not entry.prev_hash, "entry.prev_hash", "must be empty for the first entry")
-        check.check_json_value(entry.payload_json, "entry.payload_json", max_bytes=check.MAX_CONTENT_BYTES)
-        return await self.repo.append_audit(entry, self.clock())
+    async def append_audit(self, entries: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """Append ``entries`` (one, or a run of consecutive entries of one chain) atomically."""
+        require(len(entries) <= MAX_AUDIT_BATCH, "more_entries", f"at most {MAX_AUDIT_BATCH - 1} entries")
+        for index, entry in enumerate(entries):
+            name = "entry" if index == 0 else f"more_entries[{index - 1}]"
+            check.check_id(entry.tenant_id, f"{name}.tenant_id")
+            require(entry.seq >= 1, f"{name}.seq", "must be at least 1")
+            require(bool(entry.entry_hash), f"{name}.entry_hash", "is required")
+            require(len(entry.entry_hash) <= 256 and len(entry.prev_hash) <= 256, f"{name}.entry_hash", "too long")
+            require(entry.seq > 1 or not entry.prev_hash, f"{name}.prev_hash", "must be empty for the first entry")
+            check.check_json_value(entry.payload_json, f"{name}.payload_json", max_bytes=check.MAX_CONTENT_BYTES)
+            if index:
+                before = entries[index - 1]
+                require(entry.tenant_id == before.tenant_id and entry.seq == before.seq + 1
+                        and entry.prev_hash == before.entry_hash, name,
+                        "must follow the entry before it in the same chain (next seq, prev_hash = its hash)")
+        return await self.repo.append_audit(entries, self.clock())
 
     async def get_audit_head(self, tenant_id: str) -> tuple[int, str]:
         check.check_id(tenant_id, "tenant_id")
