@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -123,3 +124,6 @@ async def running_mesh(options: MeshOptions = MeshOptions()) -> AsyncIterator[Me
         for key, value in saved.items():
             if value is not None:
                 os.environ[key] = value
+        if not options.data_dir:
+            # A soak leaves hundreds of MB of database behind; a named data_dir is kept.
+            shutil.rmtree(data_dir, ignore_errors=True)
