@@ -291,12 +291,15 @@ class Balancer:
                     yield reply
             return
         failed: list[Attempt] = []
+        # ``timeout`` covers the whole chain, not each model of it.
+        deadline = None if timeout is None else self._clock() + timeout
         for index, model in enumerate(chain):
             attempt = inference_pb2.GenerateRequest()
             attempt.CopyFrom(request)
             attempt.model = model
             first_within = self.settings.fallback_after_s if index < len(chain) - 1 else 0.0
-            async with contextlib.aclosing(self._generate_on_model(attempt, session_id, timeout)) as stream:
+            remaining = self._remaining(deadline)
+            async with contextlib.aclosing(self._generate_on_model(attempt, session_id, remaining)) as stream:
                 try:
                     first = await (asyncio.wait_for(anext(stream), first_within) if first_within else anext(stream))
                 except StopAsyncIteration:
@@ -322,6 +325,7 @@ class Balancer:
         So a cascade's first token arrives with the small model's last one
         (or the large model's first); its win is the large model not running.
         """
+        deadline = None if timeout is None else self._clock() + timeout
         small = inference_pb2.GenerateRequest()
         small.CopyFrom(request)
         small.model, small.logprobs = spec.small, True
@@ -349,7 +353,8 @@ class Balancer:
         large = inference_pb2.GenerateRequest()
         large.CopyFrom(request)
         large.model = spec.large
-        async with contextlib.aclosing(self.generate(large, session_id=session_id, timeout=timeout)) as stream:
+        async with contextlib.aclosing(self.generate(large, session_id=session_id,
+                                                     timeout=self._remaining(deadline))) as stream:
             async for reply in stream:
                 yield reply
 
