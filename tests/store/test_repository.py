@@ -4,8 +4,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import select, text
 
 from services.common.errors import Aborted, FailedPrecondition, NotFound
+from services.store.adapters.database import Database
+from services.store.adapters.session_repository import known_keys_query, rows_with_keys
+from services.store.adapters.tables import SessionRow
 from services.store.core.models import AuditRecord, EventAppend, NewEvent, NewMessage, NewSession, NewTask, TaskState
 from services.store.core.task_policy import RetryPolicy
 
@@ -159,3 +163,21 @@ async def test_retention_archives_old_rows_and_replay_stays_complete(repo) -> No
     assert await repo.archive_audit(5_000, 10) == 1  # the head stays hot
     assert await repo.audit_head("acme") == (2, "h2")
     assert [a.seq for a in await repo.list_audit("acme", 0, 10)] == [1, 2]
+
+
+@pytest.mark.parametrize("query, table", [
+    (known_keys_query({("acme", "s1", "k1"), ("acme", "s1", "k2"), ("acme", "s2", "k3")}), "store_events"),
+    (select(SessionRow).where(rows_with_keys((SessionRow.tenant_id, SessionRow.session_id),
+                                             [("acme", "s1"), ("acme", "s2")])), "store_sessions"),
+])
+async def test_composite_key_lookups_use_the_index_on_sqlite(tmp_path, query, table) -> None:
+    # A row-value IN is a full scan on SQLite; event appends slowed down as the table grew.
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'plan.db'}")
+    await db.migrate()
+    try:
+        compiled = query.compile(db.read_engine, compile_kwargs={"literal_binds": True})
+        async with db.reader() as s:
+            plan = " ".join(str(row[-1]) for row in (await s.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))).all())
+        assert f"SEARCH {table} USING INDEX" in plan and f"SCAN {table}" not in plan, plan
+    finally:
+        await db.close()

@@ -1,7 +1,7 @@
 """Sessions, messages and events in SQL. Every query is filtered by tenant_id."""
 from __future__ import annotations
 
-from sqlalchemy import and_, delete, insert, or_, select, tuple_
+from sqlalchemy import and_, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.errors import AlreadyExists, DomainError, NotFound
@@ -11,6 +11,32 @@ from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRo
 from services.store.core.models import (
     EventAppend, EventRecord, MessageRecord, NewMessage, NewSession, SessionRecord,
 )
+
+
+# Keys per OR list: SQLite nests "a OR b OR ..." one level per term and
+# refuses expressions deeper than 1000.
+KEYS_PER_QUERY = 200
+
+
+def rows_with_keys(columns, keys):
+    """WHERE (c1 = k1 AND c2 = k2 ...) OR ... for composite keys.
+
+    A row-value ``(c1, c2) IN (VALUES ...)``, which is what ``tuple_().in_()``
+    renders on SQLite, is answered by a full table scan there; the OR of
+    equalities is answered from the key's index on SQLite and PostgreSQL alike.
+    """
+    return or_(*(and_(*(column == value for column, value in zip(columns, key))) for key in keys))
+
+
+def known_keys_query(wanted: set[tuple[str, str, str]]):
+    """Seqs of the events already stored under these (tenant, session, idempotency key) triples."""
+    by_session: dict[tuple[str, str], list[str]] = {}
+    for tenant_id, session_id, key in sorted(wanted):
+        by_session.setdefault((tenant_id, session_id), []).append(key)
+    # One index range per session: tenant and session equal, the key IN the batch's keys.
+    return select(EventRow.tenant_id, EventRow.session_id, EventRow.idempotency_key, EventRow.seq).where(or_(*(
+        and_(EventRow.tenant_id == tenant_id, EventRow.session_id == session_id, EventRow.idempotency_key.in_(keys))
+        for (tenant_id, session_id), keys in by_session.items())))
 
 
 def _session_not_found(session_id: str) -> NotFound:
@@ -99,7 +125,7 @@ class SessionRepository:
         async with self.db.writer() as s:
             # Lock every session of the batch in one sorted pass: concurrent
             # batches from other replicas then cannot deadlock each other.
-            query = (select(SessionRow).where(tuple_(SessionRow.tenant_id, SessionRow.session_id).in_(keys))
+            query = (select(SessionRow).where(rows_with_keys((SessionRow.tenant_id, SessionRow.session_id), keys))
                      .order_by(SessionRow.tenant_id, SessionRow.session_id).with_for_update())
             sessions = {(r.tenant_id, r.session_id): r for r in (await s.execute(query)).scalars()}
             known = await self._known_keys(s, appends)
@@ -138,8 +164,7 @@ class SessionRepository:
                   if e.idempotency_key}
         if not wanted:
             return {}
-        query = select(EventRow.tenant_id, EventRow.session_id, EventRow.idempotency_key, EventRow.seq).where(
-            tuple_(EventRow.tenant_id, EventRow.session_id, EventRow.idempotency_key).in_(sorted(wanted)))
+        query = known_keys_query(wanted)
         return {(t, sid, k): seq for t, sid, k, seq in (await s.execute(query)).all()}
 
     async def read_events(self, tenant_id: str, session_id: str, after_seq: int, limit: int) -> list[EventRecord]:
@@ -160,9 +185,9 @@ class SessionRepository:
         """Last event seq of each (tenant_id, session_id) in ``keys`` that exists."""
         found: dict[tuple[str, str], int] = {}
         async with self.db.reader() as s:
-            for i in range(0, len(keys), 500):  # bounded IN lists
+            for i in range(0, len(keys), KEYS_PER_QUERY):
                 query = select(SessionRow.tenant_id, SessionRow.session_id, SessionRow.last_event_seq).where(
-                    tuple_(SessionRow.tenant_id, SessionRow.session_id).in_(keys[i:i + 500]))
+                    rows_with_keys((SessionRow.tenant_id, SessionRow.session_id), keys[i:i + KEYS_PER_QUERY]))
                 found.update({(t, sid): seq for t, sid, seq in (await s.execute(query)).all()})
         return found
 
@@ -184,6 +209,7 @@ async def move_rows(db: Database, hot, archive, cutoff_ms: int, max_rows: int, k
         columns = [c.key for c in hot.__table__.columns]
         await s.execute(insert(archive), [{c: getattr(r, c) for c in columns} for r in rows])
         keys = [tuple(getattr(r, col.key) for col in key_columns) for r in rows]
-        await s.execute(delete(hot).where(tuple_(*key_columns).in_(keys)))
+        for i in range(0, len(keys), KEYS_PER_QUERY):
+            await s.execute(delete(hot).where(rows_with_keys(key_columns, keys[i:i + KEYS_PER_QUERY])))
         return len(rows)
 
