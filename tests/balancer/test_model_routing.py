@@ -62,6 +62,29 @@ async def test_auto_sends_easy_prompts_to_the_cheap_model_and_hard_ones_up_a_tie
             assert routed("large", False) - before == 1
 
 
+async def test_auto_keeps_to_the_request_budget_and_the_tenant_cap():
+    async with small_and_large() as nodes:
+        tenants = json.dumps({"frugal": {"route_max_cost": 0.05}})
+        async with make_balancer(addresses(nodes), model_profiles=PROFILES, tenant_policies=tenants) as balancer:
+            hard = request("auto", HARD_PROMPT)
+            assert balancer.model_chain(hard) == ["large", "small"]
+            # ~50 tokens (prompt estimate + 4 generated): large costs ~0.05, small ~0.005.
+            hard.route_max_cost = 0.01
+            assert balancer.model_chain(hard) == ["small"]
+            capped = request("auto", HARD_PROMPT)
+            capped.tenant_id = "frugal"
+            capped.sampling.max_tokens = 100
+            assert balancer.model_chain(capped) == ["small"], "the tenant's cap applies without a request budget"
+            hard.route_max_cost = 0.0001
+            with pytest.raises(errors.FailedPrecondition) as info:
+                await collect(balancer, hard)
+            assert info.value.reason == "NO_MODEL_FITS"
+            slow = request("auto", HARD_PROMPT)
+            slow.route_max_latency_ms = 1.0
+            with pytest.raises(errors.FailedPrecondition):
+                balancer.model_chain(slow)
+
+
 async def test_auto_refuses_token_prompts_naming_the_field():
     async with small_and_large() as nodes:
         async with make_balancer(addresses(nodes)) as balancer:
@@ -150,6 +173,7 @@ async def test_a_cascade_whose_small_model_is_gone_escalates():
 
 
 @pytest.mark.parametrize("field, value", [
+    ("tenant_policies", '{"t": {"route_max_cost": -1}}'),
     ("model_cascades", '{"c": {"small": "a"}}'),
     ("model_cascades", '{"c": {"small": "a", "large": "b", "min_mean_logprob": "low"}}'),
     ("model_cascades", '{"c": {"small": "a", "large": "d"}, "d": {"small": "a", "large": "c"}}'),

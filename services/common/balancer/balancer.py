@@ -40,6 +40,7 @@ from services.common.economics.cascade import Answer, CascadeSpec, parse_cascade
 from services.common.economics.routing import (FALLBACK_ERRORS, Attempt, ModelProfile, ModelRegistry, ModelRouter,
                                                RouteRequest, chain_exhausted, estimate_complexity, failed_attempt,
                                                parse_fallbacks, parse_model_profiles, parse_tier_thresholds)
+from services.common.economics.tenants import parse_tenant_policies, policy_for
 
 log = logging.getLogger("llmesh.balancer")
 
@@ -101,6 +102,7 @@ class Balancer:
         self._fallbacks = parse_fallbacks(settings.model_fallbacks)
         self._router_config = parse_tier_thresholds(settings.route_tier_thresholds)
         self._cascades = parse_cascades(settings.model_cascades)
+        self._tenants = parse_tenant_policies(settings.tenant_policies)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
@@ -264,11 +266,15 @@ class Balancer:
             return [request.model, *self._fallbacks.get(request.model, ())]
         errors.require(not request.prompt_tokens, "model",
                        f"{AUTO_MODEL!r} needs a text prompt: token ids belong to one model's vocabulary")
+        caps = [c for c in (request.route_max_cost, policy_for(self._tenants, request.tenant_id).route_max_cost)
+                if c > 0]
         route = RouteRequest(
             # About four characters a token: the router only compares it with context sizes.
             prompt_tokens=max(1, len(request.prompt) // 4),
             max_tokens=request.sampling.max_tokens or DEFAULT_ROUTE_MAX_TOKENS,
             capabilities=frozenset({"grammar"}) if request.sampling.grammar else frozenset(),
+            max_cost=min(caps) if caps else None,
+            max_latency_ms=request.route_max_latency_ms or None,
             complexity=estimate_complexity(request.prompt))
         return [p.name for p in ModelRouter(self.registry(), self._router_config).chain(route)]
 

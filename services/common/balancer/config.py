@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 from services.common.economics.cascade import parse_cascades
 from services.common.economics.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
+from services.common.economics.tenants import parse_tenant_policies
 from services.common.errors import require
 from services.common.settings import load_settings
 
@@ -80,6 +81,9 @@ class BalancerSettings:
     # {"small": "gemma-fast", "large": "gemma-3-270m", "min_mean_logprob": -1.0,
     #  "min_chars": 1, "max_chars": 0}}.
     model_cascades: str = ""
+    # Per-tenant settings, the same JSON the nodes read (LLMESH_INFERENCE_TENANT_POLICIES);
+    # the balancer applies route_max_cost to a tenant's "auto" requests.
+    tenant_policies: str = ""
     # Thresholds of the complexity estimate that need each tier, as JSON
     # {"1": 0.5}: prompts at 0.5 or above want a tier-1 model.
     route_tier_thresholds: str = '{"1": 0.5}'
@@ -106,6 +110,7 @@ class BalancerSettings:
         parse_fallbacks(self.model_fallbacks)
         parse_tier_thresholds(self.route_tier_thresholds)
         parse_cascades(self.model_cascades)
+        parse_tenant_policies(self.tenant_policies)
 
 
 def _valid_entry(entry: str) -> bool:

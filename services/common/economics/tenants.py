@@ -26,6 +26,9 @@ class TenantPolicy:
     semantic_cache: bool = True
     #: The best class this tenant's requests get; better ones are lowered to it.
     max_priority: str = "interactive"
+    #: Most one routed ("auto") request may cost, in the model profiles' cost
+    #: unit; 0 means no cap. Applied by the balancer's router.
+    route_max_cost: float = 0.0
 
     def clamp_priority(self, priority: str) -> str:
         """The class a request asking for ``priority`` is queued in."""
@@ -46,8 +49,10 @@ def parse_tenant_policies(text: str, field_name: str = "tenant_policies") -> dic
             expected = _TYPES.get(key)
             if expected is None:
                 raise InvalidArgument(f"{field_name}: {tenant!r} has unknown key {key!r}", field=field_name)
-            if (expected == "bool") != isinstance(value, bool) or (expected == "str" and not isinstance(value, str)):
-                raise InvalidArgument(f"{field_name}: {tenant!r}.{key} must be a {expected}", field=field_name)
+            if (expected == "bool") != isinstance(value, bool) or (expected == "str" and not isinstance(value, str)) \
+                    or (expected == "float" and not (isinstance(value, (int, float)) and value >= 0)):
+                raise InvalidArgument(f"{field_name}: {tenant!r}.{key} must be a {expected}"
+                                      + (" >= 0" if expected == "float" else ""), field=field_name)
         if values.get("max_priority", "interactive") not in PRIORITY_NAMES:
             raise InvalidArgument(f"{field_name}: {tenant!r}.max_priority must be one of {', '.join(PRIORITY_NAMES)}",
                                   field=field_name)
