@@ -62,6 +62,14 @@ AUTO_MODEL = "auto"
 DEFAULT_ROUTE_MAX_TOKENS = 256
 
 
+def with_model(request: inference_pb2.GenerateRequest, model: str) -> inference_pb2.GenerateRequest:
+    """A copy of ``request`` for another model (one step of a chain or cascade)."""
+    copy = inference_pb2.GenerateRequest()
+    copy.CopyFrom(request)
+    copy.model = model
+    return copy
+
+
 @dataclass(frozen=True)
 class PickedNode:
     """A node chosen for a call the caller makes itself (see ``pick``)."""
@@ -300,9 +308,7 @@ class Balancer:
         # ``timeout`` covers the whole chain, not each model of it.
         deadline = None if timeout is None else self._clock() + timeout
         for index, model in enumerate(chain):
-            attempt = inference_pb2.GenerateRequest()
-            attempt.CopyFrom(request)
-            attempt.model = model
+            attempt = with_model(request, model)
             first_within = self.settings.fallback_after_s if index < len(chain) - 1 else 0.0
             remaining = self._remaining(deadline)
             async with contextlib.aclosing(self._generate_on_model(attempt, session_id, remaining)) as stream:
@@ -332,9 +338,8 @@ class Balancer:
         (or the large model's first); its win is the large model not running.
         """
         deadline = None if timeout is None else self._clock() + timeout
-        small = inference_pb2.GenerateRequest()
-        small.CopyFrom(request)
-        small.model, small.logprobs = spec.small, True
+        small = with_model(request, spec.small)
+        small.logprobs = True
         replies: list[inference_pb2.GenerateResponse] = []
         try:
             async with contextlib.aclosing(self.generate(small, session_id=session_id, timeout=timeout)) as stream:
@@ -356,10 +361,7 @@ class Balancer:
                 yield reply
             return
         span.set_attribute("llmesh.route.escalation_reason", reason)
-        large = inference_pb2.GenerateRequest()
-        large.CopyFrom(request)
-        large.model = spec.large
-        async with contextlib.aclosing(self.generate(large, session_id=session_id,
+        async with contextlib.aclosing(self.generate(with_model(request, spec.large), session_id=session_id,
                                                      timeout=self._remaining(deadline))) as stream:
             async for reply in stream:
                 yield reply

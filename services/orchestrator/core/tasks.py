@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
 from prometheus_client import Counter
 
-from services.common.economics.tenants import TenantPolicy, policy_for
+from services.common.economics.tenants import PRIORITY_NAMES, TenantPolicy, policy_for
 from services.orchestrator.core.ports import StorePort, TaskRecord
 from services.orchestrator.core.runs import ActiveRun, RunManager
 
@@ -44,10 +44,10 @@ TASKS_CLAIMED = Counter("llmesh_orchestrator_tasks_claimed_total", "Background t
                         ["task_class"])
 
 QUEUE = "agent-runs"
-CLASSES = ("interactive", "normal", "batch")
-# llmesh.orchestrator.v1.Priority -> class; UNSPECIFIED runs as normal.
-_CLASS_OF_PRIORITY = {0: "normal", 1: "interactive", 2: "normal", 3: "batch"}
-_PRIORITY_OF_CLASS = {"interactive": 1, "normal": 2, "batch": 3}
+# The same classes as the inference queue and the tenant policies, best first.
+CLASSES = PRIORITY_NAMES
+# llmesh.orchestrator.v1.Priority numbers them 1, 2, 3 in this order; UNSPECIFIED (0) runs as normal.
+_CLASS_OF_PRIORITY = {0: "normal", **{number: name for number, name in enumerate(CLASSES, start=1)}}
 
 
 def queue_of(task_class: str) -> str:
@@ -123,7 +123,7 @@ class TaskQueue:
         await self._runs.sessions.get(tenant_id, session_id)
         task_class = self.class_of(tenant_id, int(options.get("priority", 0)))
         # The run is queued in the inference pool with the class it was queued in here.
-        options = {**options, "priority": _PRIORITY_OF_CLASS[task_class]}
+        options = {**options, "priority": CLASSES.index(task_class) + 1}
         payload = {"tenant_id": tenant_id, "session_id": session_id, "user_message": user_message,
                    "options": options}
         record = await self._store.enqueue_task(
