@@ -92,7 +92,6 @@ class AuditChain:
         self._writers: dict[str, asyncio.Task[None]] = {}
         # Heads this process wrote: a chain that ends before one was truncated.
         self._known_heads: dict[str, AuditHead] = {}
-        self.num_writes = 0
 
     async def append(self, tenant_id: str, payload: dict[str, Any]) -> AuditRecord:
         body = redact_value(dict(payload))
@@ -143,7 +142,6 @@ class AuditChain:
                 # Another writer extended the chain first: re-read the head.
                 head = None
                 continue
-            self.num_writes += 1
             self._known_heads[tenant_id] = AuditHead(stored[-1].seq, stored[-1].entry_hash)
             return stored
         raise Unavailable(f"audit chain of tenant {tenant_id!r} kept moving; gave up after "
