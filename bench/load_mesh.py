@@ -31,6 +31,8 @@ class MeshOptions:
     # Sequences per node: the scenarios want the node never to queue.
     seqs_per_node: int = 512
     max_active_runs: int = 1024
+    # Tokens per synthetic step (n_batch): whole prompts of many sessions at once.
+    batch_tokens: int = 65536
     saved_state_max_mb: int = 8
     data_dir: str = ""
 
@@ -66,6 +68,10 @@ def mesh_env(options: MeshOptions) -> dict[str, str]:
         "LLMESH_INFERENCE_N_SEQ_MAX": str(options.seqs_per_node),
         "LLMESH_INFERENCE_MAX_QUEUE": str(options.seqs_per_node * 4),
         "LLMESH_INFERENCE_N_CTX": str(max(8192, options.seqs_per_node * 1024)),
+        # A synthetic step costs the same whatever it carries, so a large batch
+        # makes prompts (each S1 session's first is ~2,700 byte tokens of tool
+        # descriptions) as cheap as the fixed-rate stream means them to be.
+        "LLMESH_INFERENCE_N_BATCH": str(options.batch_tokens),
         # Every S1 turn opens a session, so evicted sessions' saved states pile
         # up to this budget; a small one reaches its plateau early in a soak.
         "LLMESH_INFERENCE_SAVED_STATE_MAX_MB": str(options.saved_state_max_mb),

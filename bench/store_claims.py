@@ -42,9 +42,11 @@ async def _seed(url: str, num_tasks: int) -> None:
                  state=int(TaskState.READY), attempts=0, max_attempts=10, worker_id="", lease_token="",
                  claim_id=None, lease_expire_ms=0, run_after_ms=t, result_json="", last_error="",
                  idempotency_key=None, create_ms=t, update_ms=t) for i in range(num_tasks)]
-    async with db.writer() as s:
+    def insert_all(s) -> None:
         for start in range(0, num_tasks, 1000):
-            await s.execute(insert(TaskRow), rows[start:start + 1000])
+            s.execute(insert(TaskRow), rows[start:start + 1000])
+
+    await db.write(insert_all)
     await db.close()
 
 

@@ -1,7 +1,6 @@
 """OpenTelemetry tracing: OTLP when an endpoint is set, else a JSON-lines file."""
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,8 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(json.loads(span.to_json()), separators=(",", ":")) for span in spans]
+        # One line per span: the SDK's own JSON form without indentation.
+        lines = [span.to_json(indent=None) for span in spans]
         with self._lock, self._path.open("a", encoding="utf-8") as out:
             out.write("\n".join(lines) + "\n")
         return SpanExportResult.SUCCESS

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Up to the largest n_batch worth having; ``max_tokens`` (n_batch) cuts it.
+LADDER = tuple(2 ** i for i in range(17))
 EWMA_ALPHA = 0.2
 
 

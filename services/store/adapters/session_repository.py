@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from sqlalchemy import and_, delete, insert, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from services.common.errors import AlreadyExists, DomainError, NotFound
-from services.store.adapters.database import Database
+from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import event_record, message_record, session_record
 from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRow, SessionRow
 from services.store.core.models import (
@@ -43,12 +43,12 @@ def _session_not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
 
 
-async def _lock_session(s: AsyncSession, tenant_id: str, session_id: str) -> SessionRow | None:
+def _lock_session(s: Session, tenant_id: str, session_id: str) -> SessionRow | None:
     # FOR UPDATE serializes appends to one session on PostgreSQL; SQLite
     # ignores it and is already serialized by its single writer.
     query = (select(SessionRow).where(SessionRow.tenant_id == tenant_id, SessionRow.session_id == session_id)
              .with_for_update())
-    return (await s.execute(query)).scalar_one_or_none()
+    return s.execute(query).scalar_one_or_none()
 
 
 class SessionRepository:
@@ -56,14 +56,14 @@ class SessionRepository:
         self.db = db
 
     async def create_session(self, new: NewSession, now_ms: int) -> tuple[SessionRecord, bool]:
-        async with self.db.writer() as s:
+        def work(s: Session) -> tuple[SessionRecord, bool]:
             if new.request_id:
                 query = select(SessionRow).where(SessionRow.tenant_id == new.tenant_id,
                                                  SessionRow.create_request_id == new.request_id)
-                existing = (await s.execute(query)).scalar_one_or_none()
+                existing = s.execute(query).scalar_one_or_none()
                 if existing is not None:
                     return session_record(existing), False
-            clash = await s.get(SessionRow, (new.tenant_id, new.session_id))
+            clash = s.get(SessionRow, (new.tenant_id, new.session_id))
             if clash is not None:
                 raise AlreadyExists(f"session {new.session_id!r} already exists", reason="SESSION_EXISTS",
                                     field="session_id")
@@ -72,6 +72,8 @@ class SessionRepository:
                              last_message_position=0, last_event_seq=0, create_ms=now_ms, update_ms=now_ms)
             s.add(row)
             return session_record(row), True
+
+        return await self.db.write(work)
 
     async def get_session(self, tenant_id: str, session_id: str) -> SessionRecord | None:
         async with self.db.reader() as s:
@@ -89,20 +91,20 @@ class SessionRepository:
 
     async def append_messages(self, tenant_id: str, session_id: str, messages: list[NewMessage],
                               request_id: str, now_ms: int) -> list[int]:
-        async with self.db.writer() as s:
-            session = await _lock_session(s, tenant_id, session_id)
+        def work(s: Session) -> list[int]:
+            session = _lock_session(s, tenant_id, session_id)
             if session is None:
                 raise _session_not_found(session_id)
             if request_id:
                 query = (select(MessageRow.position).where(
                     MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id,
                     MessageRow.request_id == request_id).order_by(MessageRow.position))
-                done = list((await s.execute(query)).scalars())
+                done = list(s.execute(query).scalars())
                 if done:
                     return done
             first = session.last_message_position + 1
             positions = list(range(first, first + len(messages)))
-            await s.execute(insert(MessageRow), [
+            s.execute(insert(MessageRow), [
                 dict(tenant_id=tenant_id, session_id=session_id, position=pos, request_id=request_id or None,
                      role=m.role, content=m.content, metadata_json=m.metadata_json, num_tokens=m.num_tokens,
                      create_ms=now_ms)
@@ -110,6 +112,8 @@ class SessionRepository:
             session.last_message_position = positions[-1]
             session.update_ms = now_ms
             return positions
+
+        return await self.db.write(work)
 
     async def list_messages(self, tenant_id: str, session_id: str, after_position: int,
                             limit: int) -> list[MessageRecord]:
@@ -122,13 +126,14 @@ class SessionRepository:
     async def append_events(self, appends: list[EventAppend], now_ms: int) -> list[list[int] | DomainError]:
         """One transaction for the whole batch; per append its seqs or its own error."""
         keys = sorted({(a.tenant_id, a.session_id) for a in appends})
-        async with self.db.writer() as s:
+
+        def work(s: Session) -> list[list[int] | DomainError]:
             # Lock every session of the batch in one sorted pass: concurrent
             # batches from other replicas then cannot deadlock each other.
             query = (select(SessionRow).where(rows_with_keys((SessionRow.tenant_id, SessionRow.session_id), keys))
                      .order_by(SessionRow.tenant_id, SessionRow.session_id).with_for_update())
-            sessions = {(r.tenant_id, r.session_id): r for r in (await s.execute(query)).scalars()}
-            known = await self._known_keys(s, appends)
+            sessions = {(r.tenant_id, r.session_id): r for r in s.execute(query).scalars()}
+            known = self._known_keys(s, appends)
             rows: list[dict] = []
             results: list[list[int] | DomainError] = []
             for append in appends:
@@ -153,19 +158,21 @@ class SessionRepository:
                                      schema_version=event.schema_version, create_ms=now_ms))
                 results.append(seqs)
             if rows:
-                await s.execute(insert(EventRow), rows)
+                s.execute(insert(EventRow), rows)
                 for session in sessions.values():
                     session.update_ms = now_ms
             return results
 
+        return await self.db.write(work)
+
     @staticmethod
-    async def _known_keys(s: AsyncSession, appends: list[EventAppend]) -> dict[tuple[str, str, str], int]:
+    def _known_keys(s: Session, appends: list[EventAppend]) -> dict[tuple[str, str, str], int]:
         wanted = {(a.tenant_id, a.session_id, e.idempotency_key) for a in appends for e in a.events
                   if e.idempotency_key}
         if not wanted:
             return {}
         query = known_keys_query(wanted)
-        return {(t, sid, k): seq for t, sid, k, seq in (await s.execute(query)).all()}
+        return {(t, sid, k): seq for t, sid, k, seq in s.execute(query).all()}
 
     async def read_events(self, tenant_id: str, session_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         async with self.db.reader() as s:
@@ -198,18 +205,20 @@ class SessionRepository:
 
 async def move_rows(db: Database, hot, archive, cutoff_ms: int, max_rows: int, key_columns, extra=None) -> int:
     """Copy up to max_rows rows older than cutoff into the archive table and delete them."""
-    async with db.writer() as s:
+    def work(s: Session) -> int:
         query = select(hot).where(hot.create_ms < cutoff_ms)
         if extra is not None:
             query = query.where(extra)
         query = query.order_by(hot.create_ms).limit(max_rows).with_for_update(skip_locked=True)
-        rows = list((await s.execute(query)).scalars())
+        rows = list(s.execute(query).scalars())
         if not rows:
             return 0
         columns = [c.key for c in hot.__table__.columns]
-        await s.execute(insert(archive), [{c: getattr(r, c) for c in columns} for r in rows])
+        s.execute(insert(archive), [{c: getattr(r, c) for c in columns} for r in rows])
         keys = [tuple(getattr(r, col.key) for col in key_columns) for r in rows]
         for i in range(0, len(keys), KEYS_PER_QUERY):
-            await s.execute(delete(hot).where(rows_with_keys(key_columns, keys[i:i + KEYS_PER_QUERY])))
+            s.execute(delete(hot).where(rows_with_keys(key_columns, keys[i:i + KEYS_PER_QUERY])))
         return len(rows)
+
+    return await db.write(work, WritePriority.BACKGROUND)
 

@@ -6,9 +6,10 @@ from typing import Sequence
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from services.common.errors import Aborted, FailedPrecondition, NotFound
-from services.store.adapters.database import Database
+from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import audit_record, task_record
 from services.store.adapters.session_repository import move_rows
 from services.store.adapters.tables import ArchivedAuditRow, AuditRow, SessionLockRow, TaskRow
@@ -28,11 +29,11 @@ class TaskRepository:
     # -- tasks -----------------------------------------------------------------
 
     async def enqueue_task(self, new: NewTask, now_ms: int) -> tuple[TaskRecord, bool]:
-        async with self.db.writer() as s:
+        def work(s: Session) -> tuple[TaskRecord, bool]:
             if new.idempotency_key:
                 query = select(TaskRow).where(TaskRow.tenant_id == new.tenant_id, TaskRow.queue == new.queue,
                                               TaskRow.idempotency_key == new.idempotency_key)
-                existing = (await s.execute(query)).scalar_one_or_none()
+                existing = s.execute(query).scalar_one_or_none()
                 if existing is not None:
                     return task_record(existing), False
             row = TaskRow(task_id=uuid.uuid4().hex, tenant_id=new.tenant_id, queue=new.queue,
@@ -42,20 +43,22 @@ class TaskRepository:
                           idempotency_key=new.idempotency_key or None, create_ms=now_ms, update_ms=now_ms)
             s.add(row)
             try:
-                await s.flush()
+                s.flush()
             except IntegrityError:
                 # Two replicas enqueued the same key at once; the other one won.
                 raise Aborted("task with this idempotency key is being created; retry",
                               reason="ENQUEUE_RACE") from None
             return task_record(row), True
 
+        return await self.db.write(work)
+
     async def claim_tasks(self, queue: str, worker_id: str, max_tasks: int, lease_ms: int, claim_id: str,
                           now_ms: int) -> list[TaskRecord]:
-        async with self.db.writer() as s:
+        def work(s: Session) -> list[TaskRecord]:
             if claim_id:
                 query = select(TaskRow).where(TaskRow.claim_id == claim_id, TaskRow.worker_id == worker_id,
                                               TaskRow.state == int(TaskState.LEASED))
-                repeated = [task_record(r) for r in (await s.execute(query)).scalars()]
+                repeated = [task_record(r) for r in s.execute(query).scalars()]
                 if repeated:
                     return repeated
             # SKIP LOCKED: concurrent claimers on PostgreSQL take disjoint rows
@@ -65,7 +68,7 @@ class TaskRepository:
                             TaskRow.run_after_ms <= now_ms)
                      .order_by(TaskRow.priority, TaskRow.run_after_ms, TaskRow.create_ms)
                      .limit(max_tasks).with_for_update(skip_locked=True))
-            ids = list((await s.execute(ready)).scalars())
+            ids = list(s.execute(ready).scalars())
             if not ids:
                 return []
             token = uuid.uuid4().hex
@@ -76,11 +79,14 @@ class TaskRepository:
                              attempts=TaskRow.attempts + 1, update_ms=now_ms)
                      .returning(TaskRow)
                      .execution_options(synchronize_session=False))
-            rows = [task_record(r) for r in (await s.execute(claim)).scalars()]
+            rows = [task_record(r) for r in s.execute(claim).scalars()]
             return sorted(rows, key=lambda t: (t.priority, t.run_after_ms, t.create_ms))
 
-    async def _owned(self, s, task_id: str, lease_token: str) -> TaskRow:
-        row = (await s.execute(select(TaskRow).where(TaskRow.task_id == task_id).with_for_update())).scalar_one_or_none()
+        return await self.db.write(work)
+
+    @staticmethod
+    def _owned(s: Session, task_id: str, lease_token: str) -> TaskRow:
+        row = s.execute(select(TaskRow).where(TaskRow.task_id == task_id).with_for_update()).scalar_one_or_none()
         if row is None:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
         if row.lease_token != lease_token:
@@ -88,17 +94,19 @@ class TaskRepository:
         return row
 
     async def heartbeat_task(self, task_id: str, lease_token: str, lease_ms: int, now_ms: int) -> TaskRecord:
-        async with self.db.writer() as s:
-            row = await self._owned(s, task_id, lease_token)
+        def work(s: Session) -> TaskRecord:
+            row = self._owned(s, task_id, lease_token)
             if row.state != TaskState.LEASED:
                 raise _lease_lost(task_id)
             row.lease_expire_ms = now_ms + lease_ms
             row.update_ms = now_ms
             return task_record(row)
 
+        return await self.db.write(work, WritePriority.URGENT)
+
     async def ack_task(self, task_id: str, lease_token: str, result_json: str, now_ms: int) -> TaskRecord:
-        async with self.db.writer() as s:
-            row = await self._owned(s, task_id, lease_token)
+        def work(s: Session) -> TaskRecord:
+            row = self._owned(s, task_id, lease_token)
             if row.state == TaskState.DONE:
                 return task_record(row)  # a retried ack
             if row.state != TaskState.LEASED:
@@ -109,10 +117,12 @@ class TaskRepository:
             row.update_ms = now_ms
             return task_record(row)
 
+        return await self.db.write(work, WritePriority.URGENT)
+
     async def fail_task(self, task_id: str, lease_token: str, error: str, permanent: bool, policy: RetryPolicy,
                         now_ms: int) -> TaskRecord:
-        async with self.db.writer() as s:
-            row = await self._owned(s, task_id, lease_token)
+        def work(s: Session) -> TaskRecord:
+            row = self._owned(s, task_id, lease_token)
             if row.state in (TaskState.READY, TaskState.DEAD):
                 return task_record(row)  # a retried fail
             if row.state != TaskState.LEASED:
@@ -125,6 +135,8 @@ class TaskRepository:
             row.update_ms = now_ms
             return task_record(row)
 
+        return await self.db.write(work, WritePriority.URGENT)
+
     async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord | None:
         async with self.db.reader() as s:
             row = await s.get(TaskRow, task_id)
@@ -135,27 +147,29 @@ class TaskRepository:
     async def release_expired_leases(self, now_ms: int) -> int:
         """Sweeper: expired leases count as a failed attempt; the token is voided."""
         expired = (TaskRow.state == int(TaskState.LEASED), TaskRow.lease_expire_ms < now_ms)
-        async with self.db.writer() as s:
-            dead = await s.execute(
+        def work(s: Session) -> int:
+            dead = s.execute(
                 update(TaskRow).where(*expired, TaskRow.attempts >= TaskRow.max_attempts)
                 .values(state=int(TaskState.DEAD), lease_token="", last_error="lease expired", update_ms=now_ms)
                 .execution_options(synchronize_session=False))
-            ready = await s.execute(
+            ready = s.execute(
                 update(TaskRow).where(*expired)
                 .values(state=int(TaskState.READY), lease_token="", worker_id="", run_after_ms=now_ms,
                         last_error="lease expired", update_ms=now_ms)
                 .execution_options(synchronize_session=False))
             return (dead.rowcount or 0) + (ready.rowcount or 0)
 
+        return await self.db.write(work, WritePriority.BACKGROUND)
+
     # -- session locks ---------------------------------------------------------
 
     async def acquire_lock(self, tenant_id: str, session_id: str, owner_id: str, lease_ms: int,
                            now_ms: int) -> LockResult:
-        async with self.db.writer() as s:
-            await s.execute(self._insert_free_lock(tenant_id, session_id))
+        def work(s: Session) -> LockResult:
+            s.execute(self._insert_free_lock(tenant_id, session_id))
             query = (select(SessionLockRow).where(SessionLockRow.tenant_id == tenant_id,
                                                   SessionLockRow.session_id == session_id).with_for_update())
-            row = (await s.execute(query)).scalar_one()
+            row = s.execute(query).scalar_one()
             free = not row.owner_id or row.lease_expire_ms <= now_ms
             if row.owner_id != owner_id and not free:
                 return LockResult(False, row.owner_id, row.lease_expire_ms, row.fencing_token)
@@ -164,6 +178,8 @@ class TaskRepository:
             row.owner_id = owner_id
             row.lease_expire_ms = now_ms + lease_ms
             return LockResult(True, owner_id, row.lease_expire_ms, row.fencing_token)
+
+        return await self.db.write(work, WritePriority.URGENT)
 
     def _insert_free_lock(self, tenant_id: str, session_id: str):
         if self.db.is_postgres:
@@ -175,8 +191,8 @@ class TaskRepository:
         ).on_conflict_do_nothing()
 
     async def release_lock(self, tenant_id: str, session_id: str, owner_id: str) -> bool:
-        async with self.db.writer() as s:
-            result = await s.execute(
+        def work(s: Session) -> bool:
+            result = s.execute(
                 update(SessionLockRow)
                 .where(SessionLockRow.tenant_id == tenant_id, SessionLockRow.session_id == session_id,
                        SessionLockRow.owner_id == owner_id)
@@ -184,55 +200,66 @@ class TaskRepository:
                 .execution_options(synchronize_session=False))
             return (result.rowcount or 0) > 0
 
+        return await self.db.write(work, WritePriority.URGENT)
+
     async def delete_expired_locks(self, now_ms: int) -> int:
-        async with self.db.writer() as s:
-            result = await s.execute(
+        def work(s: Session) -> int:
+            result = s.execute(
                 update(SessionLockRow)
                 .where(SessionLockRow.owner_id != "", SessionLockRow.lease_expire_ms <= now_ms)
                 .values(owner_id="", lease_expire_ms=0)
                 .execution_options(synchronize_session=False))
             return result.rowcount or 0
 
+        return await self.db.write(work, WritePriority.BACKGROUND)
+
     # -- audit chain -----------------------------------------------------------
 
     async def append_audit(self, entries: Sequence[AuditRecord], now_ms: int) -> list[AuditRecord]:
         """Append consecutive entries of one chain in one transaction (the caller checked they link up)."""
         first, last = entries[0], entries[-1]
+
+        def work(s: Session) -> list[AuditRecord]:
+            head = self._head(s, first.tenant_id)
+            if head is not None and head.seq >= last.seq:
+                stored = self._rows_between(s, first.tenant_id, first.seq, last.seq)
+                if [(r.seq, r.prev_hash, r.entry_hash) for r in stored] == \
+                        [(e.seq, e.prev_hash, e.entry_hash) for e in entries]:
+                    return stored  # a retried append that already landed
+            head_seq, head_hash = (head.seq, head.entry_hash) if head is not None else (0, "")
+            if first.seq != head_seq + 1 or first.prev_hash != head_hash:
+                raise Aborted(f"audit chain head is seq {head_seq}; entry must be seq {head_seq + 1} "
+                              "with prev_hash equal to the head's hash", reason="AUDIT_HEAD_MOVED",
+                              metadata={"head_seq": str(head_seq)})
+            s.execute(insert(AuditRow), [
+                dict(tenant_id=e.tenant_id, seq=e.seq, prev_hash=e.prev_hash, entry_hash=e.entry_hash,
+                     payload_json=e.payload_json, create_ms=now_ms) for e in entries])
+            return [AuditRecord(e.tenant_id, e.seq, e.prev_hash, e.entry_hash, e.payload_json, now_ms)
+                    for e in entries]
+
         try:
-            async with self.db.writer() as s:
-                head = await self._head(s, first.tenant_id)
-                if head is not None and head.seq >= last.seq:
-                    stored = await self._rows_between(s, first.tenant_id, first.seq, last.seq)
-                    if [(r.seq, r.prev_hash, r.entry_hash) for r in stored] == \
-                            [(e.seq, e.prev_hash, e.entry_hash) for e in entries]:
-                        return stored  # a retried append that already landed
-                head_seq, head_hash = (head.seq, head.entry_hash) if head is not None else (0, "")
-                if first.seq != head_seq + 1 or first.prev_hash != head_hash:
-                    raise Aborted(f"audit chain head is seq {head_seq}; entry must be seq {head_seq + 1} "
-                                  "with prev_hash equal to the head's hash", reason="AUDIT_HEAD_MOVED",
-                                  metadata={"head_seq": str(head_seq)})
-                await s.execute(insert(AuditRow), [
-                    dict(tenant_id=e.tenant_id, seq=e.seq, prev_hash=e.prev_hash, entry_hash=e.entry_hash,
-                         payload_json=e.payload_json, create_ms=now_ms) for e in entries])
+            return await self.db.write(work, WritePriority.URGENT)
         except IntegrityError:
             # Another replica appended the same seq first (the primary key is the guard).
             raise Aborted("audit chain head moved concurrently", reason="AUDIT_HEAD_MOVED") from None
-        return [AuditRecord(e.tenant_id, e.seq, e.prev_hash, e.entry_hash, e.payload_json, now_ms) for e in entries]
 
     @staticmethod
-    async def _rows_between(s, tenant_id: str, first_seq: int, last_seq: int) -> list[AuditRecord]:
+    def _rows_between(s: Session, tenant_id: str, first_seq: int, last_seq: int) -> list[AuditRecord]:
         query = (select(AuditRow).where(AuditRow.tenant_id == tenant_id, AuditRow.seq >= first_seq,
                                         AuditRow.seq <= last_seq).order_by(AuditRow.seq))
-        return [audit_record(r) for r in (await s.execute(query)).scalars()]
+        return [audit_record(r) for r in s.execute(query).scalars()]
 
     @staticmethod
-    async def _head(s, tenant_id: str) -> AuditRow | None:
-        query = select(AuditRow).where(AuditRow.tenant_id == tenant_id).order_by(AuditRow.seq.desc()).limit(1)
-        return (await s.execute(query)).scalar_one_or_none()
+    def _head_query(tenant_id: str):
+        return select(AuditRow).where(AuditRow.tenant_id == tenant_id).order_by(AuditRow.seq.desc()).limit(1)
+
+    @classmethod
+    def _head(cls, s: Session, tenant_id: str) -> AuditRow | None:
+        return s.execute(cls._head_query(tenant_id)).scalar_one_or_none()
 
     async def audit_head(self, tenant_id: str) -> tuple[int, str]:
         async with self.db.reader() as s:
-            head = await self._head(s, tenant_id)
+            head = (await s.execute(self._head_query(tenant_id))).scalar_one_or_none()
             return (head.seq, head.entry_hash) if head is not None else (0, "")
 
     async def list_audit(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
