@@ -144,3 +144,38 @@ async def test_sampling_with_a_seed_is_reproducible(engine):
     first = await run(engine, spec)
     second = await run(engine, spec)
     assert first[1] == second[1]
+
+
+def test_plain_greedy_argmax_picks_what_llamas_greedy_sampler_picks(model_path):
+    """The backend's argmax shortcut for plain greedy keys equals llama.cpp's greedy sampler."""
+    import llama_cpp as ll
+
+    from services.inference.core.types import BatchEntry
+
+    backend = LlamaBackend(model_path, n_ctx=512, n_seq_max=NUM_SEQ, n_batch=256, n_threads=2)
+    try:
+        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+        entries, idx, n = [], [], 0
+        for seq, prompt in enumerate(prompts):
+            tokens = backend.tokenize(prompt, True, True)
+            backend.open_sampler(seq, SamplingParams())
+            entries.append(BatchEntry(seq, tuple(tokens), 0, seq))
+            n += len(tokens)
+            idx.append(n - 1)
+        assert backend._greedy == {0, 1, 2}
+        sampled = backend.decode(entries)
+        reference = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        ll.llama_sampler_chain_add(reference, ll.llama_sampler_init_greedy())
+        try:
+            for seq, i in enumerate(idx):
+                assert sampled[seq] == ll.llama_sampler_sample(reference, backend._ctx, i)
+        finally:
+            ll.llama_sampler_free(reference)
+        # Anything that reshapes the logits keeps llama.cpp's sampler.
+        backend.open_sampler(9, SamplingParams(repeat_penalty=1.3))
+        backend.open_sampler(10, SamplingParams(temperature=0.7, seed=1))
+        assert 9 not in backend._greedy and 10 not in backend._greedy
+        backend.close_sampler(0)
+        assert 0 not in backend._greedy
+    finally:
+        backend.close()

@@ -98,6 +98,8 @@ class LlamaBackend:
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._samplers: dict[int, ll.llama_sampler_p] = {}
         self._wants_logprobs: set[int] = set()
+        # Keys whose sampling is a plain argmax (see _is_plain_greedy).
+        self._greedy: set[int] = set()
         self._logprobs: dict[int, float] = {}
         self._pieces: dict[int, bytes] = {}
         self._tokenize_lock = threading.Lock()
@@ -173,14 +175,22 @@ class LlamaBackend:
         if params.grammar:
             ll.llama_sampler_free(self._build_sampler(params))
 
+    @staticmethod
+    def _is_plain_greedy(params: SamplingParams) -> bool:
+        """Greedy with nothing that reshapes the logits first (no grammar, no penalty)."""
+        return params.temperature <= 0.0 and not params.grammar and params.repeat_penalty == 1.0
+
     def open_sampler(self, key: int, params: SamplingParams) -> None:
         self._samplers[key] = self._build_sampler(params)
         if params.logprobs:
             self._wants_logprobs.add(key)
+        if self._is_plain_greedy(params):
+            self._greedy.add(key)
 
     def close_sampler(self, key: int) -> None:
         sampler = self._samplers.pop(key, None)
         self._wants_logprobs.discard(key)
+        self._greedy.discard(key)
         if sampler is not None:
             ll.llama_sampler_free(sampler)
 
@@ -211,11 +221,23 @@ class LlamaBackend:
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with {rc}")
-        sampled = {key: ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
+        sampled = {key: self._argmax(idx) if key in self._greedy
+                   else ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
         for key, idx in wanted:
             if key in self._wants_logprobs:
                 self._logprobs[key] = self._token_logprob(idx, sampled[key])
         return sampled
+
+    def _argmax(self, idx: int) -> int:
+        """llama.cpp's greedy pick (the first highest logit) without its sampler.
+
+        A sampler call copies all n_vocab logits into a candidate array before
+        choosing; with Gemma 3's 262,144-token vocabulary that is about 0.9 ms
+        per sequence per step here, against about 0.1 ms for this argmax, and a
+        step of 8 sequences takes about 50 ms.
+        """
+        logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,))
+        return int(logits.argmax())
 
     def _token_logprob(self, idx: int, token: int) -> float:
         """log softmax of the model's raw logits at ``token`` (before any sampler shaping)."""
