@@ -8,7 +8,7 @@ from sqlalchemy import select, text
 
 from services.common.errors import Aborted, FailedPrecondition, NotFound
 from services.store.adapters.database import Database
-from services.store.adapters.session_repository import known_keys_query, rows_with_keys
+from services.store.adapters.session_repository import known_keys_query, rows_with_keys, sessions_where
 from services.store.adapters.tables import SessionRow
 from services.store.core.models import AuditRecord, EventAppend, NewEvent, NewMessage, NewSession, NewTask, TaskState
 from services.store.core.task_policy import RetryPolicy
@@ -169,6 +169,7 @@ async def test_retention_archives_old_rows_and_replay_stays_complete(repo) -> No
     (known_keys_query({("acme", "s1", "k1"), ("acme", "s1", "k2"), ("acme", "s2", "k3")}), "store_events"),
     (select(SessionRow).where(rows_with_keys((SessionRow.tenant_id, SessionRow.session_id),
                                              [("acme", "s1"), ("acme", "s2")])), "store_sessions"),
+    (select(SessionRow).where(sessions_where([("acme", "s1"), ("acme", "s2"), ("beta", "s3")])), "store_sessions"),
 ])
 async def test_composite_key_lookups_use_the_index_on_sqlite(tmp_path, query, table) -> None:
     # A row-value IN is a full scan on SQLite; event appends slowed down as the table grew.
