@@ -150,7 +150,7 @@ class SessionRepository:
                      .where(sessions_where(keys))
                      .order_by(SessionRow.tenant_id, SessionRow.session_id).with_for_update())
             last_seq = {(t, sid): seq for t, sid, seq in s.execute(query).all()}
-            start_seq = dict(last_seq)
+            advanced: set[tuple[str, str]] = set()
             known = self._known_keys(s, appends)
             rows: list[dict] = []
             results: list[list[int] | DomainError] = []
@@ -166,6 +166,7 @@ class SessionRepository:
                         seqs.append(known[key])  # a retry: the original seq, nothing written
                         continue
                     seq = last_seq[session_key] = last_seq[session_key] + 1
+                    advanced.add(session_key)
                     if event.idempotency_key:
                         known[key] = seq
                     seqs.append(seq)
@@ -179,7 +180,7 @@ class SessionRepository:
                 # Bulk UPDATE by primary key (one executemany) of the sessions that advanced.
                 s.execute(update(SessionRow), [
                     dict(tenant_id=t, session_id=sid, last_event_seq=seq, update_ms=now_ms)
-                    for (t, sid), seq in last_seq.items() if seq != start_seq[(t, sid)]])
+                    for (t, sid), seq in last_seq.items() if (t, sid) in advanced])
             return results
 
         return await self.db.write(work)
