@@ -14,6 +14,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,26 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- baselines ---------------------------------------------------------------------------
+
+
+def on_own_thread(fn, *args):
+    """Run ``fn`` on a thread that ends with it.
+
+    llama.cpp's CPU backend runs each graph on an OpenMP team that belongs to
+    the calling thread and lives as long as that thread. A baseline run on the
+    main thread would leave its team behind while the service decodes on its
+    engine thread; libgomp then manages more threads than there are CPUs and
+    shortens its busy-wait at every barrier, which measured ~17 % slower decode
+    steps for the service (docs/inference.md). A thread of its own takes its
+    team with it when it ends.
+    """
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(fn(*args)), name="llmesh-bench-baseline")
+    worker.start()
+    worker.join()
+    if not result:
+        raise RuntimeError(f"{fn.__name__} failed (see the traceback above)")
+    return result[0]
 
 
 def serial_llama(model_path: Path, n: int, max_tokens: int, threads: int) -> dict:
@@ -108,12 +129,30 @@ def gen(prompt: str, max_tokens: int, session: str = "") -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=prompt, session_id=session, sampling=pb.SamplingParams(max_tokens=max_tokens))
 
 
-async def concurrent_streams(stub, n: int, max_tokens: int) -> dict:
+async def flush_prompt_cache(stub, n_seq_max: int) -> None:
+    """Empty every sequence, so the next run finds none of its prompts cached.
+
+    Idle sequences keep their cells for any later prompt with the same prefix
+    (the node's prompt cache); the throughput runs measure batching, not that.
+    One short session per sequence takes them all (a session keeps its
+    sequence), and releasing the sessions clears their cells.
+    """
+    sessions = [f"bench-flush-{i}" for i in range(n_seq_max)]
+    await asyncio.gather(*(stream(stub, gen(f"Filler {i}.", 1, session=sid)) for i, sid in enumerate(sessions)))
+    for sid in sessions:
+        await stub.ReleaseSession(pb.ReleaseSessionRequest(session_id=sid))
+
+
+async def concurrent_streams(stub, n: int, max_tokens: int, n_seq_max: int = 0) -> dict:
+    if n_seq_max:
+        await flush_prompt_cache(stub, n_seq_max)
     start = time.perf_counter()
     results = await asyncio.gather(*(stream(stub, gen(p, max_tokens)) for p in prompts(n)))
     elapsed = time.perf_counter() - start
     generated = sum(r["usage"].generated_tokens for r in results)
     return {"streams": n, "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+            "prompt_tokens": sum(r["usage"].prompt_tokens for r in results),
+            "cached_prompt_tokens": sum(r["usage"].cached_tokens for r in results),
             "ttft_ms": [r["usage"].ttft_ms for r in results]}
 
 
@@ -204,7 +243,7 @@ async def run_service(model_path: Path, threads: int, max_tokens: int, stream_co
             throughput = {}
             for n in stream_counts:
                 # Best of two: other processes on a small shared machine add noise.
-                runs = [await concurrent_streams(stub, n, max_tokens) for _ in range(2)]
+                runs = [await concurrent_streams(stub, n, max_tokens, settings.n_seq_max) for _ in range(2)]
                 throughput[n] = max(runs, key=lambda run: run["tokens_per_s"])
             reuse = await session_reuse(stub)
             fairness = await long_prompt_arrival(stub, stub)
@@ -219,13 +258,13 @@ def main() -> None:
     args = parser.parse_args()
     model_path = ensure_model()
 
-    serial_runs = [serial_llama(model_path, 8, args.max_tokens, args.threads)]
-    raw8 = max((bare_batched_loop(model_path, 8, args.max_tokens, args.threads) for _ in range(2)),
+    serial_runs = [on_own_thread(serial_llama, model_path, 8, args.max_tokens, args.threads)]
+    raw8 = max((on_own_thread(bare_batched_loop, model_path, 8, args.max_tokens, args.threads) for _ in range(2)),
                key=lambda run: run["tokens_per_s"])
     throughput, reuse, fairness = asyncio.run(run_service(model_path, args.threads, args.max_tokens,
                                                           [1, 2, 4, 8, 16]))
     # A second serial run after the service: the best of the two damps noise from other processes.
-    serial_runs.append(serial_llama(model_path, 8, args.max_tokens, args.threads))
+    serial_runs.append(on_own_thread(serial_llama, model_path, 8, args.max_tokens, args.threads))
     serial = max(serial_runs, key=lambda run: run["tokens_per_s"])
     ttfts = [t for run in throughput.values() for t in run["ttft_ms"]]
     report = {

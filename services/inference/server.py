@@ -67,7 +67,7 @@ def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
         if settings.response_cache_entries else None
     return GenerationFront(pool, pool.primary.backend.model_name, merge=settings.merge_requests, cache=cache,
                            semantic=semantic_cache(settings, pool.primary.backend),
-                           observer=PrometheusEconomicsObserver())
+                           observer=PrometheusEconomicsObserver(), run_model=pool.primary.call)
 
 
 # Similarity a stored prompt needs by default, per embedder (docs/economics.md).

@@ -1,6 +1,8 @@
 """The semantic cache on the real model: the node's own embeddings match a paraphrase, not another question."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -52,7 +54,11 @@ async def test_a_paraphrase_is_answered_from_the_semantic_cache_on_the_node(mode
     settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=1024, n_seq_max=2,
                         n_threads=2, n_gpu_layers=0, semantic_cache_entries=16)
     async with running_service(build_app(settings), settings) as svc:
-        assert type(svc.app.front.semantic.embedder).__name__ == "LlamaEmbedder"
+        embedder = svc.app.front.semantic.embedder
+        assert type(embedder).__name__ == "LlamaEmbedder"
+        # The embeddings run on the engine thread: one thread drives all of the model's compute.
+        embed, threads = embedder.embed, []
+        embedder.embed = lambda text: threads.append(threading.current_thread().name) or embed(text)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             first = await answer(stub, ASKED)
@@ -61,3 +67,4 @@ async def test_a_paraphrase_is_answered_from_the_semantic_cache_on_the_node(mode
     assert not any(r.cached for r in first)
     assert all(r.cached for r in again) and "".join(r.text for r in again) == "".join(r.text for r in first)
     assert not any(r.cached for r in other)
+    assert threads == ["llmesh-engine-0"] * 3

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from services.common.economics import ResponseCache
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapters.synthetic_backend import SyntheticBackend
 from services.inference.core.engine import Engine, EngineConfig
 from services.inference.core.front import GenerationFront
@@ -212,6 +213,43 @@ async def test_semantic_cache_skips_conversations_and_random_sampling(node):
         await read_all(await front.open(spec(turns), semantic=True))
         await read_all(await front.open(spec("capital of France", temperature=0.7), semantic=True))
     assert len(finishes.reasons) == 4 and len(front.semantic) == 0
+
+
+class ThreadRecordingEmbedder:
+    """A lexical embedder that notes the thread each embedding ran on."""
+
+    def __init__(self, runs_model: bool) -> None:
+        from services.common.economics.semantic_cache import HashingEmbedder
+
+        self.runs_model = runs_model
+        self._inner = HashingEmbedder()
+        self.threads: list[str] = []
+
+    def embed(self, text: str):
+        self.threads.append(threading.current_thread().name)
+        return self._inner.embed(text)
+
+
+@pytest.mark.parametrize("runs_model", [True, False])
+async def test_a_model_embedder_runs_on_the_engine_thread_and_a_lexical_one_on_a_worker(node, runs_model):
+    from services.common.economics.semantic_cache import SemanticCache
+
+    engine, _ = node
+    embedder = ThreadRecordingEmbedder(runs_model)
+    front = GenerationFront(engine, "synthetic", semantic=SemanticCache(embedder, 0.8, 8, 60.0),
+                            run_model=engine.call)
+    await read_all(await front.open(spec("What is the capital of France?"), semantic=True))
+    await read_all(await front.open(spec("what's the capital of France"), semantic=True))
+    assert len(embedder.threads) == 2
+    on_engine = [name == "llmesh-engine-0" for name in embedder.threads]
+    assert on_engine == [runs_model, runs_model]
+
+
+async def test_a_stopped_engine_refuses_work_for_its_thread(node):
+    engine, _ = node
+    engine.stop()
+    with pytest.raises(Unavailable):
+        await engine.call(lambda: None)
 
 
 async def test_an_interactive_request_joining_a_queued_batch_decode_lifts_its_class():

@@ -23,6 +23,9 @@ V = TypeVar("V")
 
 
 class Embedder(Protocol):
+    #: True when ``embed`` runs the node's model (and so belongs on its engine thread).
+    runs_model: bool
+
     def embed(self, text: str) -> Sequence[float]: ...
 
 
@@ -33,6 +36,8 @@ class HashingEmbedder:
     prompts low. Used with the synthetic backend and wherever a model-based
     embedder is not wanted.
     """
+
+    runs_model = False
 
     def __init__(self, dim: int = 512) -> None:
         self.dim = dim

@@ -9,7 +9,9 @@ for mean pooling.
 
 The embedder has a llama.cpp context of its own (one sequence, embeddings on)
 over the backend's loaded weights, so it never touches the generation
-context's KV cache; calls are serialised by a lock and run off the event loop.
+context's KV cache; calls are serialised by a lock. The node runs them on the
+engine thread between decode steps (``GenerationFront(run_model=...)``), so
+one thread drives all of the model's compute.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ PROMPT = 'This sentence : "{text}" means in one word:"'
 
 
 class LlamaEmbedder:
+    runs_model = True
+
     def __init__(self, backend: LlamaBackend, *, n_ctx: int = 512, n_threads: int = 0) -> None:
         self._backend = backend
         params = ll.llama_context_default_params()

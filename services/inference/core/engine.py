@@ -200,7 +200,16 @@ class Engine:
         self._post(lambda: self.scheduler.promote(key, priority))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the engine thread between steps and await its result."""
+        """Run ``fn`` on the engine thread between steps and await its result.
+
+        Other model work of the node (the semantic cache's embeddings) runs
+        here too, so one thread drives all of llama.cpp's compute: a second
+        thread would bring a second OpenMP worker team, and libgomp shortens
+        every team's busy-wait once it manages more threads than there are
+        CPUs, which slows each decode step (docs/inference.md).
+        """
+        if self.failed is not None or self._stopping:
+            raise Unavailable("the inference engine is not running", reason="ENGINE_STOPPED")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def run() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import re
 import time
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from services.common.economics import ResponseCache, canonical_request_hash
 from services.common.economics.semantic_cache import SemanticCache
@@ -96,7 +96,11 @@ class GenerationFront:
     def __init__(self, engines: Submitter, model_name: str, *, merge: bool = True,
                  cache: ResponseCache[list[Delta]] | None = None,
                  semantic: SemanticCache[list[Delta]] | None = None,
-                 observer: EconomicsObserver | None = None) -> None:
+                 observer: EconomicsObserver | None = None,
+                 run_model: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None) -> None:
+        """``run_model`` runs a model-backed embedder's work (the node passes its engine's ``call``,
+        so all llama.cpp compute stays on the engine thread); without it, and for embedders that
+        run no model, embeddings go to a worker thread."""
         self.engines = engines
         self.model_name = model_name
         self.merge = merge
@@ -104,6 +108,7 @@ class GenerationFront:
         self.semantic = semantic
         self.observer = observer or EconomicsObserver()
         self._in_flight: dict[str, SharedDecode] = {}
+        self._run_model = run_model
 
     def submit(self, spec: GenerateSpec, *, require_session: bool = False, use_cache: bool = True,
                merge: bool = True) -> DeltaStream:
@@ -146,8 +151,12 @@ class GenerationFront:
         assert self.semantic is not None
         cache = self.semantic
         scope = request_key(self.model_name, spec, with_prompt=False)
-        # The embedder may run a model: keep it off the event loop.
-        vector = await asyncio.to_thread(cache.vector, semantic_text(spec.prompt))
+        # Keep the embedding off the event loop; one that runs the model goes to the engine thread.
+        text = semantic_text(spec.prompt)
+        if self._run_model is not None and cache.embedder.runs_model:
+            vector = await self._run_model(lambda: cache.vector(text))
+        else:
+            vector = await asyncio.to_thread(cache.vector, text)
         hit = cache.lookup(scope, vector)
         self.observer.on_semantic_lookup(hit is not None, cache.hit_rate)
         if hit is not None:
