@@ -29,6 +29,8 @@ class Settings(ServerSettings):
     n_batch: int = 512
     #: CPU threads for llama.cpp; 0 means one per CPU core.
     n_threads: int = 0
+    #: Round each step's logits rows up to a multiple of this; 0: 4 on CPU, 1 on GPU.
+    output_rows_multiple: int = 0
     #: Layers on the GPU; -1 sizes them from free memory, 0 forces the CPU.
     n_gpu_layers: int = -1
     #: Engines (one per GPU); 0 means one per usable device.

@@ -116,6 +116,10 @@ def placements(settings: Settings, model_path: str) -> list[Placement]:
     return pool
 
 
+# llama.cpp's CPU kernels project onto the vocabulary fastest in groups of four rows (docs/inference.md).
+CPU_OUTPUT_ROWS_MULTIPLE = 4
+
+
 def build_backends(settings: Settings) -> list[Backend]:
     """Blocking: loads the model once per device."""
     if settings.backend == "synthetic":
@@ -130,6 +134,9 @@ def build_backends(settings: Settings) -> list[Backend]:
     from services.common.model_cache import ensure_model
     from services.inference.adapters.llama_backend import LlamaBackend
 
+    if settings.output_rows_multiple < 0:
+        raise InvalidArgument("output_rows_multiple: must be >= 0 (0: 4 on CPU, 1 on GPU)",
+                              field="output_rows_multiple")
     model_path = settings.model_path or str(ensure_model())
     backends: list[Backend] = []
     for placement in placements(settings, model_path):
@@ -138,7 +145,9 @@ def build_backends(settings: Settings) -> list[Backend]:
         backends.append(LlamaBackend(model_path, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max,
                                      n_batch=settings.n_batch, n_threads=settings.n_threads,
                                      n_gpu_layers=placement.n_gpu_layers, device_index=placement.device_index,
-                                     device=placement.device, model_name=settings.model_name))
+                                     device=placement.device, model_name=settings.model_name,
+                                     output_rows_multiple=settings.output_rows_multiple or (
+                                         CPU_OUTPUT_ROWS_MULTIPLE if placement.n_gpu_layers == 0 else 1)))
     return backends
 
 

@@ -240,3 +240,11 @@ def test_bad_semantic_settings_are_refused_naming_the_setting(overrides, field):
 def test_the_synthetic_node_embeds_lexically_with_the_lexical_default_threshold():
     cache = semantic_cache(settings(semantic_cache_entries=8), SyntheticBackend())
     assert isinstance(cache.embedder, HashingEmbedder) and cache.threshold == 0.85
+
+
+def test_a_negative_output_rows_multiple_is_refused_naming_the_setting():
+    from services.inference.server import build_backends
+
+    with pytest.raises(InvalidArgument) as info:
+        build_backends(Settings(backend="llama", output_rows_multiple=-1))
+    assert info.value.field == "output_rows_multiple"

@@ -179,3 +179,67 @@ def test_plain_greedy_argmax_picks_what_llamas_greedy_sampler_picks(model_path):
         assert 0 not in backend._greedy
     finally:
         backend.close()
+
+
+PADDED_PROMPTS = [*PROMPTS, "The quick brown fox jumps over the lazy", "Monday, Tuesday, Wednesday,"]
+
+
+def greedy_bare_loop(backend: LlamaBackend, prompts: list, steps: int) -> tuple[list[list[int]], list[int]]:
+    """Decode ``prompts`` (texts or token lists) together, greedy, straight on the backend;
+    also the tokens each step sent."""
+    from services.inference.core.types import BatchEntry
+
+    tokens = [backend.tokenize(p, True, True) if isinstance(p, str) else p for p in prompts]
+    for key in range(len(prompts)):
+        backend.open_sampler(key, SamplingParams())
+    out: list[list[int]] = [[] for _ in prompts]
+    sent = []
+    entries = [BatchEntry(i, tuple(t), 0, i) for i, t in enumerate(tokens)]
+    for _ in range(steps):
+        sampled = backend.decode(entries)
+        sent.append(backend._batch.n_tokens)
+        for i, token in sampled.items():
+            out[i].append(token)
+        entries = [BatchEntry(i, (out[i][-1],), len(tokens[i]) + len(out[i]) - 1, i) for i in range(len(prompts))]
+    for key in range(len(prompts)):
+        backend.close_sampler(key)
+    return out, sent
+
+
+def test_padding_the_logits_rows_keeps_every_sequences_tokens_and_leaves_no_cells(model_path):
+    import llama_cpp as ll
+
+    plain = LlamaBackend(model_path, n_ctx=512, n_seq_max=6, n_batch=256, n_threads=2)
+    padded = LlamaBackend(model_path, n_ctx=512, n_seq_max=6, n_batch=256, n_threads=2, output_rows_multiple=4)
+    try:
+        expected, plain_sent = greedy_bare_loop(plain, PADDED_PROMPTS, 6)
+        got, padded_sent = greedy_bare_loop(padded, PADDED_PROMPTS, 6)
+        assert got == expected
+        # The prompt step has rows without logits to spare; the decode steps of five
+        # sequences each carry three scratch tokens, removed again afterwards.
+        assert padded_sent[0] == plain_sent[0]
+        assert padded_sent[1:] == [8] * 5 and plain_sent[1:] == [5] * 5
+        assert ll.llama_memory_seq_pos_max(padded._mem, padded.n_seq_max) == -1
+        assert padded.n_seq_max == 6 and padded._free_cells() == plain._free_cells()
+    finally:
+        plain.close()
+        padded.close()
+
+
+def test_no_padding_without_free_cells_or_at_four_rows_or_fewer(model_path):
+    backend = LlamaBackend(model_path, n_ctx=256, n_seq_max=5, n_batch=256, n_threads=2, output_rows_multiple=4)
+    try:
+        # Five prompts that leave room for one step plus three scratch cells, but not for two steps plus three.
+        length = (backend.n_ctx - 8) // 5
+        word = backend.tokenize(" word", False, False)
+        prompt = backend.tokenize("", True, False) + word * (length - 1)
+        assert len(prompt) == length
+        _, sent = greedy_bare_loop(backend, [list(prompt)] * 5, 3)
+        assert sent[1] == 8 and sent[2] == 5
+        assert backend._free_cells() == backend.n_ctx - 5 * (length + 2)
+        for seq in range(5):
+            backend.seq_truncate(seq, 0)
+        _, sent = greedy_bare_loop(backend, [list(prompt)] * 4, 2)
+        assert sent[1] == 4
+    finally:
+        backend.close()
