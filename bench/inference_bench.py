@@ -1,22 +1,29 @@
 """Inference node benchmark: batching, session reuse and fair prefill on the bundled model.
 
-Writes one JSON file (default bench/results/inference.json). Everything runs in
-this process: llama-cpp-python's Llama as the serial baseline, a bare batched
-decode loop as the engine's ceiling, and the gRPC service on a loopback port.
+Writes one JSON file (default bench/results/inference.json). llama-cpp-python's
+Llama (the serial baseline) and a bare batched decode loop (the engine's
+ceiling) run in this process; the node runs as it is deployed, in a process of
+its own (`python -m services.inference` on a loopback port), and this process
+is its gRPC client. The baselines and the service's throughput runs alternate
+over several rounds, so the ratios compare measurements taken side by side.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import resource
-import statistics
+import shutil
+import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
@@ -26,11 +33,8 @@ from llmesh.inference.v1 import inference_pb2 as pb  # noqa: E402
 from llmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
 
 from services.common.model_cache import ensure_model  # noqa: E402
-from services.common.runtime import running_service  # noqa: E402
 from services.inference.adapters.llama_backend import LlamaBackend  # noqa: E402
-from services.inference.config import Settings  # noqa: E402
 from services.inference.core.types import BatchEntry, SamplingParams  # noqa: E402
-from services.inference.server import build_app  # noqa: E402
 
 TOPICS = ["the history of bridges", "how bees make honey", "a walk in the mountains", "the rules of chess",
           "baking bread at home", "the life of a lighthouse keeper", "trains across the continent",
@@ -51,26 +55,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- baselines ---------------------------------------------------------------------------
-
-
-def on_own_thread(fn, *args):
-    """Run ``fn`` on a thread that ends with it.
-
-    llama.cpp's CPU backend runs each graph on an OpenMP team that belongs to
-    the calling thread and lives as long as that thread. A baseline run on the
-    main thread would leave its team behind while the service decodes on its
-    engine thread; libgomp then manages more threads than there are CPUs and
-    shortens its busy-wait at every barrier, which measured ~17 % slower decode
-    steps for the service (docs/inference.md). A thread of its own takes its
-    team with it when it ends.
-    """
-    result: list = []
-    worker = threading.Thread(target=lambda: result.append(fn(*args)), name="llmesh-bench-baseline")
-    worker.start()
-    worker.join()
-    if not result:
-        raise RuntimeError(f"{fn.__name__} failed (see the traceback above)")
-    return result[0]
 
 
 def serial_llama(model_path: Path, n: int, max_tokens: int, threads: int) -> dict:
@@ -233,21 +217,71 @@ async def long_prompt_arrival(stub, stub_count, streams: int = 4, long_tokens: i
     }
 
 
-async def run_service(model_path: Path, threads: int, max_tokens: int, stream_counts: list[int]) -> tuple:
-    settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=8192, n_seq_max=16,
-                        n_threads=threads, n_gpu_layers=0, max_queue=64)
-    async with running_service(build_app(settings), settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+# The node under test: as deployed, but with tracing off (no other run here traces either).
+N_CTX = 8192
+N_SEQ_MAX = 16
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def service_process(model_path: Path, threads: int) -> Iterator[int]:
+    """Start ``python -m services.inference`` on a free loopback port; yields the port once it serves."""
+    port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="llmesh-inference-bench-")
+    command = [sys.executable, "-m", "services.inference", "--port", str(port), "--backend", "llama",
+               "--model-path", str(model_path), "--n-ctx", str(N_CTX), "--n-seq-max", str(N_SEQ_MAX),
+               "--n-threads", str(threads), "--n-gpu-layers", "0", "--max-queue", "64",
+               "--data-dir", data_dir, "--trace-file", "", "--log-level", "WARNING"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")])}
+    child = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            await concurrent_streams(stub, 2, 4)  # warm-up
-            throughput = {}
-            for n in stream_counts:
-                # Best of two: other processes on a small shared machine add noise.
-                runs = [await concurrent_streams(stub, n, max_tokens, settings.n_seq_max) for _ in range(2)]
-                throughput[n] = max(runs, key=lambda run: run["tokens_per_s"])
-            reuse = await session_reuse(stub)
-            fairness = await long_prompt_arrival(stub, stub)
-    return throughput, reuse, fairness
+            deadline = time.monotonic() + 180
+            while True:
+                if child.poll() is not None:
+                    raise RuntimeError(f"the inference node exited with {child.returncode} before serving")
+                try:
+                    stub.GetLoad(pb.GetLoadRequest(), timeout=2)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        yield port
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def service_round(port: int, max_tokens: int, stream_counts: list[int]) -> dict[int, dict]:
+    """One cold run per stream count through the node."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        await concurrent_streams(stub, 2, 4)  # connection and first-call warm-up
+        return {n: await concurrent_streams(stub, n, max_tokens, N_SEQ_MAX) for n in stream_counts}
+
+
+async def service_latency(port: int) -> tuple[dict, dict]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        reuse = await session_reuse(stub)
+        fairness = await long_prompt_arrival(stub, stub)
+    return reuse, fairness
+
+
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda run: run["tokens_per_s"])
 
 
 def main() -> None:
@@ -255,18 +289,28 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "inference.json"))
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     model_path = ensure_model()
+    stream_counts = [1, 2, 4, 8, 16]
 
-    serial_runs = [on_own_thread(serial_llama, model_path, 8, args.max_tokens, args.threads)]
-    raw8 = max((on_own_thread(bare_batched_loop, model_path, 8, args.max_tokens, args.threads) for _ in range(2)),
-               key=lambda run: run["tokens_per_s"])
-    throughput, reuse, fairness = asyncio.run(run_service(model_path, args.threads, args.max_tokens,
-                                                          [1, 2, 4, 8, 16]))
-    # A second serial run after the service: the best of the two damps noise from other processes.
-    serial_runs.append(on_own_thread(serial_llama, model_path, 8, args.max_tokens, args.threads))
-    serial = max(serial_runs, key=lambda run: run["tokens_per_s"])
-    ttfts = [t for run in throughput.values() for t in run["ttft_ms"]]
+    serial_runs: list[dict] = []
+    bare_runs: list[dict] = []
+    service_runs: dict[int, list[dict]] = {n: [] for n in stream_counts}
+    with service_process(model_path, args.threads) as port:
+        # Rounds of serial baseline, bare loop and service, so each ratio's two sides see the same
+        # background load; the best run of each side counts (other processes only ever slow a run).
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            serial_runs.append(serial_llama(model_path, 8, args.max_tokens, args.threads))
+            bare_runs.append(bare_batched_loop(model_path, 8, args.max_tokens, args.threads))
+            for n, run in asyncio.run(service_round(port, args.max_tokens, stream_counts)).items():
+                service_runs[n].append(run)
+        reuse, fairness = asyncio.run(service_latency(port))
+    serial = best(serial_runs)
+    raw8 = best(bare_runs)
+    throughput = {n: best(runs) for n, runs in service_runs.items()}
+    ttfts = [t for runs in service_runs.values() for run in runs for t in run["ttft_ms"]]
     report = {
         "model": model_path.name,
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version()},
@@ -279,12 +323,17 @@ def main() -> None:
         "tokens_per_s": {str(n): run["tokens_per_s"] for n, run in throughput.items()},
         "ttft_ms_p50": percentile(ttfts, 50),
         "ttft_ms_p95": percentile(ttfts, 95),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        # The node's own process (the largest child); the baselines run in this one.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
         "load_average_after": os.getloadavg(),
+        "rounds": args.rounds,
         "serial_llama_create_completion": serial,
         "serial_runs_tokens_per_s": [run["tokens_per_s"] for run in serial_runs],
         "bare_llama_decode_loop_8": raw8,
+        "bare_runs_tokens_per_s": [run["tokens_per_s"] for run in bare_runs],
         "service_streams": {str(n): {k: v for k, v in run.items() if k != "ttft_ms"} for n, run in throughput.items()},
+        "service_runs_tokens_per_s": {str(n): [run["tokens_per_s"] for run in runs]
+                                      for n, runs in service_runs.items()},
         "session_reuse": reuse,
         "long_prompt_fairness": fairness,
         "goals": {"throughput_ratio_vs_serial": ">= 2.5", "batch_efficiency_vs_raw": ">= 0.9",
