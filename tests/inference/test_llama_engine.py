@@ -243,3 +243,24 @@ def test_no_padding_without_free_cells_or_at_four_rows_or_fewer(model_path):
         assert sent[1] == 4
     finally:
         backend.close()
+
+
+def test_more_sequences_than_n_batch_is_refused_naming_the_field(model_path):
+    # llama.cpp itself would abort the process on such a context.
+    from services.common.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as info:
+        LlamaBackend(model_path, n_ctx=512, n_seq_max=65, n_batch=64, n_threads=2)
+    assert info.value.field == "n_seq_max"
+
+
+def test_a_context_without_room_for_the_scratch_sequence_decodes_unpadded(model_path):
+    backend = LlamaBackend(model_path, n_ctx=512, n_seq_max=8, n_batch=8, n_threads=2, output_rows_multiple=4)
+    try:
+        assert backend._context_seqs == 8
+        _, sent = greedy_bare_loop(backend, [[2]] * 5, 2)  # five one-token prompts
+        assert sent == [5, 5]
+        with pytest.raises(ValueError):
+            greedy_bare_loop(backend, [[2, 9]] * 5, 1)  # 10 tokens: refused before anything is written
+    finally:
+        backend.close()

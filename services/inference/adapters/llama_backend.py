@@ -25,6 +25,9 @@ log = logging.getLogger("llmesh.inference.llama")
 _backend_ready = threading.Lock()
 _backend_initialised = False
 
+# Most sequences one llama.cpp context takes.
+LLAMA_MAX_SEQ = 256
+
 # Penalties look this far back over generated tokens.
 PENALTY_LAST_N = 64
 
@@ -64,6 +67,12 @@ class LlamaBackend:
     ) -> None:
         if output_rows_multiple < 1:
             raise InvalidArgument("output_rows_multiple: must be >= 1", field="output_rows_multiple")
+        # llama.cpp aborts the process on a context with more sequences than
+        # n_batch (it reserves one logits row per sequence) and refuses more than 256.
+        if not 1 <= n_seq_max <= min(n_batch, LLAMA_MAX_SEQ):
+            raise InvalidArgument(f"n_seq_max: must be within [1, {min(n_batch, LLAMA_MAX_SEQ)}] "
+                                  f"(at most n_batch={n_batch} and {LLAMA_MAX_SEQ}), got {n_seq_max}",
+                                  field="n_seq_max")
         _init_backend_once()
         self.model_name = model_name or Path(model_path).stem
         self.device = device
@@ -83,9 +92,10 @@ class LlamaBackend:
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
         # One more sequence than the scheduler gets: scratch rows that pad the
-        # logits rows of a step go there (see _pad_outputs).
-        self._pad_multiple = output_rows_multiple
-        ctx_params.n_seq_max = n_seq_max + 1 if output_rows_multiple > 1 else n_seq_max
+        # logits rows of a step go there (see _pad_outputs). A context without
+        # room for one more sequence goes without padding.
+        self._pad_multiple = output_rows_multiple if n_seq_max < min(n_batch, LLAMA_MAX_SEQ) else 1
+        ctx_params.n_seq_max = n_seq_max + 1 if self._pad_multiple > 1 else n_seq_max
         ctx_params.swa_full = True
         ctx_params.kv_unified = True
         # llama.cpp's own default is 4 threads, which oversubscribes small machines.
@@ -206,6 +216,9 @@ class LlamaBackend:
     # -- decoding ---------------------------------------------------------
 
     def decode(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
+        total = sum(len(entry.tokens) for entry in entries)
+        if total > self.max_batch_tokens:  # checked before anything is written into the batch
+            raise ValueError(f"batch of {total} tokens exceeds n_batch {self.max_batch_tokens}")
         batch = self._batch
         n = 0
         wanted: list[tuple[int, int]] = []
@@ -224,8 +237,6 @@ class LlamaBackend:
                 n += 1
         if n == 0:
             return {}
-        if n > self.max_batch_tokens:
-            raise ValueError(f"batch of {n} tokens exceeds n_batch {self.max_batch_tokens}")
         scratch = self._pad_outputs(batch, n, len(wanted)) if len(wanted) > self._pad_multiple > 1 else 0
         batch.n_tokens = n + scratch
         rc = ll.llama_decode(self._ctx, batch)
