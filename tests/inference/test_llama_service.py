@@ -63,3 +63,27 @@ async def test_count_tokens_matches_tokenize(stub):
     count = await stub.CountTokens(pb.CountTokensRequest(text="<start_of_turn>user hi", add_special=True))
     assert count.num_tokens == len(tokens) and count.n_ctx == 512
     assert (await stub.Detokenize(pb.DetokenizeRequest(tokens=tokens[1:]))).text.endswith("user hi")
+
+
+async def test_a_full_queue_answers_resource_exhausted_on_the_real_model(model_path):
+    settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=512, n_seq_max=1,
+                        n_threads=2, n_gpu_layers=0, max_queue=1)
+    async with running_service(build_app(settings), settings) as svc:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            long = pb.SamplingParams(max_tokens=400)
+            running = stub.Generate(pb.GenerateRequest(prompt="List every prime number:", sampling=long))
+            await running.read()  # decoding in the only sequence
+            waiting = stub.Generate(pb.GenerateRequest(prompt="Count to one thousand:", sampling=long))
+            for _ in range(100):
+                load = await stub.GetLoad(pb.GetLoadRequest())
+                if load.queue_depth == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert load.num_running == 1 and load.queue_depth == 1
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Generate(pb.GenerateRequest(prompt="One more", sampling=long)).read()
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(caught.value).reason == "QUEUE_FULL"
+            running.cancel()
+            waiting.cancel()
