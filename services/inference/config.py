@@ -46,6 +46,8 @@ class Settings(ServerSettings):
     itl_target_ms: float = 0.0
     #: Prompt tokens per step even when the target cannot be met.
     prefill_min_tokens: int = 4
+    #: When a request reaches an idle engine, wait this long for a burst to start together (0: never).
+    admission_window_ms: float = 5.0
     #: Memory for saved states of evicted sessions.
     saved_state_max_mb: int = 256
     #: Default max_tokens when a request carries no sampling parameters.

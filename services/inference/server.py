@@ -36,6 +36,8 @@ COMPUTE_BUFFER_BYTES = 256 << 20
 
 
 def engine_config(settings: Settings) -> EngineConfig:
+    if settings.admission_window_ms < 0:
+        raise InvalidArgument("admission_window_ms: must be >= 0 (0: no wait)", field="admission_window_ms")
     return EngineConfig(
         max_queue=settings.max_queue,
         prefill_slowdown=settings.prefill_slowdown,
@@ -43,6 +45,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefill_min_tokens=settings.prefill_min_tokens,
         saved_state_max_bytes=settings.saved_state_max_mb << 20,
         priorities=priority_policy(settings),
+        admission_window_ms=settings.admission_window_ms,
     )
 
 

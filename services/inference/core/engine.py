@@ -45,6 +45,8 @@ class EngineConfig:
     saved_state_max_bytes: int = 256 << 20
     #: Admission order and per-class limits; None admits by priority then arrival, no caps.
     priorities: PriorityPolicy | None = None
+    #: When a request reaches an idle engine, wait this long for others to start with it (0: never).
+    admission_window_ms: float = 5.0
 
 
 def execute(backend: Backend, plan: StepPlan) -> StepResult:
@@ -244,6 +246,8 @@ class Engine:
                 with self._cond:
                     while not self._inbox and not self.scheduler.has_work and not self._stopping:
                         self._cond.wait()
+                    if self._inbox_adds and not self.scheduler.has_work:
+                        self._gather_arrivals()
                     if self._stopping:
                         break
                     inbox, self._inbox = self._inbox, []
@@ -257,6 +261,22 @@ class Engine:
             self.failed = exc
         finally:
             self._abort_all()
+
+    def _gather_arrivals(self) -> None:
+        """Hold the first step of an idle engine for ``admission_window_ms`` (under ``_cond``).
+
+        Requests of a burst reach the engine a few milliseconds apart. Without
+        the wait the first one would start alone and, once it decodes, fair
+        prefill would admit the others a few prompt tokens per step: streams
+        would start and end over many steps, each running narrower than the
+        burst. Nothing decodes while the engine waits, so no stream is held up.
+        """
+        deadline = time.monotonic() + self.config.admission_window_ms / 1000.0
+        while not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
 
     def step(self) -> None:
         """One iteration: plan -> decode -> apply."""
