@@ -50,6 +50,39 @@ async def test_watch_hub_sees_commit_between_read_and_wait() -> None:
     assert hub.num_watched_sessions == 0
 
 
+def test_watcher_count_reads_safely_from_another_thread_while_watchers_come_and_go() -> None:
+    """The metrics endpoint reads the count from its own thread while the event loop subscribes."""
+    import contextlib
+    import threading
+
+    hub = WatchHub()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read_metrics() -> None:
+        while not done.is_set():
+            try:
+                assert hub.num_watchers >= 0
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read_metrics)
+    reader.start()
+    try:
+        for _ in range(20):
+            with contextlib.ExitStack() as stack:
+                for i in range(2_000):
+                    stack.enter_context(hub.subscribe("t", f"s{i}"))
+                assert hub.num_watchers == 2_000
+            assert hub.num_watchers == 0
+    finally:
+        done.set()
+        reader.join()
+    assert errors == []
+    assert hub.num_watched_sessions == 0
+
+
 def test_event_validation_names_the_field() -> None:
     with pytest.raises(InvalidArgument) as err:
         validation.check_events([NewEvent("token", b"x" * (validation.MAX_EVENT_PAYLOAD_BYTES + 1), "", 1)])

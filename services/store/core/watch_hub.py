@@ -43,6 +43,9 @@ class Subscription:
 class WatchHub:
     def __init__(self) -> None:
         self._channels: dict[tuple[str, str], _Channel] = {}
+        # Kept as a count, not summed over the channels: the metrics endpoint
+        # reads it from its own thread while the event loop changes the dict.
+        self._num_watchers = 0
         self.closed = False
 
     @contextlib.contextmanager
@@ -50,10 +53,12 @@ class WatchHub:
         key = (tenant_id, session_id)
         channel = self._channels.setdefault(key, _Channel())
         channel.num_watchers += 1
+        self._num_watchers += 1
         try:
             yield Subscription(self, channel)
         finally:
             channel.num_watchers -= 1
+            self._num_watchers -= 1
             if channel.num_watchers == 0:
                 self._channels.pop(key, None)
 
@@ -80,7 +85,7 @@ class WatchHub:
 
     @property
     def num_watchers(self) -> int:
-        return sum(channel.num_watchers for channel in self._channels.values())
+        return self._num_watchers
 
 
 class ReplicaCommitPoller:
