@@ -18,7 +18,6 @@ import platform
 import resource
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,9 @@ from llmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
 from services.common.model_cache import ensure_model  # noqa: E402
 from services.inference.adapters.llama_backend import LlamaBackend  # noqa: E402
 from services.inference.core.types import BatchEntry, SamplingParams  # noqa: E402
+from services.launcher import SERVICES, Child, Launcher  # noqa: E402
+
+INFERENCE = next(service for service in SERVICES if service.name == "inference")
 
 TOPICS = ["the history of bridges", "how bees make honey", "a walk in the mountains", "the rules of chess",
           "baking bread at home", "the life of a lighthouse keeper", "trains across the continent",
@@ -230,37 +232,23 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def service_process(model_path: Path, threads: int) -> Iterator[int]:
-    """Start ``python -m services.inference`` on a free loopback port; yields the port once it serves."""
-    port = free_port()
-    data_dir = tempfile.mkdtemp(prefix="llmesh-inference-bench-")
-    command = [sys.executable, "-m", "services.inference", "--port", str(port), "--backend", "llama",
-               "--model-path", str(model_path), "--n-ctx", str(N_CTX), "--n-seq-max", str(N_SEQ_MAX),
-               "--n-threads", str(threads), "--n-gpu-layers", "0", "--max-queue", "64",
-               "--data-dir", data_dir, "--trace-file", "", "--log-level", "WARNING"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")])}
-    child = subprocess.Popen(command, cwd=ROOT, env=env)
+    """Start ``python -m services.inference`` (the mesh launcher's way) on a free loopback port;
+    yields the port once the node reports SERVING."""
+    data_dir = Path(tempfile.mkdtemp(prefix="llmesh-inference-bench-"))
+    node = Child("inference", INFERENCE, free_port(), -1, data_dir / "logs" / "inference.log", extra_env={
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+        "LLMESH_INFERENCE_BACKEND": "llama", "LLMESH_INFERENCE_MODEL_PATH": str(model_path),
+        "LLMESH_INFERENCE_N_CTX": str(N_CTX), "LLMESH_INFERENCE_N_SEQ_MAX": str(N_SEQ_MAX),
+        "LLMESH_INFERENCE_N_THREADS": str(threads), "LLMESH_INFERENCE_N_GPU_LAYERS": "0",
+        "LLMESH_INFERENCE_MAX_QUEUE": "64", "LLMESH_INFERENCE_TRACE_FILE": "",
+        "LLMESH_INFERENCE_LOG_LEVEL": "WARNING"})
+    launcher = Launcher([node], data_dir, ready_timeout_s=180)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            deadline = time.monotonic() + 180
-            while True:
-                if child.poll() is not None:
-                    raise RuntimeError(f"the inference node exited with {child.returncode} before serving")
-                try:
-                    stub.GetLoad(pb.GetLoadRequest(), timeout=2)
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-        yield port
+        launcher.spawn(node)
+        asyncio.run(launcher.wait_ready(node))
+        yield node.port
     finally:
-        child.terminate()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        launcher.stop_all()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

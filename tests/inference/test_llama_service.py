@@ -25,6 +25,16 @@ async def stub(model_path):
             yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
+async def load_when(stub, condition, attempts: int = 100) -> pb.GetLoadResponse:
+    """GetLoad until ``condition`` holds (or attempts run out); the last report."""
+    for _ in range(attempts):
+        load = await stub.GetLoad(pb.GetLoadRequest())
+        if condition(load):
+            break
+        await asyncio.sleep(0.02)
+    return load
+
+
 async def test_generate_streams_text_and_usage_then_a_client_cancel_frees_the_sequence(stub):
     request = pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_tokens=6))
     replies = [r async for r in stub.Generate(request)]
@@ -39,11 +49,7 @@ async def test_generate_streams_text_and_usage_then_a_client_cancel_frees_the_se
                                             sampling=pb.SamplingParams(max_tokens=400)))
     await call.read()
     call.cancel()
-    for _ in range(100):
-        load = await stub.GetLoad(pb.GetLoadRequest())
-        if load.num_running == 0:
-            break
-        await asyncio.sleep(0.02)
+    load = await load_when(stub, lambda load: load.num_running == 0)
     assert load.num_running == 0 and load.num_free_sequences == 2
 
 
@@ -75,11 +81,7 @@ async def test_a_full_queue_answers_resource_exhausted_on_the_real_model(model_p
             running = stub.Generate(pb.GenerateRequest(prompt="List every prime number:", sampling=long))
             await running.read()  # decoding in the only sequence
             waiting = stub.Generate(pb.GenerateRequest(prompt="Count to one thousand:", sampling=long))
-            for _ in range(100):
-                load = await stub.GetLoad(pb.GetLoadRequest())
-                if load.queue_depth == 1:
-                    break
-                await asyncio.sleep(0.02)
+            load = await load_when(stub, lambda load: load.queue_depth == 1)
             assert load.num_running == 1 and load.queue_depth == 1
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Generate(pb.GenerateRequest(prompt="One more", sampling=long)).read()

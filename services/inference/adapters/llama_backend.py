@@ -69,8 +69,9 @@ class LlamaBackend:
             raise InvalidArgument("output_rows_multiple: must be >= 1", field="output_rows_multiple")
         # llama.cpp aborts the process on a context with more sequences than
         # n_batch (it reserves one logits row per sequence) and refuses more than 256.
-        if not 1 <= n_seq_max <= min(n_batch, LLAMA_MAX_SEQ):
-            raise InvalidArgument(f"n_seq_max: must be within [1, {min(n_batch, LLAMA_MAX_SEQ)}] "
+        max_seqs = min(n_batch, LLAMA_MAX_SEQ)
+        if not 1 <= n_seq_max <= max_seqs:
+            raise InvalidArgument(f"n_seq_max: must be within [1, {max_seqs}] "
                                   f"(at most n_batch={n_batch} and {LLAMA_MAX_SEQ}), got {n_seq_max}",
                                   field="n_seq_max")
         _init_backend_once()
@@ -94,7 +95,7 @@ class LlamaBackend:
         # One more sequence than the scheduler gets: scratch rows that pad the
         # logits rows of a step go there (see _pad_outputs). A context without
         # room for one more sequence goes without padding.
-        self._pad_multiple = output_rows_multiple if n_seq_max < min(n_batch, LLAMA_MAX_SEQ) else 1
+        self._pad_multiple = output_rows_multiple if n_seq_max < max_seqs else 1
         ctx_params.n_seq_max = n_seq_max + 1 if self._pad_multiple > 1 else n_seq_max
         ctx_params.swa_full = True
         ctx_params.kv_unified = True
