@@ -19,9 +19,19 @@ class Settings(ServerSettings):
     policy_timeout_s: float = 2.0
     # auto | bwrap | unshare | none (auto picks the strongest that works here).
     sandbox: str = "auto"
-    # Run as root, sandboxed commands run as this user/group; -1 keeps the service's.
+    # Run as root, each session's commands run as a uid (and gid) of its own from
+    # sandbox_uid_base .. +sandbox_uid_count-1; with a count of 0, all run as
+    # sandbox_uid/sandbox_gid, and -1 there keeps the service's own.
     sandbox_uid: int = 65534
     sandbox_gid: int = 65534
+    sandbox_uid_base: int = 200_000
+    sandbox_uid_count: int = 1_000_000
+    # A memory (sandbox_memory_mb) and pids (sandbox_max_processes) cgroup per call, where one can be made.
+    sandbox_cgroups: bool = True
+    # Size of the private /tmp each bubblewrap sandbox gets.
+    sandbox_tmp_mb: int = 64
+    # What a session's workspace may hold; past it, commands cannot grow any file.
+    workspace_quota_mb: int = 1024
     sandbox_cpu_s: int = 30
     sandbox_memory_mb: int = 2048
     sandbox_file_size_mb: int = 256
@@ -35,6 +45,9 @@ class Settings(ServerSettings):
     max_read_bytes: int = 16 * 1024 * 1024
     max_concurrent_calls: int = 16
     max_concurrent_calls_per_session: int = 8
+    # fs_* calls of one session running at once (each on a thread of its own); more wait for
+    # a slot within their timeout, or are RESOURCE_EXHAUSTED while timed-out ones still run.
+    fs_max_concurrent_per_session: int = 4
     max_batch_calls: int = 64
     max_timeout_ms: int = 600_000
     cache_ttl_s: float = 300.0

@@ -13,6 +13,7 @@ import pytest
 from services.tools.adapters.fs_tools import FileTools
 from services.tools.adapters.sandbox import Sandbox, SandboxLimits, detect_mode
 from services.tools.adapters.shell_tool import ShellTool
+from services.tools.adapters.uid_pool import SessionUidPool
 from services.tools.core.cache import ResultCache
 from services.tools.core.executor import ExecutorLimits, ToolExecutor
 from services.tools.core.model import CallContext, ToolInvocation
@@ -21,6 +22,8 @@ from services.tools.core.registry import ToolRegistry
 from services.tools.core.workspace import WorkspaceRoots
 
 SANDBOX_UID = 65534 if os.geteuid() == 0 else None
+# As root, each session's workspace gets a uid of its own from this range.
+TEST_UID_BASE = 300_000
 
 
 class FakePolicy:
@@ -54,14 +57,16 @@ def sandbox_mode() -> str:
 
 def make_executor(base: Path, policy: Any = None, *, limits: ExecutorLimits | None = None, sandbox_mode: str = "none",
                   cache_ttl_s: float = 60.0, shell_timeout_ms: int = 10_000,
-                  sandbox_limits: SandboxLimits | None = None) -> ToolExecutor:
+                  sandbox_limits: SandboxLimits | None = None, workspace_quota_bytes: int = 0) -> ToolExecutor:
     owner = (SANDBOX_UID, SANDBOX_UID)
+    pool = SessionUidPool(base, TEST_UID_BASE, 10_000) if SANDBOX_UID is not None else None
     registry = ToolRegistry()
     for spec in FileTools(16 * 1024 * 1024, *owner).specs():
         registry.add(spec)
     sandbox = Sandbox(sandbox_mode, sandbox_limits or SandboxLimits(cpu_seconds=10, processes=32))
-    registry.add(ShellTool(sandbox, shell_timeout_ms).spec())
-    return ToolExecutor(registry, policy or FakePolicy(), WorkspaceRoots(base, *owner),
+    registry.add(ShellTool(sandbox, shell_timeout_ms, workspace_quota_bytes).spec())
+    roots = WorkspaceRoots(base, *owner, allocate_owner=pool.allocate if pool else None)
+    return ToolExecutor(registry, policy or FakePolicy(), roots,
                         ResultCache(cache_ttl_s, 256), limits or ExecutorLimits(retry_base_delay_ms=1))
 
 
@@ -74,8 +79,13 @@ def call(name: str, call_id: str = "c1", timeout_ms: int = 0, approval_id: str =
                           timeout_ms=timeout_ms, approval_id=approval_id)
 
 
-def workspace_of(base: Path) -> Path:
-    return base / CTX.tenant_id / CTX.session_id
+def workspace_of(base: Path, session_id: str = CTX.session_id) -> Path:
+    return base / CTX.tenant_id / session_id
+
+
+def owner_uid_of(base: Path, session_id: str = CTX.session_id) -> int | None:
+    """The uid a session's commands run as (None when the service cannot switch users)."""
+    return workspace_of(base, session_id).stat().st_uid if SANDBOX_UID is not None else None
 
 
 async def wait_until(predicate: Any, timeout_s: float = 5.0) -> bool:

@@ -1,9 +1,19 @@
-"""shell_exec: a command in the sandbox, cwd inside the session workspace."""
+"""shell_exec: a command in the sandbox, cwd inside the session workspace.
+
+The command runs as the workspace's owner (a uid of the session's own when
+the service is root). The workspace quota is enforced through RLIMIT_FSIZE:
+a command may grow no file past what is left of the quota, and none at all
+once the workspace is full (reading and deleting still work).
+"""
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument
+from services.tools.adapters.launcher import ENV_NAME, ENV_REFUSED, MAX_ENV_VARS
 from services.tools.adapters.sandbox import Sandbox
 from services.tools.core.model import RiskLevel, ToolContext, ToolOutput, ToolSpec
 
@@ -15,7 +25,10 @@ SHELL_SCHEMA = {
         "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                  "description": "Run directly, without a shell"},
         "cwd": {"type": "string", "minLength": 1, "description": "Directory relative to the workspace"},
-        "env": {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+        "env": {"type": "object", "maxProperties": MAX_ENV_VARS,
+                "description": "Extra variables for the command; loader and interpreter hooks "
+                               "(LD_*, PYTHON*, BASH_ENV, PATH, ...) are refused",
+                "propertyNames": {"pattern": f"^{ENV_NAME}$", "not": {"pattern": ENV_REFUSED}},
                 "additionalProperties": {"type": "string"}},
         "stdin": {"type": "string"},
     },
@@ -23,10 +36,31 @@ SHELL_SCHEMA = {
 }
 
 
+def disk_usage(root: Path) -> int:
+    """Bytes the files below ``root`` take on disk; symlinks are not followed."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += info.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return total
+
+
 class ShellTool:
-    def __init__(self, sandbox: Sandbox, timeout_ms: int) -> None:
+    def __init__(self, sandbox: Sandbox, timeout_ms: int, workspace_quota_bytes: int = 0) -> None:
         self.sandbox = sandbox
         self.timeout_ms = timeout_ms
+        self.workspace_quota_bytes = workspace_quota_bytes
 
     def spec(self) -> ToolSpec:
         return ToolSpec(
@@ -43,8 +77,14 @@ class ShellTool:
             raise InvalidArgument(f"arguments.cwd: {args['cwd']!r} is not a directory", field="arguments.cwd")
         inner = ["/bin/sh", "-c", args["command"]] if "command" in args else list(args["argv"])
         stdin = args["stdin"].encode("utf-8") if "stdin" in args else None
-        result = await self.sandbox.run(inner, root, cwd, env=self.sandbox.environment(root, args.get("env", {})),
-                                        stdin=stdin, output_cap_bytes=ctx.output_cap_bytes)
+        env = self.sandbox.environment(root, args.get("env", {}))
+        info = os.stat(root)
+        max_file_bytes = None
+        if self.workspace_quota_bytes > 0:
+            used = await asyncio.to_thread(disk_usage, root)
+            max_file_bytes = max(0, self.workspace_quota_bytes - used)
+        result = await self.sandbox.run(inner, root, cwd, env=env, stdin=stdin, output_cap_bytes=ctx.output_cap_bytes,
+                                        owner=(info.st_uid, info.st_gid), max_file_bytes=max_file_bytes)
         ok = result.exit_code == 0
         return ToolOutput(ok=ok, exit_code=result.exit_code, stdout=result.stdout, stderr=result.stderr,
                           error_reason="" if ok else "NONZERO_EXIT",

@@ -4,11 +4,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
-from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
 
-from services.common.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import (
+    DomainError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
+)
 from services.tools.core.breaker import CircuitBreaker
 from services.tools.core.cache import ResultCache, cache_key
 from services.tools.core.model import (
@@ -59,6 +63,147 @@ class _SessionSlots:
         entry[1] -= 1
         if entry[1] == 0:
             del self.slots[key]
+
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Job:
+    stop: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False  # its caller gave up (timeout, cancel); its thread may still run
+
+
+@dataclass(eq=False)
+class _SessionLoad:
+    jobs: set[_Job] = field(default_factory=set)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
+class SessionThreads:
+    """Blocking work of tools on daemon threads, at most ``per_session`` jobs of one session at once.
+
+    A job holds its session's slot until its thread returns, not until its
+    caller gives up: a session whose calls timed out with their threads still
+    stuck cannot start more, and other sessions never wait for those threads.
+    When every slot of a session is held by such an abandoned job, a new call
+    is refused at once (RESOURCE_EXHAUSTED, ``SESSION_BUSY``) instead of
+    waiting for a slot that may never come back. Threads are daemons started
+    per job, so there is no shared pool to exhaust, and a thread stuck in a
+    system call never keeps the process from exiting.
+    """
+
+    def __init__(self, per_session: int, name: str = "tool-io") -> None:
+        if per_session < 1:
+            raise ValueError(f"per_session must be >= 1, got {per_session}")
+        self.per_session = per_session
+        self.name = name
+        self.sessions: dict[Hashable, _SessionLoad] = {}
+        self.closed = False
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(load.jobs) for load in self.sessions.values())
+
+    async def run(self, key: Hashable, work: Callable[[threading.Event], T]) -> T:
+        """``work(stop)`` on a thread of its own, once ``key`` has a free slot.
+
+        ``stop`` is set when the caller gives up; long work checks it and ends early.
+        """
+        if self.closed:
+            raise Unavailable("the tool service is shutting down", reason="SHUTTING_DOWN")
+        loop = asyncio.get_running_loop()
+        load = self.sessions.setdefault(key, _SessionLoad())
+        try:
+            await self._acquire(load)
+        except BaseException:
+            self._forget_if_idle(key, load)
+            raise
+        job = _Job()
+        load.jobs.add(job)
+        done: asyncio.Future[T] = loop.create_future()
+
+        def body() -> None:
+            try:
+                outcome: tuple[bool, object] = (True, work(job.stop))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
+                outcome = (False, exc)
+            try:
+                loop.call_soon_threadsafe(self._finish, key, load, job, done, outcome)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits for this answer any more
+
+        try:
+            threading.Thread(target=body, name=f"{self.name}-{key}", daemon=True).start()
+        except BaseException:
+            load.jobs.discard(job)
+            self._wake(load)
+            self._forget_if_idle(key, load)
+            raise
+        try:
+            return await done
+        except asyncio.CancelledError:
+            if job in load.jobs:
+                job.abandoned = True
+                job.stop.set()
+                self._wake_all(load)  # waiters may now find every slot abandoned
+            raise
+
+    def close(self) -> None:
+        """Refuse new work and ask running work to stop; never waits for a thread."""
+        self.closed = True
+        for load in self.sessions.values():
+            for job in load.jobs:
+                job.stop.set()
+
+    async def _acquire(self, load: _SessionLoad) -> None:
+        loop = asyncio.get_running_loop()
+        while len(load.jobs) >= self.per_session:
+            if all(job.abandoned for job in load.jobs):
+                raise ResourceExhausted(
+                    f"this session's {self.per_session} file tool slots are held by calls that timed out "
+                    "and are still running; try again later", reason="SESSION_BUSY")
+            waiter: asyncio.Future[None] = loop.create_future()
+            load.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(load)  # it was woken for a free slot it will not take: pass it on
+                raise
+            finally:
+                if waiter in load.waiters:
+                    load.waiters.remove(waiter)
+
+    def _finish(self, key: Hashable, load: _SessionLoad, job: _Job, done: asyncio.Future[T],
+                outcome: tuple[bool, object]) -> None:
+        load.jobs.discard(job)
+        self._wake(load)
+        self._forget_if_idle(key, load)
+        if done.done():
+            return
+        ok, value = outcome
+        if ok:
+            done.set_result(value)  # type: ignore[arg-type]
+        else:
+            done.set_exception(value)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _wake(load: _SessionLoad) -> None:
+        for waiter in load.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    @staticmethod
+    def _wake_all(load: _SessionLoad) -> None:
+        for waiter in load.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _forget_if_idle(self, key: Hashable, load: _SessionLoad) -> None:
+        if not load.jobs and not load.waiters and self.sessions.get(key) is load:
+            del self.sessions[key]
 
 
 class ToolExecutor:
@@ -136,7 +281,8 @@ class ToolExecutor:
         try:
             if spec.cacheable and self.cache.enabled:
                 assert spec.state_token is not None
-                token = await spec.state_token(call.arguments, tctx)
+                # Inside the call's timeout like the handler: it may touch the filesystem too.
+                token = await asyncio.wait_for(spec.state_token(call.arguments, tctx), tctx.timeout_s)
                 if token is not None:
                     key = cache_key(spec.name, spec.version, call.arguments, str(workspace.root), token)
                     cached = self.cache.get(key)
@@ -144,6 +290,9 @@ class ToolExecutor:
                         return cached.with_(from_cache=True, attempts=0)
         except DomainError as exc:
             return self._refused(blank, exc)
+        except TimeoutError:
+            return blank.with_(status=ToolStatus.TIMEOUT, error_reason="TIMEOUT", exit_code=-1,
+                               error_message=f"{spec.name} did not finish within {tctx.timeout_s:g}s")
         outcome = await self._run_with_retries(spec, call, tctx, blank)
         if key is not None and outcome.status is ToolStatus.OK:
             self.cache.put(key, outcome)
@@ -217,6 +366,8 @@ class ToolExecutor:
             status = ToolStatus.DENIED
         elif isinstance(exc, InvalidArgument):
             status = ToolStatus.INVALID
+        elif isinstance(exc, ResourceExhausted):
+            status = ToolStatus.UNAVAILABLE  # back-pressure: a single call's RPC answers RESOURCE_EXHAUSTED
         else:
             return blank.with_(status=ToolStatus.ERROR, error_reason=exc.reason, error_message=exc.message,
                                exit_code=1)

@@ -1,10 +1,13 @@
 """Per-session workspace roots and the path confinement every file tool uses."""
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from services.common.errors import InvalidArgument, PermissionDenied
 
@@ -19,6 +22,64 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
+# Directories on the way to a path are opened one by one, each relative to the
+# previous one and never looked up again by name. O_NOFOLLOW|O_DIRECTORY makes
+# the kernel refuse a symlink (or anything but a directory) in the same step
+# as the lookup, so nothing swapped in after a check is ever followed. O_PATH
+# needs no read permission and never starts a device's or FIFO's open.
+DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Lookups of one component before giving up on one that keeps changing under us.
+_COMPONENT_ATTEMPTS = 3
+
+
+def _check_text(path: object, field: str) -> str:
+    if not isinstance(path, str) or "\x00" in path:
+        raise InvalidArgument(f"{field}: must be a string without NUL bytes", field=field)
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field}: {path!r} is not valid text for a file name", field=field) from None
+    if os.path.isabs(path) or path.startswith("~"):
+        raise PermissionDenied(
+            f"{field}: {path!r} is absolute; paths are relative to the session workspace",
+            reason="PATH_OUTSIDE_WORKSPACE", field=field)
+    return path
+
+
+def split_beneath(path: str, field: str = "path") -> tuple[str, ...]:
+    """The components of ``path`` below the workspace root, ``.`` and ``..`` applied to the text.
+
+    ``..`` never climbs above the root (PERMISSION_DENIED,
+    ``PATH_OUTSIDE_WORKSPACE``); ``()`` is the root itself.
+    """
+    parts: list[str] = []
+    for part in _check_text(path, field).split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise PermissionDenied(f"{field}: {path!r} resolves outside the session workspace",
+                                       reason="PATH_OUTSIDE_WORKSPACE", field=field)
+            parts.pop()
+        else:
+            parts.append(part)
+    return tuple(parts)
+
+
+def symlink_refused(field: str, path: str, through: str) -> PermissionDenied:
+    where = f"{path!r} is a symlink" if split_beneath(path, field) == tuple(through.split("/")) \
+        else f"{path!r} goes through the symlink {through!r}"
+    return PermissionDenied(f"{field}: {where}; file tools do not follow symlinks",
+                            reason="SYMLINK_NOT_FOLLOWED", field=field)
+
+
+def is_symlink_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Workspace:
     """A directory a session's tools may touch, and nothing outside it."""
@@ -31,14 +92,11 @@ class Workspace:
         Absolute paths (``/etc/passwd``, ``/proc/self/environ``) are refused
         outright; relative ones are resolved through every symlink and ``..``
         and must still land inside the root. A symlink inside the workspace
-        pointing out of it is therefore refused too.
+        pointing out of it is therefore refused too. The answer is a string
+        path, checked once: for handing a directory to the sandbox, never for
+        opening files (the file tools use ``open_root`` and ``open_dir``).
         """
-        if not isinstance(path, str) or "\x00" in path:
-            raise InvalidArgument(f"{field}: must be a string without NUL bytes", field=field)
-        if os.path.isabs(path) or path.startswith("~"):
-            raise PermissionDenied(
-                f"{field}: {path!r} is absolute; paths are relative to the session workspace",
-                reason="PATH_OUTSIDE_WORKSPACE", field=field)
+        _check_text(path, field)
         real = Path(os.path.realpath(self.root / path))
         if real != self.root and self.root not in real.parents:
             raise PermissionDenied(
@@ -50,23 +108,109 @@ class Workspace:
         rel = real.relative_to(self.root).as_posix()
         return rel or "."
 
+    def open_root(self) -> int:
+        """An O_PATH descriptor of the root; every other lookup starts from it."""
+        return os.open(self.root, DIR_FLAGS)
+
+    def open_dir(self, root_fd: int, parts: Sequence[str], field: str, path: str, *,
+                 create: bool = False, owner: tuple[int, int] | None = None) -> int:
+        """An O_PATH descriptor of the directory ``parts`` below ``root_fd``.
+
+        Each component is opened relative to its parent's descriptor with
+        O_NOFOLLOW: a symlink anywhere is PERMISSION_DENIED
+        (``SYMLINK_NOT_FOLLOWED``), whatever it points to and whenever it
+        was swapped in. A missing component raises FileNotFoundError, or is
+        made (mode 0755, handed to ``owner``) when ``create`` is set; one that
+        is not a directory raises NotADirectoryError.
+        """
+        fd = os.open(".", DIR_FLAGS, dir_fd=root_fd)
+        try:
+            for depth, name in enumerate(parts):
+                child = self._open_component(fd, name, "/".join(parts[:depth + 1]), field, path, create, owner)
+                os.close(fd)
+                fd = child
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open_component(self, parent: int, name: str, through: str, field: str, path: str, create: bool,
+                        owner: tuple[int, int] | None) -> int:
+        for _attempt in range(_COMPONENT_ATTEMPTS):
+            try:
+                return self._open_child(parent, name, create, owner)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+            # Not a directory when opened: say why, from what is there now.
+            try:
+                mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                mode = 0
+            if stat.S_ISLNK(mode):
+                raise symlink_refused(field, path, through)
+            if not stat.S_ISDIR(mode):
+                break
+            # A directory again: swapped back and forth meanwhile; look once more.
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", through)
+
+    @staticmethod
+    def _open_child(parent: int, name: str, create: bool, owner: tuple[int, int] | None) -> int:
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            return os.open(name, DIR_FLAGS, dir_fd=parent)  # made meanwhile: take it as it is
+        # Handed over through a descriptor of the new directory, never by name.
+        made = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            if owner is not None:
+                os.fchown(made, *owner)
+            return os.open(".", DIR_FLAGS, dir_fd=made)
+        finally:
+            os.close(made)
+
 
 class WorkspaceRoots:
-    """``<base>/<tenant_id>/<session_id>``, created on first use."""
+    """``<base>/<tenant_id>/<session_id>``, created on first use.
 
-    def __init__(self, base: Path, owner_uid: int | None = None, owner_gid: int | None = None) -> None:
+    When the sandbox runs commands as other users (the service is root), a
+    new workspace is handed to its owner: a uid of the session's own from
+    ``allocate_owner``, or the fixed ``owner_uid``/``owner_gid``. It is made
+    private to that owner (0700), so no other session's commands can look in.
+    """
+
+    def __init__(self, base: Path, owner_uid: int | None = None, owner_gid: int | None = None, *,
+                 allocate_owner: Callable[[], tuple[int, int]] | None = None) -> None:
         self.base = base
-        # When the sandbox runs commands as another user (root drops to
-        # nobody), that user must be able to write its workspace.
         self.owner_uid = owner_uid
         self.owner_gid = owner_gid
+        self.allocate_owner = allocate_owner
 
     def for_session(self, tenant_id: str, session_id: str) -> Workspace:
         check_id(tenant_id, "tenant_id")
         check_id(session_id, "session_id")
         path = self.base / tenant_id / session_id
         if not path.is_dir():
-            path.mkdir(parents=True, exist_ok=True)
-            if self.owner_uid is not None:
-                os.chown(path, self.owner_uid, self.owner_gid if self.owner_gid is not None else -1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                pass  # another call (or replica) made it first; it handed it over too
+            else:
+                self._hand_over(path)
         return Workspace(Path(os.path.realpath(path)))
+
+    def _hand_over(self, path: Path) -> None:
+        if self.allocate_owner is not None:
+            uid, gid = self.allocate_owner()
+        elif self.owner_uid is not None:
+            uid, gid = self.owner_uid, self.owner_gid if self.owner_gid is not None else -1
+        else:
+            return
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o700)
