@@ -100,7 +100,7 @@ async def main(args: argparse.Namespace) -> dict:
 
                 async def chat() -> None:
                     reply = await client.post("/v1/chat/completions", json={
-                        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32})
+                        "model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32})
                     assert reply.status_code == 200, reply.text
 
                 results["openai_chat_non_stream_scripted"] = await timed_many(

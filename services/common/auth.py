@@ -7,9 +7,20 @@ event loop nor the default executor waits on it, and a verified key is
 remembered (by its SHA-256, in memory, for ``cache_ttl_s``) so honest clients
 pay the KDF once, not per request.
 
-Failed attempts are counted per client (IP or gRPC peer host). A client over
-the limit is refused with RESOURCE_EXHAUSTED *before* any hash is computed,
-so guessing keys is slow and cannot burn the server's CPU.
+Failed attempts are counted per client (IP or gRPC peer host), but a key
+that verifies is not refused for other keys' failures, so a neighbour behind
+the same address cannot lock honest clients out:
+
+- a key verified recently is recognised by its SHA-256 in the cache and
+  passes before the limiter is consulted (no KDF);
+- a client over the limit is refused with RESOURCE_EXHAUSTED for every other
+  key *before* any hash is computed, except a key whose ``key_id`` exists and
+  has not itself failed ``max_failures`` times from that client: only that
+  one runs the KDF. Failures are counted per client and per (client, key_id),
+  so the KDF work one address can cause stays bounded by the keys it can name,
+  and malformed or unknown keys never cost a hash at all. The one key still
+  refused is an uncached one whose own key_id was guessed at from the same
+  address past the limit: telling it from those guesses takes the hash.
 
 CLI: ``python -m services.common.auth create-key --tenant acme --keys-file data/api_keys.json``
 prints a new key once and appends its hash to the file.
@@ -187,42 +198,53 @@ class ApiKeyAuthenticator:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def authenticate(self, authorization: str | None, client: str) -> Principal:
+        key = bearer_token(authorization)
+        if key is None:
+            self._refuse_if_limited(client)
+            self.limiter.record_failure(client)
+            raise errors.Unauthenticated("missing API key: send 'Authorization: Bearer <key>'",
+                                         reason="API_KEY_MISSING")
+        fingerprint = hashlib.sha256(key.encode()).digest()
+        principal = self._cached(fingerprint)
+        if principal is not None:
+            return principal
+        key_id = split_api_key(key)
+        record = self.store.get(key_id) if key_id else None
+        if record is None or record.disabled:
+            self._refuse_if_limited(client)
+            self.limiter.record_failure(client)
+            raise errors.Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        # An address over its limit may still verify a key it has not failed with:
+        # the KDF is what the limit guards, and this key's own count bounds it.
+        key_client = f"{client} {record.key_id}"
+        self._refuse_if_limited(key_client)
+        self.num_kdf_runs += 1
+        ok = await asyncio.get_running_loop().run_in_executor(self._executor, verify_api_key, key, record.key_hash)
+        if not ok:
+            self.limiter.record_failure(client)
+            self.limiter.record_failure(key_client)
+            raise errors.Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        principal = Principal(tenant_id=record.tenant_id, key_id=record.key_id)
+        self._verified[fingerprint] = (principal, self._clock() + self.cache_ttl_s)
+        while len(self._verified) > self.cache_size:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _refuse_if_limited(self, client: str) -> None:
         wait_ms = self.limiter.retry_after_ms(client)
         if wait_ms:
             raise errors.ResourceExhausted("too many failed authentication attempts; retry later",
                                            reason="AUTH_RATE_LIMITED", retry_after_ms=wait_ms)
-        key = bearer_token(authorization)
-        if key is None:
-            self.limiter.record_failure(client)
-            raise errors.Unauthenticated("missing API key: send 'Authorization: Bearer <key>'",
-                                         reason="API_KEY_MISSING")
-        principal = await self._check(key)
-        if principal is None:
-            self.limiter.record_failure(client)
-            raise errors.Unauthenticated("invalid API key", reason="API_KEY_INVALID")
-        return principal
 
-    async def _check(self, key: str) -> Principal | None:
-        fingerprint = hashlib.sha256(key.encode()).digest()
+    def _cached(self, fingerprint: bytes) -> Principal | None:
+        """The principal of a recently verified key that is still enabled, else None."""
         cached = self._verified.get(fingerprint)
-        now = self._clock()
-        if cached is not None and cached[1] > now:
-            record = self.store.get(cached[0].key_id)
-            if record is not None and not record.disabled:
-                return cached[0]
-        key_id = split_api_key(key)
-        record = self.store.get(key_id) if key_id else None
+        if cached is None or cached[1] <= self._clock():
+            return None
+        record = self.store.get(cached[0].key_id)
         if record is None or record.disabled:
             return None
-        self.num_kdf_runs += 1
-        ok = await asyncio.get_running_loop().run_in_executor(self._executor, verify_api_key, key, record.key_hash)
-        if not ok:
-            return None
-        principal = Principal(tenant_id=record.tenant_id, key_id=record.key_id)
-        self._verified[fingerprint] = (principal, now + self.cache_ttl_s)
-        while len(self._verified) > self.cache_size:
-            self._verified.popitem(last=False)
-        return principal
+        return cached[0]
 
 
 def bearer_token(authorization: str | None) -> str | None:

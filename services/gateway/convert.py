@@ -7,7 +7,7 @@ an InvalidArgument naming the field.
 """
 from __future__ import annotations
 
-import json
+import math
 import re
 from typing import Any, Iterable
 
@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.common import errors
+from services.gateway.core.json_body import MAX_JSON_DEPTH, loads_body
 
 FD = _descriptor.FieldDescriptor
 _INT_TYPES = {FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32, FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64,
@@ -26,6 +27,8 @@ _INT_RANGES = {
     FD.TYPE_INT64: (-(2**63), 2**63 - 1), FD.TYPE_SINT64: (-(2**63), 2**63 - 1), FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
     FD.TYPE_UINT64: (0, 2**64 - 1), FD.TYPE_FIXED64: (0, 2**64 - 1),
 }
+# Plain decimal integers only: int() would also take "1_000", " 7 " and non-ASCII digits.
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 _PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "([^"]+)"|for field (\w+)')
 
 
@@ -38,10 +41,8 @@ def _field_by_name(message_type: _descriptor.Descriptor, name: str) -> FD | None
 
 def _convert_scalar(field: FD, raw: str, name: str) -> Any:
     if field.type in _INT_TYPES:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise errors.InvalidArgument(f"{name}: expected an integer, got {raw!r}", field=name) from None
+        errors.require(bool(_INTEGER.fullmatch(raw)), name, f"expected an integer, got {raw[:40]!r}")
+        value = int(raw)
         low, high = _INT_RANGES[field.type]
         errors.require(low <= value <= high, name, f"{value} is out of range [{low}, {high}]")
         return value
@@ -49,7 +50,8 @@ def _convert_scalar(field: FD, raw: str, name: str) -> Any:
         try:
             value = float(raw)
         except ValueError:
-            raise errors.InvalidArgument(f"{name}: expected a number, got {raw!r}", field=name) from None
+            raise errors.InvalidArgument(f"{name}: expected a number, got {raw[:40]!r}", field=name) from None
+        errors.require(math.isfinite(value), name, "must be a finite number")
         return value
     if field.type == FD.TYPE_BOOL:
         lowered = raw.lower()
@@ -57,11 +59,11 @@ def _convert_scalar(field: FD, raw: str, name: str) -> Any:
         return lowered in ("true", "1")
     if field.type == FD.TYPE_ENUM:
         enum_value = field.enum_type.values_by_name.get(raw)
-        if enum_value is None and raw.lstrip("-").isdigit():
+        if enum_value is None and _INTEGER.fullmatch(raw):
             enum_value = field.enum_type.values_by_number.get(int(raw))
         if enum_value is None:
             names = ", ".join(v.name for v in field.enum_type.values)
-            raise errors.InvalidArgument(f"{name}: unknown value {raw!r}; expected one of {names}", field=name)
+            raise errors.InvalidArgument(f"{name}: unknown value {raw[:40]!r}; expected one of {names}", field=name)
         return enum_value.number
     if field.type == FD.TYPE_STRING:
         return raw
@@ -97,10 +99,7 @@ def parse_json_body(body: bytes, message: Message, *, into_field: str = "") -> N
     """Merge a JSON body into ``message`` (or into one of its fields when the rule says ``body: "field"``)."""
     if not body.strip():
         return
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.InvalidArgument(f"body: not valid JSON ({exc})", field="body") from None
+    payload = loads_body(body)
     target = message
     if into_field:
         field = _field_by_name(message.DESCRIPTOR, into_field)
@@ -108,7 +107,7 @@ def parse_json_body(body: bytes, message: Message, *, into_field: str = "") -> N
         target = getattr(message, field.name)
     errors.require(isinstance(payload, dict), "body", "expected a JSON object")
     try:
-        json_format.ParseDict(payload, target)
+        json_format.ParseDict(payload, target, max_recursion_depth=MAX_JSON_DEPTH)
     except json_format.ParseError as exc:
         raise _invalid_from_parse_error(exc) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -154,8 +153,11 @@ def apply_tenant(message: Message, tenant_id: str | None) -> None:
 
 def apply_resume_point(message: Message, after_seq: int | None) -> None:
     """Last-Event-ID becomes ``after_seq`` on requests that have one (the later of the two wins)."""
-    if after_seq is None or "after_seq" not in message.DESCRIPTOR.fields_by_name:
+    field = message.DESCRIPTOR.fields_by_name.get("after_seq")
+    if after_seq is None or field is None:
         return
+    low, high = _INT_RANGES.get(field.type, (0, 0))
+    errors.require(low <= after_seq <= high, "Last-Event-ID", f"{after_seq} is out of range [{low}, {high}]")
     setattr(message, "after_seq", max(after_seq, getattr(message, "after_seq")))
 
 

@@ -7,6 +7,7 @@ event is a plain HTTP error with the right status, not a broken stream.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, AsyncIterator, Sequence
 
 from starlette.requests import Request
@@ -22,12 +23,30 @@ from services.gateway.routes import Route, match_route, path_exists
 from services.gateway.tracing_middleware import name_request_span
 
 SSE_HEARTBEAT_S = 15.0
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 def forwarded_metadata(request: Request) -> list[tuple[str, str]]:
     """Metadata for the backend call: the caller's credentials travel on."""
     authorization = request.headers.get("authorization")
     return [("authorization", authorization)] if authorization else []
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused (400 naming ``body``) once it passes ``max_bytes``, before it is all read."""
+    def too_large() -> errors.InvalidArgument:
+        return errors.InvalidArgument(f"body: larger than {max_bytes} bytes", field="body", reason="BODY_TOO_LARGE")
+
+    declared = request.headers.get("content-length", "").strip()
+    if declared and (not _CONTENT_LENGTH.fullmatch(declared) or int(declared) > max_bytes):
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class GenericRestApi:
@@ -59,10 +78,7 @@ class GenericRestApi:
             return error_response(exc)
 
     async def _decode(self, request: Request, route: Route, path_vars: dict[str, str]) -> Any:
-        body = await request.body() if route.body else b""
-        if len(body) > self.max_body_bytes:
-            raise errors.InvalidArgument(f"body: larger than {self.max_body_bytes} bytes", field="body",
-                                         reason="BODY_TOO_LARGE")
+        body = await read_body(request, self.max_body_bytes) if route.body else b""
         message = convert.build_request(route.input_type, route.request_class(), body_rule=route.body, body=body,
                                         path_vars=path_vars, query=request.query_params.multi_items())
         principal: Principal | None = getattr(request.state, "principal", None)
@@ -103,11 +119,11 @@ def _frame(payload: dict, media_type: str) -> bytes:
 
 async def _frames(first: Any, replies: AsyncIterator[Any], media_type: str) -> AsyncIterator[bytes]:
     """Encoded stream; ends with an error frame if the backend fails midway."""
+    pending: asyncio.Future | None = None
     try:
         if first is None:
             return
         yield _frame(convert.message_to_json(first), media_type)
-        pending: asyncio.Future | None = None
         while True:
             pending = pending or asyncio.ensure_future(anext(replies))
             done, _ = await asyncio.wait({pending}, timeout=SSE_HEARTBEAT_S)

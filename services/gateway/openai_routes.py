@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
@@ -10,8 +9,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.common import errors
 from services.gateway.adapters.grpc_backend import BackendError
+from services.gateway.core.json_body import loads_body
 from services.gateway.core.openai_compat import CompletionPlan, OpenAICompat, dumps, plan_chat, plan_completion
-from services.gateway.http_api import forwarded_metadata
+from services.gateway.http_api import forwarded_metadata, read_body
 from services.gateway.http_errors import error_payload, openai_error_response
 
 
@@ -21,12 +21,9 @@ class OpenAIRoutes:
         self.max_body_bytes = max_body_bytes
 
     async def _body(self, request: Request) -> Any:
-        raw = await request.body()
-        errors.require(len(raw) <= self.max_body_bytes, "body", f"larger than {self.max_body_bytes} bytes")
-        try:
-            return json.loads(raw or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise errors.InvalidArgument(f"body: not valid JSON ({exc})", field="body") from None
+        raw = await read_body(request, self.max_body_bytes)
+        errors.require(bool(raw.strip()), "body", "expected a JSON object")
+        return loads_body(raw)
 
     def _compat(self) -> OpenAICompat:
         if self.compat is None:

@@ -128,7 +128,8 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
 @contextlib.asynccontextmanager
 async def running_gateway(app: Any, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """For tests and benchmarks: serve ``app`` in this event loop; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: asyncio turns Nagle off (TCP_NODELAY) only for sockets that say so.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",

@@ -58,11 +58,14 @@ async def test_failed_attempts_are_rate_limited_per_client(keys):
                 await auth.authenticate("Bearer lmk_x_y", "1.2.3.4")
         runs = auth.num_kdf_runs
         with pytest.raises(errors.ResourceExhausted) as caught:
-            await auth.authenticate(f"Bearer {keys.acme}", "1.2.3.4")  # even a good key waits
+            await auth.authenticate("Bearer lmk_x_z", "1.2.3.4")  # a fourth guess waits, unhashed
         assert caught.value.retry_after_ms == 10_000 and auth.num_kdf_runs == runs
+        # A key that verifies is never refused for the address's failures.
+        assert (await auth.authenticate(f"Bearer {keys.acme}", "1.2.3.4")).tenant_id == "acme"
         assert (await auth.authenticate(f"Bearer {keys.acme}", "5.6.7.8")).tenant_id == "acme"
         now[0] = 10.5
-        assert (await auth.authenticate(f"Bearer {keys.acme}", "1.2.3.4")).tenant_id == "acme"
+        with pytest.raises(errors.Unauthenticated):
+            await auth.authenticate("Bearer lmk_x_z", "1.2.3.4")
     finally:
         auth.close()
 
@@ -81,12 +84,14 @@ async def test_rest_without_a_valid_key_is_401_and_touches_nothing(mesh: Mesh):
     assert public.status_code == 200
 
 
-async def test_rest_failed_attempts_get_429(mesh: Mesh):
+async def test_rest_failed_attempts_get_429_but_a_valid_key_passes(mesh: Mesh):
     async with mesh.client(key="lmk_abc_wrong") as wrong, mesh.client() as good:
         codes = [(await wrong.get("/v1/sessions")).status_code for _ in range(6)]
-        blocked = await good.get("/v1/sessions")  # same client address
+        still_refused = await wrong.get("/v1/sessions")
+        admitted = await good.get("/v1/sessions")  # same client address, a key that verifies
     assert codes == [401] * 5 + [429]
-    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert still_refused.status_code == 429 and int(still_refused.headers["retry-after"]) >= 1
+    assert admitted.status_code == 200, admitted.text
 
 
 async def test_grpc_interceptor_refuses_before_the_servicer(keys, authenticator):

@@ -86,7 +86,7 @@ async def test_required_tool_call_uses_a_grammar_and_returns_tool_calls(mesh: Me
 
 async def test_tool_results_go_back_to_the_model(mesh: Mesh):
     async with client_for(mesh) as client:
-        await client.chat.completions.create(model="m", tools=[WEATHER_TOOL], messages=[
+        await client.chat.completions.create(model="gemma-3-270m", tools=[WEATHER_TOOL], messages=[
             {"role": "user", "content": "Weather?"},
             {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
                 "name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
@@ -98,8 +98,8 @@ async def test_tool_results_go_back_to_the_model(mesh: Mesh):
 
 async def test_completions_and_models(mesh: Mesh):
     async with client_for(mesh) as client:
-        reply = await client.completions.create(model="m", prompt="Once upon", max_tokens=5)
-        chunks = [c async for c in await client.completions.create(model="m", prompt="Once", stream=True)]
+        reply = await client.completions.create(model="gemma-3-270m", prompt="Once upon", max_tokens=5)
+        chunks = [c async for c in await client.completions.create(model="gemma-3-270m", prompt="Once", stream=True)]
         models = await client.models.list()
     assert reply.choices[0].text == "Hello from llmesh" and reply.usage.completion_tokens == 3
     assert "".join(c.choices[0].text for c in chunks) == "Hello from llmesh"
@@ -117,7 +117,7 @@ async def test_bad_requests_name_the_parameter(mesh: Mesh):
                   tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice.function.name"),
         ]:
             with pytest.raises(openai.BadRequestError) as caught:
-                await client.chat.completions.create(model="m", **kwargs)
+                await client.chat.completions.create(model="gemma-3-270m", **kwargs)
             assert caught.value.body["param"] == param, caught.value.body
     assert mesh.generator.requests == []
 
@@ -125,7 +125,7 @@ async def test_bad_requests_name_the_parameter(mesh: Mesh):
 async def test_wrong_key_is_authentication_error(mesh: Mesh):
     async with client_for(mesh, key="lmk_zzz_nope") as client:
         with pytest.raises(openai.AuthenticationError):
-            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+            await client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "x"}])
 
 
 @pytest.mark.model

@@ -64,6 +64,12 @@ class InferenceGenerator:
                 stream.cancel()
 
     async def list_models(self) -> list[str]:
+        registry = getattr(self.client, "registry", None)
+        if registry is not None:
+            # Behind the balancer: every name some healthy node serves, not one node's list.
+            served = [profile.name for profile in registry().served]
+            if served:
+                return served
         request = inference_pb2.ListModelsRequest(page_size=100)
         try:
             if hasattr(self.client, "unary"):

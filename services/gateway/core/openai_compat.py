@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 from services.common import errors
 from services.gateway.core.chat_format import (END, ToolSpec, parse_messages, parse_tool_call, parse_tools,
                                                render_prompt, tool_call_grammar)
+from services.gateway.core.model_catalog import ModelCatalog
 from services.gateway.core.ports import GenerationChunk, GenerationParams, TextGenerator
 
 DEFAULT_MAX_TOKENS = 256
@@ -47,7 +48,7 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     model = body.get("model", "")
     errors.require(isinstance(model, str), "model", "must be a string")
     n = body.get("n", 1)
-    errors.require(n == 1, "n", "only n=1 is supported")
+    errors.require(n == 1 and isinstance(n, int) and not isinstance(n, bool), "n", "only n=1 is supported")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
@@ -120,10 +121,12 @@ def _tool_call(name: str, arguments: str) -> dict[str, Any]:
 
 
 class OpenAICompat:
-    def __init__(self, generator: TextGenerator) -> None:
+    def __init__(self, generator: TextGenerator, catalog: ModelCatalog | None = None) -> None:
         self.generator = generator
+        self.catalog = catalog or ModelCatalog(generator)
 
     async def _run(self, plan: CompletionPlan, request_id: str) -> tuple[str, GenerationChunk | None]:
+        await self.catalog.require(plan.model)
         texts, last = [], None
         async for chunk in self.generator.generate(replace(plan.params, request_id=request_id)):
             texts.append(chunk.text)
@@ -154,6 +157,7 @@ class OpenAICompat:
                     "model": answered_model(plan, last), "system_fingerprint": None,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
+        await self.catalog.require(plan.model)
         yield chunk({"role": "assistant", "content": ""})
         # Output that may be a tool call is held back until it is known not to be one.
         held, holding = [], plan.tool_mode != "none"
@@ -195,6 +199,7 @@ class OpenAICompat:
         response_id = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
         last = None
+        await self.catalog.require(plan.model)
         async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
             last = piece
             finish = _FINISH.get(piece.finish_reason) if piece.finish_reason else None

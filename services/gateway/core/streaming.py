@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 SSE_MEDIA_TYPE = "text/event-stream"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
+# Event seqs are int64 on the wire.
+MAX_EVENT_SEQ = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def choose_stream_format(accept: str | None) -> str:
@@ -56,10 +60,10 @@ def find_seq(payload: Any) -> str | None:
 
 
 def parse_last_event_id(value: str | None) -> int | None:
-    """Last-Event-ID as a seq, or None when absent; a non-number is a client error."""
+    """Last-Event-ID as a seq, or None when absent; anything but a seq in [0, 2^63) is a client error."""
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if not text.lstrip("-").isdigit() or int(text) < 0:
-        raise ValueError(f"Last-Event-ID must be a non-negative event seq, got {value!r}")
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_EVENT_SEQ:
+        raise ValueError(f"Last-Event-ID: must be an event seq between 0 and {MAX_EVENT_SEQ}, got {text[:40]!r}")
     return int(text)

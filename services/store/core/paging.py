@@ -12,6 +12,10 @@ Row = TypeVar("Row")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
+# Cursors are seqs, positions or timestamps: BIGINT columns.
+MAX_CURSOR = 2**63 - 1
+# Tokens this module writes are far shorter; a longer one is not ours.
+MAX_TOKEN_CHARS = 1024
 
 
 def page_limit(page_size: int) -> int:
@@ -36,14 +40,23 @@ def decode_token(token: str, scope: str) -> Any:
     """
     if not token:
         return None
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidArgument("page_token: malformed", field="page_token")
     try:
         padded = token + "=" * (-len(token) % 4)
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeError, RecursionError):
         raise InvalidArgument("page_token: malformed", field="page_token") from None
     if not isinstance(body, dict) or body.get("s") != scope or "c" not in body:
         raise InvalidArgument("page_token: does not belong to this query", field="page_token")
     return body["c"]
+
+
+def cursor_int(value: Any) -> int:
+    """An integer cursor from a decoded token; anything a BIGINT cannot hold is a malformed token."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CURSOR:
+        raise InvalidArgument("page_token: malformed", field="page_token")
+    return value
 
 
 async def page_after(scope: str, after: int, page_size: int, page_token: str,
@@ -57,9 +70,7 @@ async def page_after(scope: str, after: int, page_size: int, page_token: str,
     limit = page_limit(page_size)
     cursor = decode_token(page_token, scope)
     if cursor is not None:
-        if not isinstance(cursor, int):
-            raise InvalidArgument("page_token: malformed", field="page_token")
-        after = max(after, cursor)
+        after = max(after, cursor_int(cursor))
     rows = list(await fetch(after, limit + 1))
     if len(rows) <= limit:
         return rows, ""

@@ -19,7 +19,7 @@ from services.store.core.models import (
     AuditRecord, EventRecord, LockResult, NewEvent, NewMessage, NewSession, NewTask, Page, SessionRecord,
     TaskRecord,
 )
-from services.store.core.paging import decode_token, encode_token, page_after, page_limit
+from services.store.core.paging import cursor_int, decode_token, encode_token, page_after, page_limit
 from services.store.core.ports import StoreRepository
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
@@ -79,8 +79,10 @@ class StoreCore:
         cursor = decode_token(page_token, f"sessions:{tenant_id}")
         after = None
         if cursor is not None:
-            require(isinstance(cursor, list) and len(cursor) == 2, "page_token", "malformed")
-            after = (int(cursor[0]), str(cursor[1]))
+            require(isinstance(cursor, list) and len(cursor) == 2 and isinstance(cursor[1], str), "page_token",
+                    "malformed")
+            check.check_id(cursor[1], "page_token")
+            after = (cursor_int(cursor[0]), cursor[1])
         rows = await self.repo.list_sessions(tenant_id, after, limit + 1)
         token = ""
         if len(rows) > limit:
@@ -168,6 +170,7 @@ class StoreCore:
         check.check_id(request_id, "request_id", required=False)
         check.check_id(idempotency_key, "idempotency_key", required=False)
         check.check_json_value(payload_json, "payload_json", max_bytes=check.MAX_CONTENT_BYTES)
+        check.check_int(priority, "priority", -check.INT32_MAX - 1, check.INT32_MAX)
         require(max_attempts >= 0, "max_attempts", "must not be negative")
         require(max_attempts <= 1000, "max_attempts", "at most 1000")
         new = NewTask(tenant_id, queue, priority, payload_json, idempotency_key or request_id,
@@ -196,6 +199,7 @@ class StoreCore:
     async def fail_task(self, task_id: str, lease_token: str, error: str, permanent: bool) -> TaskRecord:
         self._check_lease_ref(task_id, lease_token)
         require(len(error) <= 64 * 1024, "error", "longer than 65536 characters")
+        check.check_text(error, "error")
         return await self.repo.fail_task(task_id, lease_token, error, permanent, self.options.retry, self.clock())
 
     async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord:
@@ -255,9 +259,11 @@ class StoreCore:
         for index, entry in enumerate(entries):
             name = "entry" if index == 0 else f"more_entries[{index - 1}]"
             check.check_id(entry.tenant_id, f"{name}.tenant_id")
-            require(entry.seq >= 1, f"{name}.seq", "must be at least 1")
+            check.check_int(entry.seq, f"{name}.seq", 1, check.INT64_MAX)
             require(bool(entry.entry_hash), f"{name}.entry_hash", "is required")
             require(len(entry.entry_hash) <= 256 and len(entry.prev_hash) <= 256, f"{name}.entry_hash", "too long")
+            check.check_text(entry.entry_hash, f"{name}.entry_hash")
+            check.check_text(entry.prev_hash, f"{name}.prev_hash")
             require(entry.seq > 1 or not entry.prev_hash, f"{name}.prev_hash", "must be empty for the first entry")
             check.check_json_value(entry.payload_json, f"{name}.payload_json", max_bytes=check.MAX_CONTENT_BYTES)
             if index:

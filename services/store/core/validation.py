@@ -19,9 +19,28 @@ MAX_EVENT_TYPE_CHARS = 64
 MAX_LEASE_MS = 24 * 3600 * 1000
 MAX_CLAIM = 1_000
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool", "summary"})
+# Column ranges: a number past them would fail in SQL (INTERNAL) instead of here.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 # Ids travel in URLs, logs and SQL; keep them to a safe printable alphabet.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]+$")
+# Stored text is any Unicode text except NUL (PostgreSQL text cannot hold it,
+# SQLite would keep it and hand it to every reader) and lone surrogates (not
+# characters: they have no UTF-8 form).
+_DISALLOWED_CHAR = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_text(value: str, field: str) -> None:
+    """Refuse text that some backend cannot store, naming the field and the offending character."""
+    found = _DISALLOWED_CHAR.search(value)
+    if found is not None:
+        raise InvalidArgument(f"{field}: character U+{ord(found.group()):04X} at offset {found.start()} "
+                              "is not allowed in stored text", field=field)
+
+
+def check_int(value: int, field: str, low: int, high: int) -> None:
+    require(low <= value <= high, field, f"must be between {low} and {high}")
 
 
 def check_id(value: str, field: str, *, required: bool = True) -> None:
@@ -36,6 +55,7 @@ def check_json_object(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES
     """Empty is allowed (means {}); anything else must be a JSON object."""
     if not value:
         return
+    check_text(value, field)
     require(len(value.encode()) <= max_bytes, field, f"larger than {max_bytes} bytes")
     try:
         parsed = json.loads(value)
@@ -47,6 +67,7 @@ def check_json_object(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES
 def check_json_value(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> None:
     if not value:
         return
+    check_text(value, field)
     require(len(value.encode()) <= max_bytes, field, f"larger than {max_bytes} bytes")
     try:
         json.loads(value)
@@ -56,6 +77,7 @@ def check_json_value(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES)
 
 def check_title(title: str) -> None:
     require(len(title) <= MAX_TITLE_CHARS, "title", f"longer than {MAX_TITLE_CHARS} characters")
+    check_text(title, "title")
 
 
 def check_messages(messages: list[NewMessage]) -> None:
@@ -65,10 +87,11 @@ def check_messages(messages: list[NewMessage]) -> None:
     for i, msg in enumerate(messages):
         prefix = f"messages[{i}]"
         require(msg.role in MESSAGE_ROLES, f"{prefix}.role", f"must be one of {sorted(MESSAGE_ROLES)}")
+        check_text(msg.content, f"{prefix}.content")
         size = len(msg.content.encode())
         require(size <= MAX_CONTENT_BYTES, f"{prefix}.content", f"larger than {MAX_CONTENT_BYTES} bytes")
         check_json_object(msg.metadata_json, f"{prefix}.metadata_json")
-        require(msg.num_tokens >= 0, f"{prefix}.num_tokens", "must not be negative")
+        check_int(msg.num_tokens, f"{prefix}.num_tokens", 0, INT32_MAX)
         total += size + len(msg.metadata_json)
     require(total <= MAX_REQUEST_BYTES, "messages", f"request larger than {MAX_REQUEST_BYTES} bytes")
 
@@ -82,11 +105,13 @@ def check_events(events: list[NewEvent]) -> None:
         prefix = f"events[{i}]"
         require(bool(event.type), f"{prefix}.type", "is required")
         require(len(event.type) <= MAX_EVENT_TYPE_CHARS, f"{prefix}.type", f"longer than {MAX_EVENT_TYPE_CHARS}")
+        check_text(event.type, f"{prefix}.type")
         require(len(event.payload) <= MAX_EVENT_PAYLOAD_BYTES, f"{prefix}.payload",
                 f"larger than {MAX_EVENT_PAYLOAD_BYTES} bytes")
-        require(event.schema_version >= 0, f"{prefix}.schema_version", "must not be negative")
+        check_int(event.schema_version, f"{prefix}.schema_version", 0, INT32_MAX)
         if event.idempotency_key:
             require(len(event.idempotency_key) <= 2 * MAX_ID_CHARS, f"{prefix}.idempotency_key", "too long")
+            check_text(event.idempotency_key, f"{prefix}.idempotency_key")
             require(event.idempotency_key not in keys, f"{prefix}.idempotency_key", "repeated within the request")
             keys.add(event.idempotency_key)
         total += len(event.payload)
@@ -99,3 +124,4 @@ def check_lease_ms(lease_ms: int) -> None:
 
 def check_seq(value: int, field: str) -> None:
     require(value >= 0, field, "must not be negative")
+    require(value <= INT64_MAX, field, f"must be at most {INT64_MAX}")
