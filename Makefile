@@ -15,10 +15,14 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 .PHONY: setup run test gen model system-deps lint-protos proto-image bench clean
+# Each mk/<name>.mk adds its bench-* targets to this list.
+BENCHES :=
 
 setup: $(STAMP) $(GEN_STAMP) model
 
-$(STAMP): requirements.txt
+# llmesh installs editable (services/ on the path); generated code is put on
+# the path by one .pth file, the only place that names gen/.
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar off -r requirements.txt
@@ -33,7 +37,8 @@ $(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py
 model: $(STAMP)
 	@$(PY) -m services.common.model_cache >/dev/null
 
-# PostgreSQL server (store tests) and bubblewrap (tool sandbox), when missing.
+# PostgreSQL server (store tests), bubblewrap (tool sandbox) and Node.js with
+# npm (the generated-stub client test), when missing.
 system-deps:
 	@bash scripts/system_deps.sh
 
@@ -57,8 +62,9 @@ clean:
 # Each component adds its own targets (bench-*, migrations) here.
 -include mk/*.mk
 
-# `make bench` runs every component's benchmark (each mk/<name>.mk defines
-# bench-<name>); results land in bench/results/*.json, and it ends with bench/results/report.html + report.png.
-BENCHES := $(patsubst mk/%.mk,bench-%,$(wildcard mk/*.mk))
-bench: $(BENCHES)
+# `make bench` runs every benchmark the mk/*.mk files add to BENCHES (each
+# defines bench-<name> at least); results land in bench/results/*.json, and it
+# ends with bench/results/report.html + report.png.
+BENCHES += $(patsubst mk/%.mk,bench-%,$(wildcard mk/*.mk))
+bench: $(sort $(BENCHES))
 	$(PY) bench/report.py --results bench/results

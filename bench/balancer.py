@@ -8,7 +8,7 @@ re-prefilling it; tokens come at a fixed rate instead of from a model). The same
 strategy on fresh nodes; TTFT is measured by the client, from the call to
 the first token. Writes JSON (see docs/balancer.md).
 
-    PYTHONPATH=. python bench/balancer.py --out bench/results/balancer.json
+    python bench/balancer.py --out bench/results/balancer.json
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ Three measurements, each on a fresh node, timed by the gRPC client:
 The synthetic backend stands in for the model (tokens at a fixed rate, a fixed
 prefill delay), so the numbers measure the node's scheduling, not llama.cpp.
 
-    PYTHONPATH=.:gen python bench/economics.py --out bench/results/economics.json
+    python bench/economics.py --out bench/results/economics.json
 """
 from __future__ import annotations
 

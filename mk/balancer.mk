@@ -3,4 +3,4 @@ BENCHES += bench-balancer
 .PHONY: bench-balancer
 bench-balancer: $(GEN_STAMP)
 	@mkdir -p bench/results
-	PYTHONPATH=. $(PY) bench/balancer.py --out bench/results/balancer.json
+	$(PY) bench/balancer.py --out bench/results/balancer.json

@@ -4,4 +4,4 @@ BENCHES += bench-economics
 .PHONY: bench-economics
 bench-economics: $(GEN_STAMP)
 	@mkdir -p bench/results
-	PYTHONPATH=.:gen $(PY) bench/economics.py --out bench/results/economics.json
+	$(PY) bench/economics.py --out bench/results/economics.json

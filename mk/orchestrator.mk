@@ -3,11 +3,11 @@ BENCHES += bench-orchestrator
 .PHONY: bench-orchestrator
 bench-orchestrator: $(GEN_STAMP) model
 	@mkdir -p bench/results
-	PYTHONPATH=.:gen $(PY) bench/orchestrator.py --out bench/results/orchestrator.json
+	$(PY) bench/orchestrator.py --out bench/results/orchestrator.json
 
 # Orchestrator through the client-side balancer: extra time of the turn after the session's node dies.
 BENCHES += bench-orchestrator-failover
 .PHONY: bench-orchestrator-failover
 bench-orchestrator-failover: $(GEN_STAMP)
 	@mkdir -p bench/results
-	PYTHONPATH=.:gen $(PY) bench/orchestrator.py --failover-only --out bench/results/orchestrator_failover.json
+	$(PY) bench/orchestrator.py --failover-only --out bench/results/orchestrator_failover.json

@@ -3,4 +3,4 @@ BENCHES += bench-policy
 .PHONY: bench-policy
 bench-policy: $(GEN_STAMP)
 	@mkdir -p bench/results
-	PYTHONPATH=.:gen $(PY) bench/policy.py --out bench/results/policy.json
+	$(PY) bench/policy.py --out bench/results/policy.json

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the suite uses when they are missing and we
-# may install them (root with apt): the PostgreSQL server for the store tests
-# and bubblewrap for the tool sandbox. Without root it only says what is missing.
+# may install them (root with apt): the PostgreSQL server for the store tests,
+# bubblewrap for the tool sandbox, and Node.js with npm for the generated-stub
+# client test. Without root it only says what is missing.
 set -euo pipefail
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
