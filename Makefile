@@ -35,7 +35,7 @@ $(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py
 	touch $@
 
 model: $(STAMP)
-	@$(PY) -m services.common.model_cache >/dev/null
+	@$(PY) -m services.gemma.model_cache >/dev/null
 
 # PostgreSQL server (store tests), bubblewrap (tool sandbox) and Node.js with
 # npm (the generated-stub client test), when missing.

@@ -6,7 +6,7 @@ inference service's own scheduler, queueing on a fixed number of sequences
 and per-session KV, so a turn on the node holding its history skips
 re-prefilling it; tokens come at a fixed rate instead of from a model). The same workload runs once per
 strategy on fresh nodes; TTFT is measured by the client, from the call to
-the first token. Writes JSON (see docs/balancer.md).
+the first token. Writes JSON (see docs/inference-client.md).
 
     python bench/balancer.py --out bench/results/balancer.json
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llmesh.inference.v1 import inference_pb2
 
-from services.common.balancer import Balancer, BalancerSettings
+from services.inference.client import Balancer, BalancerSettings
 from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
 
 # The synthetic tokenizer is byte-level: 0.08 ms a byte is ~0.4 ms a word.

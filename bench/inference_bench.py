@@ -31,7 +31,7 @@ import grpc  # noqa: E402
 from llmesh.inference.v1 import inference_pb2 as pb  # noqa: E402
 from llmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
 
-from services.common.model_cache import ensure_model  # noqa: E402
+from services.gemma.model_cache import ensure_model  # noqa: E402
 from services.inference.adapters.llama_backend import LlamaBackend  # noqa: E402
 from services.inference.core.types import BatchEntry, SamplingParams  # noqa: E402
 from services.launcher import SERVICES, Child, Launcher  # noqa: E402

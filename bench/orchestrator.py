@@ -206,7 +206,7 @@ async def real_inference(data_dir: Path):
             async with grpc.aio.insecure_channel(target) as channel:
                 yield GrpcInference.for_channel(channel), "inference service (llama.cpp, bundled Gemma 3 270M)"
                 return
-    from services.common.model_cache import ensure_model
+    from services.gemma.model_cache import ensure_model
     from services.orchestrator.adapters.local_llama import LocalLlamaInference
 
     local = LocalLlamaInference(ensure_model(), n_ctx=4096)

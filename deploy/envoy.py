@@ -2,7 +2,7 @@
 
     LLMESH_INFERENCE_NODES=dns:inference-nodes:50051 python -m deploy.envoy --out envoy.yaml
 
-The inference cluster carries the policy of ``services.common.balancer``
+The inference cluster carries the policy of ``services.inference.client``
 translated to Envoy: LEAST_REQUEST with two choices (power of two choices
 on outstanding requests), active ``grpc.health.v1`` checks on the readiness
 name, outlier ejection after ``eject_after_failures`` consecutive failures
@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from services.common.balancer.config import BalancerSettings, load_balancer_settings
-from services.common.balancer.discovery import DNS_PREFIX, split_host_port
+from services.inference.client.config import BalancerSettings, load_balancer_settings
+from services.inference.client.discovery import DNS_PREFIX, split_host_port
 from services.common.errors import require
 from services.common.settings import load_settings
 
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         print(__doc__)
         print("flags: " + " ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(EnvoySettings)))
-        print("balancer settings come from LLMESH_INFERENCE_* (see docs/balancer.md)")
+        print("balancer settings come from LLMESH_INFERENCE_* (see docs/inference-client.md)")
         return 0
     envoy = load_settings(EnvoySettings, "envoy", args)
     text = render_yaml(load_balancer_settings(), envoy)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.model_cache import ensure_model
+from services.gemma.model_cache import ensure_model
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ default. Nothing is read at import time.
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import os
 import typing
@@ -100,3 +101,14 @@ def load_settings(
         if raw is not None:
             values[f.name] = _parse(raw, hints[f.name], f.name)
     return cls(**values)
+
+
+def json_object(text: str, field_name: str) -> dict:
+    """A setting holding a JSON object (empty text is {}); anything else is refused naming the setting."""
+    try:
+        raw = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise InvalidArgument(f"{field_name}: not valid JSON ({exc})", field=field_name) from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{field_name}: expected a JSON object", field=field_name)
+    return raw

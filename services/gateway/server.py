@@ -81,7 +81,7 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         source, balancer = generator, None
         if source is None and settings.inference_nodes:
-            from services.common.balancer.balancer import Balancer
+            from services.inference.client.balancer import Balancer
 
             balancer = Balancer(settings.inference_nodes)
             await balancer.start()

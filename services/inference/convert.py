@@ -5,7 +5,7 @@ from typing import Mapping
 
 from llmesh.inference.v1 import inference_pb2 as pb
 
-from services.common.economics.tenants import TenantPolicy
+from services.common.tenants import TenantPolicy
 from services.common.errors import InvalidArgument
 from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, SamplingParams
 

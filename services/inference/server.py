@@ -8,9 +8,9 @@ import os
 import grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
-from services.common.economics import ResponseCache
-from services.common.economics.semantic_cache import Embedder, HashingEmbedder, SemanticCache
-from services.common.economics.tenants import parse_tenant_policies
+from services.inference.core.response_cache import ResponseCache
+from services.inference.core.semantic_cache import Embedder, HashingEmbedder, SemanticCache
+from services.common.tenants import parse_tenant_policies
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.config import Settings
 from services.inference.core.aliases import parse_aliases
@@ -134,7 +134,7 @@ def build_backends(settings: Settings) -> list[Backend]:
                                  model_name=settings.model_name)]
     if settings.backend != "llama":
         raise InvalidArgument(f"backend: expected 'llama' or 'synthetic', got {settings.backend!r}", field="backend")
-    from services.common.model_cache import ensure_model
+    from services.gemma.model_cache import ensure_model
     from services.inference.adapters.llama_backend import LlamaBackend
 
     if settings.output_rows_multiple < 0:

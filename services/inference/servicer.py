@@ -8,7 +8,7 @@ from opentelemetry import trace
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc
 
-from services.common.economics.tenants import TenantPolicy, policy_for
+from services.common.tenants import TenantPolicy, policy_for
 from services.common.errors import InvalidArgument, NotFound, require
 from services.inference import convert
 from services.inference.core.aliases import ModelAlias

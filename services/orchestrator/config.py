@@ -51,7 +51,7 @@ class Settings(ServerSettings):
     task_batch_reserved_workers: int = 1
     task_max_wait_ms_normal: int = 10_000
     task_max_wait_ms_batch: int = 30_000
-    # Per-tenant economics settings as JSON (services/common/economics/tenants.py);
+    # Per-tenant economics settings as JSON (services/common/tenants.py);
     # here a tenant's max_priority caps the class of its tasks.
     tenant_policies: str = ""
     # Transient inference/tool/store failures.

@@ -14,7 +14,7 @@ import grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common.clients import make_channel
-from services.common.economics.tenants import parse_tenant_policies
+from services.common.tenants import parse_tenant_policies
 from services.common.errors import FailedPrecondition
 from services.orchestrator import metrics
 from services.orchestrator.adapters.grpc_inference import GrpcInference
@@ -105,7 +105,7 @@ class App:
         nodes = [n.strip() for n in self.settings.inference_nodes.split(",") if n.strip()]
         if not nodes:
             return GrpcInference.for_channel(self._channel("inference", self.settings.inference_target))
-        from services.common.balancer import Balancer, load_balancer_settings
+        from services.inference.client import Balancer, load_balancer_settings
 
         self._balancer = Balancer(nodes, load_balancer_settings())
         await self._balancer.start()

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from llmesh.inference.v1 import inference_pb2
 
-from services.common.balancer import Balancer, BalancerSettings
+from services.inference.client import Balancer, BalancerSettings
 
 FAST_SETTINGS = BalancerSettings(health_interval_s=0.3, load_interval_s=0.05, start_timeout_s=3.0,
                                  ejection_base_s=1.0, ejection_max_s=4.0)

@@ -10,8 +10,8 @@ import pytest
 from llmesh.inference.v1 import inference_pb2
 
 from services.common import errors
-from services.common.balancer import Balancer
-from services.common.balancer.core.node_state import Health
+from services.inference.client import Balancer
+from services.inference.client.core.node_state import Health
 from tests.balancer.conftest import FAST_SETTINGS, collect, gen_request, make_balancer, wait_until
 from tests.balancer.fake_node import FakeNodeConfig, fake_nodes
 

@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
-from services.common.balancer.core.node_state import Health
+from services.inference.client.core.node_state import Health
 from tests.balancer.conftest import collect, gen_request, make_balancer, wait_until
 from tests.balancer.fake_node import SERVICE_NAME, FakeInferenceServicer, FakeNodeConfig
 

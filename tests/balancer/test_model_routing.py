@@ -8,7 +8,7 @@ from llmesh.inference.v1 import inference_pb2
 from prometheus_client import REGISTRY
 
 from services.common import errors
-from services.common.balancer import BalancerSettings
+from services.inference.client import BalancerSettings
 from tests.balancer.conftest import collect, gen_request, make_balancer, wait_until
 from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
 

@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 
 from services.common import errors
-from services.common.balancer.core.node_state import Health
+from services.inference.client.core.node_state import Health
 from tests.balancer.conftest import FAST_SETTINGS, collect, gen_request, make_balancer, wait_until
 from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
 

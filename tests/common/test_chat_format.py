@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from services.common.chat_format import (GENERATION_PROMPT, JsonGrammar, json_literal, render_conversation,
+from services.gemma.chat_format import (GENERATION_PROMPT, JsonGrammar, json_literal, render_conversation,
                                          render_turn)
 
 WEATHER = {"type": "object", "properties": {

@@ -20,7 +20,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, json_format
 
 from deploy.envoy import EnvoySettings, build_descriptor_set, render_yaml
-from services.common.balancer.config import BalancerSettings
+from services.inference.client.config import BalancerSettings
 from services.common.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]

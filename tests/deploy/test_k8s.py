@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.balancer.config import load_balancer_settings
-from services.common.balancer.discovery import split_host_port
+from services.inference.client.config import load_balancer_settings
+from services.inference.client.discovery import split_host_port
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 SERVICE_NAMES = {

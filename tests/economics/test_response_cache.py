@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.economics import ResponseCache, canonical_request_hash
+from services.inference.core.response_cache import ResponseCache, canonical_request_hash
 
 
 class FakeClock:

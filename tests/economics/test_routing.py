@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from services.common.economics.cascade import Answer, AnswerCheck, cascade
-from services.common.economics.routing import (ModelProfile, ModelRegistry, ModelRouter, RouteRequest,
+from services.inference.client.cascade import Answer, AnswerCheck, cascade
+from services.inference.client.routing import (ModelProfile, ModelRegistry, ModelRouter, RouteRequest,
                                                estimate_complexity, run_with_fallback)
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 

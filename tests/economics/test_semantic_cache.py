@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.economics.semantic_cache import HashingEmbedder, SemanticCache
+from services.inference.core.semantic_cache import HashingEmbedder, SemanticCache
 
 
 class Clock:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.economics.tenants import TenantPolicy, parse_tenant_policies, policy_for
+from services.common.tenants import TenantPolicy, parse_tenant_policies, policy_for
 from services.common.errors import InvalidArgument
 
 

@@ -15,8 +15,8 @@ from llmesh.store.v1 import store_pb2_grpc
 from llmesh.tools.v1 import tools_pb2 as tpb
 from llmesh.tools.v1 import tools_pb2_grpc
 
-from services.common.balancer import Balancer
-from services.common.balancer.config import BalancerSettings
+from services.inference.client import Balancer
+from services.inference.client.config import BalancerSettings
 from services.common.runtime import running_service
 from services.store.config import Settings as StoreSettings
 from services.store.server import App as StoreApp

@@ -9,7 +9,7 @@ from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.common.economics.semantic_cache import HashingEmbedder
+from services.inference.core.semantic_cache import HashingEmbedder
 from services.common.errors import InvalidArgument
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
@@ -200,8 +200,8 @@ async def test_logprobs_come_with_each_token_only_when_asked(node):
 
 
 async def test_cascade_over_node_aliases_escalates_on_a_low_confidence_answer():
-    from services.common.economics.cascade import Answer, AnswerCheck, cascade
-    from services.common.economics.routing import ModelProfile
+    from services.inference.client.cascade import Answer, AnswerCheck, cascade
+    from services.inference.client.routing import ModelProfile
 
     config = settings(model_aliases="small:max_tokens=4;large:max_tokens=9")
     async with running_service(build_app(config), config) as svc:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from services.common.economics import ResponseCache
+from services.inference.core.response_cache import ResponseCache
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapters.synthetic_backend import SyntheticBackend
 from services.inference.core.engine import Engine, EngineConfig
@@ -184,7 +184,7 @@ async def test_bad_request_fails_at_submission_and_is_not_merged(node):
 
 
 def make_semantic_front(engine: Engine, threshold: float = 0.8):
-    from services.common.economics.semantic_cache import HashingEmbedder, SemanticCache
+    from services.inference.core.semantic_cache import HashingEmbedder, SemanticCache
 
     counter = EconomicsCounter()
     semantic = SemanticCache(HashingEmbedder(), threshold=threshold, max_entries=8, ttl_s=60)
@@ -219,7 +219,7 @@ class ThreadRecordingEmbedder:
     """A lexical embedder that notes the thread each embedding ran on."""
 
     def __init__(self, runs_model: bool) -> None:
-        from services.common.economics.semantic_cache import HashingEmbedder
+        from services.inference.core.semantic_cache import HashingEmbedder
 
         self.runs_model = runs_model
         self._inner = HashingEmbedder()
@@ -232,7 +232,7 @@ class ThreadRecordingEmbedder:
 
 @pytest.mark.parametrize("runs_model", [True, False])
 async def test_a_model_embedder_runs_on_the_engine_thread_and_a_lexical_one_on_a_worker(node, runs_model):
-    from services.common.economics.semantic_cache import SemanticCache
+    from services.inference.core.semantic_cache import SemanticCache
 
     engine, _ = node
     embedder = ThreadRecordingEmbedder(runs_model)

@@ -44,7 +44,7 @@ async def test_retries_stop_at_the_policy_and_only_for_transient_errors():
 
 
 class FakeBalancer:
-    """What services.common.balancer.Balancer offers: unary(method, request) and generate(request)."""
+    """What services.inference.client.Balancer offers: unary(method, request) and generate(request)."""
 
     def __init__(self) -> None:
         self.calls = []

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from services.common.economics.tenants import TenantPolicy
+from services.common.tenants import TenantPolicy
 from services.common.errors import InvalidArgument
 from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.core.tasks import TaskClassLimits, TaskQueue, queue_of

@@ -1,7 +1,7 @@
 """TextGenerator over llmesh.inference.v1 Generate: a stub or the load balancer.
 
 Two shapes work: an InferenceServiceStub (``Generate(request, metadata=...)``
-and ``ListModels``), or the load balancer of ``services.common.balancer``
+and ``ListModels``), or the load balancer of ``services.inference.client``
 (``generate(request)`` streaming GenerateResponse, ``unary("ListModels", ...)``),
 which picks a node per request and raises domain errors itself.
 """

@@ -1,4 +1,4 @@
-"""OpenAI chat messages -> the Gemma turn format (services.common.chat_format), tool calls via a grammar.
+"""OpenAI chat messages -> the Gemma turn format (services.gemma.chat_format), tool calls via a grammar.
 
 Gemma has no system role, so system text opens the first user turn. Tool
 results go back to the model as a user turn. A forced tool call is decoded
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common import errors
-from services.common.chat_format import END_OF_TURN as END
-from services.common.chat_format import FunctionSpec as ToolSpec
-from services.common.chat_format import JsonGrammar, json_literal, render_conversation
+from services.gemma.chat_format import END_OF_TURN as END
+from services.gemma.chat_format import FunctionSpec as ToolSpec
+from services.gemma.chat_format import JsonGrammar, json_literal, render_conversation
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Bounds keep grammar-constrained output finite even if the model never "wants" to stop.

@@ -14,8 +14,8 @@ import re
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-from services.common.economics import ResponseCache, canonical_request_hash
-from services.common.economics.semantic_cache import SemanticCache
+from services.inference.core.response_cache import ResponseCache, canonical_request_hash
+from services.inference.core.semantic_cache import SemanticCache
 from services.inference.core.merging import DeltaStream, MergedWaiter, SharedDecode
 from services.inference.core.observer import EconomicsObserver
 from services.inference.core.types import Delta, GenerateSpec

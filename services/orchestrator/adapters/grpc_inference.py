@@ -15,7 +15,7 @@ _FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON
 
 
 class _BalancerAsStub:
-    """Presents `services.common.balancer.Balancer` with the stub's method names."""
+    """Presents `services.inference.client.Balancer` with the stub's method names."""
 
     def __init__(self, balancer: Any) -> None:
         self._balancer = balancer

@@ -1,4 +1,4 @@
-"""Normalised history items and how each renders in the Gemma turn format (services.common.chat_format).
+"""Normalised history items and how each renders in the Gemma turn format (services.gemma.chat_format).
 
 Gemma has no system or tool role, so the system prompt, tool results and
 summaries render as user turns; what they are is kept here, in `kind`.
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from services.common.chat_format import GENERATION_PROMPT, MODEL, USER as USER_ROLE, render_turn
+from services.gemma.chat_format import GENERATION_PROMPT, MODEL, USER as USER_ROLE, render_turn
 from services.orchestrator.core.tool_format import ParsedCall, format_calls
 
 SYSTEM = "system"

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping
 
-from services.common.economics.tenants import TenantPolicy
+from services.common.tenants import TenantPolicy
 from services.common.errors import InvalidArgument, require
 from services.orchestrator.core.agent import AgentLoop
 from services.orchestrator.core.approvals import ApprovalBook

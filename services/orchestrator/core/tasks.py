@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
 from prometheus_client import Counter
 
-from services.common.economics.tenants import PRIORITY_NAMES, TenantPolicy, policy_for
+from services.common.tenants import PRIORITY_NAMES, TenantPolicy, policy_for
 from services.orchestrator.core.ports import StorePort, TaskRecord
 from services.orchestrator.core.runs import ActiveRun, RunManager
 

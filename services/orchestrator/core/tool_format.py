@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from services.common.chat_format import JsonGrammar, gbnf_literal
+from services.gemma.chat_format import JsonGrammar, gbnf_literal
 from services.orchestrator.core.ports import ToolSpec
 
 CALL_OPEN = "<tool_call>"

@@ -30,17 +30,17 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import errors
-from services.common.balancer.config import BalancerSettings
-from services.common.balancer.core.node_state import EjectionPolicy, Health, NodeState
-from services.common.balancer.core.picker import NoNodeAvailable, Picker, PickerConfig
-from services.common.balancer.discovery import Resolver, has_dns_entries, resolve_dns, resolve_entries
-from services.common.balancer.node_link import NodeLink
-from services.common.balancer.rpc_errors import is_node_fault, is_retryable, to_domain_error
-from services.common.economics.cascade import Answer, CascadeSpec, parse_cascades
-from services.common.economics.routing import (FALLBACK_ERRORS, Attempt, ModelProfile, ModelRegistry, ModelRouter,
+from services.inference.client.config import BalancerSettings
+from services.inference.client.core.node_state import EjectionPolicy, Health, NodeState
+from services.inference.client.core.picker import NoNodeAvailable, Picker, PickerConfig
+from services.inference.client.discovery import Resolver, has_dns_entries, resolve_dns, resolve_entries
+from services.inference.client.node_link import NodeLink
+from services.inference.client.rpc_errors import is_node_fault, is_retryable, to_domain_error
+from services.inference.client.cascade import Answer, CascadeSpec, parse_cascades
+from services.inference.client.routing import (FALLBACK_ERRORS, Attempt, ModelProfile, ModelRegistry, ModelRouter,
                                                RouteRequest, chain_exhausted, estimate_complexity, failed_attempt,
                                                parse_fallbacks, parse_model_profiles, parse_tier_thresholds)
-from services.common.economics.tenants import parse_tenant_policies, policy_for
+from services.common.tenants import parse_tenant_policies, policy_for
 
 log = logging.getLogger("llmesh.balancer")
 

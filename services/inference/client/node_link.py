@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from services.common.balancer.config import BalancerSettings
-from services.common.balancer.core.node_state import Health, LoadReport, NodeState
+from services.inference.client.config import BalancerSettings
+from services.inference.client.core.node_state import Health, LoadReport, NodeState
 from services.common.clients import channel_options
 
 log = logging.getLogger("llmesh.balancer")

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Collection, Mapping
 
-from services.common.balancer.core.node_state import NodeState
+from services.inference.client.core.node_state import NodeState
 
 
 @dataclass(frozen=True)

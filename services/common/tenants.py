@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Mapping
 
-from services.common.economics.routing import json_object
+from services.common.settings import json_object
 from services.common.errors import InvalidArgument
 
 PRIORITY_NAMES = ("interactive", "normal", "batch")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable, Mapping, TypeVar
 
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from services.common.settings import json_object
 
 T = TypeVar("T")
 
@@ -180,17 +181,6 @@ async def run_with_fallback(chain: Iterable[ModelProfile], call: Callable[[Model
             continue
         return Routed(value=value, model=profile.name, failed=tuple(failed))
     raise chain_exhausted(failed)
-
-
-def json_object(text: str, field_name: str) -> dict:
-    """A setting holding a JSON object (empty text is {}); anything else is refused naming the setting."""
-    try:
-        raw = json.loads(text) if text.strip() else {}
-    except ValueError as exc:
-        raise InvalidArgument(f"{field_name}: not valid JSON ({exc})", field=field_name) from None
-    if not isinstance(raw, dict):
-        raise InvalidArgument(f"{field_name}: expected a JSON object", field=field_name)
-    return raw
 
 
 def check_entry_keys(values: dict, known: dict, name: str, field_name: str) -> None:

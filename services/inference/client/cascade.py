@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from services.common.economics.routing import ModelProfile, check_entry_keys, json_object
+from services.common.settings import json_object
+from services.inference.client.routing import ModelProfile, check_entry_keys
 from services.common.errors import InvalidArgument
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from services.common.economics.cascade import parse_cascades
-from services.common.economics.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
-from services.common.economics.tenants import parse_tenant_policies
+from services.inference.client.cascade import parse_cascades
+from services.inference.client.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
+from services.common.tenants import parse_tenant_policies
 from services.common.errors import require
 from services.common.settings import load_settings
 
