@@ -1,10 +1,16 @@
 """Prometheus metrics of the orchestrator, fed by the event hub's observer."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import weakref
+from typing import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from services.orchestrator.core import events as ev
 from services.orchestrator.core.events import AgentEvent
+from services.orchestrator.core.tasks import TaskQueue
 
 EVENTS = Counter("llmesh_orchestrator_events_total", "Events published to run streams.", ["type"])
 ACTIVE_RUNS = Gauge("llmesh_orchestrator_active_runs", "Runs started here and not yet final.")
@@ -27,3 +33,29 @@ def observe_event(event: AgentEvent) -> None:
         before = event.body.get("tokens_before") or 0
         if before > 0:
             COMPACTION_RATIO.observe((event.body.get("tokens_after") or 0) / before)
+
+
+class _ClaimedTasks(Collector):
+    """``llmesh_orchestrator_tasks_claimed_total`` read from the task queues' own counts."""
+
+    def __init__(self) -> None:
+        self.queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("llmesh_orchestrator_tasks_claimed", "Background tasks claimed here, by class.",
+                                     labels=["task_class"])
+        totals: dict[str, int] = {}
+        for queue in list(self.queues):
+            for task_class, count in queue.num_claimed_by_class.items():
+                totals[task_class] = totals.get(task_class, 0) + count
+        for task_class, count in sorted(totals.items()):
+            family.add_metric([task_class], count)
+        yield family
+
+
+_CLAIMED = _ClaimedTasks()
+REGISTRY.register(_CLAIMED)
+
+
+def watch_tasks(queue: TaskQueue) -> None:
+    _CLAIMED.queues.add(queue)

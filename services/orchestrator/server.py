@@ -93,6 +93,7 @@ class App:
         self.orchestrator = Orchestrator(store=store, inference=inference, tools=tools, policy=policy,
                                          config=orchestrator_config(s))
         self.orchestrator.hub.add_observer(metrics.observe_event)
+        metrics.watch_tasks(self.orchestrator.tasks)
         self.orchestrator.start()
         self.servicer.bind(self.orchestrator)
 

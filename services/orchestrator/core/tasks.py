@@ -32,16 +32,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
-from prometheus_client import Counter
 
 from services.common.tenants import PRIORITY_NAMES, TenantPolicy, policy_for
 from services.orchestrator.core.ports import StorePort, TaskRecord
 from services.orchestrator.core.runs import ActiveRun, RunManager
 
 log = logging.getLogger("llmesh.orchestrator.tasks")
-
-TASKS_CLAIMED = Counter("llmesh_orchestrator_tasks_claimed_total", "Background tasks claimed here, by class.",
-                        ["task_class"])
 
 QUEUE = "agent-runs"
 # The same classes as the inference queue and the tenant policies, best first.
@@ -108,6 +104,8 @@ class TaskQueue:
         self._tenants = tenant_policies or {}
         self._clock = clock
         self.busy_by_class = {c: 0 for c in CLASSES}
+        # Tasks claimed here since start, by class (exported as a counter by the server's metrics).
+        self.num_claimed_by_class = {c: 0 for c in CLASSES}
         # When each class was last claimed from or found empty.
         self._looked_at = {c: clock() for c in CLASSES}
         self._lease_ms = lease_ms
@@ -202,7 +200,7 @@ class TaskQueue:
                 continue
             task_class, task = claimed
             self.num_busy += 1
-            TASKS_CLAIMED.labels(task_class).inc()
+            self.num_claimed_by_class[task_class] += 1
             try:
                 await self.process(task)
             except asyncio.CancelledError:
