@@ -26,12 +26,15 @@ _FALSE = {"0", "false", "no", "off", ""}
 class ServerSettings:
     """What every service shares. Service settings subclass this."""
 
+    # Address the gRPC server listens on.
     host: str = "127.0.0.1"
+    # Its port; 0 picks a free one.
     port: int = 0
     # Prometheus endpoint; 0 picks a free port, -1 disables it.
     metrics_port: int = -1
     # Seconds in-flight RPCs get to finish on shutdown.
     grace_s: float = 5.0
+    # Python logging level of the service (DEBUG, INFO, WARNING, ERROR).
     log_level: str = "INFO"
     # Where the service keeps its files (databases, logs, traces).
     data_dir: str = "data"
@@ -44,6 +47,7 @@ class ServerSettings:
     # RPC but health and reflection; keys are hashed in api_keys_file
     # (relative to data_dir), made with ``python -m services.common.auth create-key``.
     auth_enabled: bool = False
+    # The hashed API keys, relative to data_dir.
     api_keys_file: str = "api_keys.json"
 
     @property

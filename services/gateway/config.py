@@ -10,11 +10,15 @@ DEFAULT_PORT = 8080
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
+    # HTTP port
     port: int = DEFAULT_PORT
     # gRPC targets (host:port) of the annotated services; empty ones answer 503.
     orchestrator_target: str = ""
+    # gRPC target of the inference service.
     inference_target: str = ""
+    # gRPC target of the tools service.
     tools_target: str = ""
+    # gRPC target of the policy service.
     policy_target: str = ""
     # Inference nodes for the OpenAI endpoints, through the client-side load
     # balancer (host:port or dns:host:port); empty falls back to inference_target.
@@ -28,6 +32,7 @@ class Settings(ServerSettings):
     auth_failure_window_s: float = 60.0
     # Models listed by GET /v1/models when the inference pool cannot say.
     default_models: tuple[str, ...] = ("gemma-3-270m",)
+    # Largest request body; larger ones are refused with 413 while they arrive.
     max_body_bytes: int = 4 * 1024 * 1024
     # Deadline of unary backend calls; streams have none (a run can wait on an approval).
     backend_timeout_s: float = 60.0

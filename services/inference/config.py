@@ -10,6 +10,7 @@ DEFAULT_PORT = 50051
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
+    # gRPC port (0 picks one)
     port: int = DEFAULT_PORT
     #: Name reported in GetLoad and every reply; empty means host:port.
     node_id: str = ""

@@ -10,34 +10,44 @@ DEFAULT_PORT = 50052
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
+    # gRPC port.
     port: int = DEFAULT_PORT
-    # Where the other services are; an empty store_target keeps state in memory (one process only).
+    # host:port of one inference node (see inference_nodes for several).
     inference_target: str = ""
     # Comma-separated inference nodes (or dns:host:port): when set, calls go through the
     # shared client-side load balancer instead of inference_target alone.
     inference_nodes: str = ""
+    # host:port of the tools service.
     tools_target: str = ""
+    # host:port of the policy service.
     policy_target: str = ""
+    # host:port of the store; empty keeps state in memory (one process only).
     store_target: str = ""
     # Role tool calls run as, checked by policy; empty = the policy's default role.
     tool_role: str = ""
     # Compaction starts when the next prompt would pass this fraction of n_ctx.
     context_fraction: float = 0.8
+    # Defaults of a run: model calls per turn, and tokens per model call.
     default_max_steps: int = 8
     default_max_tokens: int = 256
+    # Runs this replica drives at once; more are refused with RESOURCE_EXHAUSTED.
     max_active_runs: int = 64
     # Runs started per second per tenant and per model; 0 turns a limit off.
     tenant_runs_per_s: float = 0.0
     tenant_burst: float = 10.0
+    # The same per model.
     model_runs_per_s: float = 0.0
     model_burst: float = 50.0
     # Event batching into the store.
     event_batch_ms: int = 20
     event_batch_max: int = 64
+    # How long a run waits for an approval before it ends.
     approval_timeout_s: float = 600.0
+    # Lease of the per-session run lock, renewed while the run goes on.
     session_lock_lease_ms: int = 30_000
     # Background agent tasks: workers on this replica, lease, idle re-check.
     max_workers: int = 2
+    # Lease of a claimed task, how long an idle worker waits before looking again, and attempts before a task is dead.
     task_lease_ms: int = 30_000
     task_idle_wait_ms: int = 1000
     task_max_attempts: int = 3
@@ -57,4 +67,5 @@ class Settings(ServerSettings):
     # Transient inference/tool/store failures.
     retry_attempts: int = 3
     retry_base_ms: int = 50
+    # Name of this replica in task claims and locks; empty = a random one.
     replica_id: str = ""

@@ -10,6 +10,7 @@ DEFAULT_PORT = 50054
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
+    # gRPC port.
     port: int = DEFAULT_PORT
     # Rule file to use instead of the bundled default_policy.yaml; watched and
     # hot-reloaded. Empty uses the bundled file.
@@ -19,6 +20,7 @@ class Settings(ServerSettings):
     # "store" keeps the audit chain in the store service; "memory" keeps it in
     # this process only (tests, demos).
     audit_backend: str = "store"
+    # host:port of the store service (with audit_backend "store").
     store_target: str = "127.0.0.1:50055"
     # Environment variable holding the audit HMAC key (hex or text, >= 16 bytes).
     audit_key_env: str = "LLMESH_AUDIT_KEY"
@@ -27,4 +29,5 @@ class Settings(ServerSettings):
     audit_key_file: str = "policy-audit.key"
     # Unanswered approval requests expire after this many seconds.
     approval_ttl_s: float = 3600.0
+    # Pending approval requests kept at once; more are refused with RESOURCE_EXHAUSTED.
     max_pending_approvals: int = 100_000

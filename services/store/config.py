@@ -10,6 +10,7 @@ DEFAULT_PORT = 50055
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
+    # gRPC port.
     port: int = DEFAULT_PORT
     # Empty means SQLite at <data_dir>/store.db. PostgreSQL:
     # postgresql+psycopg://user:pass@host:5432/db (plain postgresql:// works too).
@@ -17,6 +18,7 @@ class Settings(ServerSettings):
     # PostgreSQL connection pool (SQLite uses one writer and a few readers).
     pool_size: int = 10
     pool_max_overflow: int = 10
+    # SQLite reader connections (WAL lets them read while the writer writes).
     sqlite_readers: int = 4
     # FULL survives power loss; NORMAL survives a process crash only (WAL).
     sqlite_synchronous: str = "FULL"
@@ -36,10 +38,13 @@ class Settings(ServerSettings):
     task_max_attempts: int = 5
     task_backoff_base_ms: int = 1_000
     task_backoff_max_ms: int = 300_000
+    # How often expired task leases are swept back to the queue.
     lease_sweep_interval_ms: int = 500
     # Retention: rows older than this move to the *_archive tables; 0 keeps them.
     event_retention_days: float = 0.0
+    # The same for audit entries (0 keeps them).
     audit_retention_days: float = 0.0
+    # How often the archiver runs.
     retention_interval_s: float = 300.0
     # Rows moved per transaction, so writers never wait long behind the archiver.
     retention_batch_rows: int = 1_000

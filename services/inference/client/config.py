@@ -32,6 +32,7 @@ class BalancerSettings:
     health_interval_s: float = 1.0
     # How often GetLoad is polled per node.
     load_interval_s: float = 0.5
+    # How often dns: entries are resolved again.
     dns_refresh_s: float = 10.0
     # "p2c" (scored power of two choices with affinity) or "round_robin".
     strategy: str = "p2c"
@@ -52,10 +53,12 @@ class BalancerSettings:
     # Without a session id, prompts sharing this many leading characters
     # share a node (prefix cache); 0 disables prefix affinity.
     prefix_affinity_chars: int = 256
+    # Sessions remembered for KV affinity (least recently used go first).
     affinity_table_size: int = 100_000
     # Consecutive failures that eject a node, and the ejection time, which
     # doubles per repeated ejection up to ejection_max_s.
     eject_after_failures: int = 3
+    # An ejected node stays out for base * 2^(ejections-1) seconds, at most max.
     ejection_base_s: float = 2.0
     ejection_max_s: float = 60.0
     # Attempts per request (the first plus retries on other nodes); retries
