@@ -31,3 +31,9 @@ class Settings(ServerSettings):
     approval_ttl_s: float = 3600.0
     # Pending approval requests kept at once; more are refused with RESOURCE_EXHAUSTED.
     max_pending_approvals: int = 100_000
+    # Threads that judge calls off the event loop; one tenant may use all but one (at least 2).
+    evaluate_workers: int = 4
+    # Seconds of judging per call; past them the commands not yet judged are left to a person (prompt).
+    evaluate_budget_s: float = 0.25
+    # Seconds after which a judgement still running fails the call with DEADLINE_EXCEEDED.
+    evaluate_timeout_s: float = 5.0

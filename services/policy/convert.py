@@ -1,7 +1,6 @@
 """Proto <-> core conversions for the policy service."""
 from __future__ import annotations
 
-import base64
 import json
 
 from google.protobuf import timestamp_pb2
@@ -13,18 +12,23 @@ from services.policy.core.evaluator import ToolCall
 from services.policy.core.policy_service import ApprovalResult, EvaluateResult
 from services.policy.core.rules import Decision, RiskLevel
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
+# A command is capped at 64 KiB; the rest of a call (stdin, env) gets room, but not without bound.
+MAX_ARGUMENTS_JSON_CHARS = 1024 * 1024
 _DECISIONS = {Decision.ALLOW: policy_pb2.DECISION_ALLOW, Decision.PROMPT: policy_pb2.DECISION_PROMPT,
               Decision.FORBIDDEN: policy_pb2.DECISION_FORBIDDEN}
 
 
 def tool_call(request: policy_pb2.EvaluateRequest) -> ToolCall:
+    if len(request.arguments_json) > MAX_ARGUMENTS_JSON_CHARS:
+        raise InvalidArgument(f"arguments_json: longer than {MAX_ARGUMENTS_JSON_CHARS} characters",
+                              field="arguments_json")
     try:
         arguments = json.loads(request.arguments_json) if request.arguments_json else {}
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"arguments_json: not valid JSON ({exc.msg} at {exc.pos})",
                               field="arguments_json") from None
+    except RecursionError:
+        raise InvalidArgument("arguments_json: nested too deeply", field="arguments_json") from None
     if not isinstance(arguments, dict):
         raise InvalidArgument("arguments_json: must be a JSON object", field="arguments_json")
     if request.risk_level not in RiskLevel.__members__.values():
@@ -49,28 +53,6 @@ def evaluate_response(result: EvaluateResult) -> policy_pb2.EvaluateResponse:
 
 def approval_response(result: ApprovalResult) -> policy_pb2.RecordApprovalResponse:
     return policy_pb2.RecordApprovalResponse(decision=int(result.choice), audit_seq=result.audit_seq)
-
-
-def page_size(value: int) -> int:
-    if value < 0:
-        raise InvalidArgument("page_size: must not be negative", field="page_size")
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def after_seq_from(request: policy_pb2.ListAuditRequest) -> int:
-    if request.after_seq < 0:
-        raise InvalidArgument("after_seq: must not be negative", field="after_seq")
-    if not request.page_token:
-        return request.after_seq
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
-        return int(decoded["after_seq"])
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgument("page_token: not a token this service issued", field="page_token") from None
-
-
-def page_token(after_seq: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after_seq": after_seq}).encode()).decode()
 
 
 def audit_entry(record: AuditRecord) -> policy_pb2.AuditEntry:

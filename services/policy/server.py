@@ -18,7 +18,7 @@ from services.policy.core.approvals import ApprovalBook
 from services.policy.core.audit import AuditChain, AuditLog
 from services.policy.core.policy_holder import PolicyHolder
 from services.policy.core.policy_loader import PolicyLoadError, load_policy
-from services.policy.core.policy_service import PolicyService
+from services.policy.core.policy_service import EvaluationLimits, PolicyService
 from services.policy.servicer import APPROVALS_HELD, PolicyServicer
 
 SERVICE_NAME = "llmesh.policy.v1.PolicyService"
@@ -43,6 +43,9 @@ class App:
     def __init__(self, settings: Settings, audit_log: AuditLog | None = None) -> None:
         if settings.audit_backend not in ("store", "memory"):
             raise InvalidArgument("audit_backend: must be store or memory", field="audit_backend")
+        if settings.evaluate_workers < 2 or settings.evaluate_budget_s <= 0 or settings.evaluate_timeout_s <= 0:
+            raise InvalidArgument("evaluate_workers: at least 2; evaluate_budget_s and evaluate_timeout_s: above 0",
+                                  field="evaluate_workers")
         self.settings = settings
         self._audit_log = audit_log
         self._late = _LateService()
@@ -83,13 +86,17 @@ class App:
                 audit_log = StoreAuditLog(self._channel)
         approvals = ApprovalBook(ttl_s=settings.approval_ttl_s, max_approvals=settings.max_pending_approvals)
         APPROVALS_HELD.set_function(lambda: approvals.num_approvals)
-        self._late.service = PolicyService(self.holder, approvals, AuditChain(audit_log, key))
+        limits = EvaluationLimits(num_workers=settings.evaluate_workers, budget_s=settings.evaluate_budget_s,
+                                  timeout_s=settings.evaluate_timeout_s)
+        self._late.service = PolicyService(self.holder, approvals, AuditChain(audit_log, key), limits)
         log.info("policy loaded", extra={"event": "policy_loaded", "source": str(policy_path),
                                          "version": policy.version, "audit_backend": settings.audit_backend})
 
     async def close(self) -> None:
         if self.watcher is not None:
             await self.watcher.stop()
+        if self._late.service is not None:
+            self._late.service.close()
         if self._channel is not None:
             await self._channel.close()
 

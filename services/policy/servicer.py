@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import grpc
 from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.policy import convert
 from services.policy.core.policy_service import PolicyService
 
 DECISIONS = Counter("llmesh_policy_decisions_total", "Evaluate decisions.", ["decision", "approved_by_cache"])
+EVALUATION_SECONDS = Histogram(
+    "llmesh_policy_evaluation_seconds", "Time spent judging one call and redacting it, off the event loop.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 APPROVALS_HELD = Gauge("llmesh_policy_approvals_held", "Approvals held in memory (bounded by max_pending_approvals).")
 
 
@@ -20,6 +23,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                        context: grpc.aio.ServicerContext) -> policy_pb2.EvaluateResponse:
         result = await self.service.evaluate(convert.tool_call(request), approval_id=request.approval_id)
         DECISIONS.labels(result.verdict.decision.name.lower(), str(result.approved_by_cache).lower()).inc()
+        EVALUATION_SECONDS.observe(result.evaluation_s)
         return convert.evaluate_response(result)
 
     async def RecordApproval(self, request: policy_pb2.RecordApprovalRequest,
@@ -30,14 +34,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def ListAudit(self, request: policy_pb2.ListAuditRequest,
                         context: grpc.aio.ServicerContext) -> policy_pb2.ListAuditResponse:
-        limit = convert.page_size(request.page_size)
-        records = await self.service.list_audit(request.tenant_id, convert.after_seq_from(request), limit + 1)
-        more = len(records) > limit
-        records = records[:limit]
-        return policy_pb2.ListAuditResponse(
-            entries=[convert.audit_entry(r) for r in records],
-            next_page_token=convert.page_token(records[-1].seq) if more else "",
-        )
+        records, token = await self.service.list_audit_page(request.tenant_id, request.after_seq,
+                                                            request.page_size, request.page_token)
+        return policy_pb2.ListAuditResponse(entries=[convert.audit_entry(r) for r in records],
+                                            next_page_token=token)
 
     async def VerifyAudit(self, request: policy_pb2.VerifyAuditRequest,
                           context: grpc.aio.ServicerContext) -> policy_pb2.VerifyAuditResponse:

@@ -107,3 +107,73 @@ tenants:
     assert evaluator.evaluate(shell_call("git status", tenant="strict")).decision is Decision.FORBIDDEN
     assert evaluator.evaluate(shell_call("git status", tenant="other")).decision is Decision.ALLOW
     assert evaluator.evaluate(shell_call("git status", tenant="blank")).decision is Decision.PROMPT
+
+
+ARGV_AND_ENV = GOOD + """\
+  - id: readers
+    argv:
+      cat: "-n $"
+      sort: "-r -o=write"
+    decision: allow
+    justification: reads files
+    match: ["cat -n a b", "sort -r names"]
+    not_match: ["cat -v a", "sort -o out names"]
+  - id: hooks
+    env: {names: ["LD_*", PATH], except: [LD_BIND_NOW], source: call}
+    decision: forbidden
+    justification: loader hooks
+    match: ["LD_PRELOAD", "PATH"]
+    not_match: ["LD_BIND_NOW", "LANG"]
+  - id: start-outside
+    path: {where: outside, access: cwd}
+    decision: forbidden
+    justification: starts outside
+    match: ["/etc"]
+    not_match: ["src"]
+  - id: writes-outside
+    path: {where: outside}
+    decision: forbidden
+    justification: writes outside
+"""
+
+
+def test_argv_env_and_cwd_rules_load_and_decide() -> None:
+    evaluator = make_evaluator(load_policy(ARGV_AND_ENV, "rules.yaml"))
+    assert evaluator.evaluate(shell_call("cat -n README.md")).decision is Decision.ALLOW
+    assert evaluator.evaluate(shell_call("cat -v README.md")).decision is Decision.PROMPT
+    # The table's write values go through the path rules.
+    assert evaluator.evaluate(shell_call("sort -ro /etc/x names")).decision is Decision.FORBIDDEN
+    assert evaluator.evaluate(shell_call("sort -ro out names")).decision is Decision.ALLOW
+    with_env = shell_call("cat a")
+    env_call = type(with_env)(**{**with_env.__dict__, "arguments": {"command": "cat a", "env": {"LD_AUDIT": "x"}}})
+    assert evaluator.evaluate(env_call).decision is Decision.FORBIDDEN
+    cwd_call = type(with_env)(**{**with_env.__dict__, "arguments": {"command": "cat a", "cwd": "/tmp"}})
+    assert evaluator.evaluate(cwd_call).decision is Decision.FORBIDDEN
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (('cat: "-n $"', 'cat: "-nn= x"'), "flag table of 'cat'"),
+    (('cat: "-n $"', 'cat: {flags: "-n", colour: red}'), "unknown key 'colour'"),
+    (('not_match: ["cat -v a", "sort -o out names"]', 'not_match: ["cat -n a"]'), "matches its not_match"),
+    (("source: call}", "source: shell}"), "source must be"),
+    (('not_match: ["LD_BIND_NOW", "LANG"]', 'not_match: ["LD_PRELOAD"]'), "matches its not_match"),
+    (("access: cwd}", "access: read}"), "access must be"),
+])
+def test_invalid_argv_env_and_path_rules_are_rejected(edit: tuple[str, str], words: str) -> None:
+    assert edit[0] in ARGV_AND_ENV
+    with pytest.raises(PolicyLoadError) as err:
+        load_policy(ARGV_AND_ENV.replace(*edit), "rules.yaml")
+    assert words in str(err.value)
+    assert err.value.line > 14
+
+
+def test_the_default_policy_checks_every_example_at_load() -> None:
+    from tests.policy.builders import DEFAULT_POLICY_PATH
+
+    text = DEFAULT_POLICY_PATH.read_text()
+    broken = text.replace('"awk \'BEGIN{system(\\"id\\")}\'", ', "", 1).replace(
+        'not_match: ["rm -rf build", "make",', 'not_match: ["rm -rf build", "make", "awk \'{print $1}\' f",', 1)
+    assert broken != text
+    with pytest.raises(PolicyLoadError) as err:
+        load_policy(broken, "default_policy.yaml")
+    assert "read-only-commands" in str(err.value) and "not_match" in str(err.value)

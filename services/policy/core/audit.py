@@ -93,8 +93,9 @@ class AuditChain:
         # Heads this process wrote: a chain that ends before one was truncated.
         self._known_heads: dict[str, AuditHead] = {}
 
-    async def append(self, tenant_id: str, payload: dict[str, Any]) -> AuditRecord:
-        body = redact_value(dict(payload))
+    async def append(self, tenant_id: str, payload: dict[str, Any], *, redacted: bool = False) -> AuditRecord:
+        """Chain ``payload``; ``redacted`` says its secrets were already removed (off the event loop)."""
+        body = dict(payload) if redacted else redact_value(dict(payload))
         body["time"] = self._clock().isoformat()
         future: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(tenant_id, []).append((canonical_json(body), future))

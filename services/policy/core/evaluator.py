@@ -3,16 +3,28 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
-from services.policy.core.command_expander import expand_script
-from services.policy.core.rules import Decision, Policy, RiskLevel, RuleSet, TenantPolicy, resolve_path
-from services.policy.core.shell_lexer import ShellSyntaxError
-from services.policy.core.shell_parser import ParsedScript, SimpleCommand, parse_script
+from services.policy.core.embedded_programs import judge_program
+from services.policy.core.rules import (
+    Access,
+    Decision,
+    EnvSource,
+    Policy,
+    RiskLevel,
+    RuleSet,
+    TenantPolicy,
+    resolve_path,
+)
+from services.policy.core.shell_call import MAX_COMMAND_CHARS, parse_shell, shell_input
+from services.policy.core.shell_parser import ParsedScript, SimpleCommand
 
-MAX_COMMAND_CHARS = 64 * 1024
+__all__ = ["MAX_COMMAND_CHARS", "PolicyEvaluator", "RuleMatch", "ToolCall", "Verdict"]
+# Problems reported per command: enough to say why, bounded for huge argv.
+MAX_PROBLEMS_PER_COMMAND = 3
 
 
 @dataclass(frozen=True)
@@ -59,13 +71,14 @@ class PolicyEvaluator:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def evaluate(self, call: ToolCall) -> Verdict:
+    def evaluate(self, call: ToolCall, deadline: float | None = None) -> Verdict:
+        """Judge ``call``; past ``deadline`` (time.monotonic) the rest is left to a person."""
         tenant = self.policy.for_tenant(call.tenant_id)
         found = _Collector()
         subject_key = self._role_check(call, tenant, found)
         if not found.matches:
             if call.tool_name in self.policy.shell_tools:
-                subject_key = self._judge_shell(call, tenant.rules, found)
+                subject_key = self._judge_shell(call, tenant.rules, found, deadline)
             elif call.tool_name in self.policy.file_write_tools:
                 subject_key = self._judge_file_write(call, tenant.rules, found)
             else:
@@ -108,66 +121,83 @@ class PolicyEvaluator:
         return f"file:{call.tool_name}:{path or raw}"
 
     def _judge_path(self, raw: str, dynamic: bool, cwd: str, workspace: str, rules: RuleSet,
-                    found: _Collector) -> str | None:
+                    found: _Collector, access: Access = Access.WRITE) -> str | None:
         path = None if dynamic else resolve_path(raw, cwd)
         if path is None:
+            what = "the written path" if access is Access.WRITE else "the working directory"
             found.add("default:unresolved-path", self.policy.defaults.unresolved_path,
-                      "the written path is only known at run time", raw)
+                      f"{what} is only known at run time", raw)
             return None
         for rule in rules.path_rules:
-            if rule.matches(path, workspace):
+            if rule.matches(path, workspace, access):
                 found.add(rule.rule_id, rule.decision, rule.justification, path)
         return path
 
-    def _judge_shell(self, call: ToolCall, rules: RuleSet, found: _Collector) -> str:
-        script = self._parse_shell_arguments(call.arguments)
+    def _judge_env(self, names: list[str], source: EnvSource, rules: RuleSet, found: _Collector) -> None:
+        for name in names:
+            for rule in rules.env_rules:
+                if rule.matches(name, source):
+                    found.add(rule.rule_id, rule.decision, f"{rule.justification} ({name})", f"env {name}")
+
+    def _judge_shell(self, call: ToolCall, rules: RuleSet, found: _Collector, deadline: float | None) -> str:
+        shell = shell_input(call.arguments)
+        workspace = call.workspace_root
+        self._judge_env(sorted(shell.env), EnvSource.CALL, rules, found)
+        cwd = workspace
+        if shell.cwd is not None:
+            cwd = self._judge_path(shell.cwd, False, workspace, workspace, rules, found, Access.CWD) or ""
+        script = parse_shell(shell)
         if isinstance(script, str):
             found.add("default:unparseable", self.policy.defaults.unparseable,
                       f"the command could not be parsed: {script}", "")
             return "command:" + _canonical_json(call.arguments)
         # Each command's text is both a match subject and part of the cache key.
         texts = [_command_text(c) for c in script.commands]
-        self._judge_script(script, texts, call.workspace_root, rules, found)
+        self._judge_script(script, texts, cwd, workspace, rules, found, deadline)
         key = " ; ".join(t + " <pipe" if c.stdin_piped else t for c, t in zip(script.commands, texts))
-        return "command:" + call.workspace_root + ":" + key
+        return "command:" + workspace + ":" + key + shell.approval_suffix()
 
-    def _parse_shell_arguments(self, arguments: dict[str, Any]) -> ParsedScript | str:
-        command, argv = arguments.get("command"), arguments.get("argv")
-        try:
-            if isinstance(command, str) and command.strip():
-                if len(command) > MAX_COMMAND_CHARS:
-                    raise InvalidArgument(f"arguments_json.command: longer than {MAX_COMMAND_CHARS} characters",
-                                          field="arguments_json.command")
-                return expand_script(parse_script(command))
-            if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv):
-                return expand_script(ParsedScript(commands=[SimpleCommand(argv=tuple(argv))]))
-        except ShellSyntaxError as exc:
-            return str(exc)
-        raise InvalidArgument(
-            "arguments_json.command: a shell tool needs a non-empty string 'command' or a string array 'argv'",
-            field="arguments_json.command")
-
-    def _judge_script(self, script: ParsedScript, texts: list[str], workspace: str, rules: RuleSet,
-                      found: _Collector) -> None:
+    def _judge_script(self, script: ParsedScript, texts: list[str], cwd: str, workspace: str, rules: RuleSet,
+                      found: _Collector, deadline: float | None) -> None:
         for rule in rules.construct_rules:
             if rule.construct in script.constructs:
                 found.add(rule.rule_id, rule.decision, rule.justification, rule.construct)
-        cwd = workspace
         for command, subject in zip(script.commands, texts):
+            if deadline is not None and time.monotonic() > deadline:
+                found.add("default:evaluation-budget", self.policy.defaults.unparseable,
+                          "the command is too large to judge within the time allowed", subject)
+                return
+            writes = self._write_targets(command)
+            assigned = [name for name, _ in command.assignments]
             if command.argv and command.name_is_dynamic:
                 found.add("default:dynamic-command", self.policy.defaults.dynamic_command,
                           "the program to run is only known at run time", subject)
             elif command.argv:
-                matched = rules.prefix_rules_for(command)
-                for rule in matched:
-                    found.add(rule.rule_id, rule.decision, rule.justification, subject)
-                if not matched:
-                    found.add("default:unknown-command", self.policy.defaults.unknown_command,
-                              f"no rule covers {command.name!r}", subject)
-            for raw, dynamic in self._write_targets(command):
+                self._judge_command(command, subject, rules, found, writes, assigned)
+            for raw, dynamic in writes:
                 self._judge_path(raw, dynamic, cwd, workspace, rules, found)
-            if command.name == "cd":
+            self._judge_env(assigned, EnvSource.COMMAND, rules, found)
+            if command.name in ("cd", "pushd", "popd") and not command.wraps:
                 cwd = _next_cwd(command, cwd)
+
+    def _judge_command(self, command: SimpleCommand, subject: str, rules: RuleSet, found: _Collector,
+                       writes: list[tuple[str, bool]], assigned: list[str]) -> None:
+        matched = rules.prefix_rules_for(command)
+        for rule in matched:
+            found.add(rule.rule_id, rule.decision, rule.justification, subject)
+        argv_rules = rules.argv_by_name.get(command.name, ())
+        for argv_rule in argv_rules:
+            report = argv_rule.check(command, judge_program)
+            for problem in report.problems[:MAX_PROBLEMS_PER_COMMAND]:
+                found.add("default:unsafe-argv", self.policy.defaults.unsafe_argv, f"{command.name}: {problem}",
+                          subject)
+            if not report.problems:
+                found.add(argv_rule.rule_id, argv_rule.decision, argv_rule.justification, subject)
+            writes.extend(report.writes)
+            assigned.extend(report.assigned)
+        if not matched and not argv_rules:
+            found.add("default:unknown-command", self.policy.defaults.unknown_command,
+                      f"no rule covers {command.name!r}", subject)
 
     def _write_targets(self, command: SimpleCommand) -> list[tuple[str, bool]]:
         targets = [(r.target, r.dynamic) for r in command.redirects if r.writes]
@@ -180,12 +210,13 @@ class PolicyEvaluator:
 
 
 def _next_cwd(command: SimpleCommand, cwd: str) -> str:
-    args = [a for a in command.argv[1:] if not a.startswith("-")]
-    if not args:
-        return ""  # home: outside any workspace we know
-    if 1 in command.dynamic_args:
+    """Where ``cd``/``pushd``/``popd`` leave the shell; "" when it cannot be known."""
+    positions = [k for k, a in enumerate(command.argv) if k and not a.startswith(("-", "+"))]
+    if command.name == "popd" or not positions:
+        return ""  # home or the directory stack: outside any workspace we know
+    if positions[0] in command.dynamic_args:
         return ""
-    return resolve_path(args[0], cwd) or ""
+    return resolve_path(command.argv[positions[0]], cwd) or ""
 
 
 def _command_text(command: SimpleCommand) -> str:

@@ -12,10 +12,32 @@ from typing import Any
 
 import yaml
 
+from services.policy.core.argv_specs import TableError, parse_table
 from services.policy.core.command_expander import expand_script
+from services.policy.core.embedded_programs import judge_program
 from services.policy.core.rules import (
-    KNOWN_CONSTRUCTS, ConstructRule, Decision, Defaults, PathRule, Policy, PrefixRule, RiskLevel, RoleGrant, Rule,
-    RuleSet, TenantPolicy, TokenPattern, ToolRule, Where, WriteTargetSpec, combine_globs, compile_token_glob,
+    KNOWN_CONSTRUCTS,
+    Access,
+    ArgvRule,
+    ConstructRule,
+    Decision,
+    Defaults,
+    EnvRule,
+    EnvSource,
+    PathRule,
+    Policy,
+    PrefixRule,
+    RiskLevel,
+    RoleGrant,
+    Rule,
+    RuleSet,
+    TenantPolicy,
+    TokenPattern,
+    ToolRule,
+    Where,
+    WriteTargetSpec,
+    combine_globs,
+    compile_token_glob,
     resolve_path,
 )
 from services.policy.core.shell_lexer import ShellSyntaxError
@@ -23,7 +45,7 @@ from services.policy.core.shell_parser import parse_script
 
 # Relative path examples of path rules are resolved inside this workspace.
 EXAMPLE_WORKSPACE = "/workspace"
-_RULE_KINDS = ("prefix", "path", "tool", "construct")
+_RULE_KINDS = ("prefix", "path", "tool", "construct", "argv", "env")
 _RULE_KEYS = frozenset({"id", "decision", "justification", "match", "not_match", "args_any", "stdin", "exact",
                         *_RULE_KINDS})
 _GLOB_CHARS = frozenset("*?[")
@@ -153,9 +175,9 @@ class _Compiler:
     def defaults(self, raw: Any, line: int) -> Defaults:
         section = self.mapping(raw, line, "defaults",
                                {"unknown_command", "dynamic_command", "unparseable", "unresolved_path",
-                                "risk_levels"})
+                                "unsafe_argv", "risk_levels"})
         values: dict[str, Any] = {}
-        for key in ("unknown_command", "dynamic_command", "unparseable", "unresolved_path"):
+        for key in ("unknown_command", "dynamic_command", "unparseable", "unresolved_path", "unsafe_argv"):
             if key in section:
                 values[key] = self.decision(section[key], section.key_lines[key])
         if "risk_levels" in section:
@@ -175,8 +197,8 @@ class _Compiler:
             entry = self.mapping(item, item_line, "a write_commands entry",
                                  {"commands", "targets", "option_values", "option_prefixes", "when_args"})
             targets = entry.get("targets", "")
-            if targets not in ("", "all", "last", "all_but_first"):
-                raise self.fail(entry.key_lines["targets"], "targets must be all, last or all_but_first")
+            if targets not in ("", "all", "last", "all_but_first", "leading"):
+                raise self.fail(entry.key_lines["targets"], "targets must be all, last, all_but_first or leading")
             spec = WriteTargetSpec(
                 targets=targets,
                 option_values=frozenset(self.strings(entry.get("option_values", []), item_line, "option_values")),
@@ -236,7 +258,7 @@ class _Compiler:
             raise self.fail(line, "a rule needs an id of lower-case letters, digits, '.', '_' or '-'")
         kinds = [k for k in _RULE_KINDS if k in body]
         if len(kinds) != 1:
-            raise self.fail(line, f"rule {rule_id!r} needs exactly one of prefix, path, tool or construct")
+            raise self.fail(line, f"rule {rule_id!r} needs exactly one of {', '.join(_RULE_KINDS)}")
         if "decision" not in body:
             raise self.fail(line, f"rule {rule_id!r} needs a decision")
         justification = body.get("justification")
@@ -251,13 +273,30 @@ class _Compiler:
         if kind == "prefix":
             return self.prefix_rule(body, kind_line, common)
         if kind == "path":
-            spec = self.mapping(body["path"], kind_line, f"rule {rule_id!r} path", {"where", "glob", "exclude"})
+            spec = self.mapping(body["path"], kind_line, f"rule {rule_id!r} path",
+                                {"where", "glob", "exclude", "access"})
             where = spec.get("where", "any")
             if where not in ("inside", "outside", "any"):
                 raise self.fail(spec.key_lines.get("where", kind_line), "where must be inside, outside or any")
             globs = tuple(self.strings(spec.get("glob", []), kind_line, "glob"))
             excludes = tuple(self.strings(spec.get("exclude", []), kind_line, "exclude"))
-            return PathRule(**common, where=Where(where), globs=globs, excludes=excludes)
+            access = self.strings(spec.get("access", "write"), kind_line, "access")
+            if not set(access) <= {a.value for a in Access}:
+                raise self.fail(spec.key_lines.get("access", kind_line), "access must be write, cwd or a list of them")
+            return PathRule(**common, where=Where(where), globs=globs, excludes=excludes,
+                            access=frozenset(Access(a) for a in access))
+        if kind == "argv":
+            return self.argv_rule(body["argv"], kind_line, common)
+        if kind == "env":
+            spec = self.mapping(body["env"], kind_line, f"rule {rule_id!r} env", {"names", "except", "source"})
+            source = spec.get("source", "any")
+            if source not in {s.value for s in EnvSource}:
+                raise self.fail(spec.key_lines.get("source", kind_line), "source must be call, command or any")
+            if "names" not in spec:
+                raise self.fail(kind_line, f"rule {rule_id!r}: env needs names")
+            return EnvRule(**common, names=combine_globs(self.strings(spec["names"], kind_line, "names")),
+                           excepted=combine_globs(self.strings(spec.get("except", []), kind_line, "except")),
+                           source=EnvSource(source))
         if kind == "tool":
             names = self.strings(body["tool"], kind_line, "tool")
             return ToolRule(**common, tools=tuple(compile_token_glob(n) for n in names))
@@ -265,6 +304,23 @@ class _Compiler:
         if construct not in KNOWN_CONSTRUCTS:
             raise self.fail(kind_line, f"unknown construct {construct!r}; known: {sorted(KNOWN_CONSTRUCTS)}")
         return ConstructRule(**common, construct=construct)
+
+    def argv_rule(self, raw: Any, line: int, common: dict[str, Any]) -> ArgvRule:
+        tables = self.mapping(raw, line, f"rule {common['rule_id']!r} argv", set(raw) if isinstance(raw, dict) else set())
+        compiled = {}
+        # A key may name several commands that share one table: "whoami id uname".
+        for names, table in tables.items():
+            try:
+                parsed = parse_table(table)
+            except TableError as exc:
+                raise self.fail(tables.key_lines[names], f"flag table of {names!r}: {exc}") from None
+            for name in str(names).split():
+                if name in compiled:
+                    raise self.fail(tables.key_lines[names], f"{name!r} has two flag tables in one rule")
+                compiled[name] = parsed
+        if not compiled:
+            raise self.fail(line, f"rule {common['rule_id']!r}: argv needs at least one command")
+        return ArgvRule(**common, tables=compiled)
 
     def prefix_rule(self, body: _Map, line: int, common: dict[str, Any]) -> PrefixRule:
         raw = body["prefix"]
@@ -304,14 +360,24 @@ class _Compiler:
     def example_matches(self, rule: Rule, example: str, line: int) -> bool:
         if isinstance(rule, ToolRule):
             return rule.matches(example)
+        if isinstance(rule, EnvRule):
+            return any(rule.matches(example, source) for source in EnvSource)
         if isinstance(rule, PathRule):
             path = resolve_path(example, EXAMPLE_WORKSPACE)
-            return path is not None and rule.matches(path, EXAMPLE_WORKSPACE)
+            return path is not None and any(rule.matches(path, EXAMPLE_WORKSPACE, a) for a in rule.access)
         try:
             script = expand_script(parse_script(example))
         except ShellSyntaxError as exc:
             raise self.fail(line, f"rule {rule.rule_id!r}: example {example!r} does not parse: {exc}") from None
         if isinstance(rule, ConstructRule):
             return rule.construct in script.constructs
+        if isinstance(rule, ArgvRule):
+            # Matches when every command it covers fits its table with nothing to report.
+            covered = [c for c in script.commands if c.name in rule.tables and not c.name_is_dynamic]
+            return bool(covered) and all(not _report_findings(rule.check(c, judge_program)) for c in covered)
         assert isinstance(rule, PrefixRule)
         return any(rule.matches(command) for command in script.commands)
+
+
+def _report_findings(report: Any) -> bool:
+    return bool(report.problems or report.writes)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from services.policy.core.argv_specs import ArgvReport, FlagTable, ProgramJudge, check_argv
 from services.policy.core.shell_parser import SimpleCommand
 
 
@@ -111,7 +112,7 @@ class PrefixRule(Rule):
 
     def matches(self, command: SimpleCommand) -> bool:
         argv = command.argv
-        if len(argv) < len(self.prefix) or (self.exact and len(argv) != len(self.prefix)):
+        if len(argv) < len(self.prefix) or (self.exact and (len(argv) != len(self.prefix) or command.wraps)):
             return False
         if self.stdin_piped and not command.stdin_piped:
             return False
@@ -120,14 +121,54 @@ class PrefixRule(Rule):
                 return False
         if self.args_any is not None:
             match = self.args_any.match
-            return any(match(arg) for arg in argv[len(self.prefix):])
+            # Files read through ``<`` count as arguments too.
+            read = (r.target for r in command.redirects if r.op in ("<", "<>"))
+            return any(match(arg) for arg in argv[len(self.prefix):]) or any(match(arg) for arg in read)
         return True
+
+
+@dataclass(frozen=True)
+class ArgvRule(Rule):
+    """Commands whose every option and operand must fit a flag table."""
+
+    tables: dict[str, FlagTable] = field(default_factory=dict)
+
+    def check(self, command: SimpleCommand, judge: ProgramJudge) -> ArgvReport:
+        return check_argv(self.tables[command.name], command.argv, command.dynamic_args, judge,
+                          fixed=command.fixed_args)
+
+
+class EnvSource(enum.Enum):
+    CALL = "call"          # the tool call's ``env`` argument
+    COMMAND = "command"    # NAME=value inside the command: prefixes, export, env NAME=value
+    ANY = "any"
+
+
+@dataclass(frozen=True)
+class EnvRule(Rule):
+    """Environment variable names, from the call's env or set inside the command."""
+
+    names: re.Pattern[str] | None = None
+    excepted: re.Pattern[str] | None = None
+    source: EnvSource = EnvSource.ANY
+
+    def matches(self, name: str, source: EnvSource) -> bool:
+        if self.source is not EnvSource.ANY and self.source is not source:
+            return False
+        if self.names is None or not self.names.match(name):
+            return False
+        return self.excepted is None or not self.excepted.match(name)
 
 
 class Where(enum.Enum):
     INSIDE = "inside"
     OUTSIDE = "outside"
     ANY = "any"
+
+
+class Access(enum.Enum):
+    WRITE = "write"    # a file a command writes, deletes or changes
+    CWD = "cwd"        # the directory the call starts in
 
 
 @dataclass(frozen=True)
@@ -137,8 +178,11 @@ class PathRule(Rule):
     # relative to the workspace (so they only match inside it).
     globs: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    access: frozenset[Access] = frozenset({Access.WRITE})
 
-    def matches(self, path: str, workspace: str) -> bool:
+    def matches(self, path: str, workspace: str, access: Access = Access.WRITE) -> bool:
+        if access not in self.access:
+            return False
         inside = is_inside(path, workspace)
         if self.where is Where.INSIDE and not inside:
             return False
@@ -191,14 +235,15 @@ class ConstructRule(Rule):
     construct: str = ""
 
 
-KNOWN_CONSTRUCTS = frozenset({"recursive_function"})
+KNOWN_CONSTRUCTS = frozenset({"recursive_function", "arithmetic_expansion"})
 
 
 @dataclass(frozen=True)
 class WriteTargetSpec:
     """Which words of a command name files it writes."""
 
-    # "all", "last", "all_but_first" or "" (only option values below).
+    # "all", "last", "all_but_first", "leading" (the operands before the first
+    # option, like find's roots) or "" (only option values below).
     targets: str = ""
     option_values: frozenset[str] = frozenset()
     option_prefixes: tuple[str, ...] = ()
@@ -232,7 +277,18 @@ class WriteTargetSpec:
             found.append(operands[-1])
         elif self.targets == "all_but_first":
             found.extend(operands[1:])
+        elif self.targets == "leading":
+            found.extend(_leading_operands(argv, dynamic))
         return found
+
+
+def _leading_operands(argv: tuple[str, ...], dynamic: frozenset[int]) -> list[tuple[str, bool]]:
+    leading = []
+    for k, arg in enumerate(argv[1:], start=1):
+        if arg.startswith(("-", "(", "!")):
+            break
+        leading.append((arg, k in dynamic))
+    return leading or [(".", False)]
 
 
 @dataclass(frozen=True)
@@ -241,6 +297,9 @@ class Defaults:
     dynamic_command: Decision = Decision.PROMPT
     unparseable: Decision = Decision.PROMPT
     unresolved_path: Decision = Decision.PROMPT
+    # A command an argv rule covers, with an option, operand or embedded
+    # program its flag table does not list as safe.
+    unsafe_argv: Decision = Decision.PROMPT
     risk_levels: dict[RiskLevel, Decision] = field(default_factory=lambda: {
         RiskLevel.UNSPECIFIED: Decision.PROMPT,
         RiskLevel.READ_ONLY: Decision.ALLOW,
@@ -259,12 +318,21 @@ class RuleSet:
     path_rules: tuple[PathRule, ...]
     tool_rules: tuple[ToolRule, ...]
     construct_rules: tuple[ConstructRule, ...]
+    argv_by_name: dict[str, tuple[ArgvRule, ...]] = field(default_factory=dict)
+    env_rules: tuple[EnvRule, ...] = ()
+    # One regex over the arguments tells whether any wildcard rule with
+    # args_any can match at all.
+    wildcard_filter: re.Pattern[str] | None = None
 
     @classmethod
     def build(cls, rules: list[Rule]) -> "RuleSet":
         by_name: dict[str, list[PrefixRule]] = {}
         wildcards: list[PrefixRule] = []
+        argv_by_name: dict[str, list[ArgvRule]] = {}
         for rule in rules:
+            if isinstance(rule, ArgvRule):
+                for name in rule.tables:
+                    argv_by_name.setdefault(name, []).append(rule)
             if isinstance(rule, PrefixRule):
                 first = rule.prefix[0]
                 if first.globs:
@@ -277,14 +345,34 @@ class RuleSet:
             path_rules=tuple(r for r in rules if isinstance(r, PathRule)),
             tool_rules=tuple(r for r in rules if isinstance(r, ToolRule)),
             construct_rules=tuple(r for r in rules if isinstance(r, ConstructRule)),
+            argv_by_name={name: tuple(found) for name, found in argv_by_name.items()},
+            env_rules=tuple(r for r in rules if isinstance(r, EnvRule)),
+            wildcard_filter=_wildcard_filter(wildcards),
         )
 
     def prefix_rules_for(self, command: SimpleCommand) -> list[PrefixRule]:
         candidates = self.prefix_by_name.get(command.name, ())
         found = [r for r in candidates if r.matches(command)]
-        # A wildcard rule also listed under this exact name was tried above.
-        found.extend(r for r in self.prefix_wildcards if command.name not in r.prefix[0].exact and r.matches(command))
+        if self.prefix_wildcards:
+            args_may_match = self._wildcards_may_match(command)
+            # A wildcard rule also listed under this exact name was tried above.
+            found.extend(r for r in self.prefix_wildcards
+                         if (args_may_match or r.args_any is None) and command.name not in r.prefix[0].exact
+                         and r.matches(command))
         return found
+
+    def _wildcards_may_match(self, command: SimpleCommand) -> bool:
+        match = self.wildcard_filter.match if self.wildcard_filter is not None else None
+        if match is None:
+            return True
+        return any(match(a) for a in command.argv[1:]) or any(match(r.target) for r in command.redirects)
+
+
+def _wildcard_filter(wildcards: list[PrefixRule]) -> re.Pattern[str] | None:
+    patterns = [r.args_any.pattern for r in wildcards if r.args_any is not None]
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.DOTALL)
 
 
 @dataclass(frozen=True)

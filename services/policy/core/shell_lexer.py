@@ -7,6 +7,7 @@ on run-time expansion are marked ``dynamic`` so the policy never trusts them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 # Longest first, so ``&&`` wins over ``&`` and ``>>`` over ``>``.
@@ -14,8 +15,24 @@ OPERATORS = (
     "&>>", "<<<", "<<-", "&&", "||", ";;", "|&", "&>", ">>", ">|", ">&", "<&", "<>", "<<",
     ">", "<", "|", "&", ";", "(", ")", "\n",
 )
+_OPERATOR = re.compile("|".join(re.escape(o) for o in OPERATORS))
 REDIRECTIONS = frozenset({"&>>", "<<<", "<<-", "&>", ">>", ">|", ">&", "<&", "<>", "<<", ">", "<"})
 _METACHARS = frozenset(" \t\n;&|()<>")
+# Words and operators in one text, and substitutions ($(...), `...`, <(...)) in
+# one text; beyond these the command is not judged word by word.
+MAX_TOKENS = 4096
+MAX_SUBSTITUTIONS = 256
+# A whole word made of characters that need no unquoting, expansion or glob
+# handling, ending where an operator or blank starts.
+_SIMPLE_WORD = re.compile(r"[^ \t\n;&|()<>\\'\"$`*?\[{#]++(?=[ \t\n;&|()]|[<>](?!\()|\Z)")
+# Characters with no special meaning outside quotes, read as one run.
+_QUOTED_PLAIN_RUN = re.compile(r"[^\"\\$`]++|[\\$`]")
+_ANSI_PLAIN_RUN = re.compile(r"[^'\\]++")
+_GLOB_RUN = re.compile(r"[*?]++")
+_PLAIN_RUN = re.compile(r"(?:[^\s;&|()<>\\'\"$`*?\[\]{},.]++|\\[^\n])++")
+# First characters of a word's value that may come from an expansion or a glob.
+_EXPANSION_STARTS = frozenset("-$`*?[{~\\")
+_IDENTIFIER_CHAR = re.compile(r"[A-Za-z_]")
 _ANSI_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b",
                  "f": "\f", "v": "\v", "\\": "\\", "'": "'", '"': '"', "?": "?"}
 
@@ -31,6 +48,22 @@ class Word:
     raw: str
     dynamic: bool = False
     substitutions: tuple[str, ...] = ()
+    # Holds an arithmetic context that reads variables (``$((x))``, ``${a[i]}``):
+    # bash evaluates array subscripts in their values, which can run commands.
+    arithmetic: bool = False
+    # An unquoted $x or $(...) whose value bash splits into several words.
+    splits: bool = False
+
+    @property
+    def fixed_start(self) -> bool:
+        """A run-time word that can never turn into an option: one word, and its
+        first character is written literally and is not '-' (``src/$f``,
+        ``./*.txt``, ``<(sort a)``, which becomes /dev/fd/N)."""
+        if self.splits or not self.value:
+            return False
+        if self.value.startswith(("<(", ">(")):
+            return True
+        return self.value[0] not in _EXPANSION_STARTS
 
 
 @dataclass(frozen=True)
@@ -48,6 +81,11 @@ class _WordBuilder:
     value: list[str] = field(default_factory=list)
     dynamic: bool = False
     substitutions: list[str] = field(default_factory=list)
+    arithmetic: bool = False
+    splits: bool = False
+    # An unquoted '[' seen: a later ']' makes the word a glob.
+    open_bracket: bool = False
+    open_brace: bool = False
 
 
 def tokenize(text: str) -> list[Token]:
@@ -55,10 +93,22 @@ def tokenize(text: str) -> list[Token]:
     tokens: list[Token] = []
     pending_heredocs: list[tuple[str, bool]] = []
     i, n = 0, len(text)
+    num_substitutions = 0
     while i < n:
+        if len(tokens) > MAX_TOKENS:
+            raise ShellSyntaxError(f"more than {MAX_TOKENS} words and operators")
+        if tokens and isinstance(tokens[-1], Word) and tokens[-1].substitutions:
+            num_substitutions += len(tokens[-1].substitutions)
+            _check_substitutions(num_substitutions)
         c = text[i]
         if c in " \t":
             i += 1
+            continue
+        simple = _SIMPLE_WORD.match(text, i)
+        if simple is not None and not (simple[0].isdigit() and text.startswith(("<", ">"), simple.end())):
+            # A word with nothing to expand or unquote: the common case, read in one step.
+            tokens.append(Word(simple[0], simple[0]))
+            i = simple.end()
             continue
         if c == "\\" and text.startswith("\\\n", i):
             i += 2
@@ -79,7 +129,7 @@ def tokenize(text: str) -> list[Token]:
             tokens.append(word)
             continue
         if c in _METACHARS:
-            op = next(o for o in OPERATORS if text.startswith(o, i))
+            op = _operator_at(text, i)
             tokens.append(Operator(op))
             i += len(op)
             if op in ("<<", "<<-"):
@@ -87,7 +137,7 @@ def tokenize(text: str) -> list[Token]:
             continue
         word, i = _read_word(text, i)
         if word.raw.isdigit() and i < n and text[i] in "<>":
-            op = next(o for o in OPERATORS if text.startswith(o, i))
+            op = _operator_at(text, i)
             tokens.append(Operator(op, fd=word.raw))
             i += len(op)
             if op in ("<<", "<<-"):
@@ -95,6 +145,17 @@ def tokenize(text: str) -> list[Token]:
             continue
         tokens.append(word)
     return tokens
+
+
+def _check_substitutions(count: int) -> None:
+    if count > MAX_SUBSTITUTIONS:
+        raise ShellSyntaxError(f"more than {MAX_SUBSTITUTIONS} command substitutions")
+
+
+def _operator_at(text: str, i: int) -> str:
+    found = _OPERATOR.match(text, i)
+    assert found is not None, "called at a metacharacter"
+    return found[0]
 
 
 def _note_heredoc(text: str, i: int, op: str, tokens: list[Token], pending: list[tuple[str, bool]]) -> int:
@@ -131,15 +192,14 @@ def _read_word(text: str, i: int) -> tuple[Word, int]:
             if c in "<>" and text.startswith("(", i + 1):
                 end = _matching_paren(text, i + 2)
                 out.substitutions.append(text[i + 2:end])
+                _check_substitutions(len(out.substitutions))
                 out.value.append(text[i:end + 1])
                 out.dynamic = True
                 i = end + 1
                 continue
             break
-        if c == "\\":
-            if i + 1 < n and text[i + 1] != "\n":
-                out.value.append(text[i + 1])
-            i += 2
+        if c == "\\" and text.startswith("\\\n", i):
+            i += 2  # a backslash-newline joins lines
         elif c == "'":
             end = text.find("'", i + 1)
             if end < 0:
@@ -151,17 +211,59 @@ def _read_word(text: str, i: int) -> tuple[Word, int]:
         elif c == '"':
             i = _read_double_quoted(text, i + 1, out)
         elif c == "$" or c == "`":
+            out.splits = True
             i = _read_expansion(text, i, out)
         else:
+            plain = _PLAIN_RUN.match(text, i)
+            if plain is not None:
+                # A backslash quotes the character after it.
+                run = plain[0]
+                out.value.append(_unescape(run) if "\\" in run else run)
+                i = plain.end()
+                continue
+            glob = _GLOB_RUN.match(text, i)
+            if glob is not None:
+                out.value.append(glob[0])
+                out.dynamic = True
+                i = glob.end()
+                continue
+            _note_pattern_char(c, out)
             out.value.append(c)
             i += 1
     raw = text[start:i]
-    return Word("".join(out.value), raw, out.dynamic, tuple(out.substitutions)), i
+    return Word("".join(out.value), raw, out.dynamic, tuple(out.substitutions), out.arithmetic, out.splits), i
+
+
+def _unescape(run: str) -> str:
+    """``run`` with each backslash pair ``\\x`` read as ``x`` (every backslash in it starts a pair)."""
+    return "\\".join(part.replace("\\", "") for part in run.split("\\\\"))
+
+
+def _note_pattern_char(c: str, out: _WordBuilder) -> None:
+    """Unquoted glob and brace characters make a word's value a run-time expansion."""
+    if c in "*?":
+        out.dynamic = True
+    elif c == "[":
+        out.open_bracket = True
+    elif c == "]" and out.open_bracket:
+        out.dynamic = True
+    elif c == "{":
+        out.open_brace = True
+    elif c == "}":
+        out.open_brace = False
+    elif c in ",." and out.open_brace:
+        # {a,b} and {1..3} expand to several words.
+        out.dynamic = True
 
 
 def _read_ansi_c(text: str, i: int, out: _WordBuilder) -> int:
     n = len(text)
     while i < n and text[i] != "'":
+        plain = _ANSI_PLAIN_RUN.match(text, i)
+        if plain is not None:
+            out.value.append(plain[0])
+            i = plain.end()
+            continue
         c = text[i]
         if c != "\\" or i + 1 >= n:
             out.value.append(c)
@@ -214,8 +316,10 @@ def _read_double_quoted(text: str, i: int, out: _WordBuilder) -> int:
         elif c == "$" or c == "`":
             i = _read_expansion(text, i, out)
         else:
-            out.value.append(c)
-            i += 1
+            plain = _QUOTED_PLAIN_RUN.match(text, i)
+            assert plain is not None
+            out.value.append(plain[0])
+            i = plain.end()
     raise ShellSyntaxError("unterminated double quote")
 
 
@@ -232,20 +336,24 @@ def _read_expansion(text: str, i: int, out: _WordBuilder) -> int:
         # Inside backticks a backslash only escapes $, ` and \.
         inner = text[i + 1:j].replace("\\`", "`").replace("\\$", "$").replace("\\\\", "\\")
         out.substitutions.append(inner)
+        _check_substitutions(len(out.substitutions))
         out.value.append(text[i:j + 1])
         return j + 1
     nxt = text[i + 1] if i + 1 < n else ""
     if text.startswith("((", i + 1):
-        end = _matching_paren(text, i + 2)
+        end = _matching_paren(text, i + 3)
         if not text.startswith(")", end + 1):
             raise ShellSyntaxError("unterminated $((...))")
         # Arithmetic may itself hold command substitutions.
         out.substitutions.extend(_inner_substitutions(text[i + 3:end]))
+        if _IDENTIFIER_CHAR.search(text, i + 3, end):
+            out.arithmetic = True
         out.value.append(text[i:end + 2])
         return end + 2
     if nxt == "(":
         end = _matching_paren(text, i + 2)
         out.substitutions.append(text[i + 2:end])
+        _check_substitutions(len(out.substitutions))
         out.value.append(text[i:end + 1])
         return end + 1
     if nxt == "{":
@@ -253,6 +361,8 @@ def _read_expansion(text: str, i: int, out: _WordBuilder) -> int:
         if end < 0:
             raise ShellSyntaxError("unterminated ${...}")
         out.substitutions.extend(_inner_substitutions(text[i + 2:end]))
+        if _is_arithmetic_parameter(text[i + 2:end]):
+            out.arithmetic = True
         out.value.append(text[i:end + 1])
         return end + 1
     j = i + 1
@@ -268,6 +378,14 @@ def _read_expansion(text: str, i: int, out: _WordBuilder) -> int:
         return i + 1
     out.value.append(text[i:j])
     return j
+
+
+def _is_arithmetic_parameter(body: str) -> bool:
+    """``${!x}``, ``${a[i]}`` and ``${x:off:len}`` evaluate arithmetic on variable values."""
+    if body.startswith("!") or "[" in body:
+        return True
+    colon = body.find(":")
+    return colon >= 0 and body[colon + 1:colon + 2] not in ("-", "=", "+", "?")
 
 
 def _inner_substitutions(fragment: str) -> list[str]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from services.policy.core.shell_lexer import REDIRECTIONS, Operator, ShellSyntaxError, Word, tokenize
 
 MAX_NESTING = 8
+# More simple commands than this in one call are not judged one by one.
+MAX_SIMPLE_COMMANDS = 1024
 # Redirections that open a file for writing (``>&`` with a file name too).
 WRITE_REDIRECTIONS = frozenset({">", ">>", ">|", "&>", "&>>", "<>", ">&"})
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
@@ -42,10 +44,15 @@ class SimpleCommand:
     argv: tuple[str, ...]
     # Positions in argv whose value is only known at run time.
     dynamic_args: frozenset[int] = frozenset()
+    # Those of them that can never become an option word (see Word.fixed_start).
+    fixed_args: frozenset[int] = frozenset()
     assignments: tuple[tuple[str, str], ...] = ()
     redirects: tuple[Redirect, ...] = ()
     # True when the command reads the output of the previous pipeline stage.
     stdin_piped: bool = False
+    # A wrapper's own words (``nice -n 5`` of ``nice -n 5 ls``): the command it
+    # runs follows as a command of its own.
+    wraps: bool = False
 
     @property
     def name(self) -> str:
@@ -54,6 +61,10 @@ class SimpleCommand:
     @property
     def name_is_dynamic(self) -> bool:
         return 0 in self.dynamic_args
+
+    @property
+    def reads_stdin_redirect(self) -> bool:
+        return any(r.op in ("<", "<>", "<&") for r in self.redirects)
 
 
 @dataclass
@@ -85,7 +96,11 @@ def parse_script(text: str, depth: int = 0) -> ParsedScript:
     """Parse ``text``; raises ShellSyntaxError when it cannot be understood."""
     if depth > MAX_NESTING:
         raise ShellSyntaxError("command substitutions nested too deeply")
-    return _Parser(depth).run(tokenize(text))
+    try:
+        tokens = tokenize(text)
+    except RecursionError:
+        raise ShellSyntaxError("quotes and substitutions nested too deeply") from None
+    return _Parser(depth).run(tokens)
 
 
 class _Parser:
@@ -132,10 +147,7 @@ class _Parser:
 
     def _word(self, word: Word) -> None:
         cur = self.current
-        for source in word.substitutions:
-            nested = parse_script(source, self.depth + 1)
-            self.out.commands.extend(nested.commands)
-            self.out.constructs |= nested.constructs
+        self._nested(word)
         if cur.skipping_header:
             return
         if not cur.words:
@@ -162,6 +174,19 @@ class _Parser:
             self.pending_function = word.value
             return
         cur.words.append(word)
+
+    def _nested(self, word: Word) -> None:
+        if word.arithmetic:
+            self.out.constructs.add("arithmetic_expansion")
+        for source in word.substitutions:
+            nested = parse_script(source, self.depth + 1)
+            self.out.commands.extend(nested.commands)
+            self.out.constructs |= nested.constructs
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if len(self.out.commands) > MAX_SIMPLE_COMMANDS:
+            raise ShellSyntaxError(f"more than {MAX_SIMPLE_COMMANDS} simple commands")
 
     def _brace(self, brace: str) -> None:
         if brace == "{":
@@ -191,9 +216,7 @@ class _Parser:
         target = tokens[i + 1] if i + 1 < len(tokens) else None
         if not isinstance(target, Word):
             raise ShellSyntaxError(f"redirection {token.op!r} without a target")
-        for source in target.substitutions:
-            nested = parse_script(source, self.depth + 1)
-            self.out.commands.extend(nested.commands)
+        self._nested(target)
         if token.op not in ("<<", "<<-", "<<<"):
             self.current.redirects.append(Redirect(token.op, target.value, target.dynamic))
         return i + 2
@@ -204,11 +227,13 @@ class _Parser:
             command = SimpleCommand(
                 argv=tuple(w.value for w in cur.words),
                 dynamic_args=frozenset(k for k, w in enumerate(cur.words) if w.dynamic),
+                fixed_args=frozenset(k for k, w in enumerate(cur.words) if w.dynamic and w.fixed_start),
                 assignments=tuple(cur.assignments),
                 redirects=tuple(cur.redirects),
                 stdin_piped=cur.stdin_piped,
             )
             self.out.commands.append(command)
+            self._check_size()
             if command.argv and any(scope.name == command.name for scope in self.functions):
                 self.out.constructs.add("recursive_function")
         elif piped_next and not cur.skipping_header:

@@ -1,0 +1,65 @@
+"""`make bench-security`: the figures that say whether a hostile caller can hurt the mesh.
+
+| key | goal | measured by |
+| --- | --- | --- |
+| `escapes` | 0 | bench/security_sandbox.py: planted launchers and loader hooks, symlink swaps, cross-session reads |
+| `redteam_commands_allowed_wrongly` | 0 | bench/security_policy.py: the red-team table through the default policy |
+| `policy_evaluate_p99_ms_64k` | <= 50 | bench/security_policy.py: Evaluate on 64 KiB hostile commands |
+| `rest_5xx_under_fuzz` | 0 | bench/security_rest.py: schemathesis (coverage, fuzzing, stateful) and a hostile corpus |
+
+    python bench/security.py --out bench/results/security.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from bench.security_policy import measure_policy  # noqa: E402
+from bench.security_rest import measure_rest_fuzz  # noqa: E402
+from bench.security_sandbox import measure_sandbox  # noqa: E402
+
+GOALS = {"escapes": ("==", 0), "redteam_commands_allowed_wrongly": ("==", 0),
+         "policy_evaluate_p99_ms_64k": ("<=", 50.0), "rest_5xx_under_fuzz": ("==", 0)}
+
+
+def _met(value: float, op: str, goal: float) -> bool:
+    return value == goal if op == "==" else value <= goal
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--race-attempts", type=int, default=3000)
+    parser.add_argument("--policy-samples", type=int, default=200)
+    parser.add_argument("--fuzz-seconds", type=int, default=150)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    sandbox = asyncio.run(measure_sandbox(args.race_attempts))
+    policy = measure_policy(args.policy_samples)
+    rest = measure_rest_fuzz(max_time_s=args.fuzz_seconds)
+    result: dict[str, Any] = {
+        "escapes": sandbox["escapes"],
+        "redteam_commands_allowed_wrongly": policy["redteam_commands_allowed_wrongly"],
+        "policy_evaluate_p99_ms_64k": policy["policy_evaluate_p99_ms_64k"],
+        "rest_5xx_under_fuzz": rest["rest_5xx_under_fuzz"],
+    }
+    result["goals_met"] = {key: _met(result[key], *GOALS[key]) for key in GOALS}
+    result.update({"sandbox": sandbox, "policy": policy, "rest": rest, "machine": platform.platform(),
+                   "seconds": round(time.monotonic() - started, 1)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({key: result[key] for key in (*GOALS, "goals_met")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
