@@ -1,21 +1,48 @@
 """An in-process StorePort: the store's contract kept in dicts.
 
 For a single-process orchestrator (development, benchmarks) and for tests of
-the core. It keeps the rules the real store keeps: gapless seqs with
-idempotency keys, leased task claims that expire, leased session locks.
-Nothing survives the process.
+the core. It keeps the rules the real store keeps, and the store contract
+suite (tests/orchestrator/store_contract.py) holds it to them: gapless seqs
+with idempotency keys, leased task claims that expire, failed attempts that
+wait out an exponential backoff and die after `max_attempts`, leased session
+locks with fencing tokens. Where the store sweeps expired task leases in
+the background, this store sweeps them before every task operation; a lock
+whose lease ran out counts as free. Nothing survives the process.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable, Sequence
+from functools import partial
 
-from services.common.errors import Aborted, FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, NotFound, require
+from services.common.paging import cursor_int, decode_token, encode_token, page_limit
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
+
+# What the store accepts as a message role.
+MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool", "summary"})
+MAX_ATTEMPTS_LIMIT = 1000
+MAX_CLAIM = 1000
+
+
+@dataclass(frozen=True)
+class TaskRetry:
+    """Default attempts and the backoff after a failed one (the store's settings of the same name)."""
+
+    default_max_attempts: int = 5
+    backoff_base_ms: int = 1_000
+    backoff_max_ms: int = 300_000
+
+    def backoff_s(self, attempts: int) -> float:
+        """Exponential: base, 2*base, 4*base, ... capped at backoff_max_ms."""
+        exponent = min(max(0, attempts - 1), 40)
+        return min(self.backoff_max_ms, self.backoff_base_ms * 2 ** exponent) / 1000.0
 
 
 @dataclass
@@ -32,21 +59,53 @@ class _SessionLog:
 class _Task:
     record: TaskRecord
     queue: str
+    priority: int
     max_attempts: int
+    order: int
     lease_expires: float = 0.0
+    run_after: float = 0.0
+
+
+@dataclass
+class _Lock:
+    owner_id: str = ""
+    expires: float = 0.0
+    fencing_token: int = 0
+
+
+def _lease_lost(task_id: str) -> FailedPrecondition:
+    return FailedPrecondition(f"task {task_id!r}: lease token does not hold the current lease",
+                              reason="LEASE_LOST", field="lease_token")
+
+
+def _grown_past(log: _SessionLog, seq: int) -> bool:
+    return len(log.events) > seq
+
+
+def _listing_key(record: SessionRecord) -> tuple[int, str]:
+    return int(record.create_time * 1e6), record.session_id
+
+
+def _require_id(value: str, name: str) -> None:
+    require(bool(value), name, "is required")
 
 
 class MemoryStore:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, retry: TaskRetry = TaskRetry()) -> None:
         self._clock = clock
+        self._retry = retry
         self._sessions: dict[tuple[str, str], _SessionLog] = {}
         self._session_requests: dict[tuple[str, str], str] = {}
         self._tasks: dict[str, _Task] = {}
-        self._task_keys: dict[str, str] = {}
-        self._locks: dict[tuple[str, str], tuple[str, float]] = {}
+        self._task_keys: dict[tuple[str, str, str], str] = {}
+        self._leased: set[str] = set()
+        self._order = itertools.count()
+        self._locks: dict[tuple[str, str], _Lock] = {}
         self.num_event_appends = 0
 
     def _log(self, tenant_id: str, session_id: str) -> _SessionLog:
+        _require_id(tenant_id, "tenant_id")
+        _require_id(session_id, "session_id")
         log = self._sessions.get((tenant_id, session_id))
         if log is None:
             raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
@@ -54,6 +113,7 @@ class MemoryStore:
 
     # ---- sessions and messages -----------------------------------------------------------------
     async def create_session(self, *, request_id, tenant_id, title, metadata) -> SessionRecord:
+        _require_id(tenant_id, "tenant_id")
         if request_id and (tenant_id, request_id) in self._session_requests:
             return self._log(tenant_id, self._session_requests[(tenant_id, request_id)]).record
         session_id = uuid.uuid4().hex
@@ -68,14 +128,27 @@ class MemoryStore:
         return self._log(tenant_id, session_id).record
 
     async def list_sessions(self, *, tenant_id, page_size, page_token) -> tuple[list[SessionRecord], str]:
-        records = sorted((log.record for (t, _s), log in self._sessions.items() if t == tenant_id),
-                         key=lambda r: (r.create_time, r.session_id))
-        start = int(page_token or 0)
-        page = records[start:start + page_size]
-        return page, str(start + page_size) if start + page_size < len(records) else ""
+        _require_id(tenant_id, "tenant_id")
+        limit = page_limit(page_size)
+        scope = f"sessions:{tenant_id}"
+        cursor = decode_token(page_token, scope)
+        records = sorted((log.record for (t, _s), log in self._sessions.items() if t == tenant_id), key=_listing_key)
+        if cursor is not None:
+            require(isinstance(cursor, list) and len(cursor) == 2 and isinstance(cursor[1], str), "page_token",
+                    "malformed")
+            after = (cursor_int(cursor[0]), cursor[1])
+            records = [r for r in records if _listing_key(r) > after]
+        page = records[:limit]
+        if len(records) <= limit:
+            return page, ""
+        return page, encode_token(scope, list(_listing_key(page[-1])))
 
     async def append_messages(self, *, request_id, tenant_id, session_id, messages) -> list[int]:
         log = self._log(tenant_id, session_id)
+        require(len(messages) > 0, "messages", "at least one message is required")
+        for i, message in enumerate(messages):
+            require(message.role in MESSAGE_ROLES, f"messages[{i}].role", f"must be one of {sorted(MESSAGE_ROLES)}")
+            require(message.num_tokens >= 0, f"messages[{i}].num_tokens", "must not be negative")
         if request_id and request_id in log.message_requests:
             return log.message_requests[request_id]
         positions = []
@@ -88,20 +161,28 @@ class MemoryStore:
         return positions
 
     async def list_messages(self, *, tenant_id, session_id, after_position) -> list[MessageRecord]:
+        require(after_position >= 0, "after_position", "must not be negative")
         return [m for m in self._log(tenant_id, session_id).messages if m.position > after_position]
 
     # ---- events --------------------------------------------------------------------------------
     async def append_events(self, *, request_id, tenant_id, session_id, events: Sequence[AgentEvent],
                             idempotency_keys: Sequence[str]) -> list[int]:
         log = self._log(tenant_id, session_id)
+        require(len(events) > 0, "events", "at least one event is required")
+        for i, event in enumerate(events):
+            require(bool(event.type), f"events[{i}].type", "is required")
+        keys = list(idempotency_keys) + [""] * (len(events) - len(idempotency_keys))
+        if request_id:
+            # A retried request is idempotent even when its events carry no keys.
+            keys = [key or f"{request_id}#{i}" for i, key in enumerate(keys)]
         self.num_event_appends += 1
         seqs = []
-        for event, key in zip(events, idempotency_keys):
+        for event, key in zip(events, keys):
             if key and key in log.event_keys:
                 seqs.append(log.event_keys[key])
                 continue
             seq = len(log.events) + 1
-            log.events.append(event.with_seq(seq))
+            log.events.append(replace(event, session_id=session_id, seq=seq))
             if key:
                 log.event_keys[key] = seq
             seqs.append(seq)
@@ -110,14 +191,16 @@ class MemoryStore:
         return seqs
 
     async def read_events(self, *, tenant_id, session_id, after_seq) -> list[AgentEvent]:
-        return list(self._log(tenant_id, session_id).events[max(after_seq, 0):])
+        require(after_seq >= 0, "after_seq", "must not be negative")
+        return list(self._log(tenant_id, session_id).events[after_seq:])
 
     async def watch_events(self, *, tenant_id, session_id, after_seq) -> AsyncIterator[AgentEvent]:
+        require(after_seq >= 0, "after_seq", "must not be negative")
         log = self._log(tenant_id, session_id)
         cursor = after_seq
         while True:
             async with log.changed:
-                await log.changed.wait_for(lambda: len(log.events) > cursor)
+                await log.changed.wait_for(partial(_grown_past, log, cursor))
                 fresh = log.events[cursor:]
             for event in fresh:
                 yield event
@@ -126,57 +209,102 @@ class MemoryStore:
     # ---- task queue ----------------------------------------------------------------------------
     async def enqueue_task(self, *, request_id, tenant_id, queue, payload_json, idempotency_key,
                            max_attempts, priority=0) -> TaskRecord:
-        if idempotency_key and idempotency_key in self._task_keys:
-            return self._tasks[self._task_keys[idempotency_key]].record
-        task_id = uuid.uuid4().hex
-        record = TaskRecord(task_id=task_id, tenant_id=tenant_id, payload_json=payload_json, state="READY",
+        _require_id(tenant_id, "tenant_id")
+        _require_id(queue, "queue")
+        try:
+            json.loads(payload_json)
+        except ValueError:
+            require(False, "payload_json", "must be JSON")
+        require(0 <= max_attempts <= MAX_ATTEMPTS_LIMIT, "max_attempts", f"must be between 0 and {MAX_ATTEMPTS_LIMIT}")
+        key = (tenant_id, queue, idempotency_key or request_id)
+        if key[2] and key in self._task_keys:
+            return self._tasks[self._task_keys[key]].record
+        now = self._clock()
+        record = TaskRecord(task_id=uuid.uuid4().hex, tenant_id=tenant_id, payload_json=payload_json, state="READY",
                             create_time=time.time())
-        self._tasks[task_id] = _Task(record, queue, max_attempts or 3)
-        if idempotency_key:
-            self._task_keys[idempotency_key] = task_id
+        self._tasks[record.task_id] = _Task(record, queue, priority, max_attempts or self._retry.default_max_attempts,
+                                            next(self._order), run_after=now)
+        if key[2]:
+            self._task_keys[key] = record.task_id
         return record
 
     async def claim_tasks(self, *, queue, worker_id, max_tasks, lease_ms) -> list[TaskRecord]:
-        now = self._clock()
+        _require_id(queue, "queue")
+        _require_id(worker_id, "worker_id")
+        require(0 < max_tasks <= MAX_CLAIM, "max_tasks", f"must be between 1 and {MAX_CLAIM}")
+        require(lease_ms > 0, "lease_ms", "must be positive")
+        now = self._sweep()
+        ready = sorted((t for t in self._tasks.values()
+                        if t.queue == queue and t.record.state == "READY" and t.run_after <= now),
+                       key=lambda t: (t.priority, t.run_after, t.order))
         claimed = []
-        for task in sorted(self._tasks.values(), key=lambda t: t.record.create_time):
-            if len(claimed) >= max_tasks:
-                break
-            state = task.record.state
-            expired = state == "LEASED" and task.lease_expires <= now
-            if task.queue != queue or not (state == "READY" or expired):
-                continue
-            if task.record.attempts >= task.max_attempts:
-                task.record = replace(task.record, state="DEAD", last_error="lease expired too often")
-                continue
+        for task in ready[:max_tasks]:
             task.record = replace(task.record, state="LEASED", attempts=task.record.attempts + 1,
                                   worker_id=worker_id, lease_token=uuid.uuid4().hex)
             task.lease_expires = now + lease_ms / 1000.0
+            self._leased.add(task.record.task_id)
             claimed.append(task.record)
         return claimed
 
-    def _leased(self, task_id: str, lease_token: str) -> _Task:
+    def _sweep(self) -> float:
+        """Expired leases count as a failed attempt and void their token, as the store's sweeper does."""
+        now = self._clock()
+        for task_id in [t for t in self._leased if self._tasks[t].lease_expires < now]:
+            task = self._tasks[task_id]
+            self._leased.discard(task_id)
+            if task.record.attempts >= task.max_attempts:
+                task.record = replace(task.record, state="DEAD", lease_token="", last_error="lease expired")
+            else:
+                task.record = replace(task.record, state="READY", lease_token="", worker_id="",
+                                      last_error="lease expired")
+                task.run_after = now
+        return now
+
+    def _owned(self, task_id: str, lease_token: str) -> _Task:
+        _require_id(task_id, "task_id")
+        _require_id(lease_token, "lease_token")
+        self._sweep()
         task = self._tasks.get(task_id)
         if task is None:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
-        if task.record.state != "LEASED" or task.record.lease_token != lease_token \
-                or task.lease_expires <= self._clock():
-            raise Aborted(f"task {task_id!r} is not leased with this token", reason="LEASE_LOST")
+        if task.record.lease_token != lease_token:
+            raise _lease_lost(task_id)
         return task
 
     async def heartbeat_task(self, *, task_id, lease_token, lease_ms) -> None:
-        self._leased(task_id, lease_token).lease_expires = self._clock() + lease_ms / 1000.0
+        require(lease_ms > 0, "lease_ms", "must be positive")
+        task = self._owned(task_id, lease_token)
+        if task.record.state != "LEASED":
+            raise _lease_lost(task_id)
+        task.lease_expires = self._clock() + lease_ms / 1000.0
 
     async def ack_task(self, *, task_id, lease_token, result_json) -> None:
-        task = self._leased(task_id, lease_token)
+        task = self._owned(task_id, lease_token)
+        if task.record.state == "DONE":
+            return  # a retried ack
+        if task.record.state != "LEASED":
+            raise _lease_lost(task_id)
         task.record = replace(task.record, state="DONE", result_json=result_json)
+        self._leased.discard(task_id)
 
     async def fail_task(self, *, task_id, lease_token, error, permanent) -> None:
-        task = self._leased(task_id, lease_token)
-        dead = permanent or task.record.attempts >= task.max_attempts
-        task.record = replace(task.record, state="DEAD" if dead else "READY", last_error=error, lease_token="")
+        task = self._owned(task_id, lease_token)
+        if task.record.state in ("READY", "DEAD"):
+            return  # a retried fail
+        if task.record.state != "LEASED":
+            raise _lease_lost(task_id)
+        self._leased.discard(task_id)
+        now = self._clock()
+        if permanent or task.record.attempts >= task.max_attempts:
+            task.record = replace(task.record, state="DEAD", last_error=error)
+            return
+        task.record = replace(task.record, state="READY", last_error=error)
+        task.run_after = now + self._retry.backoff_s(task.record.attempts)
 
     async def get_task(self, *, tenant_id, task_id) -> TaskRecord:
+        _require_id(tenant_id, "tenant_id")
+        _require_id(task_id, "task_id")
+        self._sweep()
         task = self._tasks.get(task_id)
         if task is None or task.record.tenant_id != tenant_id:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
@@ -184,17 +312,28 @@ class MemoryStore:
 
     # ---- session locks -------------------------------------------------------------------------
     async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> SessionLockGrant:
+        _require_id(tenant_id, "tenant_id")
+        _require_id(session_id, "session_id")
+        _require_id(owner_id, "owner_id")
+        require(lease_ms > 0, "lease_ms", "must be positive")
         now = self._clock()
-        holder = self._locks.get((tenant_id, session_id))
-        if holder is not None and holder[0] != owner_id and holder[1] > now:
-            return SessionLockGrant(acquired=False)
-        self._locks[(tenant_id, session_id)] = (owner_id, now + lease_ms / 1000.0)
+        lock = self._locks.setdefault((tenant_id, session_id), _Lock())
+        lapsed = not lock.owner_id or lock.expires <= now
+        if lock.owner_id != owner_id and not lapsed:
+            return SessionLockGrant(acquired=False, fencing_token=lock.fencing_token)
+        if lock.owner_id != owner_id or lapsed:
+            lock.fencing_token += 1  # the lock changes hands, or lapsed meanwhile
+        lock.owner_id, lock.expires = owner_id, now + lease_ms / 1000.0
         log = self._sessions.get((tenant_id, session_id))
-        return SessionLockGrant(acquired=True, next_event_seq=len(log.events) + 1 if log is not None else 1)
+        return SessionLockGrant(acquired=True, next_event_seq=len(log.events) + 1 if log is not None else 1,
+                                fencing_token=lock.fencing_token)
 
-    async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> None:
-        holder = self._locks.get((tenant_id, session_id))
-        if holder is not None and holder[0] == owner_id:
-            del self._locks[(tenant_id, session_id)]
-        elif holder is not None and holder[1] > self._clock():
-            raise FailedPrecondition("lock held by another owner", reason="LOCK_NOT_HELD")
+    async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> bool:
+        _require_id(tenant_id, "tenant_id")
+        _require_id(session_id, "session_id")
+        _require_id(owner_id, "owner_id")
+        lock = self._locks.get((tenant_id, session_id))
+        if lock is None or lock.owner_id != owner_id or lock.expires <= self._clock():
+            return False
+        lock.owner_id, lock.expires = "", 0.0
+        return True

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.ports import StorePort
@@ -33,6 +33,17 @@ from services.orchestrator.core.retry import RetryPolicy, with_retries
 log = logging.getLogger("llmesh.orchestrator.events")
 
 _RUN_ENDED = None
+
+
+@contextlib.asynccontextmanager
+async def _closing(events: AsyncIterator[AgentEvent]) -> AsyncGenerator[None, None]:
+    """Close an event source when the follower stops, whether or not it ran dry."""
+    try:
+        yield
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @dataclass
@@ -55,7 +66,7 @@ class RunStream:
     before_terminal: asyncio.Future | None = None
     # The session's previous run on this replica, still writing its tail: this
     # run's events reach the store only after it, and followers read its buffer.
-    predecessor: "RunStream | None" = None
+    predecessor: RunStream | None = None
 
     @property
     def num_predecessors(self) -> int:
@@ -182,7 +193,7 @@ class EventHub:
                 # Let a burst of tokens gather into one store write.
                 try:
                     await asyncio.wait_for(self._closing_or_full(stream), self._batch_interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             while stream.pending:
                 batch = stream.pending[: self._batch_max]
@@ -205,6 +216,8 @@ class EventHub:
     @staticmethod
     async def _wait_before_terminal(stream: RunStream) -> None:
         work, stream.before_terminal = stream.before_terminal, None
+        if work is None:
+            return
         try:
             await work
         except Exception:  # noqa: BLE001 - the caller sees the failure on its own future
@@ -238,44 +251,40 @@ class EventHub:
         while True:
             stream = self._live.get(session_id)
             if stream is None:
-                watch = self._store.watch_events(tenant_id=tenant_id, session_id=session_id, after_seq=cursor)
-                async with contextlib.aclosing(watch):
-                    async for event in watch:
-                        if event.seq <= cursor:
-                            continue
-                        cursor = event.seq
-                        yield event
-                        if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
-                            return
+                source = self._store.watch_events(tenant_id=tenant_id, session_id=session_id, after_seq=cursor)
+            else:
+                source = self._from_live_run(stream, tenant_id, cursor)
+            async with _closing(source):
+                async for event in source:
+                    if event.seq <= cursor:
+                        continue
+                    cursor = event.seq
+                    yield event
+                    if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
+                        return
+            if stream is None:
                 return
-            queue: asyncio.Queue = asyncio.Queue()
-            stream.subscribers.add(queue)
-            # The previous runs' tails may not be stored yet, but their buffers hold them.
-            earlier = stream.unstored_earlier()
-            snapshot = list(stream.buffer)
-            try:
-                if cursor < stream.first_seq - 1:
-                    stored = await with_retries(lambda: self._store.read_events(
-                        tenant_id=tenant_id, session_id=session_id, after_seq=cursor), self._retry)
-                else:
-                    stored = []
-                for event in [*stored, *earlier, *snapshot]:
-                    if event.seq <= cursor:
-                        continue
-                    cursor = event.seq
-                    yield event
-                    if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
-                        return
-                while True:
-                    event = await queue.get()
-                    if event is _RUN_ENDED:
-                        break
-                    if event.seq <= cursor:
-                        continue
-                    cursor = event.seq
-                    yield event
-                    if until_run_ends and event.run_id == until_run_ends and event.is_terminal:
-                        return
-            finally:
-                stream.subscribers.discard(queue)
+            # The run closed: its events are stored; follow whatever runs next.
 
+    async def _from_live_run(self, stream: RunStream, tenant_id: str, cursor: int) -> AsyncIterator[AgentEvent]:
+        """The stored events after `cursor`, the unstored ones in memory, then live ones until the run closes.
+
+        May repeat a seq (the caller skips those); never leaves one out: the
+        subscription starts before anything is read.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        stream.subscribers.add(queue)
+        # The previous runs' tails may not be stored yet, but their buffers hold them.
+        earlier = stream.unstored_earlier()
+        snapshot = list(stream.buffer)
+        try:
+            if cursor < stream.first_seq - 1:
+                for event in await with_retries(lambda: self._store.read_events(
+                        tenant_id=tenant_id, session_id=stream.session_id, after_seq=cursor), self._retry):
+                    yield event
+            for event in [*earlier, *snapshot]:
+                yield event
+            while (event := await queue.get()) is not _RUN_ENDED:
+                yield event
+        finally:
+            stream.subscribers.discard(queue)

@@ -154,6 +154,9 @@ class SessionLockGrant:
     # Seq the session's next event gets (the holder is its only writer, so it
     # numbers events itself); 0 when the store does not say.
     next_event_seq: int = 0
+    # Grows every time the lock changes hands or lapses, so a holder whose
+    # renewal returns another token knows someone may have written meanwhile.
+    fencing_token: int = 0
 
 
 class StorePort(Protocol):
@@ -193,4 +196,6 @@ class StorePort(Protocol):
     async def acquire_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str,
                                    lease_ms: int) -> SessionLockGrant: ...
 
-    async def release_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str) -> None: ...
+    async def release_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str) -> bool:
+        """False when the lock was not `owner_id`'s to release (another holder, or none)."""
+        ...

@@ -14,8 +14,8 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
 from services.orchestrator.core import events as ev
@@ -24,9 +24,11 @@ from services.orchestrator.core.cancel import CancelToken
 from services.orchestrator.core.context import ContextManager, MessageLog
 from services.orchestrator.core.event_hub import EventHub, RunStream
 from services.orchestrator.core.history import system_item
+from services.orchestrator.core.lock_lease import LockLease
 from services.orchestrator.core.ports import InferencePort, StorePort, ToolSpec, ToolsPort
 from services.orchestrator.core.prompt import PromptPipeline
 from services.orchestrator.core.rate_limit import RateLimiter
+from services.orchestrator.core.run_phase import RunPhase
 from services.orchestrator.core.sessions import AgentSession, SessionDirectory
 from services.orchestrator.core.tool_format import describe_tools
 from services.orchestrator.core.tool_runner import RunAborted
@@ -54,25 +56,20 @@ class RunLimits:
 @dataclass(eq=False)
 class ActiveRun:
     spec: RunSpec
-    first_seq: int
     token: CancelToken
+    phase: RunPhase = RunPhase.STARTING
+    # The session's store lock; set once the run has it (a next run on this replica may inherit it).
+    lease: LockLease | None = None
+    stream: RunStream | None = None
+    first_seq: int = 0
     result: RunResult = field(default_factory=RunResult)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
-    # Set once the final or error event is published.
-    finishing: bool = False
-    # The session's next event seq from the lock grant (0 = the store did not say).
-    granted_next_seq: int = 0
     # The run's message writes; the final event's store write waits for them.
     message_writes: asyncio.Future | None = None
-    # Owner of the session's store lock; a next run on this replica inherits it.
-    lock_owner: str = ""
-    stream: RunStream | None = None
-    # Set when the next run of the session took over the lock and the event stream.
-    handed_over: bool = False
-    releasing: bool = False
-    # Took over from the session's previous run on this replica (see _can_take_over).
-    took_over: bool = False
+
+    def move_to(self, phase: RunPhase) -> None:
+        self.phase = self.phase.to(phase)
 
 
 class _StoreMessageLog(MessageLog):
@@ -94,7 +91,8 @@ class RunManager:
         self._store, self._inference, self._tools, self._hub = store, inference, tools, hub
         self._agent, self.sessions, self._limiter, self._limits = agent, sessions, limiter, limits
         self._replica_id = replica_id
-        self._active: dict[str, ActiveRun | None] = {}
+        # The session's current run, from STARTING until it is DONE or handed over.
+        self._active: dict[str, ActiveRun] = {}
         # Runs whose task has not ended, including ones still writing a handed-over tail.
         self._unfinished: set[ActiveRun] = set()
         self._by_request: OrderedDict[str, ActiveRun] = OrderedDict()
@@ -111,11 +109,36 @@ class RunManager:
         return len(self._active)
 
     def active_run(self, session_id: str) -> ActiveRun | None:
-        return self._active.get(session_id)
+        run = self._active.get(session_id)
+        return run if run is not None and run.phase is not RunPhase.STARTING else None
 
     async def start(self, *, request_id: str, tenant_id: str, session_id: str, user_message: str,
                     max_steps: int = 0, max_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
                     priority: int = 0, tool_choice: str = "") -> ActiveRun:
+        self._check_options(user_message, max_steps, max_tokens, temperature, tool_choice)
+        key = f"{tenant_id}:{request_id}" if request_id else ""
+        if key and key in self._by_request:
+            return self._by_request[key]  # a retried Run joins the run it started
+        session = await self.sessions.get(tenant_id, session_id)
+        handoff = await self._make_way(session_id)
+        self._admit(tenant_id, session.model)
+        spec = RunSpec(tenant_id=tenant_id, session_id=session_id, run_id=uuid.uuid4().hex,
+                       user_message=user_message, model=session.model,
+                       max_steps=max_steps or self._limits.default_max_steps,
+                       max_tokens=max_tokens or self._limits.default_max_tokens, temperature=temperature,
+                       seed=seed, priority=priority, tool_choice=tool_choice or "auto")
+        run = self._reserve(spec, handoff)
+        try:
+            run.lease = self._inherit_lock(handoff) if handoff is not None else await self._take_lock(spec)
+            await self._open_stream(run, session, handoff)
+        except BaseException:
+            await self._abandon(run)
+            raise
+        self._launch(run, session, key)
+        return run
+
+    def _check_options(self, user_message: str, max_steps: int, max_tokens: int, temperature: float,
+                       tool_choice: str) -> None:
         require(bool(user_message.strip()), "user_message", "must not be empty")
         require(0 <= max_steps <= self._limits.max_max_steps, "options.max_steps",
                 f"must be between 0 and {self._limits.max_max_steps}")
@@ -123,69 +146,80 @@ class RunManager:
                 f"must be between 0 and {self._limits.max_max_tokens}")
         require(0.0 <= temperature <= 2.0, "options.temperature", "must be between 0 and 2")
         require(tool_choice in TOOL_CHOICES, "options.tool_choice", "must be auto, required or none")
-        key = f"{tenant_id}:{request_id}" if request_id else ""
-        if key and key in self._by_request:
-            return self._by_request[key]  # a retried Run joins the run it started
-        session = await self.sessions.get(tenant_id, session_id)
+
+    async def _make_way(self, session_id: str) -> ActiveRun | None:
+        """Make way for a new run: the previous run to take over from, if any; SESSION_BUSY if it runs."""
         previous = self._active.get(session_id)
         handoff = previous if previous is not None and self._can_take_over(previous) else None
-        if previous is not None and previous.finishing and handoff is None:
+        if previous is not None and previous.phase.turn_is_over and handoff is None:
             # Its last event is out and it is only flushing and unlocking: a client that
             # starts the next turn on seeing that event waits for it instead of failing.
             await previous.done.wait()
         if session_id in self._active and handoff is None:
             raise FailedPrecondition(f"session {session_id!r} already has an active run", reason="SESSION_BUSY",
                                      field="session_id")
+        return handoff
+
+    def _admit(self, tenant_id: str, model: str) -> None:
         if len(self._active) >= self._limits.max_active_runs:
             raise ResourceExhausted("this replica runs as many turns as it may", reason="TOO_MANY_RUNS",
                                     retry_after_ms=500)
-        self._limiter.admit(tenant_id, session.model)
-        run_id = uuid.uuid4().hex
-        spec = RunSpec(tenant_id=tenant_id, session_id=session_id, run_id=run_id, user_message=user_message,
-                       model=session.model, max_steps=max_steps or self._limits.default_max_steps,
-                       max_tokens=max_tokens or self._limits.default_max_tokens, temperature=temperature,
-                       seed=seed, priority=priority, tool_choice=tool_choice or "auto")
-        lock_owner = run_id
+        self._limiter.admit(tenant_id, model)
+
+    def _reserve(self, spec: RunSpec, handoff: ActiveRun | None) -> ActiveRun:
+        """Hold the session for the new run while it takes the lock and opens its stream."""
         if handoff is not None:
-            # The previous run's last event is out and it only writes its tail: keep
-            # its lock (same owner renews) and continue its seqs, no store round trip.
-            handoff.handed_over = True
-            lock_owner, next_seq = handoff.lock_owner, handoff.stream.next_seq
-        self._active[session_id] = None  # reserved while we take the lock
+            handoff.move_to(RunPhase.HANDED_OVER)
+        run = ActiveRun(spec=spec, token=CancelToken())
+        self._active[spec.session_id] = run
+        return run
+
+    @staticmethod
+    def _inherit_lock(handoff: ActiveRun) -> LockLease:
+        # The previous run's last event is out and it only writes its tail: keep
+        # its lock (same owner renews) and continue its seqs, no store round trip.
+        assert handoff.lease is not None and handoff.stream is not None
+        return handoff.lease.passed_on(handoff.stream.next_seq)
+
+    async def _take_lock(self, spec: RunSpec) -> LockLease:
+        grant = await self._store.acquire_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
+                                                       owner_id=spec.run_id, lease_ms=self._limits.lock_lease_ms)
+        if not grant.acquired:
+            raise FailedPrecondition(f"session {spec.session_id!r} has an active run on another replica",
+                                     reason="SESSION_BUSY", field="session_id")
+        return LockLease.granted(spec.run_id, grant)
+
+    async def _open_stream(self, run: ActiveRun, session: AgentSession, handoff: ActiveRun | None) -> None:
+        spec, lease = run.spec, run.lease
+        assert lease is not None
+        run.stream, first = await self._hub.open_run(ev.AgentEvent(
+            session_id=spec.session_id, run_id=spec.run_id, type=ev.TURN_STARTED,
+            body={"user_message": spec.user_message, "model": session.model}), spec.tenant_id,
+            next_seq=lease.next_event_seq, after=handoff.stream if handoff is not None else None)
+        run.first_seq = first.seq
+
+    async def _abandon(self, run: ActiveRun) -> None:
+        """Undo a start that failed: give back the lock it holds, free the session."""
         try:
-            if handoff is None:
-                grant = await self._store.acquire_session_lock(tenant_id=tenant_id, session_id=session_id,
-                                                               owner_id=lock_owner,
-                                                               lease_ms=self._limits.lock_lease_ms)
-                if not grant.acquired:
-                    raise FailedPrecondition(f"session {session_id!r} has an active run on another replica",
-                                             reason="SESSION_BUSY", field="session_id")
-                next_seq = grant.next_event_seq
-            try:
-                stream, first = await self._hub.open_run(ev.AgentEvent(
-                    session_id=session_id, run_id=run_id, type=ev.TURN_STARTED,
-                    body={"user_message": user_message, "model": session.model}), tenant_id,
-                    next_seq=next_seq, after=handoff.stream if handoff is not None else None)
-            except BaseException:
-                await self._release_lock(spec, lock_owner)
-                raise
-        except BaseException:
-            self._active.pop(session_id, None)
-            raise
-        run = ActiveRun(spec=spec, first_seq=first.seq, token=CancelToken(), granted_next_seq=next_seq,
-                        lock_owner=lock_owner, stream=stream, took_over=handoff is not None)
-        self._active[session_id] = run
+            if run.lease is not None:
+                await self._release_lock(run.spec, run.lease.owner_id)
+        finally:
+            run.move_to(RunPhase.DONE)
+            if self._active.get(run.spec.session_id) is run:
+                del self._active[run.spec.session_id]
+
+    def _launch(self, run: ActiveRun, session: AgentSession, key: str) -> None:
+        run.move_to(RunPhase.RUNNING)
         self._unfinished.add(run)
         if key:
             self._by_request[key] = run
             while len(self._by_request) > 1024:
                 self._by_request.popitem(last=False)
-        run.task = asyncio.create_task(self._drive(run, session, stream), name=f"run-{run_id}")
-        return run
+        run.task = asyncio.create_task(self._drive(run, session), name=f"run-{run.spec.run_id}")
 
     async def cancel(self, tenant_id: str, session_id: str, run_id: str = "") -> bool:
         await self.sessions.get(tenant_id, session_id)
-        run = self._active.get(session_id)
+        run = self.active_run(session_id)
         if run is None or (run_id and run.spec.run_id != run_id):
             return False
         return run.token.cancel("cancelled by request")
@@ -200,57 +234,71 @@ class RunManager:
     @staticmethod
     def _can_take_over(previous: ActiveRun) -> bool:
         """Whether a new run may inherit this finishing run's lock and event stream."""
-        return (previous.finishing and not previous.releasing and not previous.handed_over
-                and previous.stream is not None and previous.stream.num_predecessors + 1 <= MAX_UNSTORED_RUNS
-                and previous.token.reason != "lock lost")
+        return (previous.phase is RunPhase.FINISHING and previous.stream is not None
+                and previous.lease is not None and not previous.lease.lost
+                and previous.stream.num_predecessors + 1 <= MAX_UNSTORED_RUNS)
 
     # ---- the run itself ------------------------------------------------------------------------
-    async def _drive(self, run: ActiveRun, session: AgentSession, stream: RunStream) -> None:
-        spec = run.spec
+    async def _drive(self, run: ActiveRun, session: AgentSession) -> None:
+        renew = asyncio.create_task(self._keep_lock(run))
+        try:
+            await self._play_turn(run, session)
+        finally:
+            run.move_to(RunPhase.FINISHING)
+            renew.cancel()
+            await self._wind_down(run)
+
+    async def _play_turn(self, run: ActiveRun, session: AgentSession) -> None:
+        """Run the agent loop, then publish the turn's final or error event."""
+        spec, stream = run.spec, run.stream
+        assert stream is not None
 
         def emit(type_: str, body: dict) -> ev.AgentEvent:
             return self._hub.publish(stream, ev.AgentEvent(spec.session_id, spec.run_id, type_, body))
 
         inner = asyncio.create_task(self._execute(run, session, emit))
         run.token.on_cancel(inner.cancel)
-        renew = asyncio.create_task(self._keep_lock(run))
         try:
-            try:
-                await inner
-                if run.message_writes is not None:
-                    self._hub.hold_terminal(stream, run.message_writes)
-                emit(ev.FINAL, {"text": run.result.text, "reason": run.result.reason,
-                                "usage": run.result.usage.as_dict()})
-            except asyncio.CancelledError:
-                if not run.token.cancelled:
-                    raise
-                reason = "cancelled" if run.token.reason != "lock lost" else "aborted"
-                run.result.reason = reason
-                emit(ev.FINAL, {"text": run.result.text, "reason": reason, "usage": run.result.usage.as_dict()})
-            except RunAborted as exc:
-                run.result.reason = "aborted"
-                emit(ev.FINAL, {"text": exc.message, "reason": "aborted", "usage": run.result.usage.as_dict()})
-            except DomainError as exc:
-                run.result.error_reason = exc.reason
-                emit(ev.ERROR, {"reason": exc.reason, "message": exc.message,
-                                "retryable": isinstance(exc, (Unavailable, ResourceExhausted))})
-            except Exception as exc:  # noqa: BLE001 - the session must stay usable
-                log.exception("run failed", extra={"session_id": spec.session_id, "run_id": spec.run_id})
-                run.result.error_reason = "INTERNAL"
-                emit(ev.ERROR, {"reason": "INTERNAL", "message": type(exc).__name__, "retryable": False})
+            await inner
+            if run.message_writes is not None:
+                self._hub.hold_terminal(stream, run.message_writes)
+            emit(ev.FINAL, {"text": run.result.text, "reason": run.result.reason,
+                            "usage": run.result.usage.as_dict()})
+        except asyncio.CancelledError:
+            if not run.token.cancelled:
+                raise
+            reason = "aborted" if run.lease is not None and run.lease.lost else "cancelled"
+            run.result.reason = reason
+            emit(ev.FINAL, {"text": run.result.text, "reason": reason, "usage": run.result.usage.as_dict()})
+        except RunAborted as exc:
+            run.result.reason = "aborted"
+            emit(ev.FINAL, {"text": exc.message, "reason": "aborted", "usage": run.result.usage.as_dict()})
+        except DomainError as exc:
+            run.result.error_reason = exc.reason
+            emit(ev.ERROR, {"reason": exc.reason, "message": exc.message,
+                            "retryable": isinstance(exc, (Unavailable, ResourceExhausted))})
+        except Exception as exc:  # noqa: BLE001 - the session must stay usable
+            log.exception("run failed", extra={"session_id": spec.session_id, "run_id": spec.run_id})
+            run.result.error_reason = "INTERNAL"
+            emit(ev.ERROR, {"reason": "INTERNAL", "message": type(exc).__name__, "retryable": False})
+
+    async def _wind_down(self, run: ActiveRun) -> None:
+        """Flush the run's events, then give the lock back unless the next run took it over."""
+        stream, lease = run.stream, run.lease
+        assert stream is not None and lease is not None
+        try:
+            await self._hub.close_run(stream)
+            if run.phase is not RunPhase.HANDED_OVER:
+                self._note_context_current(run, stream)
         finally:
-            run.finishing = True
-            renew.cancel()
             try:
-                await self._hub.close_run(stream)
-                if not run.handed_over:
-                    self._note_context_current(run, stream)
+                if run.phase is RunPhase.FINISHING:
+                    run.move_to(RunPhase.RELEASING)
+                    await self._release_lock(run.spec, lease.owner_id)
             finally:
-                if not run.handed_over:
-                    run.releasing = True
-                    await self._release_lock(spec, run.lock_owner)
-                if self._active.get(spec.session_id) is run:
-                    del self._active[spec.session_id]
+                run.move_to(RunPhase.DONE)
+                if self._active.get(run.spec.session_id) is run:
+                    del self._active[run.spec.session_id]
                 self._unfinished.discard(run)
                 run.done.set()
 
@@ -260,8 +308,9 @@ class RunManager:
         pipeline = self._pipelines.setdefault(spec.model, PromptPipeline(self._inference, model=spec.model))
         n_ctx = self._n_ctx.get(spec.model) or await self._inference.context_size(spec.model)
         self._n_ctx[spec.model] = n_ctx
-        context = await self._context(spec, session, pipeline, n_ctx, tools, run.granted_next_seq,
-                                      took_over=run.took_over)
+        assert run.lease is not None
+        context = await self._context(spec, session, pipeline, n_ctx, tools, run.lease.next_event_seq,
+                                      took_over=run.lease.inherited)
         try:
             await self._agent.run(spec, context, tools, emit, run.result)
             # Off the turn's critical path: the final event goes out at once and
@@ -314,7 +363,7 @@ class RunManager:
             # The store may lack some of this turn's messages: rebuild from it next time.
             self._contexts.pop(run.spec.session_id, None)
             return
-        if run.granted_next_seq > 0:
+        if run.lease is not None and run.lease.next_event_seq > 0:
             # The next run's grant names last_seq + 1 unless another replica wrote since.
             context.current_at_event_seq = stream.last_seq
 
@@ -332,24 +381,28 @@ class RunManager:
         return [known[name] for name in session.tools]
 
     async def _keep_lock(self, run: ActiveRun) -> None:
-        spec = run.spec
+        spec, lease = run.spec, run.lease
+        assert lease is not None
         interval = self._limits.lock_lease_ms / 3000.0
         while True:
             await asyncio.sleep(interval)
             try:
-                held = await self._store.acquire_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
-                                                              owner_id=run.lock_owner,
-                                                              lease_ms=self._limits.lock_lease_ms)
+                grant = await self._store.acquire_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
+                                                               owner_id=lease.owner_id,
+                                                               lease_ms=self._limits.lock_lease_ms)
             except Unavailable:
                 continue  # the lease outlives a few missed renewals
-            if not held.acquired:
+            if not lease.renewed(grant):
                 log.error("session lock lost", extra={"session_id": spec.session_id, "run_id": spec.run_id})
-                run.token.cancel("lock lost")
+                run.token.cancel("session lock lost")
                 return
 
     async def _release_lock(self, spec: RunSpec, owner_id: str) -> None:
         try:
-            await self._store.release_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
-                                                   owner_id=owner_id)
+            released = await self._store.release_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
+                                                              owner_id=owner_id)
         except DomainError:
             log.warning("session lock not released; it will expire", extra={"session_id": spec.session_id})
+            return
+        if not released:
+            log.warning("session lock was no longer this run's to release", extra={"session_id": spec.session_id})
