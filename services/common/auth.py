@@ -42,7 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from services.common import errors
 
@@ -53,7 +53,7 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 _HASH_SCHEME = "scrypt"
 
-#: The caller of the current RPC, set by ApiKeyAuthInterceptor.
+#: The caller of the current RPC, set by interceptors.AuthInterceptor.
 principal_var: contextvars.ContextVar["Principal | None"] = contextvars.ContextVar("llmesh_principal", default=None)
 
 
@@ -257,66 +257,11 @@ def bearer_token(authorization: str | None) -> str | None:
     return token
 
 
-def _grpc_peer_host(peer: str) -> str:
-    # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" -> the host, so a client cannot dodge the limit by new ports.
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1:rest.find("]")]
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return peer
+def make_grpc_interceptor(authenticator: ApiKeyAuthenticator) -> Any:
+    """The gRPC server interceptor requiring an API key (``interceptors.AuthInterceptor``)."""
+    from services.common.interceptors import AuthInterceptor
 
-
-def make_grpc_interceptor(authenticator: ApiKeyAuthenticator,
-                          exempt_prefixes: tuple[str, ...] = ("/grpc.health.v1.", "/grpc.reflection.")) -> Any:
-    """A grpc.aio server interceptor requiring an API key in ``authorization`` metadata.
-
-    Built lazily so this module stays importable (and testable) without grpc
-    for the REST side. Unauthenticated calls never reach the servicer.
-    """
-    import grpc
-
-    from services.common.interceptors import status_for_exception
-
-    class ApiKeyAuthInterceptor(grpc.aio.ServerInterceptor):
-        async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-            handler = await continuation(details)
-            if handler is None or details.method.startswith(exempt_prefixes):
-                return handler
-            metadata = dict(details.invocation_metadata or ())
-            authorization = metadata.get("authorization")
-
-            async def admit(context: Any) -> bool:
-                try:
-                    principal_var.set(await authenticator.authenticate(authorization, _grpc_peer_host(context.peer())))
-                except errors.DomainError as exc:
-                    status, _reason = status_for_exception(exc)
-                    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
-                return True
-
-            return _wrap_handler(grpc, handler, admit)
-
-    return ApiKeyAuthInterceptor()
-
-
-def _wrap_handler(grpc: Any, handler: Any, admit: Callable[[Any], Awaitable[bool]]) -> Any:
-    from services.common.interceptors import iterate_responses, rewrap_handler
-
-    def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-        async def call(request: Any, context: Any) -> Any:
-            await admit(context)
-            result = fn(request, context)
-            return await result if hasattr(result, "__await__") else result
-        return call
-
-    def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
-        async def call(request: Any, context: Any) -> Any:
-            await admit(context)
-            async for item in iterate_responses(fn(request, context)):
-                yield item
-        return call
-
-    return rewrap_handler(handler, unary, stream)
+    return AuthInterceptor(authenticator)
 
 
 def _cli(argv: list[str]) -> int:

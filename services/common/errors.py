@@ -79,6 +79,12 @@ class Cancelled(DomainError):
     default_reason = "CANCELLED"
 
 
+class Unimplemented(DomainError):
+    """The called service does not serve this method (another version of it)."""
+
+    default_reason = "UNIMPLEMENTED"
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raise InvalidArgument naming ``field`` unless ``condition`` holds."""
     if not condition:

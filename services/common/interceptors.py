@@ -1,4 +1,4 @@
-"""Server interceptors: the one error table, and RPC metrics.
+"""Server interceptors: API-key authentication, the one error table, and RPC metrics.
 
 Every known failure leaves a service as a gRPC status with a
 ``google.rpc.Status`` detail carrying ``ErrorInfo`` (AIP-193); an unexpected
@@ -19,11 +19,15 @@ from prometheus_client import Counter, Histogram
 from opentelemetry import trace
 
 from services.common import errors
+from services.common.auth import ApiKeyAuthenticator, principal_var
 from services.common.logs import session_id_var
 
 log = logging.getLogger("llmesh.rpc")
 
 ERROR_DOMAIN = "llmesh"
+
+#: What a server interceptor calls to get the method's handler.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 
 # One table from domain exception to status code; subclasses inherit.
 ERROR_TABLE: dict[type[errors.DomainError], grpc.StatusCode] = {
@@ -38,6 +42,7 @@ ERROR_TABLE: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 RPC_DURATION = Histogram(
@@ -87,11 +92,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseExcept
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain exceptions to status + ErrorInfo and times every RPC."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    async def intercept_service(self, continuation: Continuation,
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -196,3 +198,61 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
             detail.Unpack(info)
             return info
     return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires an API key in ``authorization`` metadata; health and reflection are exempt.
+
+    The key is checked when the call starts, before the servicer runs: a
+    refused call never reaches it. The caller's principal is left in
+    ``auth.principal_var`` for the servicer.
+    """
+
+    EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+    def __init__(self, authenticator: ApiKeyAuthenticator, exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES) -> None:
+        self.authenticator = authenticator
+        self.exempt_prefixes = exempt_prefixes
+
+    async def intercept_service(self, continuation: Continuation,
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self.exempt_prefixes):
+            return handler
+        authorization = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        return rewrap_handler(handler, lambda fn: self._unary(fn, authorization),
+                              lambda fn: self._stream(fn, authorization))
+
+    async def _admit(self, authorization: str | None, context: grpc.aio.ServicerContext) -> None:
+        try:
+            principal_var.set(await self.authenticator.authenticate(authorization, peer_host(context.peer())))
+        except errors.DomainError as exc:
+            status, _reason = status_for_exception(exc)
+            await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+    def _unary(self, fn: Callable[..., Any], authorization: str | None) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._admit(authorization, context)
+            result = fn(request, context)
+            return await result if hasattr(result, "__await__") else result
+        return call
+
+    def _stream(self, fn: Callable[..., Any], authorization: str | None) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._admit(authorization, context)
+            async for item in iterate_responses(fn(request, context)):
+                yield item
+        return call
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer, so a client cannot dodge a per-address limit by new ports.
+
+    ``ipv4:127.0.0.1:5000`` -> ``127.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import start_http_server
 
-from services.common.interceptors import ErrorInterceptor
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings, load_settings
 from services.common.telemetry import configure_tracing
@@ -97,10 +97,10 @@ async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningSer
     interceptors: list[grpc.aio.ServerInterceptor] = [aio_server_interceptor()]
     authenticator = None
     if settings.auth_enabled:
-        from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, make_grpc_interceptor
+        from services.common.auth import ApiKeyAuthenticator, ApiKeyStore
 
         authenticator = ApiKeyAuthenticator(ApiKeyStore.load(settings.data_path / settings.api_keys_file))
-        interceptors.append(make_grpc_interceptor(authenticator))
+        interceptors.append(AuthInterceptor(authenticator))
     interceptors.append(ErrorInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=server_options())
     app.register(server)

@@ -163,14 +163,3 @@ def apply_resume_point(message: Message, after_seq: int | None) -> None:
 
 def message_to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-
-
-def status_details_to_json(details: Iterable[Any]) -> list[dict[str, Any]]:
-    """google.rpc.Status.details (Any) as JSON objects with ``@type``; unknown types are skipped."""
-    out = []
-    for detail in details:
-        try:
-            out.append(json_format.MessageToDict(detail))
-        except (TypeError, KeyError, json_format.Error):
-            continue
-    return out

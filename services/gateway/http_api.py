@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.common import errors
 from services.common.auth import Principal
 from services.gateway import convert
-from services.gateway.adapters.grpc_backend import BackendError, GrpcBackends
+from services.gateway.adapters.grpc_backend import GrpcBackends
 from services.gateway.core import streaming
 from services.gateway.http_errors import error_payload, error_response
 from services.gateway.routes import Route, match_route, path_exists
@@ -74,7 +74,7 @@ class GenericRestApi:
                 return await self._stream(request, route, message, metadata)
             reply = await self.backends.unary(route, message, metadata)
             return JSONResponse(convert.message_to_json(reply))
-        except (errors.DomainError, BackendError) as exc:
+        except errors.DomainError as exc:
             return error_response(exc)
 
     async def _decode(self, request: Request, route: Route, path_vars: dict[str, str]) -> Any:
@@ -138,7 +138,7 @@ async def _frames(first: Any, replies: AsyncIterator[Any], media_type: str) -> A
                 return
             pending = None
             yield _frame(convert.message_to_json(reply), media_type)
-    except (errors.DomainError, BackendError) as exc:
+    except errors.DomainError as exc:
         payload = error_payload(exc)
         if media_type == streaming.NDJSON_MEDIA_TYPE:
             yield streaming.ndjson_line(payload)

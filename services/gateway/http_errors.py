@@ -1,4 +1,8 @@
-"""Exceptions -> JSON error responses (one table: the gRPC status of each error)."""
+"""Exceptions -> JSON error responses (one table: the gRPC status of each error).
+
+A backend's failure arrives here as the domain error it raised
+(services.common.rpc_errors), so its HTTP status comes from the same table.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,7 +11,6 @@ from starlette.responses import JSONResponse
 
 from services.common import errors
 from services.common.interceptors import ERROR_DOMAIN, status_code_for
-from services.gateway.adapters.grpc_backend import BackendError
 from services.gateway.core.http_status import error_body, http_status_for
 
 log = logging.getLogger("llmesh.gateway")
@@ -15,12 +18,13 @@ log = logging.getLogger("llmesh.gateway")
 
 def describe_error(exc: BaseException) -> tuple[str, str, list[dict], int | None]:
     """(status code name, message, details, retry_after_ms) for any exception."""
-    if isinstance(exc, BackendError):
-        return exc.code_name, exc.message, exc.details, exc.retry_after_ms
     if isinstance(exc, errors.DomainError):
-        info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": exc.reason, "domain": ERROR_DOMAIN,
-                "metadata": exc.metadata}
-        return status_code_for(exc).name, exc.message, [info], exc.retry_after_ms
+        details: list[dict] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": exc.reason,
+                                "domain": ERROR_DOMAIN, "metadata": exc.metadata}]
+        if exc.retry_after_ms is not None:
+            details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                            "retryDelay": f"{exc.retry_after_ms / 1000:.3f}s"})
+        return status_code_for(exc).name, exc.message, details, exc.retry_after_ms
     log.exception("unexpected error in the REST layer", exc_info=exc)
     return "INTERNAL", "internal error", [], None
 

@@ -8,7 +8,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.common import errors
-from services.gateway.adapters.grpc_backend import BackendError
 from services.gateway.core.json_body import loads_body
 from services.gateway.core.openai_compat import CompletionPlan, OpenAICompat, dumps, plan_chat, plan_completion
 from services.gateway.http_api import forwarded_metadata, read_body
@@ -39,7 +38,7 @@ class OpenAIRoutes:
     async def models(self, request: Request) -> Response:
         try:
             return JSONResponse(await self._compat().models())
-        except (errors.DomainError, BackendError) as exc:
+        except errors.DomainError as exc:
             return openai_error_response(exc)
 
     async def _serve(self, request: Request, planner: Any, kind: str) -> Response:
@@ -56,7 +55,7 @@ class OpenAIRoutes:
             chunks = compat.chat_stream(plan) if kind == "chat" else compat.completion_stream(plan)
             # Pull the first chunk now so an unreachable backend is an HTTP error, not a broken stream.
             first = await anext(chunks)
-        except (errors.DomainError, BackendError) as exc:
+        except errors.DomainError as exc:
             return openai_error_response(exc)
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -68,7 +67,7 @@ async def _sse(first: dict, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]
         async for chunk in chunks:
             yield f"data: {dumps(chunk)}\n\n".encode()
         yield b"data: [DONE]\n\n"
-    except (errors.DomainError, BackendError) as exc:
+    except errors.DomainError as exc:
         yield f"data: {dumps(error_payload(exc))}\n\n".encode()
     finally:
         await chunks.aclose()

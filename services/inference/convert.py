@@ -1,13 +1,11 @@
 """Protobuf <-> core dataclasses for the inference service."""
 from __future__ import annotations
 
-from typing import Mapping
-
 from llmesh.inference.v1 import inference_pb2 as pb
 
-from services.common.tenants import TenantPolicy
 from services.common.errors import InvalidArgument
-from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, SamplingParams
+from services.inference.core.node import GenerateCall, ModelInfo, SamplingRequest
+from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
@@ -22,49 +20,23 @@ _FINISH = {
 }
 
 
-def sampling_params(request: pb.GenerateRequest, default_max_tokens: int,
-                    alias: Mapping[str, float | int] | None = None) -> SamplingParams:
-    """Zero values mean the defaults: the model alias's, else the server's.
-
-    max_tokens must be > 0 once sampling is given, unless the alias supplies it.
-    """
-    d = alias or {}
+def sampling_request(request: pb.GenerateRequest) -> SamplingRequest:
     s = request.sampling
-
-    def pick(value: float | int, key: str, server_default: float | int) -> float | int:
-        return value if value != 0 else d.get(key, server_default)
-
-    seed = s.seed if s.HasField("seed") else d.get("seed")
-    return SamplingParams(
-        temperature=float(pick(s.temperature, "temperature", 0.0)),
-        top_p=float(pick(s.top_p, "top_p", 1.0)),
-        top_k=int(pick(s.top_k, "top_k", 0)),
-        min_p=float(pick(s.min_p, "min_p", 0.0)),
-        repeat_penalty=float(pick(s.repeat_penalty, "repeat_penalty", 1.0)),
-        seed=int(seed) if seed is not None else None,
-        max_tokens=int(pick(s.max_tokens, "max_tokens", 0 if request.HasField("sampling") else default_max_tokens)),
-        stop=tuple(s.stop),
-        grammar=s.grammar,
-        logprobs=request.logprobs,
-    )
+    return SamplingRequest(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, repeat_penalty=s.repeat_penalty,
+        seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_tokens, stop=tuple(s.stop),
+        grammar=s.grammar, logprobs=request.logprobs, given=request.HasField("sampling"))
 
 
-def generate_spec(request: pb.GenerateRequest, default_max_tokens: int,
-                  alias: Mapping[str, float | int] | None = None, tenant: TenantPolicy | None = None) -> GenerateSpec:
+def generate_call(request: pb.GenerateRequest) -> GenerateCall:
     if request.priority not in _PRIORITY:
         raise InvalidArgument(f"priority: unknown value {request.priority}", field="priority")
-    priority = _PRIORITY[request.priority]
-    if tenant is not None:
-        priority = Priority[tenant.clamp_priority(priority.name.lower()).upper()]
-    return GenerateSpec(
-        prompt=request.prompt,
-        prompt_tokens=tuple(request.prompt_tokens),
-        session_id=request.session_id,
-        sampling=sampling_params(request, default_max_tokens, alias),
-        priority=priority,
-        request_id=request.request_id,
-        tenant_id=request.tenant_id,
-    )
+    spec = GenerateSpec(prompt=request.prompt, prompt_tokens=tuple(request.prompt_tokens),
+                        session_id=request.session_id, priority=_PRIORITY[request.priority],
+                        request_id=request.request_id, tenant_id=request.tenant_id)
+    return GenerateCall(spec, sampling_request(request), model=request.model,
+                        require_cached_session=request.require_cached_session, skip_cache=request.skip_cache,
+                        semantic_cache=request.semantic_cache)
 
 
 def generate_response(delta: Delta, node_id: str, model: str = "") -> pb.GenerateResponse:
@@ -93,3 +65,7 @@ def load_response(load: LoadReport, node_id: str) -> pb.GetLoadResponse:
         tokens_per_second=load.tokens_per_second,
         num_sessions=load.num_sessions,
     )
+
+
+def model(info: ModelInfo) -> pb.Model:
+    return pb.Model(name=info.name, n_ctx=info.n_ctx, n_gpu_layers=info.n_gpu_layers, device=info.device)

@@ -17,6 +17,7 @@ from services.inference.core.aliases import parse_aliases
 from services.inference.core.backend import Backend
 from services.inference.core.engine import Engine, EngineConfig
 from services.inference.core.front import GenerationFront
+from services.inference.core.node import InferenceNode
 from services.inference.core.placement import CPU, ModelFootprint, Placement, plan_pool
 from services.inference.core.pool import EnginePool
 from services.inference.core.priorities import PriorityPolicy, default_policy
@@ -162,9 +163,10 @@ class App:
         self.node_id = settings.node_id or f"{settings.host}:{settings.port}"
         self.pool: EnginePool | None = None
         self.front: GenerationFront | None = None
-        self._servicer = InferenceServicer(self._ready_pool, self.node_id, settings.default_max_tokens,
-                                           front=self._ready_front, aliases=parse_aliases(settings.model_aliases),
-                                           tenants=parse_tenant_policies(settings.tenant_policies))
+        node = InferenceNode(self._ready_pool, settings.default_max_tokens, front=self._ready_front,
+                             aliases=parse_aliases(settings.model_aliases),
+                             tenants=parse_tenant_policies(settings.tenant_policies))
+        self._servicer = InferenceServicer(node, self.node_id)
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self._servicer, server)

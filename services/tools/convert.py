@@ -1,7 +1,6 @@
 """Between llmesh.tools.v1 messages and the core's dataclasses."""
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -65,16 +64,3 @@ def encode_spec(spec: ToolSpec) -> tools_pb2.ToolSpec:
         parameters_json_schema=json.dumps(spec.parameters_schema, sort_keys=True), version=spec.version,
         risk_level=int(spec.risk_level), idempotent=spec.idempotent, retryable=spec.retryable,
         timeout_ms=spec.timeout_ms, source=spec.source)
-
-
-def encode_page_token(last_name: str) -> str:
-    return base64.urlsafe_b64encode(last_name.encode()).decode()
-
-
-def decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token: not a token this service issued", field="page_token") from None

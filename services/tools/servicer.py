@@ -5,13 +5,9 @@ import grpc
 from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from opentelemetry import trace
 
-from services.common.errors import require
 from services.tools import convert, metrics
 from services.tools.core.executor import ToolExecutor
 from services.tools.core.replay import RequestReplay
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
@@ -21,12 +17,7 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
 
     async def ListTools(self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> tools_pb2.ListToolsResponse:
-        require(0 <= request.page_size <= MAX_PAGE_SIZE, "page_size", f"must be within 0..{MAX_PAGE_SIZE}")
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        after = convert.decode_page_token(request.page_token)
-        specs = [s for s in self.executor.registry.list() if s.name > after]
-        page = specs[:size]
-        token = convert.encode_page_token(page[-1].name) if len(specs) > size else ""
+        page, token = self.executor.registry.page(request.page_size, request.page_token)
         return tools_pb2.ListToolsResponse(tools=[convert.encode_spec(s) for s in page], next_page_token=token)
 
     async def ExecuteTool(self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext

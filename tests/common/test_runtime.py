@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from services.common import errors
 from services.common.interceptors import error_info
 from services.common.runtime import running_service, start_service
 from services.common.settings import ServerSettings
+from tests.support.ports import free_port
 
 SERVICE = "llmesh.inference.v1.InferenceService"
 
@@ -61,16 +61,10 @@ async def _health(target: str, service: str) -> int:
         return reply.status
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_liveness_answers_at_once_and_readiness_only_after_start() -> None:
     gate = asyncio.Event()
     app = ScriptedApp(started=gate)
-    settings = ServerSettings(port=_free_port())
+    settings = ServerSettings(port=free_port())
     target = f"127.0.0.1:{settings.port}"
     starting = asyncio.ensure_future(start_service(app, settings))
     for _ in range(100):  # wait until it listens

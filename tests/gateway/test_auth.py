@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 
 import grpc
-import httpx
 import pytest
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common import errors
 from services.common.auth import (ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key,
-                                  hash_api_key, make_grpc_interceptor, principal_var, verify_api_key)
-from services.common.interceptors import ErrorInterceptor, error_info
+                                  hash_api_key, principal_var, verify_api_key)
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor, error_info, peer_host
 from tests.gateway.conftest import TEST_SCRYPT_N, Mesh
 from tests.gateway.fakes import FakeAgentService
 
@@ -104,7 +103,7 @@ async def test_grpc_interceptor_refuses_before_the_servicer(keys, authenticator)
         return await original(request, context)
 
     service.CreateSession = create
-    server = grpc.aio.server(interceptors=[make_grpc_interceptor(authenticator), ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator), ErrorInterceptor()])
     orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -140,3 +139,9 @@ def test_cli_creates_a_key_that_verifies(tmp_path, capsys):
     record = ApiKeyStore.load(path).get(split_api_key(key))
     assert record is not None and record.tenant_id == "acme"
     assert json.loads(path.read_text())["keys"][0]["hash"].startswith("scrypt$")
+
+
+def test_failures_count_per_peer_host_whatever_the_port():
+    assert peer_host("ipv4:10.1.2.3:50051") == peer_host("ipv4:10.1.2.3:6000") == "10.1.2.3"
+    assert peer_host("ipv6:[::1]:5000") == "::1"
+    assert peer_host("unix:/tmp/socket") == "unix:/tmp/socket"

@@ -5,10 +5,12 @@ import pytest
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 
 from services.common import errors
+from services.common.interceptors import ERROR_TABLE
 from services.gateway import convert
 from services.gateway.core import streaming
 from services.gateway.core.chat_format import parse_tool_call, parse_tools
 from services.gateway.core.http_status import http_status_for
+from services.gateway.http_errors import describe_error, error_response
 from services.gateway.core.path_template import TemplateError, parse_template
 from services.gateway.routes import load_routes, match_route
 
@@ -37,6 +39,16 @@ def test_route_table_prefers_verbs_and_literals():
 def test_status_table():
     assert [http_status_for(c) for c in ("INVALID_ARGUMENT", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED",
                                          "NOT_FOUND", "UNAVAILABLE", "SOMETHING_NEW")] == [400, 401, 429, 404, 503, 500]
+
+
+@pytest.mark.parametrize("cls", list(ERROR_TABLE), ids=lambda cls: cls.__name__)
+def test_every_domain_error_answers_the_http_status_of_its_grpc_code(cls):
+    code, message, details, retry_after_ms = describe_error(cls("boom", reason="WHY", field="f", retry_after_ms=2500))
+    assert code == ERROR_TABLE[cls].name and message == "boom" and retry_after_ms == 2500
+    assert details[0]["reason"] == "WHY" and details[0]["metadata"] == {"field": "f"}
+    assert details[1] == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2.500s"}
+    response = error_response(cls("boom"))
+    assert response.status_code == http_status_for(ERROR_TABLE[cls].name)
 
 
 def test_sse_frames_carry_the_event_seq():

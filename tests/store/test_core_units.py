@@ -6,9 +6,9 @@ import asyncio
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.common.paging import decode_token, encode_token, page_limit
 from services.store.core import validation
 from services.store.core.models import NewEvent, TaskState
-from services.store.core.paging import decode_token, encode_token, page_limit
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
 

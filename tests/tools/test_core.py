@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.paging import encode_token
 from services.tools.core import names
 from services.tools.core.breaker import BreakerState, CircuitBreaker
 from services.tools.core.cache import ResultCache, cache_key
 from services.tools.core.executor import backoff_delay_s
 from services.tools.core.model import ToolOutput, ToolSpec
 from services.tools.core.output import CapturedText
-from services.tools.core.registry import ToolRegistry
+from services.tools.core.registry import PAGE_SCOPE, ToolRegistry
 from services.tools.core.workspace import Workspace, WorkspaceRoots
 
 
@@ -146,6 +147,29 @@ def test_bad_arguments_name_every_failing_path() -> None:
 def test_a_broken_schema_is_refused_at_registration() -> None:
     with pytest.raises(InvalidArgument):
         ToolRegistry().add(spec("t", schema={"type": "no-such-type"}))
+
+
+# listing ---------------------------------------------------------------------
+
+def test_listing_pages_in_name_order_and_refuses_foreign_tokens() -> None:
+    registry = ToolRegistry()
+    for name in ("d", "a", "c", "b", "e"):
+        registry.add(spec(name))
+    seen, token = [], ""
+    while True:
+        page, token = registry.page(2, token)
+        seen.append([s.name for s in page])
+        if not token:
+            break
+    assert seen == [["a", "b"], ["c", "d"], ["e"]]
+    assert [s.name for s in registry.page(0, "")[0]] == ["a", "b", "c", "d", "e"]
+    for bad in ("garbage!", encode_token("sessions:acme", "b"), encode_token(PAGE_SCOPE, 7)):
+        with pytest.raises(InvalidArgument) as err:
+            registry.page(2, bad)
+        assert err.value.field == "page_token"
+    with pytest.raises(InvalidArgument) as err:
+        registry.page(-1, "")
+    assert err.value.field == "page_size"
 
 
 # workspace -------------------------------------------------------------------

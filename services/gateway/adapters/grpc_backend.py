@@ -1,49 +1,20 @@
 """Generic gRPC calls to the mesh: any annotated method, by its descriptor.
 
 One aio channel per backend, opened in the event loop that serves HTTP (so
-it must be built at startup, not at import). gRPC failures become
-``BackendError`` carrying what the HTTP error body needs.
+it must be built at startup, not at import). gRPC failures become the domain
+errors the backend raised (services.common.rpc_errors), so the REST layer
+answers them through the same table as its own errors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from services.common import errors
 from services.common.clients import make_channel
-from services.gateway.convert import status_details_to_json
+from services.common.rpc_errors import domain_error_from_rpc
 from services.gateway.routes import Route
-
-
-@dataclass
-class BackendError(Exception):
-    code_name: str
-    message: str
-    details: list[dict[str, Any]] = field(default_factory=list)
-    retry_after_ms: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.code_name}: {self.message}"
-
-
-def backend_error_from_rpc(err: grpc.aio.AioRpcError) -> BackendError:
-    details: list[dict[str, Any]] = []
-    retry_after_ms = None
-    try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    except ValueError:
-        status = None
-    if status is not None:
-        details = status_details_to_json(status.details)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after_ms = retry.retry_delay.seconds * 1000 + retry.retry_delay.nanos // 1_000_000
-    return BackendError(err.code().name, err.details() or err.code().name.lower(), details, retry_after_ms)
 
 
 class GrpcBackends:
@@ -59,10 +30,8 @@ class GrpcBackends:
         if channel is None:
             target = self.targets.get(backend)
             if target is None:
-                raise BackendError("UNAVAILABLE", f"no {backend} backend is configured",
-                                   [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                                     "reason": "BACKEND_NOT_CONFIGURED", "domain": "llmesh",
-                                     "metadata": {"backend": backend}}])
+                raise errors.Unavailable(f"no {backend} backend is configured", reason="BACKEND_NOT_CONFIGURED",
+                                         metadata={"backend": backend})
             channel = self._channels[backend] = make_channel(target)
         return channel
 
@@ -73,7 +42,7 @@ class GrpcBackends:
         try:
             return await call(request, metadata=tuple(metadata), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise backend_error_from_rpc(err) from None
+            raise domain_error_from_rpc(err, service=route.backend) from None
 
     async def stream(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]) -> AsyncIterator[Any]:
         """Messages of a server stream; leaving the loop early cancels the call."""
@@ -84,7 +53,7 @@ class GrpcBackends:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
-            raise backend_error_from_rpc(err) from None
+            raise domain_error_from_rpc(err, service=route.backend) from None
         finally:
             call.cancel()
 

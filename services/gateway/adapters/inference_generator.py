@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.gateway.adapters.grpc_backend import backend_error_from_rpc
+from services.common.rpc_errors import domain_error_from_rpc
 from services.gateway.core.ports import GenerationChunk, GenerationParams
 
 _FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length",
@@ -58,7 +58,7 @@ class InferenceGenerator:
             async for reply in stream:
                 yield to_chunk(reply)
         except grpc.aio.AioRpcError as err:
-            raise backend_error_from_rpc(err) from None
+            raise domain_error_from_rpc(err, service="inference") from None
         finally:
             if hasattr(stream, "cancel"):
                 stream.cancel()
@@ -79,5 +79,5 @@ class InferenceGenerator:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED and self.default_models:
                 return list(self.default_models)
-            raise backend_error_from_rpc(err) from None
+            raise domain_error_from_rpc(err, service="inference") from None
         return [m.name for m in reply.models] or list(self.default_models)

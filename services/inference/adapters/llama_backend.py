@@ -2,15 +2,11 @@
 
 One context holds ``n_seq_max`` sequences in a unified KV cache of ``n_ctx``
 cells, so a session can grow to the whole context while others are idle.
-Gemma 3's sliding-window layers keep a full-size cache (``swa_full``), which
-is what lets any prefix of a sequence be kept and extended later.
+Loading, the context's parameters and the vocabulary are ``llama_model``'s.
 """
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -18,34 +14,14 @@ import llama_cpp as ll
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.inference.adapters.llama_model import LlamaVocab, create_context, load_model, put_tokens
 from services.inference.core.types import BatchEntry, SamplingParams
-
-log = logging.getLogger("llmesh.inference.llama")
-
-_backend_ready = threading.Lock()
-_backend_initialised = False
 
 # Most sequences one llama.cpp context takes.
 LLAMA_MAX_SEQ = 256
 
 # Penalties look this far back over generated tokens.
 PENALTY_LAST_N = 64
-
-
-@ll.llama_log_callback
-def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    # llama.cpp logs every tensor at load time; keep warnings and errors only.
-    if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-        log.log(logging.WARNING if level == 3 else logging.ERROR, "%s", text.decode(errors="replace").rstrip())
-
-
-def _init_backend_once() -> None:
-    global _backend_initialised
-    with _backend_ready:
-        if not _backend_initialised:
-            ll.llama_log_set(_forward_log, ctypes.c_void_p(0))
-            ll.llama_backend_init()
-            _backend_initialised = True
 
 
 class LlamaBackend:
@@ -74,55 +50,35 @@ class LlamaBackend:
             raise InvalidArgument(f"n_seq_max: must be within [1, {max_seqs}] "
                                   f"(at most n_batch={n_batch} and {LLAMA_MAX_SEQ}), got {n_seq_max}",
                                   field="n_seq_max")
-        _init_backend_once()
         self.model_name = model_name or Path(model_path).stem
         self.device = device
         self.n_gpu_layers = n_gpu_layers
-        model_params = ll.llama_model_default_params()
-        model_params.n_gpu_layers = n_gpu_layers
-        if device_index >= 0:
-            # One engine per device: keep the whole model on this one.
-            model_params.split_mode = ll.LLAMA_SPLIT_MODE_NONE
-            model_params.main_gpu = device_index
-        self._model = ll.llama_model_load_from_file(str(model_path).encode(), model_params)
-        if not self._model:
-            raise RuntimeError(f"cannot load model {model_path}")
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        ctx_params = ll.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = n_batch
-        ctx_params.n_ubatch = n_batch
+        self._model = load_model(model_path, n_gpu_layers=n_gpu_layers, device_index=device_index)
+        self._vocab = LlamaVocab(self._model)
         # One more sequence than the scheduler gets: scratch rows that pad the
         # logits rows of a step go there (see _pad_outputs). A context without
         # room for one more sequence goes without padding.
         self._pad_multiple = output_rows_multiple if n_seq_max < max_seqs else 1
-        ctx_params.n_seq_max = n_seq_max + 1 if self._pad_multiple > 1 else n_seq_max
-        ctx_params.swa_full = True
-        ctx_params.kv_unified = True
-        # llama.cpp's own default is 4 threads, which oversubscribes small machines.
-        threads = n_threads if n_threads > 0 else max(1, os.cpu_count() or 1)
-        ctx_params.n_threads = threads
-        ctx_params.n_threads_batch = threads
-        self._ctx = ll.llama_init_from_model(self._model, ctx_params)
-        if not self._ctx:
+        try:
+            self._ctx = create_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                       n_seq_max=n_seq_max + 1 if self._pad_multiple > 1 else n_seq_max)
+        except RuntimeError:
             ll.llama_model_free(self._model)
-            raise RuntimeError("cannot create llama.cpp context")
+            raise
         self._mem = ll.llama_get_memory(self._ctx)
         self.n_ctx = ll.llama_n_ctx(self._ctx)
         self.n_seq_max = n_seq_max
         self._scratch_seq = n_seq_max
         self._context_seqs = ll.llama_n_seq_max(self._ctx)
         self.max_batch_tokens = ll.llama_n_batch(self._ctx)
-        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self._pad_token = max(0, ll.llama_vocab_bos(self._vocab))
+        self._n_vocab = self._vocab.n_tokens
+        self._pad_token = max(0, self._vocab.bos)
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._samplers: dict[int, ll.llama_sampler_p] = {}
         self._wants_logprobs: set[int] = set()
         # Keys whose sampling is a plain argmax (see _is_plain_greedy).
         self._greedy: set[int] = set()
         self._logprobs: dict[int, float] = {}
-        self._pieces: dict[int, bytes] = {}
-        self._tokenize_lock = threading.Lock()
 
     @property
     def llama_model(self) -> ll.llama_model_p:
@@ -132,33 +88,16 @@ class LlamaBackend:
     # -- vocabulary -------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (ll.llama_token * capacity)()
-        n = ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
-        if n < 0:  # the buffer was short; -n is the size needed
-            capacity = -n
-            buf = (ll.llama_token * capacity)()
-            n = ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
-        return list(buf[:n])
+        return self._vocab.tokenize(text, add_special, parse_special)
 
     def token_piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            piece = buf.raw[:n]
-            self._pieces[token] = piece
-        return piece
+        return self._vocab.token_piece(token)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
+        return self._vocab.detokenize(tokens)
 
     def is_eog(self, token: int) -> bool:
-        return bool(ll.llama_vocab_is_eog(self._vocab, token))
+        return self._vocab.is_eog(token)
 
     def vocab_size(self) -> int:
         return self._n_vocab
@@ -168,7 +107,7 @@ class LlamaBackend:
     def _build_sampler(self, params: SamplingParams) -> ll.llama_sampler_p:
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if params.grammar:
-            grammar = ll.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+            grammar = ll.llama_sampler_init_grammar(self._vocab.handle, params.grammar.encode(), b"root")
             if not grammar:
                 ll.llama_sampler_free(chain)
                 raise InvalidArgument("sampling.grammar: the GBNF grammar does not parse (needs a root rule)",
@@ -224,18 +163,9 @@ class LlamaBackend:
         n = 0
         wanted: list[tuple[int, int]] = []
         for entry in entries:
-            pos = entry.start_pos
-            last = len(entry.tokens) - 1
-            for i, token in enumerate(entry.tokens):
-                batch.token[n] = token
-                batch.pos[n] = pos + i
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = entry.seq_id
-                wants_logits = entry.sampler_key is not None and i == last
-                batch.logits[n] = wants_logits
-                if wants_logits:
-                    wanted.append((entry.sampler_key, n))  # type: ignore[arg-type]
-                n += 1
+            n = put_tokens(batch, n, entry.tokens, entry.start_pos, entry.seq_id, entry.sampler_key is not None)
+            if entry.sampler_key is not None and entry.tokens:
+                wanted.append((entry.sampler_key, n - 1))
         if n == 0:
             return {}
         scratch = self._pad_outputs(batch, n, len(wanted)) if len(wanted) > self._pad_multiple > 1 else 0

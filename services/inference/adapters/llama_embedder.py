@@ -15,14 +15,14 @@ one thread drives all of the model's compute.
 """
 from __future__ import annotations
 
-import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import llama_cpp as ll
 import numpy as np
 
 from services.inference.adapters.llama_backend import LlamaBackend
+from services.inference.adapters.llama_model import create_context, put_tokens
 
 PROMPT = 'This sentence : "{text}" means in one word:"'
 
@@ -32,19 +32,8 @@ class LlamaEmbedder:
 
     def __init__(self, backend: LlamaBackend, *, n_ctx: int = 512, n_threads: int = 0) -> None:
         self._backend = backend
-        params = ll.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_ctx
-        params.n_ubatch = n_ctx
-        params.n_seq_max = 1
-        params.embeddings = True
-        params.pooling_type = ll.LLAMA_POOLING_TYPE_LAST
-        threads = n_threads if n_threads > 0 else max(1, os.cpu_count() or 1)
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        self._ctx = ll.llama_init_from_model(backend.llama_model, params)
-        if not self._ctx:
-            raise RuntimeError("cannot create the llama.cpp embedding context")
+        self._ctx = create_context(backend.llama_model, n_ctx=n_ctx, n_batch=n_ctx, n_seq_max=1,
+                                   n_threads=n_threads, embeddings=True, what="embedding context")
         self.n_ctx = ll.llama_n_ctx(self._ctx)
         self.dim = ll.llama_model_n_embd(backend.llama_model)
         self._batch = ll.llama_batch_init(self.n_ctx, 0, 1)
@@ -60,13 +49,7 @@ class LlamaEmbedder:
                 raise RuntimeError("the embedder is closed")
             ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
             batch = self._batch
-            for i, token in enumerate(tokens):
-                batch.token[i] = token
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = i == len(tokens) - 1
-            batch.n_tokens = len(tokens)
+            batch.n_tokens = put_tokens(batch, 0, tokens, 0, 0, logits_last=True)
             rc = ll.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with {rc} while embedding")

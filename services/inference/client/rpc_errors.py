@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from services.common import errors
-from services.common.interceptors import ERROR_TABLE, error_info
+from services.common.rpc_errors import domain_error_from_rpc
 
 # Worth another node when nothing was streamed yet: the node is down,
 # draining, overloaded or dropped the call; another node may well succeed.
@@ -31,9 +31,6 @@ NODE_FAULT_CODES = frozenset({
     grpc.StatusCode.DATA_LOSS,
 })
 
-_CLASS_FOR_CODE: dict[grpc.StatusCode, type[errors.DomainError]] = {code: cls for cls, code in ERROR_TABLE.items()}
-
-
 def is_retryable(err: grpc.aio.AioRpcError) -> bool:
     return err.code() in RETRYABLE_CODES
 
@@ -43,25 +40,20 @@ def is_node_fault(err: grpc.aio.AioRpcError) -> bool:
 
 
 def to_domain_error(err: grpc.aio.AioRpcError, address: str, num_streamed: int = 0) -> errors.DomainError:
-    """The domain error matching a node's failed call, naming the node."""
-    code = err.code()
-    info = error_info(err)
-    metadata = dict(info.metadata) if info is not None else {}
-    metadata["node"] = address
+    """The domain error matching a node's failed call, naming the node.
+
+    INTERNAL, UNKNOWN or DATA_LOSS from a node means the node is broken, which
+    for our caller means no usable node answered: UNAVAILABLE.
+    """
+    metadata = {"node": address}
     if num_streamed:
         metadata["num_streamed"] = str(num_streamed)
-    # CANCELLED here came from the node side (our caller cancelling is an
-    # asyncio.CancelledError instead): to the caller the node went away.
-    cls = errors.Unavailable if code is grpc.StatusCode.CANCELLED else _CLASS_FOR_CODE.get(code)
-    message = f"inference node {address}: {err.details() or code.name}"
-    if cls is None:
-        # INTERNAL/UNKNOWN/DATA_LOSS from a node: the node is broken, which
-        # for our caller means no usable node answered.
-        cls, reason = errors.Unavailable, "INFERENCE_NODE_FAILED"
-    else:
-        reason = info.reason if info is not None and info.reason else None
-        if code is grpc.StatusCode.CANCELLED:
-            reason = "INFERENCE_NODE_CANCELLED"
-    if num_streamed and cls is errors.Unavailable:
-        reason = "STREAM_BROKEN"
-    return cls(message, reason=reason, field=metadata.get("field"), metadata=metadata)
+    error = domain_error_from_rpc(err, service=f"inference node {address}", failed_reason="INFERENCE_NODE_FAILED",
+                                  metadata=metadata)
+    if err.code() is grpc.StatusCode.CANCELLED:
+        # CANCELLED here came from the node side (our caller cancelling is an
+        # asyncio.CancelledError instead): to the caller the node went away.
+        error = errors.Unavailable(error.message, reason="INFERENCE_NODE_CANCELLED", metadata=error.metadata)
+    if num_streamed and isinstance(error, errors.Unavailable):
+        error.reason = "STREAM_BROKEN"
+    return error

@@ -21,7 +21,7 @@ from services.inference.core.kv_slots import Eviction, KVSlotTable, Slot
 from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import KVOp, OpKind, StepPlan, StepResult
 from services.inference.core.priorities import PriorityPolicy, count_by_class
-from services.inference.core.text import StreamText, common_prefix_len
+from services.inference.core.text import StreamText, check_token_ids, common_prefix_len
 from services.inference.core.types import BatchEntry, Delta, FinishReason, GenerateSpec, Priority, Usage
 
 
@@ -234,11 +234,7 @@ class Scheduler:
         if spec.prompt_tokens:
             field_name = "prompt_tokens"
             tokens = list(spec.prompt_tokens)
-            n_vocab = self.vocab.vocab_size()
-            bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-            if bad is not None:
-                raise InvalidArgument(f"prompt_tokens: token id {bad} is outside the vocabulary of {n_vocab}",
-                                      field=field_name)
+            check_token_ids(tokens, self.vocab.vocab_size(), field_name)
         else:
             field_name = "prompt"
             prev_text, prev_tokens = self.table.session_prompt(spec.session_id) if spec.session_id else ("", [])

@@ -1,8 +1,18 @@
-"""Prefix matching, incremental UTF-8 decoding and stop strings."""
+"""Token ids checked against the vocabulary, prefix matching, incremental UTF-8 decoding and stop strings."""
 from __future__ import annotations
 
 import codecs
 from typing import Sequence
+
+from services.common.errors import InvalidArgument
+
+
+def check_token_ids(tokens: Sequence[int], n_vocab: int, field_name: str) -> None:
+    """InvalidArgument naming ``field_name`` unless every id is in the model's vocabulary."""
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidArgument(f"{field_name}: token id {bad} is outside the vocabulary of {n_vocab}",
+                              field=field_name)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

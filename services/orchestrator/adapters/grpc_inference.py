@@ -6,7 +6,7 @@ from typing import Any, AsyncIterator
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.orchestrator.adapters.grpc_errors import mapped, to_domain
+from services.common.rpc_errors import domain_error_from_rpc, domain_errors
 from services.orchestrator.core.events import Usage
 from services.orchestrator.core.ports import GenerationChunk, GenerationRequest
 
@@ -43,13 +43,13 @@ class GrpcInference:
         return cls(inference_pb2_grpc.InferenceServiceStub(channel))
 
     async def tokenize(self, text: str, *, model: str = "", add_special: bool = False) -> list[int]:
-        with mapped("inference"):
+        with domain_errors("inference"):
             reply = await self._client.Tokenize(inference_pb2.TokenizeRequest(
                 model=model, text=text, add_special=add_special, parse_special=True))
         return list(reply.tokens)
 
     async def context_size(self, model: str = "") -> int:
-        with mapped("inference"):
+        with domain_errors("inference"):
             reply = await self._client.CountTokens(inference_pb2.CountTokensRequest(model=model, text=""))
         return reply.n_ctx
 
@@ -72,7 +72,7 @@ class GrpcInference:
                 yield GenerationChunk(text=reply.text, finish_reason=_FINISH.get(reply.finish_reason, ""),
                                       usage=usage, ttft_ms=reply.usage.ttft_ms if usage else 0.0)
         except grpc.RpcError as err:
-            raise to_domain(err, "inference") from None
+            raise domain_error_from_rpc(err, service="inference") from None
         finally:
             if hasattr(call, "cancel"):
                 call.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
-from services.orchestrator.adapters.grpc_errors import mapped
+from services.common.rpc_errors import domain_errors
 
 
 class GrpcPolicy:
@@ -17,7 +17,7 @@ class GrpcPolicy:
 
     async def record_approval(self, *, request_id: str, tenant_id: str, session_id: str, approval_id: str,
                               decision: str, approver: str) -> None:
-        with mapped("policy"):
+        with domain_errors("policy"):
             await self._client.RecordApproval(policy_pb2.RecordApprovalRequest(
                 request_id=request_id, tenant_id=tenant_id, session_id=session_id, approval_id=approval_id,
                 decision=policy_pb2.ApprovalDecision.Value(decision), approver=approver))

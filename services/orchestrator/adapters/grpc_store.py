@@ -8,7 +8,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 from llmesh.store.v1 import store_pb2, store_pb2_grpc
 
-from services.orchestrator.adapters.grpc_errors import mapped, to_domain
+from services.common.rpc_errors import domain_error_from_rpc, domain_errors
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
 
@@ -44,24 +44,24 @@ class GrpcStore:
         return cls(store_pb2_grpc.StoreServiceStub(channel))
 
     async def create_session(self, *, request_id, tenant_id, title, metadata) -> SessionRecord:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.CreateSession(store_pb2.CreateSessionRequest(
                 request_id=request_id, tenant_id=tenant_id, title=title, metadata_json=json.dumps(metadata)))
         return _session(reply.session)
 
     async def get_session(self, *, tenant_id, session_id) -> SessionRecord:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.GetSession(store_pb2.GetSessionRequest(tenant_id=tenant_id, session_id=session_id))
         return _session(reply.session)
 
     async def list_sessions(self, *, tenant_id, page_size, page_token) -> tuple[list[SessionRecord], str]:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.ListSessions(store_pb2.ListSessionsRequest(
                 tenant_id=tenant_id, page_size=page_size, page_token=page_token))
         return [_session(s) for s in reply.sessions], reply.next_page_token
 
     async def append_messages(self, *, request_id, tenant_id, session_id, messages) -> list[int]:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.AppendMessages(store_pb2.AppendMessagesRequest(
                 request_id=request_id, tenant_id=tenant_id, session_id=session_id,
                 messages=[store_pb2.Message(role=m.role, content=m.content, metadata_json=json.dumps(m.metadata),
@@ -71,7 +71,7 @@ class GrpcStore:
     async def list_messages(self, *, tenant_id, session_id, after_position) -> list[MessageRecord]:
         out: list[MessageRecord] = []
         token = ""
-        with mapped("store"):
+        with domain_errors("store"):
             while True:
                 reply = await self._c.ListMessages(store_pb2.ListMessagesRequest(
                     tenant_id=tenant_id, session_id=session_id, after_position=after_position,
@@ -85,7 +85,7 @@ class GrpcStore:
 
     async def append_events(self, *, request_id, tenant_id, session_id, events: Sequence[AgentEvent],
                             idempotency_keys: Sequence[str]) -> list[int]:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.AppendEvents(store_pb2.AppendEventsRequest(
                 request_id=request_id, tenant_id=tenant_id, session_id=session_id,
                 # Live readers already saw these seqs: a dropped delta would leave a gap.
@@ -98,7 +98,7 @@ class GrpcStore:
     async def read_events(self, *, tenant_id, session_id, after_seq) -> list[AgentEvent]:
         out: list[AgentEvent] = []
         token = ""
-        with mapped("store"):
+        with domain_errors("store"):
             while True:
                 reply = await self._c.ReadEvents(store_pb2.ReadEventsRequest(
                     tenant_id=tenant_id, session_id=session_id, after_seq=after_seq, page_size=PAGE_SIZE,
@@ -115,55 +115,57 @@ class GrpcStore:
             async for reply in call:
                 yield _event(reply.event)
         except grpc.RpcError as err:
-            raise to_domain(err, "store") from None
+            raise domain_error_from_rpc(err, service="store") from None
         finally:
             call.cancel()
 
     async def enqueue_task(self, *, request_id, tenant_id, queue, payload_json, idempotency_key,
                            max_attempts, priority=0) -> TaskRecord:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.EnqueueTask(store_pb2.EnqueueTaskRequest(
                 request_id=request_id, tenant_id=tenant_id, queue=queue, payload_json=payload_json,
                 idempotency_key=idempotency_key, max_attempts=max_attempts, priority=priority))
         return _task(reply.task)
 
     async def claim_tasks(self, *, queue, worker_id, max_tasks, lease_ms) -> list[TaskRecord]:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.ClaimTasks(store_pb2.ClaimTasksRequest(
                 request_id=uuid.uuid4().hex, queue=queue, worker_id=worker_id, max_tasks=max_tasks,
                 lease_ms=lease_ms))
         return [_task(t) for t in reply.tasks]
 
     async def heartbeat_task(self, *, task_id, lease_token, lease_ms) -> None:
-        with mapped("store"):
+        with domain_errors("store"):
             await self._c.HeartbeatTask(store_pb2.HeartbeatTaskRequest(request_id=uuid.uuid4().hex, task_id=task_id, lease_token=lease_token,
                                                                        lease_ms=lease_ms))
 
     async def ack_task(self, *, task_id, lease_token, result_json) -> None:
-        with mapped("store"):
+        with domain_errors("store"):
             await self._c.AckTask(store_pb2.AckTaskRequest(request_id=f"{task_id}:{lease_token}:ack",
                                                            task_id=task_id, lease_token=lease_token,
                                                            result_json=result_json))
 
     async def fail_task(self, *, task_id, lease_token, error, permanent) -> None:
-        with mapped("store"):
+        with domain_errors("store"):
             await self._c.FailTask(store_pb2.FailTaskRequest(request_id=f"{task_id}:{lease_token}:fail",
                                                              task_id=task_id, lease_token=lease_token, error=error,
                                                              permanent=permanent))
 
     async def get_task(self, *, tenant_id, task_id) -> TaskRecord:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.GetTask(store_pb2.GetTaskRequest(tenant_id=tenant_id, task_id=task_id))
         return _task(reply.task)
 
     async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> SessionLockGrant:
-        with mapped("store"):
+        with domain_errors("store"):
             reply = await self._c.AcquireSessionLock(store_pb2.AcquireSessionLockRequest(
                 request_id=uuid.uuid4().hex, tenant_id=tenant_id, session_id=session_id, owner_id=owner_id,
                 lease_ms=lease_ms))
-        return SessionLockGrant(acquired=reply.acquired, next_event_seq=reply.next_event_seq)
+        return SessionLockGrant(acquired=reply.acquired, next_event_seq=reply.next_event_seq,
+                                fencing_token=reply.fencing_token)
 
-    async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> None:
-        with mapped("store"):
-            await self._c.ReleaseSessionLock(store_pb2.ReleaseSessionLockRequest(
+    async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> bool:
+        with domain_errors("store"):
+            reply = await self._c.ReleaseSessionLock(store_pb2.ReleaseSessionLockRequest(
                 request_id=f"{owner_id}-unlock", tenant_id=tenant_id, session_id=session_id, owner_id=owner_id))
+        return reply.released

@@ -7,7 +7,7 @@ from typing import Sequence
 import grpc
 from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
-from services.orchestrator.adapters.grpc_errors import mapped
+from services.common.rpc_errors import domain_errors
 from services.orchestrator.core.ports import ToolInvocation, ToolOutcome, ToolSpec
 
 # Extra seconds past the slowest call's own timeout before the batch RPC gives up.
@@ -59,7 +59,7 @@ class GrpcTools:
     async def list_tools(self) -> list[ToolSpec]:
         specs: list[ToolSpec] = []
         token = ""
-        with mapped("tools"):
+        with domain_errors("tools"):
             while True:
                 reply = await self._client.ListTools(tools_pb2.ListToolsRequest(page_size=200, page_token=token))
                 specs.extend(_spec(t) for t in reply.tools)
@@ -70,7 +70,7 @@ class GrpcTools:
     async def execute_tools(self, *, request_id: str, tenant_id: str, session_id: str,
                             calls: Sequence[ToolInvocation]) -> list[ToolOutcome]:
         slowest_s = max((c.timeout_ms for c in calls), default=0) / 1000.0 or 60.0
-        with mapped("tools"):
+        with domain_errors("tools"):
             reply = await self._client.ExecuteTools(tools_pb2.ExecuteToolsRequest(
                 request_id=request_id, tenant_id=tenant_id, session_id=session_id,
                 calls=[_call(c) for c in calls], role=self._role), timeout=slowest_s + DEADLINE_SLACK_S)

@@ -7,7 +7,8 @@ from typing import Sequence
 import grpc
 from llmesh.store.v1 import store_pb2, store_pb2_grpc
 
-from services.common.errors import Aborted, DomainError, Unavailable
+from services.common.errors import Aborted, DomainError
+from services.common.rpc_errors import domain_error_from_rpc
 from services.policy.core.audit import AuditHead, AuditRecord
 
 STORE_TIMEOUT_S = 10.0
@@ -61,6 +62,5 @@ def _record(entry: store_pb2.AuditEntry) -> AuditRecord:
 
 
 def _domain_error(exc: grpc.aio.AioRpcError) -> DomainError:
-    if exc.code() == grpc.StatusCode.ABORTED:
-        return Aborted(f"audit chain moved: {exc.details()}")
-    return Unavailable(f"audit store failed with {exc.code().name}: {exc.details()}", reason="AUDIT_STORE_FAILED")
+    """Aborted (the chain moved: the core retries from a fresh head); any other failure is UNAVAILABLE."""
+    return domain_error_from_rpc(exc, service="audit store", passed_on=(Aborted,))

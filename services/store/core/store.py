@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
 
 from services.common.errors import NotFound, require
+from services.common.paging import cursor_int, decode_token, encode_token, page_limit
 from services.store.core import validation as check
 from services.store.core.event_writer import EventWriter
 from services.store.core.models import (
     AuditRecord, EventRecord, LockResult, NewEvent, NewMessage, NewSession, NewTask, Page, SessionRecord,
     TaskRecord,
 )
-from services.store.core.paging import cursor_int, decode_token, encode_token, page_after, page_limit
+from services.store.core.paging import page_after
 from services.store.core.ports import StoreRepository
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub

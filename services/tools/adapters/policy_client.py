@@ -5,6 +5,8 @@ import grpc
 from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.clients import make_channel
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.rpc_errors import domain_error_from_rpc
 from services.tools.core.ports import PolicyDecision, PolicyQuery, PolicyUnavailable, PolicyVerdict
 
 _DECISIONS = {
@@ -12,6 +14,9 @@ _DECISIONS = {
     policy_pb2.DECISION_PROMPT: PolicyDecision.PROMPT,
     policy_pb2.DECISION_FORBIDDEN: PolicyDecision.FORBIDDEN,
 }
+
+# Policy's own answers about this call; anything else means policy could not judge it.
+REFUSALS = (PermissionDenied, InvalidArgument, NotFound, FailedPrecondition)
 
 
 class GrpcPolicyClient:
@@ -38,11 +43,11 @@ class GrpcPolicyClient:
         try:
             response = await self.stub.Evaluate(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
-                              grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            error = domain_error_from_rpc(exc, service="policy")
+            if isinstance(error, REFUSALS):
                 # Policy answered: it refuses this call (e.g. an unknown or spent approval id).
-                return PolicyVerdict(PolicyDecision.FORBIDDEN, f"policy refused: {exc.details()}")
-            raise PolicyUnavailable(f"{exc.code().name}: {exc.details()}") from None
+                return PolicyVerdict(PolicyDecision.FORBIDDEN, f"refused by {error.message}")
+            raise PolicyUnavailable(f"{error.reason}: {error.message}") from None
         # Anything policy does not say plainly is treated as forbidden (fail closed).
         decision = _DECISIONS.get(response.decision, PolicyDecision.FORBIDDEN)
         return PolicyVerdict(decision, response.justification, response.approval_id)

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Iterable
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, require
+from services.common.paging import decode_token, encode_token, page_limit
 from services.tools.core import names
 from services.tools.core.model import ToolSpec
 
 ARGUMENTS_FIELD = "call.arguments_json"
 MAX_REPORTED_ERRORS = 10
+#: The registry is the same for every caller: its listing has one scope.
+PAGE_SCOPE = "tools"
 
 
 def _json_path(error: jsonschema.ValidationError) -> str:
@@ -63,6 +67,15 @@ class ToolRegistry:
 
     def list(self) -> list[ToolSpec]:
         return [self.tools[n] for n in sorted(self.tools)]
+
+    def page(self, page_size: int, page_token: str) -> tuple[Sequence[ToolSpec], str]:
+        """One page of the tools in name order, resuming after the name in ``page_token``."""
+        limit = page_limit(page_size)
+        after = decode_token(page_token, PAGE_SCOPE)
+        require(after is None or isinstance(after, str), "page_token", "not a token of this listing")
+        specs = [s for s in self.list() if after is None or s.name > after]
+        page = specs[:limit]
+        return page, encode_token(PAGE_SCOPE, page[-1].name) if len(specs) > limit else ""
 
     def validate(self, name: str, arguments: Any) -> None:
         """INVALID_ARGUMENT listing every failing path (``$.path``) when the arguments break the schema."""
