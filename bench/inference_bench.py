@@ -17,7 +17,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from services.gemma.model_cache import ensure_model  # noqa: E402
 from services.inference.adapters.llama_backend import LlamaBackend  # noqa: E402
 from services.inference.core.types import BatchEntry, SamplingParams  # noqa: E402
 from services.launcher import SERVICES, Child, Launcher  # noqa: E402
+from tests.support.ports import free_port
 
 INFERENCE = next(service for service in SERVICES if service.name == "inference")
 
@@ -222,12 +222,6 @@ async def long_prompt_arrival(stub, stub_count, streams: int = 4, long_tokens: i
 # The node under test: as deployed, but with tracing off (no other run here traces either).
 N_CTX = 8192
 N_SEQ_MAX = 16
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

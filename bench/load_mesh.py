@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import urllib.request
@@ -22,6 +21,7 @@ from typing import AsyncIterator
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "gen")]
 
 from services.launcher import Child, Launcher, plan_children  # noqa: E402
+from tests.support.ports import free_launcher_port_base
 
 
 @dataclass(frozen=True)
@@ -35,30 +35,6 @@ class MeshOptions:
     batch_tokens: int = 65536
     saved_state_max_mb: int = 8
     data_dir: str = ""
-
-
-def _free_port_base(span: int = 120) -> int:
-    """A base port with ``span`` free ports above it (best effort, loopback only)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + span >= 65535:
-            continue
-        try:
-            held = []
-            for port in (base, base + 1, base + 2, base + 3, base + 4, base + 100, base + 101, base + 102,
-                         base + 103, base + 104, *(base + 10 + i for i in range(1, 8))):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                held.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in locals().get("held", []):
-                s.close()
-    raise OSError("no free port range on loopback")
 
 
 def mesh_env(options: MeshOptions) -> dict[str, str]:
@@ -116,7 +92,8 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def running_mesh(options: MeshOptions = MeshOptions()) -> AsyncIterator[Mesh]:
     data_dir = Path(options.data_dir or tempfile.mkdtemp(prefix="llmesh-load-"))
-    children = plan_children(data_dir, _free_port_base(), options.nodes)
+    # Every port of the plan is reserved: see tests/support/ports.py.
+    children = plan_children(data_dir, free_launcher_port_base(options.nodes), options.nodes)
     extra = mesh_env(options)
     for child in children:
         child.extra_env.update(extra)

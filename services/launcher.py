@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import ctypes
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 8.0
+# ``python -m services.launcher --child-of PID MODULE ARGS...`` runs MODULE as a child of PID.
+CHILD_FLAG = "--child-of"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def child_command(module: str, args: list[str]) -> list[str]:
+    """``python -m <module> <args>``, run so that the child gets SIGTERM when this process dies.
+
+    The child asks for that signal itself, after exec (``run_child``). A
+    ``preexec_fn`` would run Python between fork and exec, and in a process
+    with gRPC threads (the launcher's health checks) gRPC's fork handlers
+    then crash a share of the children before they exec.
+    """
+    return [sys.executable, "-m", "services.launcher", CHILD_FLAG, str(os.getpid()), module, *args]
+
+
+def run_child(argv: list[str]) -> None:
+    """The child side of ``child_command``: ``argv`` is PID MODULE ARGS..."""
+    parent, module, *args = argv
+    _die_with_parent()
+    if os.getppid() != int(parent):
+        sys.exit(f"{module}: the launcher (pid {parent}) exited before this child started")
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
 def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | None = None) -> list[Child]:
     children: list[Child] = []
     node_ports = [port_base] + [port_base + 10 + i for i in range(1, nodes)]
@@ -125,11 +149,10 @@ class Launcher:
     def spawn(self, child: Child) -> None:
         child.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **child.extra_env, "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", child.service.module, "--port", str(child.port),
-                "--metrics-port", str(child.metrics_port), "--data-dir", str(self.data_dir)]
+        args = child_command(child.service.module, ["--port", str(child.port), "--metrics-port",
+                                                    str(child.metrics_port), "--data-dir", str(self.data_dir)])
         log = child.log_path.open("ab")
-        child.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         preexec_fn=_die_with_parent)
+        child.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
     async def wait_ready(self, child: Child) -> None:
@@ -206,7 +229,10 @@ class Launcher:
 
 class ChildDied(Exception):
     def __init__(self, child: Child) -> None:
-        super().__init__(child.name)
+        # The message carries the log tail: a caller may delete the data dir before anyone reads the log.
+        code = child.process.returncode if child.process else None
+        super().__init__(f"{child.name} exited with code {code}; last log lines:\n"
+                         + "".join(child.last_log_lines(10)))
         self.child = child
 
 
@@ -287,6 +313,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == [CHILD_FLAG]:
+        run_child(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m services.launcher", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("LLMESH_DATA_DIR", "data"))
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("LLMESH_PORT_BASE", "50051")))

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,27 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.launcher import SERVICES
+from tests.support.ports import free_launcher_port_base
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ports_free(base: int) -> bool:
-    ports = [base + s.port_offset for s in SERVICES] + [base + 100 + s.port_offset for s in SERVICES] + [base + 9]
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _free_port_base() -> int:
-    for _ in range(50):
-        base = random.randrange(20000, 40000, 10)
-        if _ports_free(base):
-            return base
-    raise RuntimeError("no free port range")
 
 
 def _list_services(target: str) -> set[str]:
@@ -56,7 +36,7 @@ def _health(target: str, service: str) -> int:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("mesh-data")
-    base = _free_port_base()
+    base = free_launcher_port_base(nodes=1, http_offset=9)
     env = {**os.environ, "LLMESH_DATA_DIR": str(data_dir), "LLMESH_PORT_BASE": str(base),
            "LLMESH_HTTP_PORT": str(base + 9)}
     proc = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -1,8 +1,6 @@
 """Builders for balancer tests: fake nodes plus a started Balancer."""
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import replace
 
 from llmesh.inference.v1 import inference_pb2
@@ -26,12 +24,3 @@ def gen_request(prompt: str = "hello there", session_id: str = "",
 async def collect(balancer: Balancer, request: inference_pb2.GenerateRequest) -> list[inference_pb2.GenerateResponse]:
     return [reply async for reply in balancer.generate(request)]
 
-
-async def wait_until(condition, timeout_s: float) -> float:
-    """Seconds until ``condition()`` held; fails the test after ``timeout_s``."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start

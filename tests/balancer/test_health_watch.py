@@ -9,11 +9,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
 from services.inference.client.core.node_state import Health
-from tests.balancer.conftest import collect, gen_request, make_balancer, wait_until
+from tests.balancer.conftest import collect, gen_request, make_balancer
 from tests.balancer.fake_node import SERVICE_NAME, FakeInferenceServicer, FakeNodeConfig
+from tests.support.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A long poll interval, so a change seen within half of it was pushed; half
+# of it is also slack enough for a loaded machine.
+HEALTH_INTERVAL_S = 10.0
+PUSHED_WITHIN_S = HEALTH_INTERVAL_S / 2
 
 
 @contextlib.asynccontextmanager
@@ -35,22 +40,22 @@ async def bare_node(node_id: str) -> AsyncIterator[tuple[str, health.aio.HealthS
 
 async def test_watch_stream_reports_drain_and_return_immediately() -> None:
     async with bare_node("a") as (address, health_servicer, _server), bare_node("b") as (other, _h, _s):
-        async with make_balancer([address, other], health_interval_s=5.0) as balancer:
+        async with make_balancer([address, other], health_interval_s=HEALTH_INTERVAL_S) as balancer:
             state = balancer.nodes[address]
             assert state.health is Health.SERVING
             assert balancer._links[address].health_mode == "watch"
             await health_servicer.set(SERVICE_NAME, NOT_SERVING)
-            # Far below the 5 s health interval: the change is pushed, not polled.
-            assert await wait_until(lambda: state.health is Health.NOT_SERVING, 0.5) < 0.5
+            # Well inside one health interval: the change is pushed, not polled.
+            assert await wait_until(lambda: state.health is Health.NOT_SERVING, PUSHED_WITHIN_S)
             replies = [await collect(balancer, gen_request()) for _ in range(4)]
             await health_servicer.set(SERVICE_NAME, SERVING)
-            await wait_until(lambda: state.health is Health.SERVING, 0.5)
+            assert await wait_until(lambda: state.health is Health.SERVING, PUSHED_WITHIN_S)
     assert {r[-1].node_id for r in replies} == {"b"}
 
 
 async def test_broken_watch_stream_marks_the_node_down() -> None:
     async with bare_node("a") as (address, _health, server):
-        async with make_balancer([address], health_interval_s=5.0) as balancer:
+        async with make_balancer([address], health_interval_s=HEALTH_INTERVAL_S) as balancer:
             state = balancer.nodes[address]
             await server.stop(0)
-            await wait_until(lambda: state.health is Health.NOT_SERVING, 0.5)
+            assert await wait_until(lambda: state.health is Health.NOT_SERVING, PUSHED_WITHIN_S)

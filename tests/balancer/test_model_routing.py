@@ -9,8 +9,9 @@ from prometheus_client import REGISTRY
 
 from services.common import errors
 from services.inference.client import BalancerSettings
-from tests.balancer.conftest import collect, gen_request, make_balancer, wait_until
+from tests.balancer.conftest import collect, gen_request, make_balancer
 from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
+from tests.support.waiting import wait_until
 
 PROFILES = json.dumps({"small": {"tier": 0, "cost_per_1k_tokens": 0.1},
                        "large": {"tier": 1, "cost_per_1k_tokens": 1.0}})
@@ -104,8 +105,8 @@ async def test_a_model_whose_nodes_are_gone_falls_back_to_the_next():
             assert (await collect(chained, request("large")))[-1].model == "large"
             await nodes[1].stop()
             large = addresses(nodes)[1]
-            await wait_until(lambda: not chained.nodes[large].is_available(0.0)
-                             and not plain.nodes[large].is_available(0.0), 5.0)
+            assert await wait_until(lambda: not chained.nodes[large].is_available(0.0)
+                                    and not plain.nodes[large].is_available(0.0), 5.0)
             before = routed("small", True)
             replies = await collect(chained, request("large"))
             assert (replies[-1].model, replies[-1].node_id) == ("small", "small-node")
@@ -124,7 +125,7 @@ async def test_a_model_slow_to_start_is_left_for_the_next_after_fallback_after_s
             assert (replies[-1].model, replies[-1].node_id) == ("small", "small-node")
             # The abandoned attempt freed its sequence on the slow node.
             large = addresses(nodes)[1]
-            await wait_until(lambda: balancer.nodes[large].num_inflight == 0, 2.0)
+            assert await wait_until(lambda: balancer.nodes[large].num_inflight == 0, 5.0)
 
 
 async def test_every_model_failing_names_each_one():

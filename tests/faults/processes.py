@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,27 @@ from typing import Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# argv: SETUP (module:function) MODULE ARGS... Calls SETUP in the child, then runs MODULE as ``python -m`` would.
+_SETUP_THEN_RUN = """
+import importlib, runpy, sys
+module, _, function = sys.argv[1].partition(":")
+getattr(importlib.import_module(module), function)()
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
 
 
 class ServiceProcess:
-    """``python -m services.<name>`` on a fixed port, restartable on the same data dir."""
+    """``python -m services.<name>`` on a fixed port, restartable on the same data dir.
+
+    ``preexec``, a module-level function, runs in the child before the
+    service does: after exec, never as a ``preexec_fn`` between fork and exec,
+    where Python code in a process with gRPC threads (this one) can crash the
+    child before it execs.
+    """
 
     def __init__(self, name: str, full_name: str, data_dir: Path, args: Sequence[str] = (),
                  env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None) -> None:
@@ -41,11 +50,14 @@ class ServiceProcess:
     async def start(self, timeout_s: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "LLMESH_LOG_LEVEL": "WARNING", **self.env}
+        service = [f"services.{self.name}", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args]
+        if self.preexec is None:
+            command = [sys.executable, "-m", *service]
+        else:
+            setup = f"{self.preexec.__module__}:{self.preexec.__qualname__}"
+            command = [sys.executable, "-c", _SETUP_THEN_RUN, setup, *service]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.name}", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), *self.args],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         await self.wait_serving(timeout_s)
 
     async def wait_serving(self, timeout_s: float) -> None:

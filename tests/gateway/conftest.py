@@ -13,9 +13,7 @@ from services.common.settings import ServerSettings
 from services.gateway.config import Settings
 from services.gateway.server import build_app, running_gateway
 from tests.gateway.fakes import FakeAgentApp, FakeAgentService, ScriptedGenerator
-
-# A cheap KDF cost keeps the tests fast; production uses DEFAULT_SCRYPT_N.
-TEST_SCRYPT_N = 2**10
+from tests.support.mesh import TEST_SCRYPT_N
 
 
 @dataclass

@@ -10,16 +10,16 @@ from typing import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.gateway.real_mesh import RealMesh, running_real_mesh
 from tests.gateway.sse import SseEvent, read_sse
 from tests.gateway.test_node_client import node_client_dir, run_node_turn  # noqa: F401 (fixture)
+from tests.support.mesh import Mesh, running_mesh
 
 pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def real_mesh(tmp_path_factory, model_path) -> AsyncIterator[RealMesh]:
-    async with running_real_mesh(tmp_path_factory.mktemp("real-mesh"), model_path) as mesh:
+async def real_mesh(tmp_path_factory, model_path) -> AsyncIterator[Mesh]:
+    async with running_mesh(tmp_path_factory.mktemp("real-mesh"), model_path=model_path, gateway=True) as mesh:
         yield mesh
 
 

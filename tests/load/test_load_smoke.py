@@ -18,7 +18,7 @@ async def test_s1_s2_s3_at_toy_scale_lose_nothing_and_fail_nothing() -> None:
     opts = load.parse_args(["--quick"])
     opts.s2_idle, opts.s2_active, opts.s2_seconds, opts.s2_idle_s = 40, 10, 2.0, 1.0
     opts.s3_tasks, opts.s3_workers = 200, 4
-    # Two nodes, as in `make bench-load` (one node trips a balancer bug, see docs/observability.md).
+    # Two nodes behind the orchestrator's balancer, as `make bench-load` runs the mesh (bench/load.py --nodes).
     async with running_mesh(MeshOptions(nodes=2, tokens_per_s=opts.tokens_per_s)) as mesh:
         s1 = await load.s1_level(mesh, concurrency=4, duration_s=3.0, opts=opts)
         s2 = await load.scenario_s2(mesh, opts)

@@ -1,94 +1,27 @@
 """The orchestrator against the real store, policy, tools and inference services.
 
-Every service is started in process with its own `build_app` on port 0; the
-model is the bundled Gemma 3 270M through the inference service, with
-grammar-constrained decoding. A service that still answers UNIMPLEMENTED
-makes the tests skip, naming it.
+Every service is started in process with its own `build_app` on port 0
+(tests/support/mesh.py); the model is the bundled Gemma 3 270M through the
+inference service, with grammar-constrained decoding.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
-from pathlib import Path
+from dataclasses import replace
 
 import grpc
 import pytest
-from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
-from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
-from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
-from llmesh.store.v1 import store_pb2, store_pb2_grpc
-from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
-from dataclasses import replace
-
-from services.common.runtime import running_service
 from services.orchestrator.adapters.grpc_store import GrpcStore
 from services.orchestrator.core.orchestrator import Orchestrator, OrchestratorConfig
 from services.orchestrator.core.runs import RunLimits
 from tests.orchestrator.fakes import FakePolicy, FakeTools, Gate, ScriptedInference, call
 from tests.orchestrator.test_tasks import DyingStore
-from services.orchestrator.config import Settings as OrchestratorSettings
-from services.orchestrator.server import build_app as build_orchestrator
+from tests.support.mesh import TENANT, running_mesh
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow]
-
-TENANT = "acme"
-
-
-def _settings(name: str, **fields):
-    cls = importlib.import_module(f"services.{name}.config").Settings
-    known = {f for f in cls.__dataclass_fields__}
-    return cls(**{k: v for k, v in fields.items() if k in known})
-
-
-async def _unimplemented(channel: grpc.aio.Channel, name: str) -> bool:
-    probes = {
-        "store": lambda: store_pb2_grpc.StoreServiceStub(channel).GetSession(
-            store_pb2.GetSessionRequest(tenant_id=TENANT, session_id="probe")),
-        "policy": lambda: policy_pb2_grpc.PolicyServiceStub(channel).VerifyAudit(
-            policy_pb2.VerifyAuditRequest(tenant_id=TENANT)),
-        "tools": lambda: tools_pb2_grpc.ToolServiceStub(channel).ListTools(tools_pb2.ListToolsRequest()),
-        "inference": lambda: inference_pb2_grpc.InferenceServiceStub(channel).CountTokens(
-            inference_pb2.CountTokensRequest(text="probe")),
-    }
-    try:
-        await probes[name]()
-    except grpc.aio.AioRpcError as err:
-        return err.code() == grpc.StatusCode.UNIMPLEMENTED
-    return False
-
-
-@contextlib.asynccontextmanager
-async def mesh(tmp_path: Path, *, inference=None, **orchestrator_fields):
-    async with contextlib.AsyncExitStack() as stack:
-        targets: dict[str, str] = {}
-
-        async def start(name: str, **fields) -> str:
-            settings = _settings(name, port=0, data_dir=str(tmp_path / name), **fields)
-            app = importlib.import_module(f"services.{name}.server").build_app(settings)
-            svc = await stack.enter_async_context(running_service(app, settings))
-            target = f"127.0.0.1:{svc.port}"
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
-            if await _unimplemented(channel, name):
-                pytest.skip(f"the {name} service is not implemented yet (UNIMPLEMENTED)")
-            targets[name] = target
-            return target
-
-        store = await start("store", sqlite_synchronous="NORMAL")
-        policy = await start("policy", store_target=store, audit_backend="store")
-        await start("tools", policy_target=policy, workspace_root=str(tmp_path / "ws"), sandbox_uid=-1,
-                    sandbox_gid=-1)
-        if inference is None:
-            await start("inference", n_ctx=2048, n_seq_max=2, n_threads=2, n_gpu_layers=0)
-        settings = OrchestratorSettings(port=0, store_target=targets["store"], policy_target=targets["policy"],
-                                        tools_target=targets["tools"], inference_target=targets.get("inference", ""),
-                                        event_batch_ms=5, **orchestrator_fields)
-        ports = {"inference": inference} if inference is not None else {}
-        svc = await stack.enter_async_context(running_service(build_orchestrator(settings, **ports), settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}"))
-        yield orchestrator_pb2_grpc.AgentServiceStub(channel), tmp_path / "ws", svc
 
 
 async def run_events(stub, session_id: str, message: str, on_event=None, **options) -> list[pb.AgentEvent]:
@@ -113,7 +46,8 @@ async def stored_events(stub, session_id: str, until_seq: int) -> list[pb.AgentE
 
 @pytest.mark.model
 async def test_model_calls_fs_read_and_fs_list_in_parallel_and_answers(tmp_path):
-    async with mesh(tmp_path) as (stub, _ws, _svc):
+    async with running_mesh(tmp_path) as mesh:
+        stub = mesh.agent
         session = (await stub.CreateSession(pb.CreateSessionRequest(
             tenant_id=TENANT, tools=["fs_read", "fs_list"], system_prompt="You are a file assistant."))).session
         live = await run_events(stub, session.session_id, "Read notes.txt and list the files here.",
@@ -130,7 +64,8 @@ async def test_model_calls_fs_read_and_fs_list_in_parallel_and_answers(tmp_path)
 
 @pytest.mark.model
 async def test_history_past_the_fraction_compacts_and_goes_on(tmp_path):
-    async with mesh(tmp_path, context_fraction=0.2) as (stub, _ws, _svc):
+    async with running_mesh(tmp_path, context_fraction=0.2) as mesh:
+        stub = mesh.agent
         session = (await stub.CreateSession(pb.CreateSessionRequest(
             tenant_id=TENANT, tools=["fs_read"], system_prompt="Answer briefly."))).session
         long_text = " ".join(f"item{i}" for i in range(40))
@@ -151,7 +86,8 @@ async def test_risky_command_waits_for_approval_and_session_approval_sticks(tmp_
     # Real store, policy and tools; the model is scripted so the risky command is exactly this one.
     command = call("shell_exec", command="rm -rf build")
     inference = ScriptedInference([command, "removed", command, "removed again"])
-    async with mesh(tmp_path, inference=inference) as (stub, ws, _svc):
+    async with running_mesh(tmp_path, inference=inference) as mesh:
+        stub, ws = mesh.agent, mesh.workspace
         session = (await stub.CreateSession(pb.CreateSessionRequest(
             tenant_id=TENANT, tools=["shell_exec"], system_prompt="You run commands."))).session
         build = ws / TENANT / session.session_id / "build"
@@ -179,8 +115,8 @@ async def test_risky_command_waits_for_approval_and_session_approval_sticks(tmp_
 
 
 async def test_killed_worker_task_is_finished_by_another_never_by_two(tmp_path):
-    async with mesh(tmp_path, inference=ScriptedInference([]), max_workers=0) as (stub, _ws, svc):
-        store_target = svc.app.settings.store_target
+    async with running_mesh(tmp_path, inference=ScriptedInference([]), max_workers=0) as mesh:
+        stub, store_target = mesh.agent, mesh.targets["store"]
         session = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=TENANT))).session
         # Two orchestrator replicas sharing the real store; their own ports are scripted.
         async with grpc.aio.insecure_channel(store_target) as channel:
@@ -201,14 +137,17 @@ async def test_killed_worker_task_is_finished_by_another_never_by_two(tmp_path):
             dying.dead = True  # replica A dies: nothing it sends reaches the store any more
             await replica_a.close()
             replica_b.start()
+            views = []
+
+            async def finished() -> bool:
+                views.append(await replica_b.get_task(TENANT, task.task_id))
+                return views[-1].state in ("SUCCEEDED", "FAILED")
+
             try:
-                for _ in range(300):
-                    view = await replica_b.get_task(TENANT, task.task_id)
-                    if view.state in ("SUCCEEDED", "FAILED"):
-                        break
-                    await asyncio.sleep(0.05)
+                assert await wait_until(finished, 30, interval_s=0.05), views[-1]
             finally:
                 await replica_b.close()
+            view = views[-1]
             assert view.state == "SUCCEEDED" and view.result_text == "done by b", view
             record = await shared.get_task(tenant_id=TENANT, task_id=task.task_id)
             assert record.worker_id == "replica-b" and record.attempts >= 2

@@ -1,7 +1,6 @@
 """The policy service over real gRPC, in process, on port 0."""
 from __future__ import annotations
 
-import asyncio
 import json
 import stat
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from services.policy.adapters.memory_audit_log import MemoryAuditLog
 from services.policy.config import Settings
 from services.policy.server import DEFAULT_POLICY_FILE, App
 from tests.policy.builders import WORKSPACE
+from tests.support.waiting import wait_until
 
 
 class Harness:
@@ -125,7 +125,7 @@ async def test_broken_rule_file_is_rejected_and_old_rules_keep_serving(harness: 
     broken = text.replace('match: ["git status", "git log --oneline -5"', 'match: ["git push", "git log --oneline -5"')
     assert broken != text
     harness.policy.write_text(broken)
-    await _wait_for(lambda: harness.app.holder.last_error != "")
+    assert await wait_until(lambda: harness.app.holder.last_error != "")
     assert harness.app.holder.last_error.startswith(f"{harness.policy}:")
     line = int(harness.app.holder.last_error.split(":")[1])
     assert "git push" in broken.splitlines()[line - 1]
@@ -133,7 +133,7 @@ async def test_broken_rule_file_is_rejected_and_old_rules_keep_serving(harness: 
 
     harness.policy.write_text(text.replace("decision: allow\n    justification: inspects the repository",
                                            "decision: forbidden\n    justification: inspects the repository"))
-    await _wait_for(lambda: harness.app.holder.last_error == "" and harness.app.holder.num_reloads == 1)
+    assert await wait_until(lambda: harness.app.holder.last_error == "" and harness.app.holder.num_reloads == 1)
     assert (await harness.evaluate("git status")).decision == policy_pb2.DECISION_FORBIDDEN
 
 
@@ -142,11 +142,3 @@ async def test_audit_key_is_generated_outside_the_database_with_0600(harness: Ha
     assert key_file.exists()
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert len(bytes.fromhex(key_file.read_text().strip())) == 32
-
-
-async def _wait_for(condition, timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)

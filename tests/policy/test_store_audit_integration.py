@@ -8,7 +8,6 @@ from pathlib import Path
 import grpc
 import pytest
 from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
-from llmesh.store.v1 import store_pb2, store_pb2_grpc
 
 from services.common.runtime import running_service
 from services.policy.config import Settings as PolicySettings
@@ -24,20 +23,11 @@ async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     store_settings = StoreSettings(port=0, data_dir=str(tmp_path / "store"))
     async with running_service(build_store_app(store_settings), store_settings) as store:
         target = f"127.0.0.1:{store.port}"
-        async with grpc.aio.insecure_channel(target) as channel:
-            try:
-                await store_pb2_grpc.StoreServiceStub(channel).GetAuditHead(
-                    store_pb2.GetAuditHeadRequest(tenant_id="probe"))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    pytest.skip("store service does not serve GetAuditHead/AppendAudit/ListAudit yet "
-                                "(services/store still answers UNIMPLEMENTED)")
-                raise
         policy_settings = PolicySettings(port=0, data_dir=str(tmp_path / "policy"), audit_backend="store",
                                          store_target=target)
-        async with running_service(PolicyApp(policy_settings), policy_settings) as policy:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{policy.port}") as channel:
-                yield policy_pb2_grpc.PolicyServiceStub(channel)
+        async with (running_service(PolicyApp(policy_settings), policy_settings) as policy,
+                    grpc.aio.insecure_channel(f"127.0.0.1:{policy.port}") as channel):
+            yield policy_pb2_grpc.PolicyServiceStub(channel)
 
 
 async def test_decisions_are_chained_in_the_store_and_verify(stack: policy_pb2_grpc.PolicyServiceStub) -> None:

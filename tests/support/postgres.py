@@ -24,14 +24,15 @@ import contextlib
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+
+from tests.support.ports import free_port
 
 RUN_AS = "postgres"
 
@@ -50,12 +51,6 @@ def find_pg_bin() -> Path | None:
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
             return candidate
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -93,7 +88,7 @@ class PostgresCluster:
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data_dir), "-A", "trust", "-U", "postgres", "--no-sync",
                   "-E", "UTF8", "--locale=C")
-        self.port = _free_port()
+        self.port = free_port()
         # fsync off: a test cluster is thrown away, and it keeps tests fast.
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")

@@ -1,7 +1,6 @@
 """Builders for the tool executor tests."""
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
 import shutil
@@ -20,6 +19,7 @@ from services.tools.core.model import CallContext, ToolInvocation
 from services.tools.core.ports import PolicyDecision, PolicyQuery, PolicyVerdict
 from services.tools.core.registry import ToolRegistry
 from services.tools.core.workspace import WorkspaceRoots
+from tests.support.waiting import wait_until  # noqa: F401 (the tool tests import it from here)
 
 SANDBOX_UID = 65534 if os.geteuid() == 0 else None
 # As root, each session's workspace gets a uid of its own from this range.
@@ -86,13 +86,3 @@ def workspace_of(base: Path, session_id: str = CTX.session_id) -> Path:
 def owner_uid_of(base: Path, session_id: str = CTX.session_id) -> int | None:
     """The uid a session's commands run as (None when the service cannot switch users)."""
     return workspace_of(base, session_id).stat().st_uid if SANDBOX_UID is not None else None
-
-
-async def wait_until(predicate: Any, timeout_s: float = 5.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()

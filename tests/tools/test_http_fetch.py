@@ -12,6 +12,7 @@ from services.tools.adapters.http_fetch import HttpFetchTool
 from services.tools.core.model import ToolStatus
 from services.tools.config import Settings
 from services.tools.server import build_app
+from tests.support.ports import free_port
 from tests.tools.conftest import CTX, call, make_executor
 
 BIG = b"x" * 20_000
@@ -72,11 +73,7 @@ async def test_body_is_capped_at_max_bytes(workspace_base: Path, server_url: str
 
 
 async def test_refused_connection_fails_cleanly(workspace_base: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # reserved, and nothing listens on it
     outcome = await _executor(workspace_base).execute(CTX, call("http_fetch", url=f"http://127.0.0.1:{port}/"))
     assert outcome.status is ToolStatus.ERROR and outcome.error_reason == "FETCH_FAILED"
 

@@ -12,7 +12,8 @@ import pytest
 from services.tools.adapters.sandbox import SandboxLimits, detect_mode
 from services.tools.core.executor import ExecutorLimits
 from services.tools.core.model import ToolStatus
-from tests.tools.conftest import CTX, call, make_executor, owner_uid_of, wait_until, workspace_of
+from tests.support.waiting import wait_until
+from tests.tools.conftest import CTX, call, make_executor, owner_uid_of, workspace_of
 
 
 def _available_modes() -> list[str]:
