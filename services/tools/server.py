@@ -45,7 +45,8 @@ class App:
             if drop and s.sandbox_uid_count > 0 else None
         self.registry = ToolRegistry()
         self.file_tools = FileTools(s.max_read_bytes, *self.owner,
-                                    max_concurrent_per_session=s.fs_max_concurrent_per_session)
+                                    max_concurrent_per_session=s.fs_max_concurrent_per_session,
+                                    workspace_quota_bytes=s.workspace_quota_mb * MB)
         for spec in self.file_tools.specs():
             self.registry.add(spec)
         if s.http_fetch_enabled:

@@ -87,6 +87,15 @@ async def test_workspace_quota_stops_growth_but_not_reading(base: Path) -> None:
     assert listing.status is ToolStatus.OK and listing.stdout.text.endswith("freed\n")
 
 
+async def test_fs_write_counts_against_the_workspace_quota(base: Path) -> None:
+    executor = make_executor(base, sandbox_mode="none", workspace_quota_bytes=64 * 1024)
+    small = await executor.execute(A, call("fs_write", path="a.txt", content="x" * 1000))
+    big = await executor.execute(A, call("fs_write", path="b.txt", content="y" * 100_000))
+    assert small.status is ToolStatus.OK
+    assert big.status is ToolStatus.ERROR and big.error_reason == "WORKSPACE_QUOTA_EXCEEDED"
+    assert not (base / "acme" / "alice" / "b.txt").exists()
+
+
 @pytest.mark.skipif(CgroupLimits.detect() is None, reason="this machine offers no cgroup to make")
 async def test_a_call_is_capped_as_a_whole_by_its_cgroup(base: Path) -> None:
     from services.tools.adapters.sandbox import Sandbox

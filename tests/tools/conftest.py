@@ -61,7 +61,7 @@ def make_executor(base: Path, policy: Any = None, *, limits: ExecutorLimits | No
     owner = (SANDBOX_UID, SANDBOX_UID)
     pool = SessionUidPool(base, TEST_UID_BASE, 10_000) if SANDBOX_UID is not None else None
     registry = ToolRegistry()
-    for spec in FileTools(16 * 1024 * 1024, *owner).specs():
+    for spec in FileTools(16 * 1024 * 1024, *owner, workspace_quota_bytes=workspace_quota_bytes).specs():
         registry.add(spec)
     sandbox = Sandbox(sandbox_mode, sandbox_limits or SandboxLimits(cpu_seconds=10, processes=32))
     registry.add(ShellTool(sandbox, shell_timeout_ms, workspace_quota_bytes).spec())

@@ -25,7 +25,7 @@ from services.common.errors import InvalidArgument, PermissionDenied
 from services.tools.core.executor import SessionThreads
 from services.tools.core.model import RiskLevel, ToolContext, ToolOutput, ToolSpec
 from services.tools.core.output import CapturedText
-from services.tools.core.workspace import Workspace, is_symlink_at, split_beneath, symlink_refused
+from services.tools.core.workspace import Workspace, disk_usage, is_symlink_at, split_beneath, symlink_refused
 
 SEARCH_SKIP_BYTES = 4 * 1024 * 1024  # bigger files are not searched: logs and blobs, not code
 BINARY_SNIFF_BYTES = 8192
@@ -167,8 +167,9 @@ class FileTools:
 
     def __init__(self, max_read_bytes: int, owner_uid: int | None = None, owner_gid: int | None = None, *,
                  max_concurrent_per_session: int = DEFAULT_MAX_CONCURRENT_PER_SESSION,
-                 threads: SessionThreads | None = None) -> None:
+                 threads: SessionThreads | None = None, workspace_quota_bytes: int = 0) -> None:
         self.max_read_bytes = max_read_bytes
+        self.workspace_quota_bytes = workspace_quota_bytes
         self.owner_uid = owner_uid
         self.owner_gid = owner_gid
         self.threads = threads or SessionThreads(max_concurrent_per_session, name="fs")
@@ -309,6 +310,11 @@ class FileTools:
         shown, append = args["path"], bool(args.get("append"))
 
         def write(_stop: threading.Event, root_fd: int) -> ToolOutput:
+            if self.workspace_quota_bytes > 0 and \
+                    disk_usage(ctx.workspace.root) + len(data) > self.workspace_quota_bytes:
+                return ToolOutput(ok=False, exit_code=1, error_reason="WORKSPACE_QUOTA_EXCEEDED",
+                                  error_message=f"the workspace would pass its quota of "
+                                                f"{self.workspace_quota_bytes} bytes; delete files first")
             owner = self._owner(root_fd)
             parent = ctx.workspace.open_dir(root_fd, parts[:-1], FIELD, shown, create=True, owner=owner)
             try:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument
 from services.tools.adapters.launcher import ENV_NAME, ENV_REFUSED, MAX_ENV_VARS
 from services.tools.adapters.sandbox import Sandbox
+from services.tools.core.workspace import disk_usage
 from services.tools.core.model import RiskLevel, ToolContext, ToolOutput, ToolSpec
 
 SHELL_SCHEMA = {
@@ -34,26 +34,6 @@ SHELL_SCHEMA = {
     },
     "oneOf": [{"required": ["command"]}, {"required": ["argv"]}],
 }
-
-
-def disk_usage(root: Path) -> int:
-    """Bytes the files below ``root`` take on disk; symlinks are not followed."""
-    total = 0
-    stack = [str(root)]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            total += info.st_blocks * 512
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-    return total
 
 
 class ShellTool:

@@ -214,3 +214,23 @@ class WorkspaceRoots:
             return
         os.chown(path, uid, gid)
         os.chmod(path, 0o700)
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes the files below ``root`` take on disk; symlinks are not followed."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += info.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return total
