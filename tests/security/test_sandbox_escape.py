@@ -171,7 +171,7 @@ async def test_two_call_escape_over_grpc_is_refused(base: Path) -> None:
                         call_id=f"c{number}", name="shell_exec",
                         arguments_json=json.dumps({"command": "echo hello", "env": env}))))
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            assert f"$.env: '{next(iter(env))}'" in refused.value.details()
+            assert f"$.env.{next(iter(env))}:" in refused.value.details()
         assert _root_lines(marker) == []
 
 
@@ -190,7 +190,7 @@ async def test_two_call_escape_over_rest_is_refused(base: Path) -> None:
                         "call": {"callId": f"c{number}", "name": "shell_exec",
                                  "argumentsJson": json.dumps({"command": "echo hello", "env": env})}})
                     assert response.status_code == 400, response.text
-                    assert f"$.env: '{next(iter(env))}'" in response.text
+                    assert f"$.env.{next(iter(env))}:" in response.text
                 assert _root_lines(marker) == []
     finally:
         authenticator.close()

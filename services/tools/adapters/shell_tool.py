@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from services.common.errors import InvalidArgument
-from services.tools.adapters.launcher import ENV_NAME, ENV_REFUSED, MAX_ENV_VARS
+from services.tools.adapters.launcher import ENV_NAME, MAX_ENV_VARS, check_env
 from services.tools.adapters.sandbox import Sandbox
 from services.tools.core.workspace import disk_usage
 from services.tools.core.model import RiskLevel, ToolContext, ToolOutput, ToolSpec
@@ -25,15 +25,17 @@ SHELL_SCHEMA = {
         "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                  "description": "Run directly, without a shell"},
         "cwd": {"type": "string", "minLength": 1, "description": "Directory relative to the workspace"},
-        "env": {"type": "object", "maxProperties": MAX_ENV_VARS,
-                "description": "Extra variables for the command; loader and interpreter hooks "
-                               "(LD_*, PYTHON*, BASH_ENV, PATH, ...) are refused",
-                "propertyNames": {"pattern": f"^{ENV_NAME}$", "not": {"pattern": ENV_REFUSED}},
-                "additionalProperties": {"type": "string"}},
+        "env": {"type": "object", "maxProperties": MAX_ENV_VARS, "description": "Extra variables (no LD_*, PATH, ...)",
+                "propertyNames": {"pattern": f"^{ENV_NAME}$"}, "additionalProperties": {"type": "string"}},
         "stdin": {"type": "string"},
     },
     "oneOf": [{"required": ["command"]}, {"required": ["argv"]}],
 }
+
+
+def _check_env_names(arguments: dict[str, Any]) -> None:
+    """Hook variables are refused before policy sees the call, naming the variable."""
+    check_env(arguments.get("env") or {}, field="$.env")
 
 
 class ShellTool:
@@ -48,7 +50,7 @@ class ShellTool:
             version=f"1+{self.sandbox.mode}",
             description="Run a shell command in the session workspace, sandboxed without network. "
                         "Returns exit code, stdout and stderr.",
-            parameters_schema=SHELL_SCHEMA)
+            parameters_schema=SHELL_SCHEMA, check_arguments=_check_env_names)
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
         root = ctx.workspace.root

@@ -91,6 +91,9 @@ class ToolSpec:
     # Name the tool has where it lives; the normalised ``name`` is ours.
     original_name: str = ""
     state_token: StateToken | None = None
+    # Checks past the schema (kept out of it so the schema the model reads
+    # stays short): raise InvalidArgument naming the argument's JSON path.
+    check_arguments: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def cacheable(self) -> bool:

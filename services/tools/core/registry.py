@@ -81,6 +81,14 @@ class ToolRegistry:
         """INVALID_ARGUMENT listing every failing path (``$.path``) when the arguments break the schema."""
         errors = sorted(self.validators[name].iter_errors(arguments), key=lambda e: list(e.absolute_path))
         if not errors:
+            check = self.get(name).check_arguments
+            if check is not None:
+                try:
+                    check(arguments)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"{ARGUMENTS_FIELD}: arguments of {name!r}: {exc.message}",
+                                          reason="ARGUMENTS_INVALID", field=ARGUMENTS_FIELD,
+                                          metadata={"paths": exc.field or ""}) from None
             return
         shown = [f"{_json_path(e)}: {e.message}" for e in errors[:MAX_REPORTED_ERRORS]]
         more = len(errors) - len(shown)
