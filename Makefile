@@ -8,29 +8,39 @@ PIP := $(VENV)/bin/pip
 BUF := $(VENV)/bin/buf
 STAMP := $(VENV)/.installed
 GEN_STAMP := gen/.stamp
+PATHS_STAMP := $(VENV)/.paths
 PROTOS := $(shell find protos -name '*.proto')
 NODES ?= 1
 PYTEST_ARGS ?=
 # llama.cpp is compiled once; pip keeps the wheel in its cache afterwards.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: setup run test gen model system-deps lint-protos proto-image bench clean
+.PHONY: setup run test gen model system-deps lint typecheck lint-protos proto-image bench clean
 # Each mk/<name>.mk adds its bench-* targets to this list.
 BENCHES :=
 
-setup: $(STAMP) $(GEN_STAMP) model
+setup: $(STAMP) $(PATHS_STAMP) $(GEN_STAMP) model
 
-# llmesh installs editable (services/ on the path); generated code is put on
-# the path by one .pth file, the only place that names gen/.
+# llmesh installs editable (services/ on the path).
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar off -r requirements.txt
-	echo "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llmesh-gen.pth"
+	touch $@
+
+# One .pth file puts the repository root (tests/ and bench/, which benchmarks
+# and test subprocesses import) and gen/ (the generated llmesh.* modules) on the
+# path of every interpreter of the venv, whatever its cwd, so scripts and test
+# subprocesses set no sys.path or PYTHONPATH. Rewritten when this Makefile
+# changes, so older venvs follow (their llmesh-gen.pth, gen/ alone, goes).
+$(PATHS_STAMP): $(STAMP) Makefile
+	@purelib="$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$purelib/llmesh-paths.pth"; \
+	rm -f "$$purelib/llmesh-gen.pth"
 	touch $@
 
 gen: $(GEN_STAMP)
-$(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py
+$(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py | $(PATHS_STAMP)
 	$(PY) scripts/gen_protos.py
 	touch $@
 
@@ -42,6 +52,15 @@ model: $(STAMP)
 system-deps:
 	@bash scripts/system_deps.sh
 
+# Python lint (ruff; rules and per-file ignores in pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check services tests bench scripts
+
+# Static types of services/ (mypy; settings in pyproject.toml). Needs the
+# generated code: protoc's .pyi stubs type the llmesh.* messages.
+typecheck: $(GEN_STAMP)
+	$(PY) -m mypy
+
 lint-protos: $(GEN_STAMP)
 	$(BUF) lint
 	$(BUF) breaking protos --against descriptors/llmesh-v1.binpb
@@ -50,7 +69,7 @@ lint-protos: $(GEN_STAMP)
 proto-image: $(GEN_STAMP)
 	$(BUF) build protos -o descriptors/llmesh-v1.binpb
 
-test: setup system-deps lint-protos
+test: setup system-deps lint typecheck lint-protos
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: setup

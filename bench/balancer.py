@@ -1,7 +1,7 @@
 """Balancer benchmark: scored P2C with affinity vs round robin on 3 nodes, one 3x slower.
 
 Multi-turn conversations run concurrently against three real inference
-nodes on their synthetic backend (tests/balancer/synthetic_nodes.py: the
+nodes on their synthetic backend (tests/inference/client/synthetic_nodes.py: the
 inference service's own scheduler, queueing on a fixed number of sequences
 and per-session KV, so a turn on the node holding its history skips
 re-prefilling it; tokens come at a fixed rate instead of from a model). The same workload runs once per
@@ -26,7 +26,8 @@ from pathlib import Path
 from llmesh.inference.v1 import inference_pb2
 
 from services.inference.client import Balancer, BalancerSettings
-from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
+from tests.inference.client.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
+from tests.support.auth import service_identity
 
 # The synthetic tokenizer is byte-level: 0.08 ms a byte is ~0.4 ms a word.
 NODE = SyntheticNodeSpec(node_id="node", tokens_per_s=250.0, ttft_ms=15.0, prefill_ms_per_token=0.08,
@@ -53,7 +54,9 @@ async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: i
     prompt_tokens = 0
     rng = random.Random(seed)
     async with synthetic_nodes(*configs) as nodes:
-        async with Balancer([n.address for n in nodes], settings, rng=random.Random(seed)) as balancer:
+        # The nodes authenticate every call: the balancer presents the orchestrator's key, as in the mesh.
+        async with Balancer([n.address for n in nodes], settings, rng=random.Random(seed),
+                            identity=service_identity("orchestrator")) as balancer:
 
             async def conversation(session_id: str, think_s: list[float]) -> None:
                 nonlocal later_turns, later_turn_hits, cached_tokens, prompt_tokens

@@ -27,13 +27,14 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc
 
+from services.common.clients import make_channel
 from services.common.runtime import running_service
 from services.inference.config import Settings
 from services.inference.server import build_app
+from tests.support.auth import service_identity
 
 TOKENS_PER_S = 100.0
 PREFILL_MS = 60.0
@@ -51,8 +52,12 @@ def node_settings(**overrides) -> Settings:
 async def node(**overrides):
     config = node_settings(**overrides)
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            yield svc, inference_pb2_grpc.InferenceServiceStub(channel)
+        # The node authenticates every call: the client presents the orchestrator's key.
+        async with make_channel(svc.address, service_identity("orchestrator"), traced=False, options=[]) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            # A key's first call costs a KDF on the node (one per concurrent first call): never timed.
+            await stub.GetLoad(pb.GetLoadRequest())
+            yield svc, stub
 
 
 def gen(prompt: str, max_tokens: int, priority: int = pb.PRIORITY_NORMAL) -> pb.GenerateRequest:
@@ -146,7 +151,7 @@ async def main(out: Path) -> dict:
         "flood_without_reserved_sequence": unreserved,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    await asyncio.to_thread(out.write_text, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -13,22 +13,25 @@ import asyncio
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+from services.common.auth import (
+    DEFAULT_SCRYPT_N,
+    ApiKeyAuthenticator,
+    ApiKeyStore,
+    FailedAttemptLimiter,
+    generate_api_key,
+)
+from services.common.runtime import running_service
+from services.common.settings import ServerSettings
+from services.gateway.config import Settings
+from services.gateway.server import build_app, running_gateway
+from tests.gateway.fakes import FakeAgentApp, ScriptedGenerator
 
-from services.common.auth import (DEFAULT_SCRYPT_N, ApiKeyAuthenticator, ApiKeyStore,  # noqa: E402
-                                  FailedAttemptLimiter, generate_api_key)
-from services.common.runtime import running_service  # noqa: E402
-from services.common.settings import ServerSettings  # noqa: E402
-from services.gateway.config import Settings  # noqa: E402
-from services.gateway.server import build_app, running_gateway  # noqa: E402
-from tests.gateway.fakes import FakeAgentApp, ScriptedGenerator  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def summarize(samples_s: list[float], wall_s: float) -> dict:

@@ -20,22 +20,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+import grpc
+from llmesh.inference.v1 import inference_pb2 as pb
+from llmesh.inference.v1 import inference_pb2_grpc
 
-import grpc  # noqa: E402
-from llmesh.inference.v1 import inference_pb2 as pb  # noqa: E402
-from llmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
-
-from services.gemma.model_cache import ensure_model  # noqa: E402
-from services.inference.adapters.llama_backend import LlamaBackend  # noqa: E402
-from services.inference.core.types import BatchEntry, SamplingParams  # noqa: E402
-from services.launcher import SERVICES, Child, Launcher  # noqa: E402
+from services.common.clients import make_channel
+from services.common.identity import Identity
+from services.gemma.model_cache import ensure_model
+from services.inference.adapters.llama_backend import LlamaBackend
+from services.inference.core.types import BatchEntry, SamplingParams
+from services.launcher import SERVICES, Child, Launcher
+from tests.support.auth import service_identity
 from tests.support.ports import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = next(service for service in SERVICES if service.name == "inference")
 
 TOPICS = ["the history of bridges", "how bees make honey", "a walk in the mountains", "the rules of chess",
@@ -175,7 +176,7 @@ async def session_reuse(stub, turns: int = 5, document_tokens: int = 1300) -> di
 
 
 def gaps_ms(stamps: list[float], lo: float, hi: float) -> list[float]:
-    return [(b - a) * 1000.0 for a, b in zip(stamps, stamps[1:]) if lo <= b <= hi]
+    return [(b - a) * 1000.0 for a, b in zip(stamps, stamps[1:], strict=False) if lo <= b <= hi]
 
 
 async def long_prompt_arrival(stub, stub_count, streams: int = 4, long_tokens: int = 2000) -> dict:
@@ -192,7 +193,7 @@ async def long_prompt_arrival(stub, stub_count, streams: int = 4, long_tokens: i
 
     running_stamps: list[list[float]] = [[] for _ in range(streams)]
     running = [asyncio.ensure_future(stream(stub, gen(p, 1000), stamps))
-               for p, stamps in zip(prompts(streams)[::-1], running_stamps)]
+               for p, stamps in zip(prompts(streams)[::-1], running_stamps, strict=True)]
     await asyncio.sleep(1.5)
     arrival = time.perf_counter()
     long_result = await stream(stub, gen(long_prompt, 4))
@@ -225,37 +226,44 @@ N_SEQ_MAX = 16
 
 
 @contextlib.contextmanager
-def service_process(model_path: Path, threads: int) -> Iterator[int]:
+def service_process(model_path: Path, threads: int) -> Iterator[tuple[int, Identity]]:
     """Start ``python -m services.inference`` (the mesh launcher's way) on a free loopback port;
-    yields the port once the node reports SERVING."""
+    yields the port, and the identity to call it with, once the node reports SERVING."""
     data_dir = Path(tempfile.mkdtemp(prefix="llmesh-inference-bench-"))
+    # The node and this process share one credentials directory, as the launcher's children do.
+    credentials = data_dir / "credentials"
     node = Child("inference", INFERENCE, free_port(), -1, data_dir / "logs" / "inference.log", extra_env={
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
         "LLMESH_INFERENCE_BACKEND": "llama", "LLMESH_INFERENCE_MODEL_PATH": str(model_path),
         "LLMESH_INFERENCE_N_CTX": str(N_CTX), "LLMESH_INFERENCE_N_SEQ_MAX": str(N_SEQ_MAX),
         "LLMESH_INFERENCE_N_THREADS": str(threads), "LLMESH_INFERENCE_N_GPU_LAYERS": "0",
         "LLMESH_INFERENCE_MAX_QUEUE": "64", "LLMESH_INFERENCE_TRACE_FILE": "",
-        "LLMESH_INFERENCE_LOG_LEVEL": "WARNING"})
+        "LLMESH_INFERENCE_LOG_LEVEL": "WARNING", "LLMESH_CREDENTIALS_DIR": str(credentials)})
     launcher = Launcher([node], data_dir, ready_timeout_s=180)
     try:
         launcher.spawn(node)
         asyncio.run(launcher.wait_ready(node))
-        yield node.port
+        yield node.port, service_identity("orchestrator", credentials)
     finally:
         launcher.stop_all()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def service_round(port: int, max_tokens: int, stream_counts: list[int]) -> dict[int, dict]:
+def node_channel(port: int, identity: Identity) -> grpc.aio.Channel:
+    """A plain (untraced) channel to the node presenting ``identity``'s key on every call."""
+    return make_channel(f"127.0.0.1:{port}", identity, traced=False, options=[])
+
+
+async def service_round(port: int, identity: Identity, max_tokens: int,
+                        stream_counts: list[int]) -> dict[int, dict]:
     """One cold run per stream count through the node."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with node_channel(port, identity) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         await concurrent_streams(stub, 2, 4)  # connection and first-call warm-up
         return {n: await concurrent_streams(stub, n, max_tokens, N_SEQ_MAX) for n in stream_counts}
 
 
-async def service_latency(port: int) -> tuple[dict, dict]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+async def service_latency(port: int, identity: Identity) -> tuple[dict, dict]:
+    async with node_channel(port, identity) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         reuse = await session_reuse(stub)
         fairness = await long_prompt_arrival(stub, stub)
@@ -279,16 +287,16 @@ def main() -> None:
     serial_runs: list[dict] = []
     bare_runs: list[dict] = []
     service_runs: dict[int, list[dict]] = {n: [] for n in stream_counts}
-    with service_process(model_path, args.threads) as port:
+    with service_process(model_path, args.threads) as (port, identity):
         # Rounds of serial baseline, bare loop and service, so each ratio's two sides see the same
         # background load; the best run of each side counts (other processes only ever slow a run).
         for round_index in range(args.rounds):
             print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr, flush=True)
             serial_runs.append(serial_llama(model_path, 8, args.max_tokens, args.threads))
             bare_runs.append(bare_batched_loop(model_path, 8, args.max_tokens, args.threads))
-            for n, run in asyncio.run(service_round(port, args.max_tokens, stream_counts)).items():
+            for n, run in asyncio.run(service_round(port, identity, args.max_tokens, stream_counts)).items():
                 service_runs[n].append(run)
-        reuse, fairness = asyncio.run(service_latency(port))
+        reuse, fairness = asyncio.run(service_latency(port, identity))
     serial = best(serial_runs)
     raw8 = best(bare_runs)
     throughput = {n: best(runs) for n, runs in service_runs.items()}

@@ -19,23 +19,22 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parent)]
+import grpc
+from llmesh.orchestrator.v1 import orchestrator_pb2 as apb
+from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
+from llmesh.store.v1 import store_pb2 as spb
+from llmesh.store.v1 import store_pb2_grpc
+from llmesh.tools.v1 import tools_pb2 as tpb
+from llmesh.tools.v1 import tools_pb2_grpc
 
-import grpc  # noqa: E402
-from load_mesh import Mesh, MeshOptions, running_mesh  # noqa: E402
-
-from llmesh.orchestrator.v1 import orchestrator_pb2 as apb  # noqa: E402
-from llmesh.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
-from llmesh.store.v1 import store_pb2 as spb  # noqa: E402
-from llmesh.store.v1 import store_pb2_grpc  # noqa: E402
-from llmesh.tools.v1 import tools_pb2 as tpb  # noqa: E402
-from llmesh.tools.v1 import tools_pb2_grpc  # noqa: E402
+from bench.load_mesh import Mesh, MeshOptions, running_mesh
+from services.common.clients import make_channel
+from services.common.identity import Identity
 
 TENANT = "load"
 
@@ -50,6 +49,12 @@ def percentile(values: list[float], q: float) -> float:
 def summary_ms(values: list[float], prefix: str) -> dict[str, float]:
     return {f"{prefix}_ms_p50": round(percentile(values, 50), 2), f"{prefix}_ms_p95": round(percentile(values, 95), 2),
             f"{prefix}_ms_p99": round(percentile(values, 99), 2)}
+
+
+def _channel(mesh: Mesh, service: str, identity: Identity,
+             options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+    """A plain (untraced) channel to ``service`` presenting ``identity``'s key on every call."""
+    return make_channel(mesh.target(service), identity, traced=False, options=options or [])
 
 
 # -- S1 ----------------------------------------------------------------------------------------------------------------
@@ -83,10 +88,13 @@ async def _tool_batch(tools: Any, session_id: str) -> float:
 
 
 async def s1_level(mesh: Mesh, concurrency: int, duration_s: float, opts: argparse.Namespace) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(mesh.target("orchestrator")) as ach, \
-            grpc.aio.insecure_channel(mesh.target("tools")) as tch:
+    # Turns as a client of the tenant; tool batches as the orchestrator would send them.
+    async with _channel(mesh, "orchestrator", mesh.client_identity(TENANT)) as ach, \
+            _channel(mesh, "tools", mesh.service_identity("orchestrator")) as tch:
         agent = orchestrator_pb2_grpc.AgentServiceStub(ach)
         tools = tools_pb2_grpc.ToolServiceStub(tch)
+        # A key's first call costs a KDF on the service, one per concurrent first call: not timed.
+        await tools.ListTools(tpb.ListToolsRequest(page_size=1))
         sessions = await asyncio.gather(*(agent.CreateSession(apb.CreateSessionRequest(tenant_id=TENANT))
                                           for _ in range(concurrency)))
         walls: list[float] = []
@@ -119,9 +127,10 @@ async def s1_level(mesh: Mesh, concurrency: int, duration_s: float, opts: argpar
     num_errors = sum(errors.values())
     return {"concurrency": concurrency, "seconds": round(elapsed, 1), "num_turns": len(walls),
             "num_tool_batches": len(tool_ms), "throughput_ops_per_s": round(num_ok / elapsed, 1),
-            "turns_per_s": round(len(walls) / elapsed, 1), "error_rate": round(num_errors / max(1, num_ok + num_errors), 4),
-            "errors": errors, "error_samples": error_samples, **summary_ms(walls, "turn"), **summary_ms(overheads, "overhead"),
-            **summary_ms(tool_ms, "tool_batch")}
+            "turns_per_s": round(len(walls) / elapsed, 1),
+            "error_rate": round(num_errors / max(1, num_ok + num_errors), 4),
+            "errors": errors, "error_samples": error_samples, **summary_ms(walls, "turn"),
+            **summary_ms(overheads, "overhead"), **summary_ms(tool_ms, "tool_batch")}
 
 
 async def scenario_s1(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]:
@@ -144,7 +153,8 @@ async def scenario_s1(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]:
 async def scenario_s2(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]:
     # Subscribers spread over several connections, as many clients would be
     # (one HTTP/2 connection per few hundred streams).
-    channels = [grpc.aio.insecure_channel(mesh.target("store"), options=[("grpc.use_local_subchannel_pool", 1)])
+    channels = [_channel(mesh, "store", mesh.service_identity("orchestrator"),
+                         options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(opts.s2_channels)]
     stubs = [store_pb2_grpc.StoreServiceStub(c) for c in channels]
     try:
@@ -157,6 +167,7 @@ async def scenario_s2(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]:
 async def _s2_run(mesh: Mesh, opts: argparse.Namespace, stubs: list[Any]) -> dict[str, Any]:
     num_idle, num_active = opts.s2_idle, opts.s2_active
     store = stubs[0]
+    await store.ListSessions(spb.ListSessionsRequest(tenant_id=TENANT, page_size=1))  # the key's KDF, once
     ids = [f"w{i}" for i in range(num_idle + num_active)]
     for i in range(0, len(ids), 200):
         await asyncio.gather(*(store.CreateSession(spb.CreateSessionRequest(tenant_id=TENANT, session_id=s))
@@ -172,7 +183,7 @@ async def _s2_run(mesh: Mesh, opts: argparse.Namespace, stubs: list[Any]) -> dic
     async def follow(call: Any) -> None:
         nonlocal delivered
         try:
-            async for reply in call:
+            async for _ in call:
                 delivered += 1
         except grpc.aio.AioRpcError as exc:
             if not closing:
@@ -236,8 +247,10 @@ async def _s2_run(mesh: Mesh, opts: argparse.Namespace, stubs: list[Any]) -> dic
 
 async def scenario_s3(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]:
     num_tasks, num_workers = opts.s3_tasks, opts.s3_workers
-    async with grpc.aio.insecure_channel(mesh.target("store")) as ch:
+    async with _channel(mesh, "store", mesh.service_identity("orchestrator")) as ch:
         store = store_pb2_grpc.StoreServiceStub(ch)
+        # The key's first call costs a KDF on the store, one per concurrent first call: not timed.
+        await store.ListSessions(spb.ListSessionsRequest(tenant_id=TENANT, page_size=1))
         queue = f"s3-{int(time.time())}"
         t0 = time.monotonic()
         for i in range(0, num_tasks, 500):

@@ -11,16 +11,15 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "gen")]
-
-from services.launcher import Child, Launcher, plan_children  # noqa: E402
+from services.common.identity import Identity
+from services.launcher import Child, Launcher, plan_children
+from tests.support.auth import client_identity, service_identity
 from tests.support.ports import free_launcher_port_base
 
 
@@ -72,6 +71,19 @@ class Mesh:
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
+
+    @property
+    def credentials(self) -> Path:
+        """The children's credentials directory (the launcher's LLMESH_CREDENTIALS_DIR)."""
+        return self.data_dir / "credentials"
+
+    def service_identity(self, service: str) -> Identity:
+        """What the load presents when it stands in for ``service`` (e.g. the orchestrator, for the store)."""
+        return service_identity(service, self.credentials)
+
+    def client_identity(self, tenant: str) -> Identity:
+        """A client key of ``tenant`` (made on first use; the children accept it at once)."""
+        return client_identity(tenant, credentials=self.credentials)
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.process.pid for c in self.children if c.process is not None}

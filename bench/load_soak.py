@@ -14,16 +14,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-sys.path[:0] = [str(Path(__file__).resolve().parent)]
-
-from load import parse_args as load_args, s1_level  # noqa: E402
-from load_mesh import MeshOptions, running_mesh  # noqa: E402
+from bench.load import parse_args as load_args
+from bench.load import s1_level
+from bench.load_mesh import MeshOptions, running_mesh
 
 # What each round keeps (the RSS and fd samples are kept beside them).
 ROUND_FIELDS = ("throughput_ops_per_s", "error_rate", "errors", "error_samples", "overhead_ms_p95",

@@ -33,20 +33,20 @@ import time
 from pathlib import Path
 
 import grpc
+from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
+from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
+from llmesh.store.v1 import store_pb2, store_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
-from llmesh.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
-from llmesh.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
-from llmesh.store.v1 import store_pb2, store_pb2_grpc  # noqa: E402
-
-from services.common.runtime import running_service  # noqa: E402
-from services.orchestrator.adapters.grpc_inference import GrpcInference  # noqa: E402
-from services.orchestrator.adapters.memory_store import MemoryStore  # noqa: E402
-from services.orchestrator.config import Settings  # noqa: E402
-from services.orchestrator.server import build_app  # noqa: E402
-from tests.orchestrator.fakes import FakePolicy, FakeTools, ScriptedInference, call  # noqa: E402
+from services.common.clients import make_channel
+from services.common.identity import Identity
+from services.common.runtime import running_service
+from services.orchestrator.adapters.grpc_inference import GrpcInference
+from services.orchestrator.adapters.memory_store import MemoryStore
+from services.orchestrator.config import Settings
+from services.orchestrator.server import build_app
+from tests.orchestrator.fakes import FakePolicy, FakeTools, ScriptedInference, call
+from tests.support.auth import client_identity, service_identity
 
 TENANT = "bench"
 
@@ -109,8 +109,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def _channel(target: str, identity: Identity) -> grpc.aio.Channel:
+    """A plain (untraced) channel presenting ``identity``'s key on every call, as every caller in the mesh does."""
+    return make_channel(target, identity, traced=False, options=[])
+
+
 async def _implemented(target: str, probe) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
+    # The probes stand in for the orchestrator (the store's and the node's caller).
+    async with _channel(target, service_identity("orchestrator")) as channel:
         try:
             await probe(channel)
         except grpc.aio.AioRpcError as err:
@@ -142,7 +148,7 @@ async def measure_overhead(num_turns: int, store_target: str) -> dict:
         ports["store"] = MemoryStore()
     overheads = []
     async with running_service(build_app(settings, **ports), settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with _channel(svc.address, client_identity(TENANT)) as channel:
             stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
             session = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=TENANT))).session
             for turn in range(num_turns + 2):
@@ -168,7 +174,7 @@ async def measure_core_overhead(num_turns: int, store_target: str) -> dict:
     inference = TimedInference(ScriptedInference([reply, answer] * (num_turns + 2), n_ctx=32768))
     async with contextlib.AsyncExitStack() as stack:
         if store_target:
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(store_target))
+            channel = await stack.enter_async_context(_channel(store_target, service_identity("orchestrator")))
             store = GrpcStore.for_channel(channel)
         else:
             store = MemoryStore()
@@ -203,7 +209,7 @@ async def real_inference(data_dir: Path):
         target = f"127.0.0.1:{svc.port}"
         if await _implemented(target, lambda ch: inference_pb2_grpc.InferenceServiceStub(ch).CountTokens(
                 inference_pb2.CountTokensRequest(text="probe"))):
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with _channel(target, service_identity("orchestrator")) as channel:
                 yield GrpcInference.for_channel(channel), "inference service (llama.cpp, bundled Gemma 3 270M)"
                 return
     from services.gemma.model_cache import ensure_model
@@ -226,7 +232,7 @@ async def measure_ttfb(num_samples: int, store_target: str, data_dir: Path) -> d
             ports["store"] = MemoryStore()
         ratios, client_ms = [], []
         async with running_service(build_app(settings, **ports), settings) as svc:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            async with _channel(svc.address, client_identity(TENANT)) as channel:
                 stub = orchestrator_pb2_grpc.AgentServiceStub(channel)
                 for i in range(num_samples + 1):
                     session = (await stub.CreateSession(pb.CreateSessionRequest(
@@ -317,7 +323,7 @@ async def main(out: Path, num_turns: int, num_samples: int) -> dict:
         },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    await asyncio.to_thread(out.write_text, json.dumps(result, indent=2) + "\n")
     return result
 
 

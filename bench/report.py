@@ -22,16 +22,18 @@ import datetime as dt
 import html
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-PERCENTILE_KEY = re.compile(r"^(?P<metric>[a-z_]*(ttft|ttfb|inter_token|itl|overhead|first_event)[a-z_]*)_ms_(?P<p>p\d+)$")
+PERCENTILE_KEY = re.compile(r"^(?P<metric>[a-z_]*(ttft|ttfb|inter_token|itl|overhead|first_event)[a-z_]*)"
+                            r"_ms_(?P<p>p\d+)$")
 EVENT_RATE_KEY = re.compile(r"events_per_s(_|$)")
 THROUGHPUT_KEY = re.compile(r"^(throughput.*|.*_per_s)$")
 
@@ -117,7 +119,7 @@ def _plot_throughput(ax: Any, data: ReportData) -> None:
         _say_empty(ax, "no concurrency sweep in the results")
         return
     for label, curve in data.throughput_curves:
-        xs, ys = zip(*curve)
+        xs, ys = zip(*curve, strict=True)
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("per second")
@@ -134,7 +136,7 @@ def _plot_percentiles(ax: Any, data: ReportData) -> None:
     # One bar per (benchmark, metric, percentile), grouped by benchmark.
     bars = [(f"{label}: {key}", value) for label in sorted(data.percentiles)
             for key, value in sorted(data.percentiles[label].items())]
-    names, values = zip(*bars)
+    names, values = zip(*bars, strict=True)
     ax.barh(names, values)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -172,7 +174,7 @@ def render(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 
 def _html(data: ReportData, png_name: str) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>llmesh benchmarks</title>",
         "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:12px;"

@@ -14,25 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.goals import Goals, write_result
+from bench.security_rest import measure_rest_fuzz
+from bench.security_sandbox import measure_sandbox
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
-
-from bench.security_rest import measure_rest_fuzz  # noqa: E402
-from bench.security_sandbox import measure_sandbox  # noqa: E402
-
-GOALS = {"escapes": ("==", 0), "redteam_commands_allowed_wrongly": ("==", 0),
+GOALS: Goals = {"escapes": ("==", 0), "redteam_commands_allowed_wrongly": ("==", 0),
          "policy_evaluate_p99_ms_64k": ("<=", 50.0), "rest_5xx_under_fuzz": ("==", 0)}
-
-
-def _met(value: float, op: str, goal: float) -> bool:
-    return value == goal if op == "==" else value <= goal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         "policy_evaluate_p99_ms_64k": policy["policy_evaluate_p99_ms_64k"],
         "rest_5xx_under_fuzz": rest["rest_5xx_under_fuzz"],
     }
-    result["goals_met"] = {key: _met(result[key], *GOALS[key]) for key in GOALS}
-    result.update({"sandbox": sandbox, "policy": policy, "rest": rest, "machine": platform.platform(),
-                   "seconds": round(time.monotonic() - started, 1)})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({key: result[key] for key in (*GOALS, "goals_met")}, indent=2))
+    result.update({"sandbox": sandbox, "policy": policy, "rest": rest})
+    write_result(args.out, result, GOALS, started)
     return 0
 
 

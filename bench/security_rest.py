@@ -29,26 +29,23 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
+from llmesh.inference.v1 import inference_pb2
+from llmesh.orchestrator.v1 import orchestrator_pb2
+from llmesh.policy.v1 import policy_pb2
+from llmesh.tools.v1 import tools_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
-
-from llmesh.inference.v1 import inference_pb2  # noqa: E402
-from llmesh.orchestrator.v1 import orchestrator_pb2  # noqa: E402
-from llmesh.policy.v1 import policy_pb2  # noqa: E402
-from llmesh.tools.v1 import tools_pb2  # noqa: E402
-
-from services.common import errors  # noqa: E402
-from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key  # noqa: E402
-from services.common.runtime import running_service  # noqa: E402
-from services.common.settings import ServerSettings  # noqa: E402
-from services.gateway.config import Settings  # noqa: E402
-from services.gateway.server import build_app, running_gateway  # noqa: E402
-from tests.gateway.fakes import EmptyReplyApp, FakeAgentApp, FakeAgentService, ScriptedGenerator  # noqa: E402
+from services.common import errors
+from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key
+from services.common.runtime import running_service
+from services.common.settings import ServerSettings
+from services.gateway.config import Settings
+from services.gateway.server import build_app, running_gateway
+from tests.gateway.fakes import EmptyReplyApp, FakeAgentApp, FakeAgentService, ScriptedGenerator
 
 EMPTY_REPLY_SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
                         tools_pb2.DESCRIPTOR.services_by_name["ToolService"],
@@ -112,7 +109,7 @@ class GatewayUnderTest:
             auth.close()
             self._ready.set()
 
-    def __enter__(self) -> "GatewayUnderTest":
+    def __enter__(self) -> GatewayUnderTest:
         self._thread.start()
         self._ready.wait(60)
         if self.error is not None or not self.url:

@@ -151,7 +151,7 @@ async def measure_sandbox(race_attempts: int = 3000) -> dict[str, Any]:
     """The figures for ``make bench-security``; ``escapes`` sums every kind."""
     from tests.tools.conftest import make_executor  # the same executor the tool tests build
     base = Path(tempfile.mkdtemp(prefix="llmesh-bench-security-"))
-    base.chmod(0o755)
+    await asyncio.to_thread(base.chmod, 0o755)
     try:
         mode = detect_mode("auto")
         executor = make_executor(base / "ws", sandbox_mode=mode)

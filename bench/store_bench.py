@@ -13,28 +13,25 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+from llmesh.store.v1 import store_pb2 as pb
+from llmesh.store.v1 import store_pb2_grpc
 
-from llmesh.store.v1 import store_pb2 as pb  # noqa: E402
-from llmesh.store.v1 import store_pb2_grpc  # noqa: E402
-
-from bench.store_claims import run_claim_race  # noqa: E402
-from services.common.clients import make_channel  # noqa: E402
-from services.common.runtime import running_service  # noqa: E402
-from services.store.adapters.database import Database  # noqa: E402
-from services.store.adapters.repository import SqlRepository  # noqa: E402
-from services.store.config import Settings  # noqa: E402
-from services.store.core.event_writer import EventWriter  # noqa: E402
-from services.store.core.models import NewEvent, NewSession  # noqa: E402
-from services.store.core.store import wall_clock_ms  # noqa: E402
-from services.store.server import App  # noqa: E402
-from tests.support.postgres import postgres_cluster  # noqa: E402
+from bench.store_claims import run_claim_race
+from services.common.clients import make_channel
+from services.common.runtime import running_service
+from services.store.adapters.database import Database
+from services.store.adapters.repository import SqlRepository
+from services.store.config import Settings
+from services.store.core.event_writer import EventWriter
+from services.store.core.models import NewEvent, NewSession
+from services.store.core.store import wall_clock_ms
+from services.store.server import App
+from tests.support.auth import service_identity
+from tests.support.postgres import postgres_cluster
 
 NUM_WRITERS = 32
 
@@ -42,7 +39,8 @@ NUM_WRITERS = 32
 async def grpc_events_per_s(url: str, data_dir: Path, seconds: float) -> float:
     settings = Settings(port=0, data_dir=str(data_dir), database_url=url)
     async with running_service(App(settings), settings) as svc:
-        async with make_channel(f"127.0.0.1:{svc.port}") as channel:
+        # The writers stand in for the orchestrator, the store's caller in the mesh.
+        async with make_channel(svc.address, service_identity("orchestrator")) as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             for w in range(NUM_WRITERS):
                 await stub.CreateSession(pb.CreateSessionRequest(tenant_id="bench", session_id=f"s{w}"))
@@ -53,7 +51,8 @@ async def grpc_events_per_s(url: str, data_dir: Path, seconds: float) -> float:
                 nonlocal count
                 while time.perf_counter() < stop:
                     await stub.AppendEvents(pb.AppendEventsRequest(
-                        tenant_id="bench", session_id=f"s{w}", events=[pb.Event(type="tool_result", payload=b"x" * 200)]))
+                        tenant_id="bench", session_id=f"s{w}",
+                        events=[pb.Event(type="tool_result", payload=b"x" * 200)]))
                     count += 1
 
             started = time.perf_counter()

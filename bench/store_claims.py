@@ -59,7 +59,9 @@ async def _remaining(db: Database) -> int:
 
 async def _work(url: str, worker: str, log_path: str) -> None:
     db, repo = await _open(url)
-    with open(log_path, "a", buffering=1) as log:
+    # Line-buffered: a worker killed mid-run has logged every claim it made.
+    log = await asyncio.to_thread(open, log_path, "a", buffering=1)
+    with log:
         while True:
             tasks = await repo.claim_tasks("bench", worker, 10, LEASE_MS, "", now_ms())
             if not tasks:
@@ -73,7 +75,7 @@ async def _work(url: str, worker: str, log_path: str) -> None:
                 await asyncio.sleep(0.0005)  # the "work"
                 try:
                     await repo.ack_task(task.task_id, task.lease_token, "{}", now_ms())
-                except Exception:  # noqa: BLE001 - lease lost: someone else owns it now
+                except Exception:
                     pass
     await db.close()
 
@@ -88,7 +90,7 @@ async def _sweep_until(url: str, done: asyncio.Event) -> None:
         await repo.release_expired_leases(now_ms())
         try:
             await asyncio.wait_for(done.wait(), 0.2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     await db.close()
 
@@ -108,8 +110,8 @@ def run_claim_race(url: str, workdir: Path, num_tasks: int = 10_000, num_workers
         await asyncio.sleep(1.0)
         os.kill(procs[0].pid, signal.SIGKILL)  # one worker dies holding leases
         deadline = time.monotonic() + 240
-        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        for p in procs:
+            await asyncio.to_thread(p.join, max(0.0, deadline - time.monotonic()))
         done.set()
         await sweeper
 
@@ -129,7 +131,7 @@ def run_claim_race(url: str, workdir: Path, num_tasks: int = 10_000, num_workers
     duplicates = 0
     for entries in runs.values():
         entries.sort(key=lambda e: e["start"])
-        for earlier, later in zip(entries, entries[1:]):
+        for earlier, later in zip(entries, entries[1:], strict=False):
             if later["start"] < earlier["expire"]:
                 duplicates += 1
     reruns = sum(len(v) - 1 for v in runs.values())

@@ -18,15 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
-import grpc  # noqa: E402
-from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc  # noqa: E402
-
-from services.common.runtime import running_service  # noqa: E402
-from services.tools.config import Settings  # noqa: E402
-from services.tools.core.model import CallContext, ToolInvocation  # noqa: E402
-from services.tools.server import App  # noqa: E402
+from services.common.clients import make_channel
+from services.common.runtime import running_service
+from services.tools.config import Settings
+from services.tools.core.model import CallContext, ToolInvocation
+from services.tools.server import App
+from tests.support.auth import service_identity
 
 NUM_PARALLEL = 8
 SLEEP_CALL = tools_pb2.ToolCall(name="shell_exec", arguments_json=json.dumps({"command": "sleep 0.2"}))
@@ -49,7 +48,7 @@ async def time_it(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 async def bench_parallel(stub: tools_pb2_grpc.ToolServiceStub, repeats: int) -> dict[str, float]:
     async def serial() -> None:
-        for i in range(NUM_PARALLEL):
+        for _ in range(NUM_PARALLEL):
             reply = await stub.ExecuteTool(request(SLEEP_CALL))
             assert reply.result.status == tools_pb2.TOOL_STATUS_OK, reply.result
 
@@ -94,13 +93,15 @@ async def bench_cache(app: App, stub: tools_pb2_grpc.ToolServiceStub, repeats: i
 
 async def main(out: Path, repeats: int) -> dict[str, object]:
     base = Path(tempfile.mkdtemp(prefix="llmesh-tools-bench-"))
-    base.chmod(0o755)
+    await asyncio.to_thread(base.chmod, 0o755)
     try:
         settings = Settings(port=0, workspace_root=str(base / "ws"), data_dir=str(base),
                             max_concurrent_calls=NUM_PARALLEL, max_concurrent_calls_per_session=NUM_PARALLEL)
         app = App(settings)
         async with running_service(app, settings) as svc:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            # Tools run for the orchestrator only: the bench presents its key (untraced, a plain client).
+            async with make_channel(svc.address, service_identity("orchestrator"), traced=False,
+                                    options=[]) as channel:
                 stub = tools_pb2_grpc.ToolServiceStub(channel)
                 workspace = app.executor.roots.for_session("bench", "s1").root
                 (workspace / "big.bin").write_bytes(os.urandom(1 << 20))
@@ -121,7 +122,7 @@ async def main(out: Path, repeats: int) -> dict[str, object]:
         "python": sys.version.split()[0],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    await asyncio.to_thread(out.write_text, json.dumps(result, indent=2) + "\n")
     return result
 
 

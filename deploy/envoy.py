@@ -12,6 +12,24 @@ started (Envoy cannot retry once bytes went downstream, which matches
 "retry only before the first token"). Every cluster has circuit breakers.
 The gRPC-JSON transcoder serves the ``google.api.http`` REST routes of the
 protos; the descriptor set is built from ``protos/`` and embedded.
+
+Envoy is the mesh's edge: it routes only the client APIs, the orchestrator
+(``AgentService``) and inference (``InferenceService``). The store, policy
+and tools are the services' own and get no cluster, route or REST mapping
+here, so nothing outside the cluster reaches them through Envoy.
+
+Envoy authenticates nobody. A client's ``authorization: Bearer <key>``
+travels untouched to the service, which authenticates the client and checks
+the authorisation table: on gRPC it is request metadata already, and the
+transcoder sends every HTTP header of a REST request along as gRPC
+metadata, so an ``Authorization`` header reaches the service the same way.
+
+With ``tls_dir`` set (the ``tls/`` folder of the mesh's credentials,
+``python -m services.common.identity init-tls``), the listener serves TLS
+with ``<tls_name>.pem`` and every cluster talks mutual TLS to its upstreams
+(the services require a client certificate signed by the mesh CA): Envoy
+presents the same certificate and trusts only ``ca.pem``. Active health
+checks use the cluster's transport socket, so they ride the same TLS.
 """
 from __future__ import annotations
 
@@ -20,49 +38,59 @@ import dataclasses
 import ipaddress
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import yaml
 
-from services.inference.client.config import BalancerSettings, load_balancer_settings
-from services.inference.client.discovery import DNS_PREFIX, split_host_port
 from services.common.errors import require
 from services.common.settings import load_settings
+from services.inference.client.config import BalancerSettings, load_balancer_settings
+from services.inference.client.discovery import DNS_PREFIX, split_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 
-# Services behind Envoy: cluster name, gRPC service, setting naming its target.
-UPSTREAMS: tuple[tuple[str, str, str], ...] = (
-    ("orchestrator", "llmesh.orchestrator.v1.AgentService", "orchestrator_target"),
-    ("tools", "llmesh.tools.v1.ToolService", "tools_target"),
-    ("policy", "llmesh.policy.v1.PolicyService", "policy_target"),
-    ("store", "llmesh.store.v1.StoreService", "store_target"),
-)
 INFERENCE_SERVICE = "llmesh.inference.v1.InferenceService"
-# gRPC statuses worth another host while nothing reached the client yet.
+AGENT_SERVICE = "llmesh.orchestrator.v1.AgentService"
+#: The only gRPC services Envoy exposes: cluster name -> full service name.
+#: Never the store, policy or tools: those are for the mesh's services only.
+EXPOSED: dict[str, str] = {"inference": INFERENCE_SERVICE, "orchestrator": AGENT_SERVICE}
 TYPE_PREFIX = "type.googleapis.com/"
+# gRPC statuses worth another host while nothing reached the client yet.
 RETRY_ON = "unavailable,resource-exhausted,cancelled,connect-failure,refused-stream,reset"
 
 
 @dataclass(frozen=True)
 class EnvoySettings:
+    # The one listener (gRPC and REST; TLS with tls_dir).
     listen_host: str = "0.0.0.0"
     listen_port: int = 8080
+    # Admin endpoint, bound to 127.0.0.1.
     admin_port: int = 9901
+    # The orchestrator (host:port); inference nodes come from LLMESH_INFERENCE_NODES.
     orchestrator_target: str = "orchestrator:50052"
-    tools_target: str = "tools:50053"
-    policy_target: str = "policy:50054"
-    store_target: str = "store:50055"
-    # Active health check: timeout, and how many answers flip a host.
+    # Folder of the mesh's TLS files as Envoy sees them (ca.pem and the
+    # tls_name certificate, e.g. envoy.pem and envoy-key.pem); empty serves and
+    # calls in plaintext.
+    tls_dir: str = ""
+    # Name of Envoy's certificate in tls_dir: served to clients and presented to
+    # the services as its client certificate (init-tls makes "envoy").
+    tls_name: str = "envoy"
+    # With TLS on, also require clients of the listener to present a
+    # certificate signed by the mesh CA (off: clients prove who they are with keys).
+    downstream_client_cert: bool = False
+    # Seconds an active gRPC health check may take.
     health_timeout_s: float = 1.0
+    # Failed checks in a row that mark a host unhealthy.
     unhealthy_threshold: int = 2
+    # Passed checks in a row that mark it healthy again.
     healthy_threshold: int = 1
     # Most hosts of a cluster that outlier detection may eject at once.
     max_ejection_percent: int = 50
-    # Circuit breakers per cluster.
+    # Circuit breakers per cluster: connections, pending and active requests, retries.
     max_connections: int = 1024
     max_pending_requests: int = 1024
     max_requests: int = 4096
@@ -79,9 +107,19 @@ class EnvoySettings:
         require(self.unhealthy_threshold >= 1, "unhealthy_threshold", "must be >= 1")
         require(self.healthy_threshold >= 1, "healthy_threshold", "must be >= 1")
         require(0 <= self.max_ejection_percent <= 100, "max_ejection_percent", "must be 0..100")
-        for name in ("orchestrator_target", "tools_target", "policy_target", "store_target"):
-            host, _, port = getattr(self, name).rpartition(":")
-            require(bool(host) and port.isdigit(), name, "must be host:port")
+        host, _, port = self.orchestrator_target.rpartition(":")
+        require(bool(host) and port.isdigit(), "orchestrator_target", "must be host:port")
+        require(bool(self.tls_name) and "/" not in self.tls_name, "tls_name", "must be a file name stem")
+        require(not self.downstream_client_cert or bool(self.tls_dir), "downstream_client_cert",
+                "needs tls_dir")
+
+    def tls_file(self, name: str) -> str:
+        """A file of the mesh's TLS folder, as Envoy opens it."""
+        return str(PurePosixPath(self.tls_dir) / name)
+
+    def certificate(self) -> dict[str, Any]:
+        return {"certificate_chain": {"filename": self.tls_file(f"{self.tls_name}.pem")},
+                "private_key": {"filename": self.tls_file(f"{self.tls_name}-key.pem")}}
 
 
 def duration(seconds: float) -> str:
@@ -162,7 +200,56 @@ def _cluster(name: str, targets: Sequence[str], health_service: str, balancer: B
     }
     if kind == "STRICT_DNS":
         cluster["dns_refresh_rate"] = duration(balancer.dns_refresh_s)
+    if envoy.tls_dir:
+        # Requests and active health checks alike go through this socket.
+        cluster["transport_socket"] = _upstream_tls(name, envoy)
     return cluster
+
+
+def _upstream_tls(name: str, envoy: EnvoySettings) -> dict[str, Any]:
+    """Mutual TLS to the services of cluster ``name``.
+
+    Envoy presents its own certificate (the services refuse clients without
+    one signed by the mesh CA) and trusts only the mesh CA. It checks the
+    upstream's certificate for the service's own name, not for the address
+    it dialled: ``init-tls`` puts each service's name in its certificate
+    (besides localhost, 127.0.0.1 and ::1), while Envoy reaches it under a
+    Kubernetes DNS name or a pod IP (headless Service) that no certificate
+    lists. So no ``sni`` and no address check; a certificate of another mesh
+    service is refused all the same.
+    """
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                # gRPC servers speak HTTP/2 over TLS only when ALPN says so.
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [envoy.certificate()],
+                "validation_context": {
+                    "trusted_ca": {"filename": envoy.tls_file("ca.pem")},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": name}}],
+                },
+            },
+        },
+    }
+
+
+def _downstream_tls(envoy: EnvoySettings) -> dict[str, Any]:
+    """TLS on the listener with Envoy's certificate; a client certificate only if asked for."""
+    common: dict[str, Any] = {
+        # gRPC needs h2; REST clients may speak HTTP/1.1 (the codec is AUTO).
+        "alpn_protocols": ["h2", "http/1.1"],
+        "tls_certificates": [envoy.certificate()],
+    }
+    context: dict[str, Any] = {
+        "@type": TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": common,
+    }
+    if envoy.downstream_client_cert:
+        common["validation_context"] = {"trusted_ca": {"filename": envoy.tls_file("ca.pem")}}
+        context["require_client_certificate"] = True
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def _route(service: str, cluster: str, balancer: BalancerSettings) -> dict[str, Any]:
@@ -194,23 +281,27 @@ def render(balancer: BalancerSettings, envoy: EnvoySettings, descriptor: bytes |
     require(bool(balancer.nodes), "nodes", "at least one inference node (LLMESH_INFERENCE_NODES)")
     if descriptor is None:
         descriptor = Path(envoy.descriptor_path).read_bytes() if envoy.descriptor_path else build_descriptor_set()
-    clusters = [_cluster("inference", balancer.nodes, balancer.health_service, balancer, envoy)]
-    routes = [_route(INFERENCE_SERVICE, "inference", balancer)]
-    for cluster, service, target_field in UPSTREAMS:
-        clusters.append(_cluster(cluster, [getattr(envoy, target_field)], service, balancer, envoy))
-        routes.append(_route(service, cluster, balancer))
+    targets = {"inference": balancer.nodes, "orchestrator": (envoy.orchestrator_target,)}
+    health_names = {"inference": balancer.health_service, "orchestrator": AGENT_SERVICE}
+    clusters = [_cluster(name, targets[name], health_names[name], balancer, envoy) for name in EXPOSED]
+    routes = [_route(service, name, balancer) for name, service in EXPOSED.items()]
     transcoder = {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             "proto_descriptor_bin": base64.b64encode(descriptor).decode("ascii"),
-            "services": [INFERENCE_SERVICE, *(service for _c, service, _t in UPSTREAMS)],
+            # Only the exposed services get REST routes; the other protos' google.api.http
+            # paths match no route here and are answered 404 by the router.
+            "services": list(EXPOSED.values()),
             "print_options": {"add_whitespace": False, "always_print_primitive_fields": True,
                               "preserve_proto_field_names": True},
             # gRPC errors become HTTP status codes with a JSON google.rpc.Status body.
             "convert_grpc_status": True,
         },
     }
+    # No header is added or removed: a client's ``authorization`` reaches the
+    # service as metadata (the transcoder forwards a REST request's headers as
+    # gRPC metadata), and the service authenticates the client, not Envoy.
     connection_manager = {
         "@type": TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llmesh",
@@ -221,16 +312,19 @@ def render(balancer: BalancerSettings, envoy: EnvoySettings, descriptor: bytes |
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         }],
     }
+    filter_chain: dict[str, Any] = {"filters": [{
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": connection_manager,
+    }]}
+    if envoy.tls_dir:
+        filter_chain["transport_socket"] = _downstream_tls(envoy)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": envoy.admin_port}}},
         "static_resources": {
             "listeners": [{
                 "name": "llmesh",
                 "address": {"socket_address": {"address": envoy.listen_host, "port_value": envoy.listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": connection_manager,
-                }]}],
+                "filter_chains": [filter_chain],
             }],
             "clusters": clusters,
         },

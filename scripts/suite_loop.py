@@ -3,7 +3,7 @@
 
     python3 scripts/suite_loop.py                      # 5 runs
     python3 scripts/suite_loop.py --runs 5 --busy 2,3  # runs 2 and 3 with other cores kept busy
-    PYTEST_ARGS="tests/balancer -q" python3 scripts/suite_loop.py --runs 2   # a selection (make passes it on)
+    PYTEST_ARGS="tests/inference/client -q" python3 scripts/suite_loop.py --runs 2   # a selection (make passes it on)
 
 Each run's full output goes to ``<log-dir>/run-<n>.log``; the terminal gets
 one tally line per run (pytest's own count line, the exit code, the failing

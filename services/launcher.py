@@ -21,9 +21,13 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.clients import make_channel
+from services.common.identity import Identity, tls_files
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 8.0
@@ -108,7 +112,8 @@ def run_child(argv: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | None = None) -> list[Child]:
+def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | None = None,
+                  tls: bool = False) -> list[Child]:
     children: list[Child] = []
     node_ports = [port_base] + [port_base + 10 + i for i in range(1, nodes)]
     for svc in SERVICES:
@@ -127,9 +132,13 @@ def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | N
         "LLMESH_STORE_TARGET": targets["store"],
         "LLMESH_POLICY_TARGET": targets["policy"],
         "LLMESH_TOOLS_TARGET": targets["tools"],
-        "LLMESH_INFERENCE_TARGET": node_ports and f"127.0.0.1:{node_ports[0]}",
+        "LLMESH_INFERENCE_TARGET": f"127.0.0.1:{node_ports[0]}",  # there is always a first node
         "LLMESH_INFERENCE_NODES": inference_nodes,
         "LLMESH_ORCHESTRATOR_TARGET": targets["orchestrator"],
+        # Every child authenticates with its own key from here and reports refused calls to policy.
+        "LLMESH_CREDENTIALS_DIR": str(data_dir / "credentials"),
+        "LLMESH_AUDIT_TARGET": targets["policy"],
+        "LLMESH_TLS_ENABLED": "true" if tls else "false",
     }
     for child in children:
         child.extra_env = dict(wiring)
@@ -139,9 +148,10 @@ def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | N
 
 
 class Launcher:
-    def __init__(self, children: list[Child], data_dir: Path, ready_timeout_s: float) -> None:
+    def __init__(self, children: list[Child], data_dir: Path, ready_timeout_s: float, tls: bool = False) -> None:
         self.children = children
         self.data_dir = data_dir
+        self.tls = tls
         self.ready_timeout_s = ready_timeout_s
         self.stop_requested = asyncio.Event()
         self.failed: Child | None = None
@@ -160,7 +170,9 @@ class Launcher:
             await self._wait_http_ready(child)
             return
         deadline = time.monotonic() + self.ready_timeout_s
-        async with grpc.aio.insecure_channel(child.target) as channel:
+        # Health is open to anyone, but with TLS on the launcher still needs a certificate.
+        tls = tls_files(self.data_dir / "credentials", "client") if self.tls else None
+        async with make_channel(child.target, Identity("launcher", None, tls), traced=False) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if child.process is not None and child.process.poll() is not None:
@@ -207,24 +219,26 @@ class Launcher:
         loop = asyncio.get_running_loop()
         waiters = [loop.run_in_executor(None, c.process.wait) for c in self.children if c.process]
         stop_task = asyncio.ensure_future(self.stop_requested.wait())
-        done, _ = await asyncio.wait([stop_task, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        # Futures of different results (the stop event's bool, each child's exit code).
+        futures: list[asyncio.Future[Any]] = [stop_task, *waiters]
+        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
         if stop_task not in done:
             self.failed = next(c for c in self.children if c.process and c.process.poll() is not None)
         stop_task.cancel()
 
     def stop_all(self) -> None:
-        alive = [c for c in self.children if c.process and c.process.poll() is None]
-        for child in reversed(alive):
-            child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        alive = [(c, p) for c in self.children if (p := c.process) is not None and p.poll() is None]
+        for _, process in reversed(alive):
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in alive:
+        for child, process in alive:
             remaining = max(0.1, deadline - time.monotonic())
             try:
-                child.process.wait(remaining)  # type: ignore[union-attr]
+                process.wait(remaining)
             except subprocess.TimeoutExpired:
                 print(f"{child.name} did not stop in time; killing it", file=sys.stderr)
-                child.process.kill()  # type: ignore[union-attr]
-                child.process.wait()  # type: ignore[union-attr]
+                process.kill()
+                process.wait()
 
 
 class ChildDied(Exception):
@@ -243,45 +257,60 @@ def report_death(child: Child) -> None:
         print("   " + line.rstrip(), file=sys.stderr)
 
 
-def print_table(children: list[Child], data_dir: Path) -> None:
+def print_table(children: list[Child], data_dir: Path, tls: bool = False) -> None:
     print("\nllmesh is up (Ctrl-C stops it):\n")
     print(f"  {'service':<14} {'address':<22} {'metrics':<32} log")
     for c in children:
         address = "http://" + c.target if c.service.kind == "http" else c.target
-        print(f"  {c.name:<14} {address:<22} {'http://127.0.0.1:%d/metrics' % c.metrics_port:<32} {c.log_path}")
-    print(f"\n  data: {data_dir}   try: grpcurl -plaintext {children[0].target} list")
+        metrics = f"http://127.0.0.1:{c.metrics_port}/metrics"
+        print(f"  {c.name:<14} {address:<22} {metrics:<32} {c.log_path}")
     key_file = data_dir / DEV_KEY_FILE
-    if key_file.exists():
-        print(f"  REST API key (tenant 'default'): {key_file.read_text().strip()}  (stored in {key_file})")
+    key = key_file.read_text().strip() if key_file.exists() else "<key>"
+    orchestrator = next((c.target for c in children if c.service.name == "orchestrator"), children[0].target)
+    if tls:
+        tls_dir = data_dir / "credentials" / "tls"
+        transport = f"-cacert {tls_dir}/ca.pem -cert {tls_dir}/client.pem -key {tls_dir}/client-key.pem"
+    else:
+        transport = "-plaintext"
+    print(f"\n  data: {data_dir}")
+    print(f"  API key (tenant 'default', gRPC and REST): {key}  (stored in {key_file})")
+    print(f"  try: grpcurl {transport} -H 'authorization: Bearer {key}' "
+          f"-d '{{\"title\": \"hello\"}}' {orchestrator} llmesh.orchestrator.v1.AgentService/CreateSession")
     print(flush=True)
 
 
-def ensure_dev_api_key(data_dir: Path) -> None:
-    """First start: make an API key for tenant 'default' so the REST layer is usable.
+def prepare_credentials(data_dir: Path, tls: bool) -> str:
+    """Every service's key, a client key for tenant 'default' (returned, and kept
+    in data/dev_api_key, mode 0600, for the person running the mesh) and, with
+    TLS, a local CA and certificates. Existing ones are kept across restarts."""
+    from services.common.identity import MESH_SERVICES, client_key, init_tls, service_key
 
-    Only its hash goes into api_keys.json; the key itself is kept, mode 0600,
-    in data/dev_api_key for the person running the mesh on this machine.
-    """
-    from services.common.auth import ApiKeyStore, generate_api_key
-
-    keys_path = data_dir / "api_keys.json"
-    if keys_path.exists():
-        return
-    key, record = generate_api_key("default")
-    ApiKeyStore([record]).save(keys_path)
+    credentials = data_dir / "credentials"
+    for name in MESH_SERVICES:
+        service_key(credentials, name)
+    if tls:
+        init_tls(credentials)
+    key = client_key(credentials, "default")
     key_file = data_dir / DEV_KEY_FILE
-    key_file.write_text(key + "\n")
-    key_file.chmod(0o600)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def prepare_data_dir(data_dir_arg: str, tls: bool) -> Path:
+    """The data directory, made if missing, with the mesh's credentials in it (blocking: run off the loop)."""
+    data_dir = Path(data_dir_arg).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_credentials(data_dir, tls)
+    return data_dir
 
 
 async def run(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     http_port = args.http_port if args.http_port > 0 else None
-    if http_port is not None:
-        ensure_dev_api_key(data_dir)
-    children = plan_children(data_dir, args.port_base, args.nodes, http_port)
-    launcher = Launcher(children, data_dir, args.ready_timeout)
+    data_dir = await asyncio.to_thread(prepare_data_dir, args.data_dir, args.tls)
+    children = plan_children(data_dir, args.port_base, args.nodes, http_port, tls=args.tls)
+    launcher = Launcher(children, data_dir, args.ready_timeout, tls=args.tls)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, launcher.stop_requested.set)
@@ -293,7 +322,7 @@ async def run(args: argparse.Namespace) -> int:
         if start in done:
             stop_wait.cancel()
             start.result()
-            print_table(children, data_dir)
+            print_table(children, data_dir, args.tls)
             await launcher.watch()
             if launcher.failed is not None:
                 report_death(launcher.failed)
@@ -324,6 +353,8 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("LLMESH_HTTP_PORT", "8080")),
                         help="REST gateway port; 0 leaves the gateway out")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
+    parser.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "") not in ("", "0"),
+                        help="serve and call with mutual TLS (a local CA under <data>/credentials/tls)")
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 

@@ -6,21 +6,23 @@ exception becomes INTERNAL with reason INTERNAL and is logged with its trace.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
-from opentelemetry import trace
-
-from services.common import errors
+from services.common import authz, errors
 from services.common.auth import ApiKeyAuthenticator, principal_var
 from services.common.logs import session_id_var
+from services.common.refusals import RefusalReporter
 
 log = logging.getLogger("llmesh.rpc")
 
@@ -56,7 +58,7 @@ RPC_ERRORS = Counter("llmesh_rpc_errors_total", "RPCs that ended with a non-OK s
 
 def status_code_for(exc: errors.DomainError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
-        code = ERROR_TABLE.get(cls)  # type: ignore[arg-type]
+        code = ERROR_TABLE.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
@@ -78,6 +80,9 @@ def status_for_exception(exc: BaseException) -> tuple[grpc.Status, str]:
     if isinstance(exc, errors.DomainError):
         code = status_code_for(exc)
         return to_status(code, exc.message, exc.reason, exc.metadata, exc.retry_after_ms), exc.reason
+    if isinstance(exc, NotImplementedError):
+        # What generated servicer bases raise for an RPC the service does not implement.
+        return to_status(grpc.StatusCode.UNIMPLEMENTED, "method not implemented", "UNIMPLEMENTED"), "UNIMPLEMENTED"
     return to_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"), "INTERNAL"
 
 
@@ -140,44 +145,40 @@ def _bind_session(request: Any) -> None:
         trace.get_current_span().set_attribute("session_id", session_id)
 
 
+@contextlib.asynccontextmanager
+async def _observed(method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """One RPC's handling: binds its session, times it under its final status
+    code and turns an exception from the block into that status (an abort)."""
+    start = time.perf_counter()
+    _bind_session(request)
+    code = "OK"
+    try:
+        yield
+    except grpc.aio.AbortError:
+        code = _context_code(context)
+        raise
+    except Exception as exc:
+        code = status_for_exception(exc)[0].code.name
+        await _abort(context, method, exc)
+    finally:
+        RPC_DURATION.labels(method, code).observe(time.perf_counter() - start)
+
+
 def _wrap_unary(fn: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
-        _bind_session(request)
-        code = "OK"
-        try:
+        async with _observed(method, request, context):
             result = fn(request, context)
-            if hasattr(result, "__await__"):
-                result = await result
-            return result
-        except grpc.aio.AbortError:
-            code = _context_code(context)
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one place exceptions become statuses
-            code = status_for_exception(exc)[0].code.name
-            await _abort(context, method, exc)
-        finally:
-            RPC_DURATION.labels(method, code).observe(time.perf_counter() - start)
+            return await result if hasattr(result, "__await__") else result
+        return None  # the error was turned into an abort that did not raise
 
     return wrapper
 
 
 def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        start = time.perf_counter()
-        _bind_session(request)
-        code = "OK"
-        try:
+        async with _observed(method, request, context):
             async for item in iterate_responses(fn(request, context)):
                 yield item
-        except grpc.aio.AbortError:
-            code = _context_code(context)
-            raise
-        except Exception as exc:  # noqa: BLE001
-            code = status_for_exception(exc)[0].code.name
-            await _abort(context, method, exc)
-        finally:
-            RPC_DURATION.labels(method, code).observe(time.perf_counter() - start)
 
     return wrapper
 
@@ -189,7 +190,7 @@ def _context_code(context: grpc.aio.ServicerContext) -> str:
 
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo detail of a failed call, for clients and tests."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     if status is None:
         return None
     for detail in status.details:
@@ -201,45 +202,67 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires an API key in ``authorization`` metadata; health and reflection are exempt.
+    """Authenticates every call, authorises it against ``authz.TABLE`` and binds
+    its tenant and role to the caller; health and reflection are exempt.
 
-    The key is checked when the call starts, before the servicer runs: a
-    refused call never reaches it. The caller's principal is left in
-    ``auth.principal_var`` for the servicer.
+    The key is checked when the call starts and the request is bound as soon as
+    it is decoded, before the servicer runs: a refused call never reaches it.
+    Refusals are counted and reported to ``refusals`` (the audit trail). The
+    effective principal (the caller, or the client a service acts for) is left
+    in ``auth.principal_var`` for the servicer and for onward calls.
     """
 
     EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
-    def __init__(self, authenticator: ApiKeyAuthenticator, exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES) -> None:
+    def __init__(self, authenticator: ApiKeyAuthenticator, exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES,
+                 *, refusals: RefusalReporter | None = None, authorize: bool = True) -> None:
         self.authenticator = authenticator
         self.exempt_prefixes = exempt_prefixes
+        self.refusals = refusals or RefusalReporter("unnamed")
+        self.authorize = authorize
 
     async def intercept_service(self, continuation: Continuation,
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self.exempt_prefixes):
+        method = handler_call_details.method
+        if handler is None or method.startswith(self.exempt_prefixes):
             return handler
-        authorization = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        return rewrap_handler(handler, lambda fn: self._unary(fn, authorization),
-                              lambda fn: self._stream(fn, authorization))
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        headers = (metadata.get("authorization"), metadata.get(authz.PRINCIPAL_HEADER))
+        return rewrap_handler(handler, lambda fn: self._unary(fn, method, headers),
+                              lambda fn: self._stream(fn, method, headers))
 
-    async def _admit(self, authorization: str | None, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(self, method: str, headers: tuple[Any, Any], request: Any,
+                     context: grpc.aio.ServicerContext) -> None:
+        authorization, forwarded = headers
+        client = peer_host(context.peer())
+        caller = None
         try:
-            principal_var.set(await self.authenticator.authenticate(authorization, peer_host(context.peer())))
+            if not isinstance(authorization, str | None) or not isinstance(forwarded, str | None):
+                raise errors.Unauthenticated("authorization metadata must be text", reason="API_KEY_INVALID")
+            caller = await self.authenticator.authenticate(authorization, client)
+            if self.authorize:
+                authz.authorize(method, caller)
+            principal = authz.effective_principal(caller, forwarded)
+            authz.bind_request(request, principal)
         except errors.DomainError as exc:
+            self.refusals.report(method, exc.reason, caller.name if caller else "",
+                                 caller.tenant_id if caller else "", caller.key_id if caller else "", client)
             status, _reason = status_for_exception(exc)
             await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+        principal_var.set(principal)
 
-    def _unary(self, fn: Callable[..., Any], authorization: str | None) -> Callable[..., Awaitable[Any]]:
+    def _unary(self, fn: Callable[..., Any], method: str, headers: tuple[Any, Any]) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._admit(authorization, context)
+            await self._admit(method, headers, request, context)
             result = fn(request, context)
             return await result if hasattr(result, "__await__") else result
         return call
 
-    def _stream(self, fn: Callable[..., Any], authorization: str | None) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(self, fn: Callable[..., Any], method: str,
+                headers: tuple[Any, Any]) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self._admit(authorization, context)
+            await self._admit(method, headers, request, context)
             async for item in iterate_responses(fn(request, context)):
                 yield item
         return call

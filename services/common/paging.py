@@ -15,7 +15,8 @@ import binascii
 import hashlib
 import hmac
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from services.common.errors import InvalidArgument
 
@@ -30,6 +31,16 @@ TOKEN_VERSION = 1
 _TAG_BYTES = 8
 _FIELD = "page_token"
 
+T = TypeVar("T")
+Reply = TypeVar("Reply", bound="PagedReply")
+
+
+class PagedReply(Protocol):
+    """A List RPC's response, as far as paging goes."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
 
 def page_limit(page_size: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
     """0 means the default; larger than the maximum is clamped; negative is refused."""
@@ -38,6 +49,19 @@ def page_limit(page_size: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int
     if page_size == 0:
         return default
     return min(page_size, maximum)
+
+
+async def every_page(fetch: Callable[[str], Awaitable[Reply]], items: Callable[[Reply], Iterable[T]]) -> list[T]:
+    """The client side: every item of a listing, ``fetch(page_token)`` one page after
+    another from the first (empty token) until a reply carries no next token."""
+    found: list[T] = []
+    token = ""
+    while True:
+        reply = await fetch(token)
+        found.extend(items(reply))
+        token = reply.next_page_token
+        if not token:
+            return found
 
 
 def encode_token(scope: str, cursor: Any) -> str:

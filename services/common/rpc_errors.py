@@ -16,8 +16,8 @@ audit log that reports every store failure alike) wrap this one mapping.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -48,7 +48,7 @@ def rpc_failure(err: grpc.RpcError) -> RpcFailure:
     message = (err.details() if hasattr(err, "details") else "") or code.name
     reason, metadata, retry_after_ms = "", {}, None
     try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except (ValueError, AttributeError, TypeError, DecodeError):
         # A status detail that disagrees with the call's code, or a call without trailers.
         status = None

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from prometheus_client import start_http_server
 
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.logs import configure_logging
+from services.common.refusals import RefusalReporter, Sink
 from services.common.settings import ServerSettings, load_settings
 from services.common.telemetry import configure_tracing
 
@@ -36,8 +38,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 class ServiceApp(Protocol):
     """What a service hands the runtime."""
 
-    #: Full proto names of the services it serves, e.g. "llmesh.store.v1.StoreService".
-    service_names: Sequence[str]
+    @property
+    def service_names(self) -> Sequence[str]:
+        """Full proto names of the services it serves, e.g. "llmesh.store.v1.StoreService"."""
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add servicers to the server (no I/O)."""
@@ -58,7 +61,7 @@ class RunningService:
     port: int
     metrics_port: int | None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
-    on_close: list[Callable[[], None]] = field(default_factory=list)
+    on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -73,7 +76,9 @@ class RunningService:
             await self.app.close()
         finally:
             for close in self.on_close:
-                close()
+                result = close()
+                if result is not None:
+                    await result
             self.stopped.set()
 
 
@@ -95,12 +100,16 @@ def server_options() -> list[tuple[str, int]]:
 async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningService:
     """Start serving ``app``; returns once it is ready (health SERVING)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [aio_server_interceptor()]
-    authenticator = None
+    on_close: list[Callable[[], Awaitable[None] | None]] = []
     if settings.auth_enabled:
         from services.common.auth import ApiKeyAuthenticator, ApiKeyStore
 
-        authenticator = ApiKeyAuthenticator(ApiKeyStore.load(settings.data_path / settings.api_keys_file))
-        interceptors.append(AuthInterceptor(authenticator))
+        name = short_name(app.service_names[0]) if app.service_names else "unnamed"
+        store = ApiKeyStore.load(settings.credentials_path / settings.api_keys_file)
+        authenticator = ApiKeyAuthenticator(store, cache_ttl_s=settings.auth_cache_ttl_s)
+        refusals = RefusalReporter(name, refusal_sink(app, settings, name))
+        interceptors.append(AuthInterceptor(authenticator, refusals=refusals))
+        on_close += [authenticator.close, refusals.close]
     interceptors.append(ErrorInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=server_options())
     app.register(server)
@@ -113,7 +122,11 @@ async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningSer
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_enabled:
+        port = server.add_secure_port(address, server_credentials(settings, short_name(app.service_names[0])))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     metrics_port = None
@@ -121,9 +134,9 @@ async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningSer
         metrics_server, _thread = start_http_server(settings.metrics_port, addr=settings.host)
         metrics_port = metrics_server.server_port
     await server.start()
-    running = RunningService(server, health_servicer, app, settings, port, metrics_port)
-    if authenticator is not None:
-        running.on_close.append(authenticator.close)
+    running = RunningService(server, health_servicer, app, settings, port, metrics_port, on_close=on_close)
+    if settings.auth_enabled:
+        refusals.start()
     try:
         await app.start()
     except BaseException:
@@ -132,6 +145,34 @@ async def start_service(app: ServiceApp, settings: ServerSettings) -> RunningSer
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return running
+
+
+def short_name(full_name: str) -> str:
+    """``llmesh.store.v1.StoreService`` -> ``store``: the name of a service's identity."""
+    parts = full_name.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "llmesh" else full_name
+
+
+def server_credentials(settings: ServerSettings, service: str) -> grpc.ServerCredentials:
+    from services.common.identity import tls_files
+
+    ca, cert, key = tls_files(settings.credentials_path, service).read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=settings.tls_require_client_cert)
+
+
+def refusal_sink(app: ServiceApp, settings: ServerSettings, service: str) -> Sink | None:
+    """Where refused calls go for the audit trail: the app itself if it keeps
+    the trail (policy), else the policy service at ``audit_target``."""
+    own = getattr(app, "record_access_denials", None)
+    if own is not None:
+        return own  # the policy app's bound method
+    if not settings.audit_target:
+        return None
+    from services.common.clients import make_channel, service_identity
+    from services.common.refusals import grpc_sink
+
+    return grpc_sink(lambda: make_channel(settings.audit_target, service_identity(settings, service)))
 
 
 @contextlib.asynccontextmanager

@@ -7,16 +7,20 @@ default. Nothing is read at import time.
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import os
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from services.common.errors import InvalidArgument
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -44,15 +48,33 @@ class ServerSettings:
     # service's name); used when no otlp_endpoint is set; empty disables it.
     trace_file: str = "traces/{service}.jsonl"
     # Require an API key (``authorization: Bearer <key>`` metadata) on every
-    # RPC but health and reflection; keys are hashed in api_keys_file
-    # (relative to data_dir), made with ``python -m services.common.auth create-key``.
-    auth_enabled: bool = False
-    # The hashed API keys, relative to data_dir.
+    # RPC but health and reflection, and check the caller against the mesh's
+    # authorisation table. Off only for local experiments.
+    auth_enabled: bool = True
+    # Where the key hashes, this service's own key and the TLS files live
+    # (relative to the working directory, not data_dir; a Secret in Kubernetes).
+    credentials_dir: str = "data/credentials"
+    # The hashed API keys, relative to credentials_dir (``python -m services.common.auth``).
     api_keys_file: str = "api_keys.json"
+    # Seconds a verified key is remembered; a disabled key is refused within
+    # the key file's reload time (1 s) whatever this says.
+    auth_cache_ttl_s: float = 300.0
+    # Serve and call with TLS; the files come from credentials_dir/tls
+    # (``python -m services.common.identity init-tls``, or ``make run TLS=1``).
+    tls_enabled: bool = False
+    # With TLS on, refuse clients without a certificate signed by the mesh CA.
+    tls_require_client_cert: bool = True
+    # gRPC target of the policy service, where refused calls are written to
+    # the audit trail; empty keeps them in logs and metrics only.
+    audit_target: str = ""
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def credentials_path(self) -> Path:
+        return Path(self.credentials_dir)
 
 
 def _parse(value: str, annotation: Any, name: str) -> Any:
@@ -89,7 +111,7 @@ def load_settings(
     """Build ``cls`` from defaults, then env, then command-line flags."""
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
     values: dict[str, Any] = {}
     for f in fields:
         for key in (f"LLMESH_{service.upper()}_{f.name.upper()}", f"LLMESH_{f.name.upper()}"):

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource

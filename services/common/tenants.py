@@ -7,11 +7,11 @@ silently change how a tenant is served.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
-from services.common.settings import json_object
 from services.common.errors import InvalidArgument
+from services.common.settings import json_object
 
 PRIORITY_NAMES = ("interactive", "normal", "batch")
 

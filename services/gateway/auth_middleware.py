@@ -5,10 +5,11 @@ handler runs, so it touches no backend.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from services.common import errors
-from services.common.auth import ApiKeyAuthenticator
+from services.common.auth import ApiKeyAuthenticator, principal_var
 from services.gateway.http_errors import error_response
 
 PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz"})
@@ -34,4 +35,9 @@ class ApiKeyMiddleware:
             await error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        # Calls to the mesh made for this request carry the client as their principal.
+        token = principal_var.set(principal)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            principal_var.reset(token)

@@ -23,10 +23,6 @@ class Settings(ServerSettings):
     # Inference nodes for the OpenAI endpoints, through the client-side load
     # balancer (host:port or dns:host:port); empty falls back to inference_target.
     inference_nodes: tuple[str, ...] = ()
-    # JSON file of hashed API keys (``python -m services.common.auth create-key``).
-    api_keys_file: str = "api_keys.json"
-    # Off only for local experiments: every request is then anonymous and tenant_id is not pinned.
-    auth_enabled: bool = True
     # Failed authentication attempts a client may make per window before 429.
     auth_max_failures: int = 10
     auth_failure_window_s: float = 60.0

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import json_format
@@ -22,14 +23,22 @@ FD = _descriptor.FieldDescriptor
 _INT_TYPES = {FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32, FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64,
               FD.TYPE_UINT32, FD.TYPE_FIXED32, FD.TYPE_UINT64, FD.TYPE_FIXED64}
 _INT_RANGES = {
-    FD.TYPE_INT32: (-(2**31), 2**31 - 1), FD.TYPE_SINT32: (-(2**31), 2**31 - 1), FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FD.TYPE_INT32: (-(2**31), 2**31 - 1), FD.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
     FD.TYPE_UINT32: (0, 2**32 - 1), FD.TYPE_FIXED32: (0, 2**32 - 1),
-    FD.TYPE_INT64: (-(2**63), 2**63 - 1), FD.TYPE_SINT64: (-(2**63), 2**63 - 1), FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FD.TYPE_INT64: (-(2**63), 2**63 - 1), FD.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
     FD.TYPE_UINT64: (0, 2**64 - 1), FD.TYPE_FIXED64: (0, 2**64 - 1),
 }
 # Plain decimal integers only: int() would also take "1_000", " 7 " and non-ASCII digits.
 _INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 _PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "([^"]+)"|for field (\w+)')
+
+
+def _descriptor_of(message: Message) -> _descriptor.Descriptor:
+    # types-protobuf types Message.DESCRIPTOR as the pure-Python or the upb
+    # Descriptor; both have the reflection interface used here.
+    return cast(_descriptor.Descriptor, message.DESCRIPTOR)
 
 
 def _field_by_name(message_type: _descriptor.Descriptor, name: str) -> FD | None:
@@ -42,10 +51,10 @@ def _field_by_name(message_type: _descriptor.Descriptor, name: str) -> FD | None
 def _convert_scalar(field: FD, raw: str, name: str) -> Any:
     if field.type in _INT_TYPES:
         errors.require(bool(_INTEGER.fullmatch(raw)), name, f"expected an integer, got {raw[:40]!r}")
-        value = int(raw)
+        integer = int(raw)
         low, high = _INT_RANGES[field.type]
-        errors.require(low <= value <= high, name, f"{value} is out of range [{low}, {high}]")
-        return value
+        errors.require(low <= integer <= high, name, f"{integer} is out of range [{low}, {high}]")
+        return integer
     if field.type in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
         try:
             value = float(raw)
@@ -58,11 +67,13 @@ def _convert_scalar(field: FD, raw: str, name: str) -> Any:
         errors.require(lowered in ("true", "false", "1", "0"), name, f"expected true or false, got {raw!r}")
         return lowered in ("true", "1")
     if field.type == FD.TYPE_ENUM:
-        enum_value = field.enum_type.values_by_name.get(raw)
+        enum_type = field.enum_type
+        assert enum_type is not None, "an enum field has an enum type"
+        enum_value = enum_type.values_by_name.get(raw)
         if enum_value is None and _INTEGER.fullmatch(raw):
-            enum_value = field.enum_type.values_by_number.get(int(raw))
+            enum_value = enum_type.values_by_number.get(int(raw))
         if enum_value is None:
-            names = ", ".join(v.name for v in field.enum_type.values)
+            names = ", ".join(v.name for v in enum_type.values)
             raise errors.InvalidArgument(f"{name}: unknown value {raw[:40]!r}; expected one of {names}", field=name)
         return enum_value.number
     if field.type == FD.TYPE_STRING:
@@ -75,8 +86,8 @@ def set_field_path(message: Message, path: str, raw: str) -> None:
     target = message
     parts = path.split(".")
     for i, part in enumerate(parts):
-        field = _field_by_name(target.DESCRIPTOR, part)
-        errors.require(field is not None, path, f"no such field in {message.DESCRIPTOR.name}")
+        field = _field_by_name(_descriptor_of(target), part)
+        errors.require(field is not None, path, f"no such field in {_descriptor_of(message).name}")
         assert field is not None
         if i < len(parts) - 1:
             errors.require(field.type == FD.TYPE_MESSAGE and not _is_repeated(field), path,
@@ -102,7 +113,7 @@ def parse_json_body(body: bytes, message: Message, *, into_field: str = "") -> N
     payload = loads_body(body)
     target = message
     if into_field:
-        field = _field_by_name(message.DESCRIPTOR, into_field)
+        field = _field_by_name(_descriptor_of(message), into_field)
         assert field is not None and field.type == FD.TYPE_MESSAGE, "body field must be a message"
         target = getattr(message, field.name)
     errors.require(isinstance(payload, dict), "body", "expected a JSON object")
@@ -122,7 +133,7 @@ def _invalid_from_parse_error(exc: Exception) -> errors.InvalidArgument:
     return errors.InvalidArgument(f"{field}: {text}", field=field)
 
 
-def build_request(route_input: _descriptor.Descriptor, request_class: type, *, body_rule: str, body: bytes,
+def build_request(route_input: _descriptor.Descriptor, request_class: type[Message], *, body_rule: str, body: bytes,
                   path_vars: dict[str, str], query: Iterable[tuple[str, str]]) -> Message:
     """The request message for one HTTP call: body first, then query, then path (path wins)."""
     message = request_class()
@@ -140,25 +151,14 @@ def build_request(route_input: _descriptor.Descriptor, request_class: type, *, b
     return message
 
 
-def apply_tenant(message: Message, tenant_id: str | None) -> None:
-    """Pin ``tenant_id`` to the caller's tenant; naming another tenant is refused."""
-    if tenant_id is None or "tenant_id" not in message.DESCRIPTOR.fields_by_name:
-        return
-    claimed = getattr(message, "tenant_id")
-    if claimed and claimed != tenant_id:
-        raise errors.PermissionDenied(f"tenant_id: this API key belongs to tenant {tenant_id!r}",
-                                      reason="TENANT_MISMATCH", field="tenant_id")
-    setattr(message, "tenant_id", tenant_id)
-
-
 def apply_resume_point(message: Message, after_seq: int | None) -> None:
     """Last-Event-ID becomes ``after_seq`` on requests that have one (the later of the two wins)."""
-    field = message.DESCRIPTOR.fields_by_name.get("after_seq")
+    field = _descriptor_of(message).fields_by_name.get("after_seq")
     if after_seq is None or field is None:
         return
     low, high = _INT_RANGES.get(field.type, (0, 0))
     errors.require(low <= after_seq <= high, "Last-Event-ID", f"{after_seq} is out of range [{low}, {high}]")
-    setattr(message, "after_seq", max(after_seq, getattr(message, "after_seq")))
+    setattr(message, field.name, max(after_seq, getattr(message, field.name)))
 
 
 def message_to_json(message: Message) -> dict[str, Any]:

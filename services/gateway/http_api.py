@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from services.common import errors
+from services.common import authz, errors
 from services.common.auth import Principal
 from services.gateway import convert
 from services.gateway.adapters.grpc_backend import GrpcBackends
@@ -27,9 +28,13 @@ _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 def forwarded_metadata(request: Request) -> list[tuple[str, str]]:
-    """Metadata for the backend call: the caller's credentials travel on."""
-    authorization = request.headers.get("authorization")
-    return [("authorization", authorization)] if authorization else []
+    """Metadata for the backend call beyond what the channel adds.
+
+    None: the caller's key never travels on. The gateway calls with its own
+    service key and the client rides along as the principal its middleware
+    set (``x-llmesh-principal``), which backends trust only from a service.
+    """
+    return []
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -82,7 +87,8 @@ class GenericRestApi:
         message = convert.build_request(route.input_type, route.request_class(), body_rule=route.body, body=body,
                                         path_vars=path_vars, query=request.query_params.multi_items())
         principal: Principal | None = getattr(request.state, "principal", None)
-        convert.apply_tenant(message, principal.tenant_id if principal else None)
+        if principal is not None:
+            authz.bind_request(message, principal)
         try:
             last_event_id = streaming.parse_last_event_id(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -117,7 +123,7 @@ def _frame(payload: dict, media_type: str) -> bytes:
     return streaming.sse_frame(payload, event_id=streaming.find_seq(payload))
 
 
-async def _frames(first: Any, replies: AsyncIterator[Any], media_type: str) -> AsyncIterator[bytes]:
+async def _frames(first: Any, replies: AsyncGenerator[Any, None], media_type: str) -> AsyncIterator[bytes]:
     """Encoded stream; ends with an error frame if the backend fails midway."""
     pending: asyncio.Future | None = None
     try:

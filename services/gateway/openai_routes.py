@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -61,7 +62,7 @@ class OpenAIRoutes:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _sse(first: dict, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+async def _sse(first: dict[str, Any], chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
     try:
         yield f"data: {dumps(first)}\n\n".encode()
         async for chunk in chunks:

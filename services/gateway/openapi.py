@@ -6,7 +6,8 @@ numbers, enums by name, Timestamp as RFC 3339 text.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import descriptor as _descriptor
 
@@ -20,7 +21,7 @@ _INT32 = {FD.TYPE_INT32: ("int32", -(2**31), 2**31 - 1), FD.TYPE_SINT32: ("int32
           FD.TYPE_FIXED32: ("int64", 0, 2**32 - 1)}
 _INT64 = {FD.TYPE_INT64: (-(2**63), 2**63 - 1), FD.TYPE_SINT64: (-(2**63), 2**63 - 1),
           FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1), FD.TYPE_UINT64: (0, 2**64 - 1), FD.TYPE_FIXED64: (0, 2**64 - 1)}
-_WELL_KNOWN = {
+_WELL_KNOWN: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
     "google.protobuf.Duration": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?s$"},
     "google.protobuf.Struct": {"type": "object"},
@@ -65,6 +66,7 @@ class SchemaBuilder:
 
     def scalar_schema(self, field: FD) -> dict[str, Any]:
         if field.type == FD.TYPE_MESSAGE:
+            assert field.message_type is not None, "a message field has a message type"
             return self.ref(field.message_type)
         if field.type in _INT32:
             fmt, low, high = _INT32[field.type]
@@ -78,6 +80,7 @@ class SchemaBuilder:
         if field.type == FD.TYPE_BOOL:
             return {"type": "boolean"}
         if field.type == FD.TYPE_ENUM:
+            assert field.enum_type is not None, "an enum field has an enum type"
             return {"type": "string", "enum": [v.name for v in field.enum_type.values]}
         if field.type == FD.TYPE_BYTES:
             return {"type": "string", "contentEncoding": "base64"}
@@ -100,8 +103,10 @@ def _query_parameters(route: Route, builder: SchemaBuilder, path_fields: frozens
 def _path_parameters(route: Route, builder: SchemaBuilder) -> list[dict[str, Any]]:
     params = []
     for path in route.template.variables:
-        message, field = route.input_type, None
+        message: _descriptor.Descriptor | None = route.input_type
+        field: FD | None = None
         for part in path.split("."):
+            assert message is not None, f"{path}: only message fields have sub-fields"
             field = message.fields_by_name[part]
             message = field.message_type
         assert field is not None
@@ -127,6 +132,7 @@ def _operation(route: Route, builder: SchemaBuilder) -> dict[str, Any]:
     else:
         if route.body:
             field = route.input_type.fields_by_name[route.body]
+            assert field.message_type is not None, f"body field {route.body} must be a message"
             operation["requestBody"] = {"content": {"application/json": {"schema": builder.ref(field.message_type)}}}
         parameters += _query_parameters(route, builder, path_fields | {route.body})
     if route.server_streaming:
@@ -134,12 +140,14 @@ def _operation(route: Route, builder: SchemaBuilder) -> dict[str, Any]:
         parameters.append({"name": "Last-Event-ID", "in": "header", "required": False,
                            "description": "Resume after this event seq (SSE reconnects send it).",
                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}})
-        ok = {"description": "Server-Sent Events (id: event seq), or NDJSON with Accept: application/x-ndjson",
+        ok = {"description": "Server-Sent Events (id: event seq), or NDJSON with Accept: "
+                             "application/x-ndjson",
               "content": {streaming.SSE_MEDIA_TYPE: {"schema": {"type": "string"}, "itemSchema": item},
                           streaming.NDJSON_MEDIA_TYPE: {"schema": {"type": "string"}, "itemSchema": item}}}
     else:
         ok = {"description": "OK", "content": {"application/json": {"schema": builder.ref(route.output_type)}}}
-    error = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    error = {"description": "Error",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     operation["parameters"] = parameters
     operation["responses"] = {"200": ok, "default": error}
     return operation

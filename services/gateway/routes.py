@@ -6,13 +6,15 @@ REST route, its OpenAPI entry and its backend call.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory
+from google.protobuf.message import Message
 
+from services.common import authz
 from services.gateway.core.path_template import PathTemplate, parse_template
 
 # Proto modules whose annotated services the gateway exposes, by backend name.
@@ -54,10 +56,10 @@ class Route:
     def operation_id(self) -> str:
         return f"{self.method.containing_service.name}_{self.method.name}"
 
-    def request_class(self) -> type:
+    def request_class(self) -> type[Message]:
         return message_factory.GetMessageClass(self.method.input_type)
 
-    def response_class(self) -> type:
+    def response_class(self) -> type[Message]:
         return message_factory.GetMessageClass(self.method.output_type)
 
 
@@ -85,12 +87,15 @@ def routes_for_service(service: _descriptor.ServiceDescriptor, backend: str) -> 
 
 
 def load_routes(modules: dict[str, str] | None = None) -> list[Route]:
-    """Every annotated route, most specific first so literals beat variables."""
+    """Every annotated route the gateway may call for its clients, most specific first
+    so literals beat variables. RPCs that the authorisation table keeps from the
+    gateway (policy's Evaluate, tools' ExecuteTool, ...) get no route at all."""
     routes: list[Route] = []
     for backend, module_name in (modules or DEFAULT_PROTO_MODULES).items():
         module = importlib.import_module(module_name)
         for service in module.DESCRIPTOR.services_by_name.values():
-            routes.extend(routes_for_service(service, backend))
+            routes.extend(r for r in routes_for_service(service, backend)
+                          if authz.GATEWAY in authz.allowed_callers(r.grpc_path))
     return sort_routes(routes)
 
 

@@ -10,8 +10,9 @@ import contextlib
 import logging
 import socket
 import sys
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import uvicorn
 from prometheus_client import start_http_server
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter
+from services.common.clients import service_identity
 from services.common.logs import configure_logging
 from services.common.settings import load_settings
 from services.common.telemetry import configure_tracing
@@ -57,13 +59,13 @@ def build_authenticator(settings: Settings) -> ApiKeyAuthenticator | None:
     if not settings.auth_enabled:
         log.warning("authentication is disabled: every request is anonymous")
         return None
-    path = settings.data_path / settings.api_keys_file
+    path = settings.credentials_path / settings.api_keys_file
     store = ApiKeyStore.load(path)
     if len(store) == 0:
         log.warning("no API keys in %s: every request will get 401; create one with "
                     "python -m services.common.auth create-key --tenant <t> --keys-file %s", path, path)
     limiter = FailedAttemptLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
-    return ApiKeyAuthenticator(store, limiter)
+    return ApiKeyAuthenticator(store, limiter, cache_ttl_s=settings.auth_cache_ttl_s)
 
 
 def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None = None,
@@ -71,7 +73,8 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
               use_settings_auth: bool = True) -> Starlette:
     """The ASGI app. Tests inject an authenticator and a generator (fake or the balancer)."""
     route_table = list(routes) if routes is not None else load_routes()
-    backends = GrpcBackends(settings.backend_targets, timeout_s=settings.backend_timeout_s)
+    identity = service_identity(settings, "gateway")
+    backends = GrpcBackends(settings.backend_targets, timeout_s=settings.backend_timeout_s, identity=identity)
     if authenticator is None and use_settings_auth:
         authenticator = build_authenticator(settings)
     openai = OpenAIRoutes(None, settings.max_body_bytes)
@@ -83,7 +86,7 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
         if source is None and settings.inference_nodes:
             from services.inference.client.balancer import Balancer
 
-            balancer = Balancer(settings.inference_nodes)
+            balancer = Balancer(settings.inference_nodes, identity=identity)
             await balancer.start()
             source = InferenceGenerator(balancer, settings.default_models)
         elif source is None and settings.inference_target:

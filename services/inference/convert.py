@@ -5,7 +5,7 @@ from llmesh.inference.v1 import inference_pb2 as pb
 
 from services.common.errors import InvalidArgument
 from services.inference.core.node import GenerateCall, ModelInfo, SamplingRequest
-from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority
+from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, session_key
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
@@ -32,7 +32,8 @@ def generate_call(request: pb.GenerateRequest) -> GenerateCall:
     if request.priority not in _PRIORITY:
         raise InvalidArgument(f"priority: unknown value {request.priority}", field="priority")
     spec = GenerateSpec(prompt=request.prompt, prompt_tokens=tuple(request.prompt_tokens),
-                        session_id=request.session_id, priority=_PRIORITY[request.priority],
+                        session_id=session_key(request.tenant_id, request.session_id),
+                        priority=_PRIORITY[request.priority],
                         request_id=request.request_id, tenant_id=request.tenant_id)
     return GenerateCall(spec, sampling_request(request), model=request.model,
                         require_cached_session=request.require_cached_session, skip_cache=request.skip_cache,

@@ -4,14 +4,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import cast
 
 import grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
-from services.inference.core.response_cache import ResponseCache
-from services.inference.core.semantic_cache import Embedder, HashingEmbedder, SemanticCache
-from services.common.tenants import parse_tenant_policies
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.tenants import parse_tenant_policies
 from services.inference.config import Settings
 from services.inference.core.aliases import parse_aliases
 from services.inference.core.backend import Backend
@@ -21,6 +20,8 @@ from services.inference.core.node import InferenceNode
 from services.inference.core.placement import CPU, ModelFootprint, Placement, plan_pool
 from services.inference.core.pool import EnginePool
 from services.inference.core.priorities import PriorityPolicy, default_policy
+from services.inference.core.response_cache import ResponseCache
+from services.inference.core.semantic_cache import Embedder, HashingEmbedder, SemanticCache
 from services.inference.core.types import Delta, Priority
 from services.inference.metrics import PrometheusEconomicsObserver, PrometheusObserver
 from services.inference.servicer import InferenceServicer
@@ -67,8 +68,9 @@ def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
         raise InvalidArgument("response_cache_entries: must be >= 0", field="response_cache_entries")
     if settings.response_cache_ttl_s <= 0:
         raise InvalidArgument("response_cache_ttl_s: must be > 0", field="response_cache_ttl_s")
-    cache = ResponseCache(settings.response_cache_entries, settings.response_cache_ttl_s) \
-        if settings.response_cache_entries else None
+    cache: ResponseCache[list[Delta]] | None = None
+    if settings.response_cache_entries:
+        cache = ResponseCache(settings.response_cache_entries, settings.response_cache_ttl_s)
     return GenerationFront(pool, pool.primary.backend.model_name, merge=settings.merge_requests, cache=cache,
                            semantic=semantic_cache(settings, pool.primary.backend),
                            observer=PrometheusEconomicsObserver(), run_model=pool.primary.call)
@@ -97,9 +99,11 @@ def semantic_cache(settings: Settings, backend: Backend) -> SemanticCache[list[D
     if kind == "auto":
         kind = "model" if on_llama else "lexical"
     if kind == "model":
+        from services.inference.adapters.llama_backend import LlamaBackend
         from services.inference.adapters.llama_embedder import LlamaEmbedder
 
-        embedder: Embedder = LlamaEmbedder(backend, n_threads=settings.n_threads)  # type: ignore[arg-type]
+        # on_llama: the backend has the llama.cpp model (checked by attribute, as wrappers may forward it).
+        embedder: Embedder = LlamaEmbedder(cast(LlamaBackend, backend), n_threads=settings.n_threads)
     else:
         embedder = HashingEmbedder()
     threshold = settings.semantic_cache_threshold or DEFAULT_THRESHOLDS[kind]
@@ -194,9 +198,9 @@ class App:
     async def close(self) -> None:
         front, self.front = self.front, None
         embedder = front.semantic.embedder if front is not None and front.semantic is not None else None
-        if hasattr(embedder, "close"):
+        if embedder is not None and hasattr(embedder, "close"):
             # Before the engines free the weights it runs on.
-            embedder.close()  # type: ignore[union-attr]
+            embedder.close()
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await asyncio.to_thread(pool.stop)

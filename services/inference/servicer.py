@@ -1,7 +1,7 @@
 """InferenceService: decode the request, call the node's core, encode the reply."""
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from llmesh.inference.v1 import inference_pb2 as pb
@@ -58,4 +58,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def ReleaseSession(self, request: pb.ReleaseSessionRequest,
                              context: grpc.aio.ServicerContext) -> pb.ReleaseSessionResponse:
-        return pb.ReleaseSessionResponse(released=await self.node.release_session(request.session_id))
+        return pb.ReleaseSessionResponse(released=await self.node.release_session(request.session_id,
+                                                                              request.tenant_id))

@@ -1,6 +1,8 @@
 """Domain records <-> llmesh.orchestrator.v1 messages (the only other *_pb2 user is the servicer)."""
 from __future__ import annotations
 
+from typing import cast
+
 from google.protobuf import json_format, timestamp_pb2
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -21,8 +23,9 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def event_to_pb(event: AgentEvent) -> pb.AgentEvent:
-    msg = pb.AgentEvent(session_id=event.session_id, seq=event.seq, run_id=event.run_id,
-                        type=pb.EventType.Value("EVENT_TYPE_" + event.type.upper()),
+    # Value() is typed as returning int; the field is typed as the enum class.
+    event_type = cast(pb.EventType, pb.EventType.Value("EVENT_TYPE_" + event.type.upper()))
+    msg = pb.AgentEvent(session_id=event.session_id, seq=event.seq, run_id=event.run_id, type=event_type,
                         create_time=timestamp(event.create_time), schema_version=event.schema_version)
     field = _BODY_FIELD[event.type]
     json_format.ParseDict(event.body, getattr(msg, field), ignore_unknown_fields=True)

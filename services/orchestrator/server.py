@@ -13,9 +13,10 @@ from typing import Any
 import grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
-from services.common.clients import make_channel
-from services.common.tenants import parse_tenant_policies
+from services.common.clients import make_channel, service_identity
 from services.common.errors import FailedPrecondition
+from services.common.identity import Identity
+from services.common.tenants import parse_tenant_policies
 from services.orchestrator import metrics
 from services.orchestrator.adapters.grpc_inference import GrpcInference
 from services.orchestrator.adapters.grpc_policy import GrpcPolicy
@@ -66,6 +67,14 @@ class App:
         self.servicer = AgentServicer()
         self.orchestrator: Orchestrator | None = None
         self._balancer: Any = None
+        self._identity: Identity | None = None
+
+    @property
+    def identity(self) -> Identity:
+        """The orchestrator's own credentials, made on first use (in start, not at build time)."""
+        if self._identity is None:
+            self._identity = service_identity(self.settings, "orchestrator")
+        return self._identity
 
     def register(self, server: grpc.aio.Server) -> None:
         orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(self.servicer, server)
@@ -73,7 +82,7 @@ class App:
     def _channel(self, name: str, target: str) -> grpc.aio.Channel:
         if not target:
             raise FailedPrecondition(f"{name}_target is not set", reason="MISSING_TARGET", field=f"{name}_target")
-        channel = make_channel(target)
+        channel = make_channel(target, self.identity)
         self._channels.append(channel)
         return channel
 
@@ -108,7 +117,7 @@ class App:
             return GrpcInference.for_channel(self._channel("inference", self.settings.inference_target))
         from services.inference.client import Balancer, load_balancer_settings
 
-        self._balancer = Balancer(nodes, load_balancer_settings())
+        self._balancer = Balancer(nodes, load_balancer_settings(), identity=self.identity)
         await self._balancer.start()
         return GrpcInference(self._balancer)
 

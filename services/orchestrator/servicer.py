@@ -1,7 +1,7 @@
 """AgentService: decode -> Orchestrator -> encode. Errors leave through the one interceptor."""
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb

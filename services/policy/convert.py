@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 from google.protobuf import timestamp_pb2
 from llmesh.policy.v1 import policy_pb2
@@ -52,7 +53,9 @@ def evaluate_response(result: EvaluateResult) -> policy_pb2.EvaluateResponse:
 
 
 def approval_response(result: ApprovalResult) -> policy_pb2.RecordApprovalResponse:
-    return policy_pb2.RecordApprovalResponse(decision=int(result.choice), audit_seq=result.audit_seq)
+    # protoc's .pyi types enum fields as the enum class (no int constructor at runtime); the numbers match.
+    decision = cast(policy_pb2.ApprovalDecision, int(result.choice))
+    return policy_pb2.RecordApprovalResponse(decision=decision, audit_seq=result.audit_seq)
 
 
 def audit_entry(record: AuditRecord) -> policy_pb2.AuditEntry:
@@ -68,3 +71,17 @@ def audit_entry(record: AuditRecord) -> policy_pb2.AuditEntry:
 def verify_response(report: VerifyReport) -> policy_pb2.VerifyAuditResponse:
     return policy_pb2.VerifyAuditResponse(ok=report.ok, num_checked=report.num_checked,
                                           first_broken_seq=report.first_broken_seq, reason=report.reason)
+
+
+def denial(d: policy_pb2.AccessDenial, where: str = "denial") -> dict[str, Any]:
+    """A refused call as the audit payload stores it."""
+    first_time = ""
+    if d.HasField("first_time"):
+        try:
+            first_time = d.first_time.ToJsonString()
+        except ValueError:
+            raise InvalidArgument(f"{where}.first_time: not a valid timestamp",
+                                  field=f"{where}.first_time") from None
+    return {"service": d.service, "method": d.method, "reason": d.reason, "caller": d.caller,
+            "tenant_id": d.tenant_id, "key_id": d.key_id, "peer": d.peer, "count": d.count,
+            "first_time": first_time}

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 from llmesh.policy.v1 import policy_pb2_grpc
 
-from services.common.clients import make_channel
+from services.common.clients import make_channel, service_identity
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.refusals import DenialCount
 from services.policy.adapters.audit_key import load_audit_key
 from services.policy.adapters.memory_audit_log import MemoryAuditLog
 from services.policy.adapters.policy_file_watcher import PolicyFileWatcher
@@ -31,7 +33,7 @@ class _LateService:
 
     service: PolicyService | None = None
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - forwards to PolicyService
+    def __getattr__(self, name: str) -> Any:
         if self.service is None:
             raise FailedPrecondition("policy service is not started", reason="NOT_STARTED")
         return getattr(self.service, name)
@@ -59,7 +61,9 @@ class App:
         return self._late.service
 
     def register(self, server: grpc.aio.Server) -> None:
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(self._late), server)  # type: ignore[arg-type]
+        # _LateService forwards every attribute to the PolicyService once start() has built it.
+        late = cast(PolicyService, self._late)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(late), server)
 
     async def start(self) -> None:
         settings = self.settings
@@ -82,7 +86,7 @@ class App:
             if settings.audit_backend == "memory":
                 audit_log = MemoryAuditLog()
             else:
-                self._channel = make_channel(settings.store_target)
+                self._channel = make_channel(settings.store_target, service_identity(settings, "policy"))
                 audit_log = StoreAuditLog(self._channel)
         approvals = ApprovalBook(ttl_s=settings.approval_ttl_s, max_approvals=settings.max_pending_approvals)
         APPROVALS_HELD.set_function(lambda: approvals.num_approvals)
@@ -91,6 +95,10 @@ class App:
         self._late.service = PolicyService(self.holder, approvals, AuditChain(audit_log, key), limits)
         log.info("policy loaded", extra={"event": "policy_loaded", "source": str(policy_path),
                                          "version": policy.version, "audit_backend": settings.audit_backend})
+
+    async def record_access_denials(self, batch: list[DenialCount]) -> None:
+        """The policy service's own refusals go straight to its audit chains."""
+        await self.service.record_access_denials([item.payload() for item in batch])
 
     async def close(self) -> None:
         if self.watcher is not None:

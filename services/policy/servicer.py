@@ -39,6 +39,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.ListAuditResponse(entries=[convert.audit_entry(r) for r in records],
                                             next_page_token=token)
 
+    async def RecordAccessDenials(self, request: policy_pb2.RecordAccessDenialsRequest,
+                                  context: grpc.aio.ServicerContext) -> policy_pb2.RecordAccessDenialsResponse:
+        recorded = await self.service.record_access_denials(
+            [convert.denial(d, f"denials[{i}]") for i, d in enumerate(request.denials)])
+        return policy_pb2.RecordAccessDenialsResponse(recorded=recorded)
+
     async def VerifyAudit(self, request: policy_pb2.VerifyAuditRequest,
                           context: grpc.aio.ServicerContext) -> policy_pb2.VerifyAuditResponse:
         return convert.verify_response(await self.service.verify_audit(request.tenant_id))

@@ -1,11 +1,20 @@
 """Protobuf <-> domain records (the only place besides servicer.py touching store_pb2)."""
 from __future__ import annotations
 
+from typing import cast
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmesh.store.v1 import store_pb2
 
 from services.store.core.models import (
-    AuditRecord, EventRecord, LockResult, MessageRecord, NewEvent, NewMessage, SessionRecord, TaskRecord,
+    AuditRecord,
+    EventRecord,
+    LockResult,
+    MessageRecord,
+    NewEvent,
+    NewMessage,
+    SessionRecord,
+    TaskRecord,
 )
 
 
@@ -43,9 +52,11 @@ def event_pb(r: EventRecord) -> store_pb2.Event:
 
 
 def task_pb(r: TaskRecord) -> store_pb2.Task:
+    # protoc's .pyi types enum fields as the enum class (no int constructor at runtime); the numbers match.
+    state = cast(store_pb2.TaskState, int(r.state))
     return store_pb2.Task(
         task_id=r.task_id, tenant_id=r.tenant_id, queue=r.queue, priority=r.priority, payload_json=r.payload_json,
-        state=int(r.state), attempts=r.attempts, max_attempts=r.max_attempts, worker_id=r.worker_id,
+        state=state, attempts=r.attempts, max_attempts=r.max_attempts, worker_id=r.worker_id,
         lease_expire_time=timestamp(r.lease_expire_ms), run_after_time=timestamp(r.run_after_ms),
         result_json=r.result_json, last_error=r.last_error, create_time=timestamp(r.create_ms),
         lease_token=r.lease_token)

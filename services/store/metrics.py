@@ -29,32 +29,32 @@ def watch_writer(writer: EventWriter, hub: WatchHub) -> None:
 class MeteredRepository(SqlRepository):
     """The SQL repository, counting the operations the dashboards need."""
 
-    async def read_events(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - same signature as the base
+    async def read_events(self, *args, **kwargs):
         EVENT_READS.inc()
         return await super().read_events(*args, **kwargs)
 
-    async def enqueue_task(self, *args, **kwargs) -> tuple[TaskRecord, bool]:  # noqa: ANN002, ANN003
+    async def enqueue_task(self, *args, **kwargs) -> tuple[TaskRecord, bool]:
         record, created = await super().enqueue_task(*args, **kwargs)
         if created:
             TASKS.labels("enqueued").inc()
         return record, created
 
-    async def claim_tasks(self, *args, **kwargs) -> list[TaskRecord]:  # noqa: ANN002, ANN003
+    async def claim_tasks(self, *args, **kwargs) -> list[TaskRecord]:
         claimed = await super().claim_tasks(*args, **kwargs)
         TASKS.labels("claimed").inc(len(claimed))
         return claimed
 
-    async def ack_task(self, *args, **kwargs) -> TaskRecord:  # noqa: ANN002, ANN003
+    async def ack_task(self, *args, **kwargs) -> TaskRecord:
         record = await super().ack_task(*args, **kwargs)
         TASKS.labels("acked").inc()
         return record
 
-    async def fail_task(self, *args, **kwargs) -> TaskRecord:  # noqa: ANN002, ANN003
+    async def fail_task(self, *args, **kwargs) -> TaskRecord:
         record = await super().fail_task(*args, **kwargs)
         TASKS.labels("failed").inc()
         return record
 
-    async def release_expired_leases(self, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+    async def release_expired_leases(self, *args, **kwargs) -> int:
         num = await super().release_expired_leases(*args, **kwargs)
         TASKS.labels("lease_expired").inc(num)
         return num

@@ -8,12 +8,12 @@ from llmesh.store.v1 import store_pb2_grpc
 
 from services.store.adapters.database import Database, DatabaseOptions
 from services.store.config import Settings
-from services.store.metrics import EVENTS_DROPPED, MeteredRepository, watch_writer
 from services.store.core.event_writer import EventWriter
 from services.store.core.maintenance import Maintenance, MaintenanceOptions
 from services.store.core.store import CoreOptions, StoreCore, wall_clock_ms
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import ReplicaCommitPoller, WatchHub
+from services.store.metrics import EVENTS_DROPPED, MeteredRepository, watch_writer
 from services.store.servicer import StoreServicer
 
 SERVICE_NAME = "llmesh.store.v1.StoreService"
@@ -43,11 +43,17 @@ class App:
         await self.database.migrate()
         repo = MeteredRepository(self.database)
         hub = WatchHub()
+
+        def publish_commits(done: list[tuple[str, str, int]]) -> None:
+            for tenant_id, session_id, seq in done:
+                hub.publish(tenant_id, session_id, seq)
+
         writer = EventWriter(
-            lambda appends: repo.append_events(appends, wall_clock_ms()), max_batch_events=s.event_batch_max, max_batch_delay_ms=s.event_batch_ms,
+            lambda appends: repo.append_events(appends, wall_clock_ms()),
+            max_batch_events=s.event_batch_max, max_batch_delay_ms=s.event_batch_ms,
             max_pending_events=max(s.event_queue_max, s.event_batch_max, 1_000),
             block_timeout_ms=s.event_block_timeout_ms, droppable_types=s.droppable_event_types,
-            on_commit=lambda done: [hub.publish(t, sid, seq) for t, sid, seq in done],
+            on_commit=publish_commits,
             on_drop=EVENTS_DROPPED.inc)
         watch_writer(writer, hub)
         writer.start()
@@ -81,7 +87,7 @@ class _LateServicer(StoreServicer):
     def __init__(self, app: App) -> None:
         self._app = app
 
-    @property  # type: ignore[override]
+    @property
     def core(self) -> StoreCore:
         if self._app.core is None:
             from services.common.errors import Unavailable

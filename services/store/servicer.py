@@ -1,7 +1,7 @@
 """StoreService servicer: decode -> StoreCore -> encode. No logic lives here."""
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from llmesh.store.v1 import store_pb2 as pb
@@ -14,7 +14,11 @@ from services.store.core.store import StoreCore
 
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     def __init__(self, core: StoreCore) -> None:
-        self.core = core
+        self._core = core
+
+    @property
+    def core(self) -> StoreCore:
+        return self._core
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext):
         record, _ = await self.core.create_session(NewSession(

@@ -33,7 +33,9 @@ class Settings(ServerSettings):
     sandbox_tmp_mb: int = 64
     # What a session's workspace may hold; past it, commands cannot grow any file.
     workspace_quota_mb: int = 1024
-    # rlimits of every sandboxed process: CPU seconds, address space (also the memory cap of a call's cgroup), file size, open files, processes (also the pids cap of a call's cgroup).
+    # rlimits of every sandboxed process: CPU seconds, address space (also the
+    # memory cap of a call's cgroup), file size, open files, processes (also the
+    # pids cap of a call's cgroup).
     sandbox_cpu_s: int = 30
     sandbox_memory_mb: int = 2048
     sandbox_file_size_mb: int = 256

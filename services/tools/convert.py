@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from llmesh.tools.v1 import tools_pb2
 
@@ -50,8 +50,10 @@ def encode_text(text: CapturedText) -> tools_pb2.CapturedOutput:
 
 
 def encode_outcome(outcome: ToolOutcome) -> tools_pb2.ToolResult:
+    # protoc's .pyi types enum fields as the enum class (no int constructor at runtime); the numbers match.
+    status = cast(tools_pb2.ToolStatus, int(outcome.status))
     return tools_pb2.ToolResult(
-        call_id=outcome.call_id, name=outcome.name, status=int(outcome.status), exit_code=outcome.exit_code,
+        call_id=outcome.call_id, name=outcome.name, status=status, exit_code=outcome.exit_code,
         duration_ms=outcome.duration_ms, stdout=encode_text(outcome.stdout), stderr=encode_text(outcome.stderr),
         content=encode_text(outcome.content), error_reason=outcome.error_reason,
         error_message=outcome.error_message, from_cache=outcome.from_cache, approval_id=outcome.approval_id,
@@ -59,8 +61,10 @@ def encode_outcome(outcome: ToolOutcome) -> tools_pb2.ToolResult:
 
 
 def encode_spec(spec: ToolSpec) -> tools_pb2.ToolSpec:
+    # protoc's .pyi types enum fields as the enum class (no int constructor at runtime); the numbers match.
+    risk_level = cast(tools_pb2.RiskLevel, int(spec.risk_level))
     return tools_pb2.ToolSpec(
         name=spec.name, original_name=spec.original_name, description=spec.description,
         parameters_json_schema=json.dumps(spec.parameters_schema, sort_keys=True), version=spec.version,
-        risk_level=int(spec.risk_level), idempotent=spec.idempotent, retryable=spec.retryable,
+        risk_level=risk_level, idempotent=spec.idempotent, retryable=spec.retryable,
         timeout_ms=spec.timeout_ms, source=spec.source)

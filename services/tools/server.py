@@ -8,16 +8,17 @@ import os
 import grpc
 from llmesh.tools.v1 import tools_pb2_grpc
 
+from services.common.clients import service_identity
+from services.tools import metrics
+from services.tools.adapters.cgroups import CgroupLimits
 from services.tools.adapters.fs_tools import FileTools
 from services.tools.adapters.http_fetch import HttpFetchTool
+from services.tools.adapters.launcher import Launchers
 from services.tools.adapters.mcp_servers import McpHub, load_mcp_config
 from services.tools.adapters.policy_client import GrpcPolicyClient
-from services.tools.adapters.cgroups import CgroupLimits
-from services.tools.adapters.launcher import Launchers
 from services.tools.adapters.sandbox import Sandbox, SandboxLimits, detect_mode
 from services.tools.adapters.shell_tool import ShellTool
 from services.tools.adapters.uid_pool import SessionUidPool
-from services.tools import metrics
 from services.tools.config import Settings
 from services.tools.core.cache import ResultCache
 from services.tools.core.executor import ExecutorLimits, ToolExecutor
@@ -51,7 +52,8 @@ class App:
             self.registry.add(spec)
         if s.http_fetch_enabled:
             self.registry.add(HttpFetchTool(s.http_fetch_max_bytes, 30_000).spec())
-        self.policy_client = GrpcPolicyClient(s.policy_target, s.policy_timeout_s) if s.policy_target else None
+        self.policy_client = GrpcPolicyClient(s.policy_target, s.policy_timeout_s,
+                                              service_identity(s, "tools")) if s.policy_target else None
         if policy is None and self.policy_client is None:
             log.warning("policy_target is empty: tool calls are NOT checked by policy (development only)")
         self.executor = ToolExecutor(

@@ -13,7 +13,8 @@ from services.tools.core.replay import RequestReplay
 class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
     def __init__(self, executor: ToolExecutor) -> None:
         self.executor = executor
-        self.replay: RequestReplay[object] = RequestReplay()
+        # One cache for both RPCs: the key's first item ("one" or "batch") tells which answer it holds.
+        self.replay: RequestReplay[convert.ToolOutcome | list[convert.ToolOutcome]] = RequestReplay()
 
     async def ListTools(self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
                         ) -> tools_pb2.ListToolsResponse:
@@ -26,6 +27,7 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
         call = convert.decode_call(request.call, "call")
         _tag_span([call])
         outcome = await self.replay.run(_replay_key("one", ctx), lambda: self._execute(ctx, call))
+        assert isinstance(outcome, convert.ToolOutcome)
         if outcome.request_error is not None:  # bad arguments, unknown tool, path escape: a status, not a result
             raise outcome.request_error
         return tools_pb2.ExecuteToolResponse(result=convert.encode_outcome(outcome))
@@ -36,6 +38,7 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
         calls = convert.decode_calls(request.calls)
         _tag_span(calls)
         outcomes = await self.replay.run(_replay_key("batch", ctx), lambda: self._execute_batch(ctx, calls))
+        assert isinstance(outcomes, list)
         return tools_pb2.ExecuteToolsResponse(results=[convert.encode_outcome(o) for o in outcomes])
 
     # Metrics are recorded once per execution, not again for a replayed request_id.

@@ -20,7 +20,8 @@ def test_log_line_is_json_with_trace_and_session_ids() -> None:
     token = session_id_var.set("sess-42")
     try:
         with tracer.start_as_current_span("rpc") as span:
-            line = JsonFormatter("store").format(_record("appended %d events" % 3, num_events=3))
+            num_events = 3
+            line = JsonFormatter("store").format(_record(f"appended {num_events} events", num_events=num_events))
             expected_trace = format(span.get_span_context().trace_id, "032x")
     finally:
         session_id_var.reset(token)

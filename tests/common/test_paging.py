@@ -6,8 +6,7 @@ import base64
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.common.paging import (MAX_CURSOR, MAX_TOKEN_CHARS, cursor_int, decode_token, encode_token,
-                                    page_limit)
+from services.common.paging import MAX_CURSOR, MAX_TOKEN_CHARS, cursor_int, decode_token, encode_token, page_limit
 
 
 def refused(token: str, scope: str = "events:acme:s1") -> InvalidArgument:

@@ -13,6 +13,7 @@ from services.common import errors
 from services.common.interceptors import error_info
 from services.common.runtime import running_service, start_service
 from services.common.settings import ServerSettings
+from tests.support.auth import service_channel
 from tests.support.ports import free_port
 
 SERVICE = "llmesh.inference.v1.InferenceService"
@@ -116,7 +117,7 @@ async def test_error_table_maps_exceptions_to_status_and_error_info(exc, code, r
     app = ScriptedApp()
     app.servicer.raise_next = exc
     async with running_service(app, ServerSettings(port=0)) as svc:
-        async with grpc.aio.insecure_channel(svc.address) as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.GetLoad(inference_pb2.GetLoadRequest())
@@ -134,7 +135,7 @@ async def test_stream_error_after_first_message_keeps_what_was_sent() -> None:
     app = ScriptedApp()
     app.servicer.raise_next = errors.Cancelled("client went away", reason="CANCELLED")
     async with running_service(app, ServerSettings(port=0)) as svc:
-        async with grpc.aio.insecure_channel(svc.address) as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             received = []
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -164,7 +165,7 @@ async def test_auth_enabled_service_rejects_calls_without_a_valid_key(tmp_path) 
 
     key, record = generate_api_key("acme", n=2**10)
     ApiKeyStore([record]).save(tmp_path / "api_keys.json")
-    settings = ServerSettings(port=0, data_dir=str(tmp_path), auth_enabled=True)
+    settings = ServerSettings(port=0, data_dir=str(tmp_path), auth_enabled=True, credentials_dir=str(tmp_path))
     app = ScriptedApp()
     async with running_service(app, settings) as svc:
         async with grpc.aio.insecure_channel(svc.address) as channel:

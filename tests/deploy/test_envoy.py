@@ -1,6 +1,7 @@
 """The generated Envoy bootstrap, loaded into Envoy's own protos (xds-protos)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,18 +11,20 @@ import pytest
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+
 # Imported for their side effect: the typed_config Any types resolve.
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, json_format
 
-from deploy.envoy import EnvoySettings, build_descriptor_set, render_yaml
-from services.inference.client.config import BalancerSettings
+from deploy.envoy import EnvoySettings, build_descriptor_set, render, render_yaml
 from services.common.errors import InvalidArgument
+from services.inference.client.config import BalancerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 BALANCER = BalancerSettings(nodes=("10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"), health_interval_s=2.0,
@@ -65,7 +68,8 @@ def test_active_grpc_health_checks_use_the_readiness_name(descriptor: bytes) -> 
     check = cluster(bootstrap, "inference").health_checks[0]
     assert check.grpc_health_check.service_name == "llmesh.inference.v1.InferenceService"
     assert check.interval.ToMilliseconds() == 2000 and check.unhealthy_threshold.value == 3
-    assert cluster(bootstrap, "store").health_checks[0].grpc_health_check.service_name == "llmesh.store.v1.StoreService"
+    orchestrator = cluster(bootstrap, "orchestrator").health_checks[0]
+    assert orchestrator.grpc_health_check.service_name == "llmesh.orchestrator.v1.AgentService"
 
 
 def test_outlier_detection_and_circuit_breakers(descriptor: bytes) -> None:
@@ -117,6 +121,8 @@ def test_dns_nodes_make_a_strict_dns_cluster(descriptor: bytes) -> None:
     (BalancerSettings(), {}, "nodes"),
     (BALANCER, {"orchestrator_target": "orchestrator"}, "orchestrator_target"),
     (BALANCER, {"listen_port": 0}, "listen_port"),
+    (BALANCER, {"tls_name": "a/b", "tls_dir": "/tls"}, "tls_name"),
+    (BALANCER, {"downstream_client_cert": True}, "downstream_client_cert"),
 ])
 def test_bad_settings_name_the_field(descriptor: bytes, balancer: BalancerSettings, envoy: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as raised:
@@ -124,10 +130,107 @@ def test_bad_settings_name_the_field(descriptor: bytes, balancer: BalancerSettin
     assert raised.value.field == field
 
 
+INTERNAL = ("store", "policy", "tools")
+
+
+@pytest.mark.parametrize("tls_dir", ["", "/etc/llmesh/credentials/tls"])
+def test_only_the_client_apis_are_exposed(descriptor: bytes, tls_dir: str) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(tls_dir=tls_dir), descriptor))
+    assert sorted(c.name for c in bootstrap.static_resources.clusters) == ["inference", "orchestrator"]
+    manager = connection_manager(bootstrap)
+    (host,) = manager.route_config.virtual_hosts
+    assert sorted(r.match.prefix for r in host.routes) == ["/llmesh.inference.v1.InferenceService/",
+                                                          "/llmesh.orchestrator.v1.AgentService/"]
+    assert sorted(r.route.cluster for r in host.routes) == ["inference", "orchestrator"]
+    transcoder = transcoder_pb2.GrpcJsonTranscoder()
+    manager.http_filters[0].typed_config.Unpack(transcoder)
+    assert sorted(transcoder.services) == ["llmesh.inference.v1.InferenceService",
+                                           "llmesh.orchestrator.v1.AgentService"]
+    text = yaml.safe_dump(render(BALANCER, EnvoySettings(tls_dir=tls_dir), descriptor))  # descriptor is base64
+    addresses = {e.endpoint.address.socket_address.address for c in bootstrap.static_resources.clusters
+                 for e in c.load_assignment.endpoints[0].lb_endpoints}
+    for name in INTERNAL:
+        assert f"llmesh.{name}.v1" not in text and f"/{name}" not in text and name not in addresses
+    assert not any(f.name.endswith("_target") and f.name != "orchestrator_target"
+                   for f in dataclasses.fields(EnvoySettings)), "no setting names an internal service"
+
+
+def test_no_header_is_touched_so_the_clients_key_reaches_the_service(descriptor: bytes) -> None:
+    manager = connection_manager(load(render_yaml(BALANCER, EnvoySettings(tls_dir="/tls"), descriptor)))
+    (host,) = manager.route_config.virtual_hosts
+    assert not manager.route_config.request_headers_to_remove and not host.request_headers_to_remove
+    assert not any(r.request_headers_to_remove for r in host.routes)
+    transcoder = transcoder_pb2.GrpcJsonTranscoder()
+    manager.http_filters[0].typed_config.Unpack(transcoder)
+    assert not transcoder.HasField("request_validation_options")
+
+
+def test_plaintext_has_no_tls_anywhere(descriptor: bytes) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(), descriptor))
+    assert not bootstrap.static_resources.listeners[0].filter_chains[0].HasField("transport_socket")
+    assert not any(c.HasField("transport_socket") for c in bootstrap.static_resources.clusters)
+
+
+def upstream_tls(bootstrap: bootstrap_pb2.Bootstrap, name: str) -> tls_pb2.UpstreamTlsContext:
+    socket = cluster(bootstrap, name).transport_socket
+    assert socket.name == "envoy.transport_sockets.tls"
+    context = tls_pb2.UpstreamTlsContext()
+    assert socket.typed_config.Unpack(context)
+    return context
+
+
+def test_tls_listener_serves_envoys_mesh_certificate(descriptor: bytes) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(tls_dir="/etc/llmesh/credentials/tls"), descriptor))
+    socket = bootstrap.static_resources.listeners[0].filter_chains[0].transport_socket
+    assert socket.name == "envoy.transport_sockets.tls"
+    context = tls_pb2.DownstreamTlsContext()
+    assert socket.typed_config.Unpack(context)
+    (certificate,) = context.common_tls_context.tls_certificates
+    assert certificate.certificate_chain.filename == "/etc/llmesh/credentials/tls/envoy.pem"
+    assert certificate.private_key.filename == "/etc/llmesh/credentials/tls/envoy-key.pem"
+    assert list(context.common_tls_context.alpn_protocols) == ["h2", "http/1.1"]
+    assert not context.require_client_certificate.value, "clients prove who they are with keys"
+    strict = load(render_yaml(BALANCER, EnvoySettings(tls_dir="/tls", downstream_client_cert=True), descriptor))
+    context = tls_pb2.DownstreamTlsContext()
+    strict.static_resources.listeners[0].filter_chains[0].transport_socket.typed_config.Unpack(context)
+    assert context.require_client_certificate.value
+    assert context.common_tls_context.validation_context.trusted_ca.filename == "/tls/ca.pem"
+
+
+@pytest.mark.parametrize("name", ["inference", "orchestrator"])
+def test_tls_clusters_present_a_client_certificate_and_trust_only_the_mesh_ca(descriptor: bytes, name: str) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(tls_dir="/creds/tls", tls_name="edge"), descriptor))
+    common = upstream_tls(bootstrap, name).common_tls_context
+    (certificate,) = common.tls_certificates
+    assert certificate.certificate_chain.filename == "/creds/tls/edge.pem"
+    assert certificate.private_key.filename == "/creds/tls/edge-key.pem"
+    assert common.validation_context.trusted_ca.filename == "/creds/tls/ca.pem"
+    (san,) = common.validation_context.match_typed_subject_alt_names
+    assert san.san_type == san.DNS and san.matcher.exact == name, "the service's own name, not its address"
+    assert list(common.alpn_protocols) == ["h2"]
+    # Active health checks use the cluster's transport socket: none of their own.
+    assert not cluster(bootstrap, name).health_checks[0].HasField("transport_socket_match_criteria")
+
+
+def test_tls_names_match_what_init_tls_makes(tmp_path: Path) -> None:
+    from services.common.identity import init_tls, tls_files
+
+    init_tls(tmp_path)
+    settings = EnvoySettings(tls_dir=str(tmp_path / "tls"))
+    for path in (settings.tls_file("ca.pem"), settings.certificate()["certificate_chain"]["filename"],
+                 settings.certificate()["private_key"]["filename"]):
+        assert Path(path).is_file(), path
+    from cryptography import x509
+
+    for name in ("inference", "orchestrator"):
+        cert = x509.load_pem_x509_certificate(tls_files(tmp_path, name).cert.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert name in sans.get_values_for_type(x509.DNSName), "Envoy matches the upstream on this name"
+
+
 def test_command_line_reads_the_inference_environment(tmp_path: Path) -> None:
     out = tmp_path / "envoy.yaml"
-    env = {**os.environ, "LLMESH_INFERENCE_NODES": "10.1.0.1:50051,10.1.0.2:50051",
-           "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"}
+    env = {**os.environ, "LLMESH_INFERENCE_NODES": "10.1.0.1:50051,10.1.0.2:50051"}
     subprocess.run([sys.executable, "-m", "deploy.envoy", "--listen-port", "9090", "--out", str(out)],
                    cwd=ROOT, env=env, check=True, timeout=60)
     bootstrap = load(out.read_text())

@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.auth import CREDENTIALS
 from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +37,12 @@ class ServiceProcess:
     """
 
     def __init__(self, name: str, full_name: str, data_dir: Path, args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None) -> None:
+                 env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None,
+                 credentials: Path = ROOT / CREDENTIALS) -> None:
         self.name, self.full_name, self.data_dir = name, full_name, data_dir
+        # Where the service finds its key and everyone's hashes: by default the directory the
+        # tests' own clients and in-process services use, so they all know each other.
+        self.credentials = credentials
         self.args, self.env, self.preexec = list(args), env or {}, preexec
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,15 +54,17 @@ class ServiceProcess:
 
     async def start(self, timeout_s: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "LLMESH_LOG_LEVEL": "WARNING", **self.env}
-        service = [f"services.{self.name}", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args]
+        env = {**os.environ, "LLMESH_LOG_LEVEL": "WARNING", **self.env}
+        service = [f"services.{self.name}", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                   "--credentials-dir", str(self.credentials), *self.args]
         if self.preexec is None:
             command = [sys.executable, "-m", *service]
         else:
             setup = f"{self.preexec.__module__}:{self.preexec.__qualname__}"
             command = [sys.executable, "-c", _SETUP_THEN_RUN, setup, *service]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = await asyncio.to_thread(subprocess.Popen, command, cwd=ROOT, env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT)
         await self.wait_serving(timeout_s)
 
     async def wait_serving(self, timeout_s: float) -> None:

@@ -6,7 +6,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 from llmesh.inference.v1 import inference_pb2
@@ -15,14 +14,15 @@ from llmesh.store.v1 import store_pb2_grpc
 from llmesh.tools.v1 import tools_pb2 as tpb
 from llmesh.tools.v1 import tools_pb2_grpc
 
+from services.common.runtime import running_service
 from services.inference.client import Balancer
 from services.inference.client.config import BalancerSettings
-from services.common.runtime import running_service
 from services.store.config import Settings as StoreSettings
 from services.store.server import App as StoreApp
 from services.tools.config import Settings as ToolsSettings
 from services.tools.server import build_app as build_tools
 from tests.faults.processes import ServiceProcess
+from tests.support.auth import service_channel, service_identity
 
 
 async def test_killed_tool_process_is_a_tool_error_and_the_next_call_runs(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ async def test_killed_tool_process_is_a_tool_error_and_the_next_call_runs(tmp_pa
                          sandbox_uid=-1, sandbox_gid=-1, retry_max_attempts=1)
     try:
         async with running_service(build_tools(conf), conf) as svc, \
-                grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+                service_channel(svc.address, "orchestrator") as channel:
             tools = tools_pb2_grpc.ToolServiceStub(channel)
 
             def run(command: str, call_id: str):
@@ -66,7 +66,7 @@ async def test_killed_inference_node_traffic_moves_to_the_live_node(tmp_path: Pa
     try:
         await asyncio.gather(*(n.start() for n in nodes))
         settings = BalancerSettings(nodes=tuple(n.target for n in nodes), health_interval_s=0.2, load_interval_s=0.2)
-        async with Balancer(settings=settings) as balancer:
+        async with Balancer(settings=settings, identity=service_identity("orchestrator")) as balancer:
             await balancer.wait_for_health(10)
             request = inference_pb2.GenerateRequest(prompt="hi", sampling=inference_pb2.SamplingParams(max_tokens=3))
             nodes[0].kill()
@@ -84,7 +84,7 @@ async def test_dropped_watch_client_frees_its_stream_and_a_new_one_resumes_witho
     conf = StoreSettings(port=0, data_dir=str(tmp_path), sqlite_synchronous="NORMAL")
     app = StoreApp(conf)
     async with running_service(app, conf) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as writer_channel:
+        async with service_channel(svc.address, "orchestrator") as writer_channel:
             store = store_pb2_grpc.StoreServiceStub(writer_channel)
             await store.CreateSession(spb.CreateSessionRequest(tenant_id="t", session_id="s"))
 
@@ -94,7 +94,7 @@ async def test_dropped_watch_client_frees_its_stream_and_a_new_one_resumes_witho
                                                                      events=[spb.Event(type="final")]))
 
             seen: list[int] = []
-            dropping = grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}")
+            dropping = service_channel(svc.address, "orchestrator")
             watch = store_pb2_grpc.StoreServiceStub(dropping).WatchEvents(
                 spb.WatchEventsRequest(tenant_id="t", session_id="s"))
             await append(5)

@@ -12,6 +12,7 @@ from llmesh.store.v1 import store_pb2 as pb
 from llmesh.store.v1 import store_pb2_grpc
 
 from tests.faults.processes import ServiceProcess
+from tests.support.auth import service_channel
 
 STORE = "llmesh.store.v1.StoreService"
 NUM_WRITERS = 8
@@ -46,7 +47,7 @@ async def test_killed_store_loses_no_acknowledged_event_and_serves_after_restart
     store = ServiceProcess("store", STORE, tmp_path)
     await store.start()
     try:
-        async with grpc.aio.insecure_channel(store.target) as channel:
+        async with service_channel(store.target, "orchestrator", store.credentials) as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             sessions = [f"s{i}" for i in range(NUM_WRITERS)]
             for s in sessions:
@@ -61,7 +62,7 @@ async def test_killed_store_loses_no_acknowledged_event_and_serves_after_restart
         assert sum(len(a) for a in acked.values()) > 0, "nothing was written before the kill"
 
         await store.start()
-        async with grpc.aio.insecure_channel(store.target) as channel:
+        async with service_channel(store.target, "orchestrator", store.credentials) as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             for s in sessions:
                 stored = await read_all(stub, s)
@@ -87,7 +88,7 @@ async def test_full_disk_quota_is_resource_exhausted_keeps_acked_events_and_reco
     store = ServiceProcess("store", STORE, tmp_path, preexec=_small_file_quota)
     await store.start()
     try:
-        async with grpc.aio.insecure_channel(store.target) as channel:
+        async with service_channel(store.target, "orchestrator", store.credentials) as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             await stub.CreateSession(pb.CreateSessionRequest(tenant_id="t", session_id="big"))
             acked: list[int] = []
@@ -101,7 +102,7 @@ async def test_full_disk_quota_is_resource_exhausted_keeps_acked_events_and_reco
 
         store.preexec = None  # the operator frees space
         await store.start()
-        async with grpc.aio.insecure_channel(store.target) as channel:
+        async with service_channel(store.target, "orchestrator", store.credentials) as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             stored = await read_all(stub, "big")
             assert set(acked) <= set(stored) and stored == list(range(1, len(stored) + 1))

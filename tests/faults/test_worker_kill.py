@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-import grpc
 import pytest
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -22,6 +21,7 @@ from services.store.server import build_app as build_store
 from services.tools.config import Settings as ToolsSettings
 from services.tools.server import build_app as build_tools
 from tests.faults.processes import ServiceProcess
+from tests.support.auth import client_channel, service_channel
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +63,14 @@ async def test_sigkilled_worker_task_is_finished_by_another_replica_once(tmp_pat
         replica_b = replica("replica-b", tmp_path, targets)
         await replica_a.start()
         try:
-            async with grpc.aio.insecure_channel(replica_a.target) as channel:
+            async with client_channel(replica_a.target, TENANT, credentials=replica_a.credentials) as channel:
                 agent = pb_grpc.AgentServiceStub(channel)
                 session = (await agent.CreateSession(pb.CreateSessionRequest(tenant_id=TENANT))).session
                 task = (await agent.EnqueueTask(pb.EnqueueTaskRequest(
                     request_id="task-1", tenant_id=TENANT, session_id=session.session_id,
                     user_message="write a short answer"))).task
                 # Wait until replica A is streaming the answer (token events stored).
-                async with grpc.aio.insecure_channel(targets["store"]) as store_channel:
+                async with service_channel(targets["store"], "orchestrator") as store_channel:
                     store = store_pb2_grpc.StoreServiceStub(store_channel)
                     for _ in range(200):
                         events = (await store.ReadEvents(store_pb2.ReadEventsRequest(
@@ -83,7 +83,7 @@ async def test_sigkilled_worker_task_is_finished_by_another_replica_once(tmp_pat
             replica_a.kill()  # SIGKILL mid-answer: no ack, no lock release, no flush
 
             await replica_b.start()
-            async with grpc.aio.insecure_channel(replica_b.target) as channel:
+            async with client_channel(replica_b.target, TENANT, credentials=replica_a.credentials) as channel:
                 agent = pb_grpc.AgentServiceStub(channel)
                 for _ in range(300):
                     view = (await agent.GetTask(pb.GetTaskRequest(tenant_id=TENANT, task_id=task.task_id))).task
@@ -97,7 +97,7 @@ async def test_sigkilled_worker_task_is_finished_by_another_replica_once(tmp_pat
                     tenant_id=TENANT, session_id=session.session_id, user_message="again",
                     options=pb.RunOptions(max_tokens=3)))]
                 assert run[-1].type == pb.EVENT_TYPE_FINAL, run[-1]
-            async with grpc.aio.insecure_channel(targets["store"]) as store_channel:
+            async with service_channel(targets["store"], "orchestrator") as store_channel:
                 store = store_pb2_grpc.StoreServiceStub(store_channel)
                 # The run's events reach the store in batches behind the live stream.
                 for _ in range(100):

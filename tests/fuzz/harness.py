@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor as d
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.clients import make_channel
+from services.common.identity import Identity
 from services.common.runtime import RunningService, ServiceApp, start_service
 from services.common.settings import ServerSettings
 
@@ -33,10 +36,16 @@ STREAM_WINDOW_S = 0.3
 
 
 class ServiceThread:
-    """A started service plus a channel to it, on a private loop thread."""
+    """A started service plus a channel to it, on a private loop thread.
+
+    Every call presents ``identity`` (a caller the authorisation table allows),
+    or, for the methods named in ``identities``, the identity given there, so
+    garbage reaches the servicer rather than stopping at the auth check.
+    """
 
     def __init__(self, app: ServiceApp | None = None, settings: ServerSettings | None = None, *,
-                 build: MeshBuilder | None = None) -> None:
+                 build: MeshBuilder | None = None, identity: Identity,
+                 identities: Mapping[str, Identity] | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fuzz-service", daemon=True)
         self._thread.start()
@@ -46,10 +55,16 @@ class ServiceThread:
             app, settings = self.call(build(self._dependencies), timeout_s=60)
         assert app is not None and settings is not None, "pass app and settings, or build"
         self.running: RunningService = self.call(start_service(app, settings), timeout_s=60)
-        self.channel: grpc.aio.Channel = self.call(self._open_channel())
+        self.channel: grpc.aio.Channel = self.call(self._open_channel(identity))
+        # Method name -> the channel presenting that method's caller.
+        self._channels: dict[str, grpc.aio.Channel] = {
+            name: self.call(self._open_channel(ident)) for name, ident in (identities or {}).items()}
 
-    async def _open_channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(f"127.0.0.1:{self.running.port}")
+    async def _open_channel(self, identity: Identity) -> grpc.aio.Channel:
+        return make_channel(f"127.0.0.1:{self.running.port}", identity, traced=False)
+
+    def channel_for(self, method: d.MethodDescriptor) -> grpc.aio.Channel:
+        return self._channels.get(method.name, self.channel)
 
     def call(self, coro: Awaitable[T], timeout_s: float = 30.0) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop)
@@ -57,11 +72,11 @@ class ServiceThread:
 
     def invoke(self, service: d.ServiceDescriptor, method: d.MethodDescriptor, request: Message) -> grpc.StatusCode:
         """One RPC with ``request``; the status code it ended with."""
-        return self.call(_invoke(self.channel, service, method, request))[0]
+        return self.call(_invoke(self.channel_for(method), service, method, request))[0]
 
     def invoke_with_replies(self, service: d.ServiceDescriptor, method: d.MethodDescriptor,
                             request: Message) -> tuple[grpc.StatusCode, list[Message]]:
-        return self.call(_invoke(self.channel, service, method, request))
+        return self.call(_invoke(self.channel_for(method), service, method, request))
 
     def is_serving(self, service_name: str) -> bool:
         async def check() -> bool:
@@ -73,7 +88,8 @@ class ServiceThread:
 
     def close(self) -> None:
         try:
-            self.call(self.channel.close())
+            for channel in (self.channel, *self._channels.values()):
+                self.call(channel.close())
             self.call(self.running.stop(grace=0.5))
             self.call(self._dependencies.aclose())
         finally:

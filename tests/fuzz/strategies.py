@@ -9,8 +9,9 @@ also reaches the code behind input validation instead of bouncing off it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from google.protobuf import descriptor as d
 from google.protobuf.message import Message

@@ -1,7 +1,7 @@
 """Hypothesis-built requests at every InferenceService RPC (synthetic backend): never UNKNOWN/INTERNAL."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +12,7 @@ from services.inference.config import Settings
 from services.inference.server import SERVICE_NAME, build_app
 from tests.fuzz.harness import ServiceThread, check_no_unmapped_status, request_class, unary_request_methods
 from tests.fuzz.strategies import messages
+from tests.support.auth import service_identity
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 HINTS = {
@@ -29,7 +30,8 @@ FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
 def inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceThread]:
     conf = Settings(port=0, data_dir=str(tmp_path_factory.mktemp("inference-fuzz")), backend="synthetic",
                     n_ctx=1024, n_seq_max=4, synthetic_tokens_per_s=0.0, max_queue=16)
-    harness = ServiceThread(build_app(conf), conf)
+    # The orchestrator may call every inference RPC (ReleaseSession only it).
+    harness = ServiceThread(build_app(conf), conf, identity=service_identity("orchestrator"))
     yield harness
     harness.close()
 

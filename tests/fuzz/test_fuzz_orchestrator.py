@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -23,7 +23,8 @@ from services.common.runtime import running_service
 from services.inference.config import Settings as InferenceSettings
 from services.inference.server import build_app as build_inference
 from services.orchestrator.config import Settings as OrchestratorSettings
-from services.orchestrator.server import SERVICE_NAME, build_app as build_orchestrator
+from services.orchestrator.server import SERVICE_NAME
+from services.orchestrator.server import build_app as build_orchestrator
 from services.policy.config import Settings as PolicySettings
 from services.policy.server import build_app as build_policy
 from services.store.config import Settings as StoreSettings
@@ -32,6 +33,7 @@ from services.tools.config import Settings as ToolsSettings
 from services.tools.server import build_app as build_tools
 from tests.fuzz.harness import FORBIDDEN_CODES, ServiceThread, describe, request_class, unary_request_methods
 from tests.fuzz.strategies import messages
+from tests.support.auth import service_identity
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
 SEEDED_SESSIONS: list[str] = []  # filled by the fixture, before any example is drawn
@@ -78,7 +80,8 @@ async def start_mesh(stack: contextlib.AsyncExitStack, base: Path):
 def orchestrator() -> Iterator[ServiceThread]:
     # Not under pytest's tmp_path (0700 parents): keep the layout the tools workspace expects.
     base = Path(tempfile.mkdtemp(prefix="llmesh-orchestrator-fuzz-"))
-    harness = ServiceThread(build=lambda stack: start_mesh(stack, base))
+    # As the gateway: the tenant named in the body (acme or globex) is honoured.
+    harness = ServiceThread(build=lambda stack: start_mesh(stack, base), identity=service_identity("gateway"))
     create = SERVICE.methods_by_name["CreateSession"]
     for tenant in ("acme", "globex"):
         code, (reply,) = harness.invoke_with_replies(SERVICE, create, pb.CreateSessionRequest(

@@ -1,7 +1,7 @@
 """Hypothesis-built requests at every PolicyService RPC: never UNKNOWN/INTERNAL, never a crash."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +13,7 @@ from services.policy.config import Settings
 from services.policy.server import SERVICE_NAME, App
 from tests.fuzz.harness import ServiceThread, check_no_unmapped_status, request_class, unary_request_methods
 from tests.fuzz.strategies import messages
+from tests.support.auth import service_identity
 
 SERVICE = pb.DESCRIPTOR.services_by_name["PolicyService"]
 HINTS = {
@@ -31,7 +32,11 @@ FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: None) -> Iterator[ServiceThread]:
     conf = Settings(port=0, data_dir=str(tmp_path_factory.mktemp("policy-fuzz")), audit_backend="memory")
-    harness = ServiceThread(App(conf, audit_log=MemoryAuditLog()), conf)
+    # Each RPC as the caller the authorisation table names: audit reads as the gateway (the tenant
+    # named in the body), decisions as tools, approvals as the orchestrator.
+    harness = ServiceThread(App(conf, audit_log=MemoryAuditLog()), conf, identity=service_identity("gateway"),
+                            identities={"Evaluate": service_identity("tools"),
+                                        "RecordApproval": service_identity("orchestrator")})
     yield harness
     harness.close()
 

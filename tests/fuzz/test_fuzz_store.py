@@ -1,8 +1,8 @@
 """Hypothesis-built requests at every StoreService RPC: never UNKNOWN/INTERNAL, never a crash."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,8 +11,9 @@ from llmesh.store.v1 import store_pb2 as pb
 
 from services.store.config import Settings
 from services.store.server import SERVICE_NAME, App
-from tests.fuzz.strategies import messages
 from tests.fuzz.harness import ServiceThread, check_no_unmapped_status, request_class, unary_request_methods
+from tests.fuzz.strategies import messages
+from tests.support.auth import service_identity
 
 SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 # Values that exist in the store, so draws reach code past the lookups.
@@ -32,7 +33,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceThread]:
     data = Path(tmp_path_factory.mktemp("store-fuzz"))
     conf = Settings(port=0, data_dir=str(data), event_block_timeout_ms=200, lease_sweep_interval_ms=50,
                     sqlite_synchronous="NORMAL")
-    harness = ServiceThread(App(conf), conf)
+    # The orchestrator may call every store RPC.
+    harness = ServiceThread(App(conf), conf, identity=service_identity("orchestrator"))
     seed = pb.CreateSessionRequest(tenant_id="acme", session_id="s1", title="fuzz")
     method = SERVICE.methods_by_name["CreateSession"]
     assert harness.invoke(SERVICE, method, seed).name == "OK"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +15,7 @@ from services.tools.config import Settings
 from services.tools.server import SERVICE_NAME, App
 from tests.fuzz.harness import FORBIDDEN_CODES, ServiceThread, describe, request_class, unary_request_methods
 from tests.fuzz.strategies import messages
+from tests.support.auth import service_identity
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ToolService"]
 # Only harmless commands: the fuzzer drives a real shell tool.
@@ -38,7 +39,8 @@ def tools() -> Iterator[ServiceThread]:
     conf = Settings(port=0, data_dir=str(base / "data"), workspace_root=str(base / "ws"), sandbox="none",
                     sandbox_uid=-1, sandbox_gid=-1, shell_timeout_ms=2_000, max_timeout_ms=2_000,
                     retry_base_ms=1, retry_max_ms=5)
-    harness = ServiceThread(App(conf), conf)
+    # Only the orchestrator runs tools (ExecuteTool, ExecuteTools); it may list them too.
+    harness = ServiceThread(App(conf), conf, identity=service_identity("orchestrator"))
     yield harness
     harness.close()
     shutil.rmtree(base, ignore_errors=True)
@@ -71,5 +73,6 @@ def test_tools_still_run_a_command_after_the_fuzz_run(tools: ServiceThread) -> N
     assert tools.is_serving(SERVICE_NAME)
     execute = SERVICE.methods_by_name["ExecuteTool"]
     request = pb.ExecuteToolRequest(tenant_id="acme", session_id="s1", role="developer",
-                                    call=pb.ToolCall(call_id="c", name="shell_exec", arguments_json='{"command": "true"}'))
+                                    call=pb.ToolCall(call_id="c", name="shell_exec",
+                                                     arguments_json='{"command": "true"}'))
     assert tools.invoke(SERVICE, execute, request).name == "OK"

@@ -1,8 +1,8 @@
 """Fixtures of the REST layer tests: a fake orchestrator, keys, a served gateway."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import httpx
 import pytest

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import grpc
 from google.protobuf import message_factory
@@ -94,7 +94,8 @@ class FakeAgentService(orchestrator_pb2_grpc.AgentServiceServicer):
         while True:
             async with state.changed:
                 await state.changed.wait_for(
-                    lambda: len(state.events) > next_index or state.run_task is None or state.run_task.done())
+                    lambda seen=next_index: len(state.events) > seen or state.run_task is None
+                    or state.run_task.done())
                 fresh = state.events[next_index:]
             for event in fresh:
                 next_index += 1

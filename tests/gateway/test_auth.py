@@ -9,8 +9,15 @@ from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common import errors
-from services.common.auth import (ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key,
-                                  hash_api_key, principal_var, verify_api_key)
+from services.common.auth import (
+    ApiKeyAuthenticator,
+    ApiKeyStore,
+    FailedAttemptLimiter,
+    generate_api_key,
+    hash_api_key,
+    principal_var,
+    verify_api_key,
+)
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor, error_info, peer_host
 from tests.gateway.conftest import TEST_SCRYPT_N, Mesh
 from tests.gateway.fakes import FakeAgentService

@@ -10,8 +10,8 @@ from services.gateway import convert
 from services.gateway.core import streaming
 from services.gateway.core.chat_format import parse_tool_call, parse_tools
 from services.gateway.core.http_status import http_status_for
-from services.gateway.http_errors import describe_error, error_response
 from services.gateway.core.path_template import TemplateError, parse_template
+from services.gateway.http_errors import describe_error, error_response
 from services.gateway.routes import load_routes, match_route
 
 

@@ -1,7 +1,7 @@
 """Every HTTP request is one server span, parent of the gRPC calls it makes."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest

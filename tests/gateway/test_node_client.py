@@ -12,14 +12,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import grpc
 import grpc_tools
 import pytest
-from llmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
+from services.common.identity import client_key
 from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from tests.gateway.fakes import FakeAgentApp
+from tests.support.auth import CREDENTIALS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("agent_turn.js")
@@ -56,7 +56,7 @@ async def run_node_turn(work: Path, target: str, api_key: str = "") -> dict:
 async def test_node_client_runs_a_turn_against_the_contract(node_client_dir):
     app = FakeAgentApp()
     async with running_service(app, ServerSettings(port=0)) as svc:
-        result = await run_node_turn(node_client_dir, f"127.0.0.1:{svc.port}")
+        result = await run_node_turn(node_client_dir, f"127.0.0.1:{svc.port}", client_key(CREDENTIALS, "acme"))
     assert result["stage"] == "done", result
     events = result["events"]
     assert [int(e["seq"]) for e in events] == list(range(1, len(events) + 1))

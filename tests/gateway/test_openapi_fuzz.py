@@ -11,12 +11,12 @@ import threading
 import httpx
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from llmesh.inference.v1 import inference_pb2
 from llmesh.orchestrator.v1 import orchestrator_pb2
 from llmesh.policy.v1 import policy_pb2
 from llmesh.tools.v1 import tools_pb2
+from schemathesis import GenerationMode
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key
 from services.common.runtime import running_service
@@ -65,7 +65,7 @@ class GatewayThread:
             self.error = exc
             self._ready.set()
 
-    def __enter__(self) -> "GatewayThread":
+    def __enter__(self) -> GatewayThread:
         self._thread.start()
         self._ready.wait(30)
         if self.error is not None:
@@ -100,7 +100,11 @@ def test_openapi_document_matches_the_annotations(gateway_thread):
     assert "userMessage" in body and "sessionId" not in body  # bound by the path instead
     events = doc["paths"]["/v1/sessions/{session_id}/events"]["get"]
     assert {p["name"] for p in events["parameters"]} == {"session_id", "tenant_id", "after_seq", "Last-Event-ID"}
-    assert {"/v1/chat/completions", "/v1/models", "/v1/tools", "/v1/policy:evaluate"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/models", "/v1/tools",
+            "/v1/policy/tenants/{tenant_id}/audit"} <= set(doc["paths"])
+    # RPCs the gateway may not call (policy decisions and approvals, running tools) have no route.
+    assert not {"/v1/policy:evaluate", "/v1/policy/approvals/{approval_id}:record", "/v1/tools:execute",
+                "/v1/tools:executeBatch"} & set(doc["paths"])
 
 
 def test_no_server_errors(api_schema, gateway_thread):

@@ -5,14 +5,16 @@ One mesh per module (the model loads once); turns use a few tokens only.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from services.common.identity import client_key
 from tests.gateway.sse import SseEvent, read_sse
 from tests.gateway.test_node_client import node_client_dir, run_node_turn  # noqa: F401 (fixture)
-from tests.support.mesh import Mesh, running_mesh
+from tests.support.auth import CREDENTIALS
+from tests.support.mesh import TENANT, Mesh, running_mesh
 
 pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -36,7 +38,9 @@ async def _events_until_final(reply) -> list[SseEvent]:
 async def test_node_client_runs_an_agent_turn_on_the_real_orchestrator(node_client_dir, real_mesh):  # noqa: F811
     # LLMESH_TEST_ORCHESTRATOR_TARGET points the same test at an external mesh (``make run``: 127.0.0.1:50052).
     target = os.environ.get("LLMESH_TEST_ORCHESTRATOR_TARGET") or real_mesh.orchestrator_target
-    result = await run_node_turn(node_client_dir, target, os.environ.get("LLMESH_TEST_API_KEY", ""))
+    # The node client names tenant acme (TENANT); LLMESH_TEST_API_KEY is a key of it on an external mesh.
+    api_key = os.environ.get("LLMESH_TEST_API_KEY") or client_key(CREDENTIALS, TENANT)
+    result = await run_node_turn(node_client_dir, target, api_key)
     assert result["stage"] == "done", result
     events = result["events"]
     assert [int(e["seq"]) for e in events] == list(range(1, len(events) + 1))

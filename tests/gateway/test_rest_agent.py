@@ -146,9 +146,10 @@ async def test_unknown_session_and_route_and_method(mesh: Mesh):
 
 
 async def test_backend_down_is_503(keys, authenticator):
+    import httpx
+
     from services.gateway.config import Settings
     from services.gateway.server import build_app, running_gateway
-    import httpx
 
     app = build_app(Settings(port=0, orchestrator_target="127.0.0.1:1"), authenticator=authenticator)
     async with running_gateway(app) as url:

@@ -56,13 +56,28 @@ async def test_a_request_joining_running_streams_does_not_wait_for_the_window():
         engine.stop()
 
 
+class WindowSignallingEngine(Engine):
+    """An engine that sets ``in_window`` as its thread starts holding an idle step for arrivals."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_window = threading.Event()
+
+    def _gather_arrivals(self) -> None:
+        self.in_window.set()
+        super()._gather_arrivals()
+
+
 async def test_stopping_during_the_window_fails_the_waiting_request_at_once():
-    engine, _ = make_engine(window_ms=30_000)
+    backend = SyntheticBackend(n_ctx=2048, n_seq_max=4, n_batch=256, tokens_per_s=0)
+    engine = WindowSignallingEngine(backend, EngineConfig(admission_window_ms=30_000))
+    engine.start()
     handle = engine.submit(spec("never starts"))
-    await asyncio.sleep(0.05)  # the engine is inside the window now
+    assert await asyncio.to_thread(engine.in_window.wait, 10), "the engine never opened its window"
     stopper = threading.Thread(target=engine.stop)
     stopper.start()
-    stopper.join(timeout=10)
+    # Generous, and well short of the 30 s window: only a stop that cut the window short returns in time.
+    stopper.join(timeout=15)
     assert not stopper.is_alive()
     with pytest.raises(Unavailable):
         await asyncio.wait_for(drain(handle), timeout=10)

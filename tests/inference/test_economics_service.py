@@ -9,14 +9,16 @@ from llmesh.inference.v1 import inference_pb2 as pb
 from llmesh.inference.v1 import inference_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.inference.core.semantic_cache import HashingEmbedder
 from services.common.errors import InvalidArgument
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
 from services.inference.adapters.synthetic_backend import SyntheticBackend
 from services.inference.config import Settings
 from services.inference.core.front import semantic_text
+from services.inference.core.semantic_cache import HashingEmbedder
 from services.inference.server import build_app, priority_policy, semantic_cache
+from tests.support.auth import service_channel
+from tests.support.waiting import wait_until
 
 
 def settings(**overrides) -> Settings:
@@ -47,8 +49,11 @@ async def collect(stub, request) -> list[pb.GenerateResponse]:
 async def node():
     config = settings()
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            yield svc, inference_pb2_grpc.InferenceServiceStub(channel)
+        async with service_channel(svc.address, "orchestrator") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            # The key's first call runs the KDF; concurrent requests must then arrive together, as in the mesh.
+            await stub.GetLoad(pb.GetLoadRequest())
+            yield svc, stub
 
 
 async def test_eight_identical_rpcs_cause_one_decode_and_say_they_were_merged(node):
@@ -81,7 +86,7 @@ async def test_cached_answer_is_marked_and_never_reaches_the_engine(node):
 async def test_cache_is_off_unless_configured():
     config = settings(response_cache_entries=0)
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             await collect(stub, gen())
             again = await collect(stub, gen())
@@ -91,15 +96,17 @@ async def test_cache_is_off_unless_configured():
 async def test_batch_class_queue_limit_is_resource_exhausted_while_interactive_still_runs():
     config = settings(n_seq_max=2, synthetic_tokens_per_s=100.0, max_waiting_batch=1)
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             flood = [stub.Generate(gen(f"batch {i}", max_tokens=5000, priority=pb.PRIORITY_BATCH)) for i in range(2)]
-            for _ in range(100):  # one batch request runs (the other sequence is reserved), one waits
+            load = None
+
+            async def one_runs_one_waits() -> bool:  # the other sequence is reserved
+                nonlocal load
                 load = await stub.GetLoad(pb.GetLoadRequest())
-                if load.num_running == 1 and load.queue_depth == 1:
-                    break
-                await asyncio.sleep(0.02)
-            assert (load.num_running, load.queue_depth) == (1, 1)
+                return (load.num_running, load.queue_depth) == (1, 1)
+
+            assert await wait_until(one_runs_one_waits, timeout_s=10), load
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await collect(stub, gen("one more batch", priority=pb.PRIORITY_BATCH))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -121,7 +128,7 @@ async def test_one_model_is_served_under_alias_names_with_their_own_defaults():
     config = settings(model_aliases="fast:max_tokens=3;warm:temperature=0.8,seed=11,max_tokens=5",
                       response_cache_entries=0)
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             names = [m.name for m in (await stub.ListModels(pb.ListModelsRequest())).models]
             assert names == ["gemma-3-270m", "fast", "warm"]
@@ -149,7 +156,7 @@ def test_bad_alias_settings_are_refused_naming_the_field(aliases):
 async def test_semantic_cache_hit_is_marked_cached_and_counted():
     config = settings(response_cache_entries=0, semantic_cache_entries=8, semantic_cache_threshold=0.8)
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             hits = metric("llmesh_inference_semantic_cache_lookups_total", result="hit")
             await collect(stub, gen("What is the capital of France?", semantic_cache=True))
@@ -163,7 +170,7 @@ async def test_tenant_policies_keep_answers_within_a_tenant_and_apply_its_settin
     policies = '{"nocache": {"cache": false, "merge": false}, "free": {"max_priority": "batch"}}'
     config = settings(tenant_policies=policies, n_seq_max=2, synthetic_tokens_per_s=100.0)
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             await collect(stub, gen(tenant_id="acme"))
             assert (await collect(stub, gen(tenant_id="acme")))[-1].cached
@@ -177,9 +184,15 @@ async def test_tenant_policies_keep_answers_within_a_tenant_and_apply_its_settin
             hog = stub.Generate(gen("long batch", max_tokens=5000, priority=pb.PRIORITY_BATCH))
             await hog.read()
             free = stub.Generate(gen("free", max_tokens=2, priority=pb.PRIORITY_INTERACTIVE, tenant_id="free"))
-            await asyncio.sleep(0.2)
-            load = await stub.GetLoad(pb.GetLoadRequest())
-            assert (load.num_running, load.queue_depth) == (1, 1)
+            load = None
+
+            async def free_is_queued() -> bool:
+                # As interactive it would be admitted in the step that takes it: (2, 0), never (1, 1).
+                nonlocal load
+                load = await stub.GetLoad(pb.GetLoadRequest())
+                return (load.num_running, load.queue_depth) == (1, 1)
+
+            assert await wait_until(free_is_queued, timeout_s=10), load
             hog.cancel()
             assert [r async for r in free][-1].usage.generated_tokens == 2
 
@@ -205,7 +218,7 @@ async def test_cascade_over_node_aliases_escalates_on_a_low_confidence_answer():
 
     config = settings(model_aliases="small:max_tokens=4;large:max_tokens=9")
     async with running_service(build_app(config), config) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
             async def call(profile: ModelProfile) -> Answer:

@@ -77,7 +77,7 @@ async def test_prompt_in_a_batch_yields_the_same_tokens_as_alone(fresh_engines):
     alone = [await run(alone_engine, greedy(p)) for p in PROMPTS]
     batch_engine = fresh_engines()
     together = await asyncio.gather(*(run(batch_engine, greedy(p)) for p in PROMPTS))
-    for (text_a, tokens_a, last_a), (text_b, tokens_b, last_b) in zip(alone, together):
+    for (text_a, tokens_a, last_a), (text_b, tokens_b, last_b) in zip(alone, together, strict=True):
         assert last_a.usage.cached_tokens == 0 and last_b.usage.cached_tokens == 0
         assert tokens_a == tokens_b
         assert text_a == text_b

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import threading
 
-import grpc
 import numpy as np
 import pytest
 from llmesh.inference.v1 import inference_pb2 as pb
@@ -14,6 +13,7 @@ from services.inference.adapters.llama_backend import LlamaBackend
 from services.inference.adapters.llama_embedder import LlamaEmbedder
 from services.inference.config import Settings
 from services.inference.server import build_app
+from tests.support.auth import service_channel
 
 pytestmark = pytest.mark.model
 
@@ -59,7 +59,7 @@ async def test_a_paraphrase_is_answered_from_the_semantic_cache_on_the_node(mode
         # The embeddings run on the engine thread: one thread drives all of the model's compute.
         embed, threads = embedder.embed, []
         embedder.embed = lambda text: threads.append(threading.current_thread().name) or embed(text)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             first = await answer(stub, ASKED)
             again = await answer(stub, PARAPHRASE)

@@ -12,6 +12,7 @@ from services.common.interceptors import error_info
 from services.common.runtime import running_service
 from services.inference.config import Settings
 from services.inference.server import build_app
+from tests.support.auth import service_channel
 
 pytestmark = pytest.mark.model
 
@@ -21,7 +22,7 @@ async def stub(model_path):
     settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=512, n_seq_max=2,
                         n_threads=2, n_gpu_layers=0, node_id="node-a")
     async with running_service(build_app(settings), settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
@@ -75,7 +76,7 @@ async def test_a_full_queue_answers_resource_exhausted_on_the_real_model(model_p
     settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=512, n_seq_max=1,
                         n_threads=2, n_gpu_layers=0, max_queue=1)
     async with running_service(build_app(settings), settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             long = pb.SamplingParams(max_tokens=400)
             running = stub.Generate(pb.GenerateRequest(prompt="List every prime number:", sampling=long))

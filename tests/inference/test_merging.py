@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from services.inference.core.response_cache import ResponseCache
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapters.synthetic_backend import SyntheticBackend
 from services.inference.core.engine import Engine, EngineConfig
 from services.inference.core.front import GenerationFront
 from services.inference.core.observer import EconomicsObserver, EngineObserver
+from services.inference.core.response_cache import ResponseCache
 from services.inference.core.types import FinishReason, GenerateSpec, Priority, SamplingParams
 
 
@@ -263,10 +263,17 @@ async def test_an_interactive_request_joining_a_queued_batch_decode_lifts_its_cl
         batch = front.submit(GenerateSpec(prompt="shared", priority=Priority.BATCH,
                                           sampling=SamplingParams(max_tokens=10)))
         normal = front.submit(spec("normal", max_tokens=10))
-        await asyncio.sleep(0.05)  # both wait, batch first in arrival, normal first in class
+
+        def waiting() -> list[tuple[str, Priority]]:
+            return [(r.spec.prompt, r.spec.priority) for r in engine.scheduler.waiting]
+
+        # engine.call runs on the engine thread after everything posted before it (the adds, the promotion).
+        # Both wait: batch first in arrival, normal first in class.
+        assert await engine.call(waiting) == [("shared", Priority.BATCH), ("normal", Priority.NORMAL)]
         interactive = front.submit(GenerateSpec(prompt="shared", priority=Priority.INTERACTIVE,
                                                 sampling=SamplingParams(max_tokens=10)))
-        await asyncio.sleep(0.05)
+        # The interactive request joined the queued batch decode and lifted its class.
+        assert await engine.call(waiting) == [("shared", Priority.INTERACTIVE), ("normal", Priority.NORMAL)]
         hog.cancel()
         order: list[str] = []
 

@@ -1,8 +1,6 @@
 """Priority classes: admission order, per-class caps and queues, bounded wait, TTFT under a batch flood."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from services.common.errors import ResourceExhausted
@@ -11,7 +9,8 @@ from services.inference.core.budget import PrefillBudget
 from services.inference.core.engine import Engine, EngineConfig, execute
 from services.inference.core.priorities import ClassLimit, PriorityPolicy, default_policy
 from services.inference.core.scheduler import Request, Scheduler
-from services.inference.core.types import Delta, GenerateSpec, Priority, SamplingParams, next_key
+from services.inference.core.types import GenerateSpec, Priority, SamplingParams, next_key
+from tests.support.waiting import wait_until
 
 BATCH, NORMAL, INTERACTIVE = Priority.BATCH, Priority.NORMAL, Priority.INTERACTIVE
 
@@ -94,7 +93,10 @@ async def test_class_queue_limit_refuses_that_class_only():
     try:
         spec = GenerateSpec(prompt="long", priority=BATCH, sampling=SamplingParams(max_tokens=5000))
         handles = [engine.submit(spec)]
-        await asyncio.sleep(0.05)  # the first one takes the only sequence
+        # The first one takes the only sequence; the call after it runs once that step has ended, so the
+        # engine's queue counts (read by submit) say so too.
+        assert await wait_until(lambda: engine.load().num_running == 1)
+        await engine.call(lambda: None)
         handles += [engine.submit(spec) for _ in range(2)]
         with pytest.raises(ResourceExhausted) as caught:
             engine.submit(spec)
@@ -107,35 +109,62 @@ async def test_class_queue_limit_refuses_that_class_only():
         engine.stop()
 
 
-async def interactive_ttft_ms(policy: PriorityPolicy, num_batch: int) -> float:
-    """TTFT of one interactive request while ``num_batch`` long batch requests run or queue."""
+def start_flood(policy: PriorityPolicy, num_batch: int) -> tuple[Engine, list]:
+    """An engine with four sequences and ``num_batch`` batch requests far too long to end during a test."""
     backend = SyntheticBackend(n_ctx=8192, n_seq_max=4, n_batch=256, tokens_per_s=100, ttft_ms=60)
     engine = Engine(backend, EngineConfig(max_queue=64, priorities=policy))
     engine.start()
+    flood = [engine.submit(GenerateSpec(prompt=f"batch {i}", priority=BATCH,
+                                        sampling=SamplingParams(max_tokens=5000))) for i in range(num_batch)]
+    return engine, flood
+
+
+async def flood_holds(engine: Engine, running: int, waiting: int) -> bool:
+    return await wait_until(lambda: (engine.load().num_running, engine.load().queue_depth) == (running, waiting),
+                            timeout_s=10)
+
+
+def interactive() -> GenerateSpec:
+    return GenerateSpec(prompt="interactive", priority=INTERACTIVE, sampling=SamplingParams(max_tokens=2))
+
+
+async def test_interactive_is_served_on_the_reserved_sequence_while_a_batch_flood_is_queued():
+    engine, flood = start_flood(default_policy(4), num_batch=20)
     try:
-        flood = [engine.submit(GenerateSpec(prompt=f"batch {i}", priority=BATCH,
-                                            sampling=SamplingParams(max_tokens=60))) for i in range(num_batch)]
-        if flood:
-            await asyncio.sleep(0.15)  # the flood holds sequences and fills the queue
-        last: Delta | None = None
-        async for last in engine.submit(GenerateSpec(prompt="interactive", priority=INTERACTIVE,
-                                                     sampling=SamplingParams(max_tokens=2))):
-            pass
-        assert last is not None and last.usage is not None
-        for handle in flood:
-            handle.cancel()
-        return last.usage.ttft_ms
+        assert await flood_holds(engine, running=3, waiting=17), engine.load()  # batch may hold 3 of 4
+        deltas = [delta async for delta in engine.submit(interactive())]
+        assert deltas[-1].usage is not None and deltas[-1].usage.generated_tokens == 2
+        # No batch request ended or left its sequence meanwhile: the interactive one ran beside them.
+        scheduler = engine.scheduler
+        assert await engine.call(lambda: (len(scheduler.running), len(scheduler.waiting))) == (3, 17)
     finally:
+        for request in flood:
+            request.cancel()
         engine.stop()
 
 
-async def test_interactive_keeps_its_ttft_while_a_batch_flood_is_queued():
-    idle = await interactive_ttft_ms(default_policy(4), num_batch=0)
-    flooded = await interactive_ttft_ms(default_policy(4), num_batch=20)
-    assert flooded <= 1.5 * idle + 15.0, (idle, flooded)
-    # Without a reserved sequence the same flood makes interactive wait for a batch request to end.
-    unreserved = await interactive_ttft_ms(default_policy(4, batch_reserved_sequences=0), num_batch=20)
-    assert unreserved > 2 * flooded, (flooded, unreserved)
+async def test_without_a_reserved_sequence_interactive_waits_for_a_batch_request_to_end():
+    engine, flood = start_flood(default_policy(4, batch_reserved_sequences=0), num_batch=20)
+    try:
+        assert await flood_holds(engine, running=4, waiting=16), engine.load()
+        handle = engine.submit(interactive())
+
+        def interactive_state() -> str:
+            scheduler = engine.scheduler
+            return ("waiting" if any(r.key == handle.key for r in scheduler.waiting)
+                    else "running" if any(r.key == handle.key for r in scheduler.running) else "gone")
+
+        # engine.call runs between steps, after what was posted before it: the first call comes after the
+        # add, the second after a step that planned admissions with the interactive request waiting.
+        assert await engine.call(interactive_state) == "waiting"
+        assert await engine.call(interactive_state) == "waiting"
+        flood[0].cancel()  # a batch request ends: its sequence goes to interactive, ahead of the queued batch
+        deltas = [delta async for delta in handle]
+        assert deltas[-1].usage is not None and deltas[-1].usage.generated_tokens == 2
+    finally:
+        for request in flood:
+            request.cancel()
+        engine.stop()
 
 
 class TightBudget(PrefillBudget):

@@ -12,6 +12,7 @@ from services.common.interceptors import error_info
 from services.common.runtime import running_service
 from services.inference.config import Settings
 from services.inference.server import build_app
+from tests.support.auth import service_channel
 
 
 def synthetic_settings(**overrides) -> Settings:
@@ -23,7 +24,7 @@ def synthetic_settings(**overrides) -> Settings:
 @pytest.fixture
 async def stub():
     async with running_service(build_app(synthetic_settings()), synthetic_settings()) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
@@ -103,7 +104,7 @@ async def test_unknown_model_is_not_found(stub):
 async def test_overload_answers_resource_exhausted_and_cancel_frees_sequences():
     settings = synthetic_settings(synthetic_tokens_per_s=100.0, max_queue=2, n_seq_max=2, n_ctx=8192)
     async with running_service(build_app(settings), settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             calls = [stub.Generate(gen_request(f"p{i}", max_tokens=10_000)) for i in range(4)]
             # Arrival order is up to the transport: wait until two run and two wait.

@@ -1,15 +1,10 @@
 """The load harness at toy scale: the whole mesh as processes, each scenario once, nothing lost."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import load  # noqa: E402
-from load_mesh import MeshOptions, running_mesh  # noqa: E402
+from bench import load
+from bench.load_mesh import MeshOptions, running_mesh
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -25,7 +25,8 @@ from opentelemetry.trace import SpanKind
 from services.common.clients import make_channel
 from services.common.runtime import running_service
 from services.gateway.config import Settings as GatewaySettings
-from services.gateway.server import build_app as build_gateway, running_gateway
+from services.gateway.server import build_app as build_gateway
+from services.gateway.server import running_gateway
 from services.inference.config import Settings as InferenceSettings
 from services.inference.server import build_app as build_inference
 from services.orchestrator.adapters.grpc_inference import GrpcInference
@@ -39,6 +40,7 @@ from services.store.server import build_app as build_store
 from services.tools.config import Settings as ToolsSettings
 from services.tools.server import build_app as build_tools
 from tests.observability.tracing import SpanNode, build_trees, capture_spans
+from tests.support.auth import service_identity
 
 AGENT = "/llmesh.orchestrator.v1.AgentService/"
 TOOL_CALL = '<tool_call>{"name": "fs_list", "arguments": {"path": "."}}</tool_call>'
@@ -83,13 +85,14 @@ async def rest_mesh(base: Path) -> AsyncIterator[str]:
         conf = InferenceSettings(port=0, node_id="trace-node", backend="synthetic", n_ctx=4096, n_seq_max=2,
                                  synthetic_tokens_per_s=0.0)
         node = await serve(build_inference(conf), conf)
-        channel = make_channel(node)
+        channel = make_channel(node, service_identity("orchestrator"))  # the orchestrator's calls to its node
         stack.push_async_callback(channel.close)
         inference = ScriptedTextOverRealNode(GrpcInference.for_channel(channel), [TOOL_CALL, "Two files."])
         conf = OrchestratorSettings(port=0, store_target=store, policy_target=policy, tools_target=tools,
                                     event_batch_ms=5, max_workers=0)
         orchestrator = await serve(build_orchestrator(conf, inference=inference), conf)
-        gateway = build_gateway(GatewaySettings(port=0, orchestrator_target=orchestrator, auth_enabled=False))
+        # REST requests are anonymous here; the gateway calls the orchestrator with its own key.
+        gateway = build_gateway(GatewaySettings(port=0, orchestrator_target=orchestrator), use_settings_auth=False)
         yield await stack.enter_async_context(running_gateway(gateway))
 
 

@@ -1,8 +1,8 @@
 """Capture finished spans in memory and read them back as trees."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -30,19 +30,20 @@ def capture_spans() -> InMemorySpanExporter:
 @dataclass
 class SpanNode:
     span: ReadableSpan
-    children: list["SpanNode"] = field(default_factory=list)
+    children: list[SpanNode] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.span.name
 
-    def walk(self) -> Iterator["SpanNode"]:
+    def walk(self) -> Iterator[SpanNode]:
         yield self
         for child in self.children:
             yield from child.walk()
 
     def render(self, depth: int = 0) -> str:
-        attrs = {k: v for k, v in (self.span.attributes or {}).items() if k in ("session_id", "tool_call_id", "model", "node")}
+        attrs = {k: v for k, v in (self.span.attributes or {}).items()
+                 if k in ("session_id", "tool_call_id", "model", "node")}
         lines = [f"{'  ' * depth}{self.span.kind.name.lower()} {self.name} {attrs or ''}".rstrip()]
         lines += [child.render(depth + 1) for child in self.children]
         return "\n".join(lines)

@@ -8,11 +8,11 @@ in-memory store and fake tools and policy.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-import grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common.runtime import RunningService, running_service, start_service
@@ -22,6 +22,7 @@ from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.config import Settings
 from services.orchestrator.server import build_app
 from tests.orchestrator.fakes import FakePolicy, FakeTools
+from tests.support.auth import service_channel
 
 
 @dataclass
@@ -54,5 +55,6 @@ async def balanced_orchestrator(data_dir: Path, *, synthetic_ttft_ms: float) -> 
         settings = Settings(port=0, inference_nodes=",".join(nodes), event_batch_ms=5, retry_base_ms=10)
         svc = await stack.enter_async_context(running_service(
             build_app(settings, store=MemoryStore(), tools=tools, policy=FakePolicy(tools)), settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}"))
+        # As the gateway: the tenant each request names is honoured (the test's and the bench's alike).
+        channel = await stack.enter_async_context(service_channel(f"127.0.0.1:{svc.port}", "gateway"))
         yield BalancedMesh(orchestrator_pb2_grpc.AgentServiceStub(channel), nodes, svc.app.inference_balancer)

@@ -1,8 +1,9 @@
 """Builders for orchestrator tests: an Orchestrator over the in-memory store and fakes."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.core.orchestrator import Orchestrator, OrchestratorConfig

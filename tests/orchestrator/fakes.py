@@ -5,14 +5,24 @@ import asyncio
 import json
 import re
 import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from services.common.errors import Unavailable
 from services.orchestrator.core.events import Usage
 from services.orchestrator.core.ports import (
-    APPROVE_ONCE, APPROVE_SESSION, STATUS_APPROVAL_REQUIRED, STATUS_OK, STATUS_TIMEOUT, GenerationChunk,
-    GenerationRequest, ToolInvocation, ToolOutcome, ToolSpec)
+    APPROVE_ONCE,
+    APPROVE_SESSION,
+    STATUS_APPROVAL_REQUIRED,
+    STATUS_OK,
+    STATUS_TIMEOUT,
+    GenerationChunk,
+    GenerationRequest,
+    ToolInvocation,
+    ToolOutcome,
+    ToolSpec,
+)
 
 _TOKEN_RE = re.compile(r"<[a-z_/]+>|[^\s<]+|\s+")
 BOS = 2

@@ -6,18 +6,18 @@ next turn moves to the other node and succeeds.
 """
 from __future__ import annotations
 
-import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 
 from tests.orchestrator.balanced_mesh import balanced_orchestrator
+from tests.support.auth import service_channel
 
 TENANT = "acme"
 
 
 async def _sessions_held(address: str) -> int:
     """How many sessions keep their KV cache on the node, as the node itself reports."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with service_channel(address, "orchestrator") as channel:
         load = await inference_pb2_grpc.InferenceServiceStub(channel).GetLoad(inference_pb2.GetLoadRequest(),
                                                                               timeout=5)
     return load.num_sessions

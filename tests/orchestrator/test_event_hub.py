@@ -74,8 +74,22 @@ async def test_200_random_disconnect_and_resume_points():
         assert resumed == stored[after:]
 
 
+class WatchSignallingStore(MemoryStore):
+    """The in-memory store; `watching` is set once a follower waits on the store's watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching = asyncio.Event()
+
+    async def watch_events(self, **kwargs):
+        self.watching.set()
+        async for event in super().watch_events(**kwargs):
+            yield event
+
+
 async def test_resume_of_an_idle_session_follows_the_next_run():
-    rig = make_rig(["first", "second"])
+    store = WatchSignallingStore()
+    rig = make_rig(["first", "second"], store=store)
     session = await rig.session()
     _r, events = await rig.orchestrator.run(request_id="a", tenant_id="acme", session_id=session.session_id,
                                             user_message="one")
@@ -89,8 +103,10 @@ async def test_resume_of_an_idle_session_follows_the_next_run():
             if event.is_terminal:
                 return out
 
+    assert not store.watching.is_set()
     reader = asyncio.create_task(read_next_run())
-    await asyncio.sleep(0.01)
+    # The follower is waiting on the idle session's stored log before the next run starts.
+    await asyncio.wait_for(store.watching.wait(), 10)
     _r, events = await rig.orchestrator.run(request_id="b", tenant_id="acme", session_id=session.session_id,
                                             user_message="two")
     second = await collect(events)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-import grpc
 import pytest
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -18,6 +17,7 @@ from services.orchestrator.core.orchestrator import Orchestrator, OrchestratorCo
 from services.orchestrator.core.runs import RunLimits
 from tests.orchestrator.fakes import FakePolicy, FakeTools, Gate, ScriptedInference, call
 from tests.orchestrator.test_tasks import DyingStore
+from tests.support.auth import service_channel
 from tests.support.mesh import TENANT, running_mesh
 from tests.support.waiting import wait_until
 
@@ -119,7 +119,7 @@ async def test_killed_worker_task_is_finished_by_another_never_by_two(tmp_path):
         stub, store_target = mesh.agent, mesh.targets["store"]
         session = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=TENANT))).session
         # Two orchestrator replicas sharing the real store; their own ports are scripted.
-        async with grpc.aio.insecure_channel(store_target) as channel:
+        async with service_channel(store_target, "orchestrator") as channel:
             shared = GrpcStore.for_channel(channel)
             stuck = Gate("never")
             dying = DyingStore(shared)

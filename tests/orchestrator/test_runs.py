@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from services.orchestrator.core.ports import APPROVE_SESSION, ABORT, DENY, STATUS_DENIED
+from services.orchestrator.core.ports import ABORT, APPROVE_SESSION, DENY, STATUS_DENIED
 from tests.orchestrator.builders import collect, make_rig
 from tests.orchestrator.fakes import Gate, call
 

@@ -1,8 +1,6 @@
 """AgentService over a real in-process gRPC server (ports are the in-memory store and fakes)."""
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
@@ -14,16 +12,23 @@ from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.config import Settings
 from services.orchestrator.server import build_app
 from tests.orchestrator.fakes import FakePolicy, FakeTools, Gate, ScriptedInference, call
+from tests.support.auth import client_channel, service_channel
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
-async def mesh():
+async def mesh(request: pytest.FixtureRequest):
     inference = ScriptedInference()
     tools = FakeTools()
     app = build_app(Settings(port=0, max_workers=1, task_idle_wait_ms=50, event_batch_ms=5),
                     store=MemoryStore(), inference=inference, tools=tools, policy=FakePolicy(tools))
     async with running_service(app, Settings(port=0)) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        # A client of acme, the tenant every request here names; "gateway" (indirect param) calls as the
+        # gateway, whose requests name their tenant themselves (an empty one is not filled in).
+        target = f"127.0.0.1:{svc.port}"
+        caller = getattr(request, "param", "client")
+        async with (service_channel(target, "gateway") if caller == "gateway" else client_channel(target, "acme")
+                    ) as channel:
             yield orchestrator_pb2_grpc.AgentServiceStub(channel), inference, tools
 
 
@@ -69,7 +74,8 @@ async def test_errors_are_statuses_naming_the_field(mesh):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SubmitApproval(pb.SubmitApprovalRequest(tenant_id="acme", session_id=session.session_id,
                                                            approval_id="x"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err.value).metadata["field"] == "decision"
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(err.value).metadata["field"] == "decision"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.CreateSession(pb.CreateSessionRequest(tenant_id="acme", tools=["bad name!"]))
     assert error_info(err.value).metadata["field"] == "tools"
@@ -125,14 +131,18 @@ async def test_enqueue_task_and_get_it(mesh):
                                                          session_id=session.session_id,
                                                          user_message="in background"))).task
     assert task.state == pb.TASK_STATE_QUEUED and task.session_id == session.session_id
-    for _ in range(200):
+    got = task
+
+    async def succeeded() -> bool:
+        nonlocal got
         got = (await stub.GetTask(pb.GetTaskRequest(tenant_id="acme", task_id=task.task_id))).task
-        if got.state == pb.TASK_STATE_SUCCEEDED:
-            break
-        await asyncio.sleep(0.02)
-    assert got.state == pb.TASK_STATE_SUCCEEDED and got.result_text == "task answer"
+        return got.state == pb.TASK_STATE_SUCCEEDED
+
+    assert await wait_until(succeeded, timeout_s=10), got
+    assert got.result_text == "task answer"
 
 
+@pytest.mark.parametrize("mesh", ["gateway"], indirect=True)
 @pytest.mark.parametrize("method", [m.name for m in pb.DESCRIPTOR.services_by_name["AgentService"].methods])
 async def test_every_rpc_rejects_an_empty_request_naming_a_field(mesh, method):
     stub, _inference, _tools = mesh

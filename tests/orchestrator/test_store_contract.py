@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from services.common.clients import make_channel
 from services.common.runtime import running_service
 from services.orchestrator.adapters.grpc_store import GrpcStore
 from services.orchestrator.adapters.memory_store import MemoryStore, TaskRetry
@@ -21,6 +20,7 @@ from services.orchestrator.core.ports import StorePort
 from services.store.config import Settings
 from services.store.server import build_app
 from tests.orchestrator.store_contract import CONTRACT_TIMING, StoreContract
+from tests.support.auth import service_channel
 from tests.support.postgres import PostgresCluster, postgres_cluster_fixture
 
 postgres_cluster = postgres_cluster_fixture()
@@ -39,7 +39,7 @@ async def served_store(tmp_path: Path, database_url: str) -> AsyncIterator[Store
                         task_backoff_max_ms=timing.backoff_max_ms,
                         lease_sweep_interval_ms=timing.lease_sweep_interval_ms)
     async with running_service(build_app(settings), settings) as service, \
-            make_channel(f"127.0.0.1:{service.port}") as channel:
+            service_channel(f"127.0.0.1:{service.port}", "orchestrator") as channel:
         yield GrpcStore.for_channel(channel)
 
 

@@ -8,6 +8,7 @@ from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.core.event_hub import EventHub
 from services.orchestrator.core.events import AgentEvent
 from tests.orchestrator.builders import collect, make_rig
+from tests.support.waiting import wait_until
 
 
 class RecordingStore(MemoryStore):
@@ -67,9 +68,11 @@ async def test_terminal_event_is_live_at_once_but_stored_only_after_the_held_wor
     final = hub.publish(stream, AgentEvent(session.session_id, "r", "final", {"text": "done"}))
     assert [e.seq async for e in live] == [first.seq, final.seq]
     closing = asyncio.create_task(hub.close_run(stream))
-    await asyncio.sleep(0.05)
+    # The flusher takes the held work (clearing before_terminal) once all before the final is written.
+    assert await wait_until(lambda: stream.before_terminal is None)
     stored = await store.read_events(tenant_id="t", session_id=session.session_id, after_seq=0)
     assert [e.type for e in stored] == ["turn_started"], "the final waits for the messages"
+    assert not closing.done()
     messages_stored.set_result(None)
     await closing
     stored = await store.read_events(tenant_id="t", session_id=session.session_id, after_seq=0)
@@ -126,7 +129,7 @@ class CapturingStub:
     def __init__(self) -> None:
         self.requests = []
 
-    async def AppendEvents(self, request):  # noqa: N802 - mirrors the gRPC stub
+    async def AppendEvents(self, request):
         from llmesh.store.v1 import store_pb2
         self.requests.append(request)
         return store_pb2.AppendEventsResponse(seqs=[7 + i for i in range(len(request.events))])
@@ -139,6 +142,18 @@ async def test_grpc_adapter_asks_the_store_never_to_drop_its_numbered_events():
                                      events=[AgentEvent("s", "r", "token", {"text": "x"})] * 2,
                                      idempotency_keys=["r:7", "r:8"])
     assert seqs == [7, 8] and stub.requests[0].no_drop
+
+
+class WaitedOnEvent(asyncio.Event):
+    """An event that notes when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = asyncio.Event()
+
+    async def wait(self):
+        self.waited.set()
+        return await super().wait()
 
 
 class SlowEventStore(MemoryStore):
@@ -180,12 +195,16 @@ async def test_back_to_back_turns_take_over_the_lock_while_the_store_catches_up(
     await resumed.aclose()
     assert [e.seq for e in seen] == [e.seq for e in live] == list(range(1, len(live) + 1))
     # The next turn waits for the store: at most two earlier runs may be unstored.
+    last = runs[-1]
+    assert not last.done.is_set()
+    last.done = WaitedOnEvent()  # nothing waits on it yet; the run sets it when it ends
     third = asyncio.create_task(rig.orchestrator.run(request_id="t3", tenant_id="acme",
                                                      session_id=session.session_id, user_message="m3"))
-    await asyncio.sleep(0.05)
-    assert not third.done()
+    await asyncio.wait_for(last.done.waited.wait(), 10)  # the new turn waits for the last run to end
+    assert not third.done() and store.num_lock_acquires == 1
     store.events_gate.set()
     run, events = await asyncio.wait_for(third, 2)
+    assert store.num_lock_acquires == 2, "the new turn took the lock anew instead of taking over"
     live += await collect(events)
     await run.done.wait()
     for earlier in runs:

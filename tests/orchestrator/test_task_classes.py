@@ -1,19 +1,30 @@
 """Task classes: interactive before batch, batch capped, bounded wait, per-tenant caps."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from services.common.tenants import TenantPolicy
 from services.common.errors import InvalidArgument
+from services.common.tenants import TenantPolicy
 from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.core.tasks import TaskClassLimits, TaskQueue, queue_of
 from tests.orchestrator.builders import make_rig
 from tests.orchestrator.fakes import Gate
 from tests.orchestrator.test_tasks import wait_for_state
+from tests.support.waiting import wait_until
 
 INTERACTIVE, NORMAL, BATCH = 1, 2, 3
+
+
+class ClaimLog(MemoryStore):
+    """The in-memory store, noting the queue of every claim a worker makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims: list[str] = []
+
+    async def claim_tasks(self, *, queue, **kwargs):
+        self.claims.append(queue)
+        return await super().claim_tasks(queue=queue, **kwargs)
 
 
 async def enqueue(rig, priority: int, tenant_id: str = "acme"):
@@ -41,15 +52,21 @@ async def test_an_interactive_task_is_claimed_before_batch_tasks_queued_earlier(
 
 async def test_batch_never_holds_the_reserved_worker_so_interactive_starts_at_once():
     gates = [Gate(f"batch {i}") for i in range(3)]
+    store = ClaimLog()
     # Replies go to runs in the order they reach inference: two batch, the interactive one, the last batch.
-    rig = make_rig([gates[0], gates[1], "interactive answer", gates[2]], max_workers=3, task_idle_wait_s=0.05)
+    rig = make_rig([gates[0], gates[1], "interactive answer", gates[2]], store=store, max_workers=3,
+                   task_idle_wait_s=0.05)
     rig.orchestrator.start()
     try:
         batch = [await enqueue(rig, BATCH) for _ in range(3)]
         await gates[0].reached.wait()
         await gates[1].reached.wait()
-        await asyncio.sleep(0.2)
+        # Batch now holds two workers. Wait until the idle worker has gone round the queues
+        # twice since then: its first round chose its classes with batch already full.
+        seen = len(store.claims)
+        assert await wait_until(lambda: store.claims[seen:].count(queue_of("interactive")) >= 2)
         queue = rig.orchestrator.tasks
+        assert queue_of("batch") not in store.claims[seen:], "the free worker looked at batch"
         assert queue.busy_by_class["batch"] == 2 and not gates[2].reached.is_set()
         _session, interactive = await enqueue(rig, INTERACTIVE)
         done = await wait_for_state(rig, interactive.task_id, "SUCCEEDED")

@@ -8,14 +8,20 @@ from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.core.runs import RunLimits
 from tests.orchestrator.builders import make_rig
 from tests.orchestrator.fakes import Gate, ScriptedInference
+from tests.support.waiting import wait_until
 
 
-async def wait_for_state(rig, task_id: str, state: str, timeout: float = 5.0):
-    async def poll():
-        while (view := await rig.orchestrator.get_task("acme", task_id)).state != state:
-            await asyncio.sleep(0.01)
-        return view
-    return await asyncio.wait_for(poll(), timeout)
+async def wait_for_state(rig, task_id: str, state: str, timeout_s: float = 10.0):
+    """The task's view once it is in ``state``; fails the test if it never gets there."""
+    latest = None
+
+    async def reached() -> bool:
+        nonlocal latest
+        latest = await rig.orchestrator.get_task("acme", task_id)
+        return latest.state == state
+
+    assert await wait_until(reached, timeout_s), f"task {task_id} is {getattr(latest, 'state', None)}, not {state}"
+    return latest
 
 
 async def test_enqueued_task_runs_in_the_background_and_stores_its_result():
@@ -37,8 +43,17 @@ async def test_enqueued_task_runs_in_the_background_and_stores_its_result():
 
 
 async def test_max_workers_caps_concurrency():
-    gates = [Gate(f"answer {i}") for i in range(3)]
-    rig = make_rig(gates, max_workers=2, task_idle_wait_s=0.05)
+    gates = [Gate(f"answer {i}") for i in range(2)]
+    third_started = asyncio.Event()
+    released_when_third_started: list[bool] = []
+
+    def third(request):
+        # What the third run saw when it reached inference: had one of the first two been let go?
+        released_when_third_started.append(any(gate.release.is_set() for gate in gates))
+        third_started.set()
+        return "answer 2"
+
+    rig = make_rig([*gates, third], max_workers=2, task_idle_wait_s=0.05)
     rig.orchestrator.start()
     try:
         tasks = []
@@ -49,10 +64,13 @@ async def test_max_workers_caps_concurrency():
                                                              options={}))
         await gates[0].reached.wait()
         await gates[1].reached.wait()
-        await asyncio.sleep(0.1)
-        assert not gates[2].reached.is_set() and rig.orchestrator.tasks.num_busy == 2
-        for gate in gates:
-            gate.release.set()
+        assert not third_started.is_set() and rig.orchestrator.tasks.num_busy == 2
+        gates[0].release.set()
+        await asyncio.wait_for(third_started.wait(), 10)
+        # The third task ran only once a worker was free, never as a third concurrent one.
+        assert released_when_third_started == [True]
+        assert not gates[1].release.is_set() and rig.orchestrator.tasks.num_busy == 2
+        gates[1].release.set()
         for task in tasks:
             await wait_for_state(rig, task.task_id, "SUCCEEDED")
     finally:

@@ -6,7 +6,12 @@ import pytest
 from services.orchestrator.core.history import HistoryItem, system_item
 from services.orchestrator.core.ports import ToolSpec
 from services.orchestrator.core.tool_format import (
-    MalformedReply, build_grammar, describe_tools, format_calls, parse_reply)
+    MalformedReply,
+    build_grammar,
+    describe_tools,
+    format_calls,
+    parse_reply,
+)
 from tests.orchestrator.fakes import FS_LIST, FS_READ, SHELL
 
 ODD = ToolSpec("mcp.search-v2", "Search.", {"type": "object", "properties": {

@@ -9,6 +9,7 @@ from services.common.errors import Aborted, Unavailable
 from services.policy.adapters.memory_audit_log import MemoryAuditLog
 from services.policy.core.audit import AuditChain, AuditRecord, entry_hash
 from tests.policy.builders import TEST_KEY
+from tests.support.waiting import wait_until
 
 
 async def _chain_with(n: int) -> tuple[AuditChain, MemoryAuditLog]:
@@ -130,5 +131,7 @@ async def test_a_caller_that_goes_away_does_not_take_its_entry_with_it() -> None
     waiter = asyncio.ensure_future(chain.append("acme", {"n": 1}))
     await asyncio.sleep(0)
     waiter.cancel()
-    await asyncio.sleep(0.05)
+    # The write goes on without its caller and lands.
+    assert await wait_until(lambda: log.rows.get("acme"))
     assert [json.loads(r.payload_json)["n"] for r in log.rows["acme"]] == [1]
+    assert waiter.cancelled()

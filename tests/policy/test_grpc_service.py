@@ -17,18 +17,24 @@ from services.policy.adapters.memory_audit_log import MemoryAuditLog
 from services.policy.config import Settings
 from services.policy.server import DEFAULT_POLICY_FILE, App
 from tests.policy.builders import WORKSPACE
+from tests.support.auth import service_channel
 from tests.support.waiting import wait_until
 
 
 class Harness:
-    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, app: App, log: MemoryAuditLog, policy: Path):
-        self.stub, self.app, self.log, self.policy = stub, app, log, policy
+    """Stubs as the callers the authorisation table allows: tools asks for decisions, the
+    orchestrator records approvals, the gateway reads a tenant's audit chain."""
+
+    def __init__(self, tools: policy_pb2_grpc.PolicyServiceStub, orchestrator: policy_pb2_grpc.PolicyServiceStub,
+                 gateway: policy_pb2_grpc.PolicyServiceStub, app: App, log: MemoryAuditLog, policy: Path):
+        self.tools, self.orchestrator, self.gateway = tools, orchestrator, gateway
+        self.app, self.log, self.policy = app, log, policy
 
     async def evaluate(self, command: str, **fields) -> policy_pb2.EvaluateResponse:
         request = dict(tenant_id="acme", session_id="s1", tool_name="shell", workspace_root=WORKSPACE,
                        arguments_json=json.dumps({"command": command}), risk_level=3)
         request.update(fields)
-        return await self.stub.Evaluate(policy_pb2.EvaluateRequest(**request))
+        return await self.tools.Evaluate(policy_pb2.EvaluateRequest(**request))
 
 
 @pytest.fixture
@@ -41,8 +47,11 @@ async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     log = MemoryAuditLog()
     app = App(settings, audit_log=log)
     async with running_service(app, settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            yield Harness(policy_pb2_grpc.PolicyServiceStub(channel), app, log, policy)
+        async with (service_channel(svc.address, "tools") as tools,
+                    service_channel(svc.address, "orchestrator") as orchestrator,
+                    service_channel(svc.address, "gateway") as gateway):
+            yield Harness(policy_pb2_grpc.PolicyServiceStub(tools), policy_pb2_grpc.PolicyServiceStub(orchestrator),
+                          policy_pb2_grpc.PolicyServiceStub(gateway), app, log, policy)
 
 
 async def test_evaluate_returns_decision_rules_and_audit_seq(harness: Harness) -> None:
@@ -55,7 +64,7 @@ async def test_evaluate_returns_decision_rules_and_audit_seq(harness: Harness) -
 async def test_prompt_then_approve_for_session_over_grpc(harness: Harness) -> None:
     asked = await harness.evaluate("make build")
     assert asked.decision == policy_pb2.DECISION_PROMPT and asked.approval_id
-    recorded = await harness.stub.RecordApproval(policy_pb2.RecordApprovalRequest(
+    recorded = await harness.orchestrator.RecordApproval(policy_pb2.RecordApprovalRequest(
         request_id="r1", tenant_id="acme", session_id="s1", approval_id=asked.approval_id,
         decision=policy_pb2.APPROVAL_DECISION_APPROVE_SESSION, approver="ana"))
     assert recorded.decision == policy_pb2.APPROVAL_DECISION_APPROVE_SESSION and recorded.audit_seq == 2
@@ -85,7 +94,7 @@ async def test_bad_evaluate_requests_are_invalid_argument(harness: Harness, fiel
 
 async def test_unknown_approval_is_not_found(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.stub.RecordApproval(policy_pb2.RecordApprovalRequest(
+        await harness.orchestrator.RecordApproval(policy_pb2.RecordApprovalRequest(
             tenant_id="acme", session_id="s1", approval_id="nope", approver="ana",
             decision=policy_pb2.APPROVAL_DECISION_DENY))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -96,7 +105,7 @@ async def test_list_audit_pages_through_the_chain(harness: Harness) -> None:
         await harness.evaluate(f"echo {k}")
     seen, token = [], ""
     while True:
-        page = await harness.stub.ListAudit(policy_pb2.ListAuditRequest(tenant_id="acme", page_size=2,
+        page = await harness.gateway.ListAudit(policy_pb2.ListAuditRequest(tenant_id="acme", page_size=2,
                                                                         page_token=token))
         seen.extend(e.seq for e in page.entries)
         token = page.next_page_token
@@ -105,18 +114,18 @@ async def test_list_audit_pages_through_the_chain(harness: Harness) -> None:
     assert seen == [1, 2, 3, 4, 5]
     assert page.entries[-1].create_time.seconds > 0
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.stub.ListAudit(policy_pb2.ListAuditRequest(tenant_id="acme", page_token="garbage!"))
+        await harness.gateway.ListAudit(policy_pb2.ListAuditRequest(tenant_id="acme", page_token="garbage!"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_verify_audit_names_an_edited_row(harness: Harness) -> None:
     for command in ("ls", "sudo ls", "make"):
         await harness.evaluate(command)
-    ok = await harness.stub.VerifyAudit(policy_pb2.VerifyAuditRequest(tenant_id="acme"))
+    ok = await harness.gateway.VerifyAudit(policy_pb2.VerifyAuditRequest(tenant_id="acme"))
     assert ok.ok and ok.num_checked == 3
     row = harness.log.rows["acme"][1]
     harness.log.rows["acme"][1] = replace(row, payload_json=row.payload_json.replace('"forbidden"', '"allow"'))
-    broken = await harness.stub.VerifyAudit(policy_pb2.VerifyAuditRequest(tenant_id="acme"))
+    broken = await harness.gateway.VerifyAudit(policy_pb2.VerifyAuditRequest(tenant_id="acme"))
     assert not broken.ok and broken.first_broken_seq == 2 and broken.reason
 
 

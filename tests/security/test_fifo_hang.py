@@ -12,8 +12,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -24,6 +24,7 @@ from services.common.runtime import running_service
 from services.tools.config import Settings
 from services.tools.server import App
 from tests.faults.processes import ROOT, ServiceProcess
+from tests.support.auth import service_channel
 
 NUM_FIFO_READS = 12  # twice what filled the old shared pool
 PROMPT_S = 2.0  # what "answers promptly" means here; file tools time out at 10 s
@@ -50,7 +51,8 @@ def unblock(pipe: Path) -> None:
 
 def execute(session_id: str, name: str, **args: object) -> tools_pb2.ExecuteToolRequest:
     return tools_pb2.ExecuteToolRequest(tenant_id="acme", session_id=session_id, role="developer",
-                                        call=tools_pb2.ToolCall(call_id="c1", name=name, arguments_json=json.dumps(args)))
+                                        call=tools_pb2.ToolCall(call_id="c1", name=name,
+                                                                arguments_json=json.dumps(args)))
 
 
 async def read_fifo(stub: tools_pb2_grpc.ToolServiceStub) -> grpc.StatusCode:
@@ -68,7 +70,7 @@ async def service(base: Path) -> AsyncIterator[tuple[tools_pb2_grpc.ToolServiceS
     pipe = make_workspaces(base / "ws")
     try:
         async with running_service(App(settings), settings) as svc:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            async with service_channel(svc.address, "orchestrator") as channel:  # the agent loop runs tools
                 yield tools_pb2_grpc.ToolServiceStub(channel), pipe
     finally:
         unblock(pipe)
@@ -108,7 +110,7 @@ async def test_sigterm_stops_the_service_with_fifo_reads_in_flight(base: Path) -
     await service.start()
     assert service.process is not None
     try:
-        async with grpc.aio.insecure_channel(service.target) as channel:
+        async with service_channel(service.target, "orchestrator") as channel:
             stub = tools_pb2_grpc.ToolServiceStub(channel)
 
             async def keep_reading() -> None:
@@ -163,7 +165,7 @@ def test_a_thread_stuck_in_open_does_not_keep_the_process_alive(base: Path) -> N
     os.mkfifo(base / "pipe")
     try:
         done = subprocess.run([sys.executable, "-c", STUCK, str(base / "pipe")], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"})
+                              text=True, timeout=10)
     finally:
         unblock(base / "pipe")
     assert done.returncode == 0 and done.stdout == "timed out\n", done.stderr

@@ -15,9 +15,10 @@ import ctypes
 import multiprocessing
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from services.tools.core.executor import ExecutorLimits, ToolExecutor
 from services.tools.core.model import ToolOutcome, ToolStatus
@@ -142,7 +143,7 @@ async def run_race(executor: ToolExecutor, base: Path, attempts: int = ATTEMPTS,
             batch = [attempt(i) for i in range(start, min(start + concurrency, attempts))]
             outcomes = await asyncio.gather(*(executor.execute(CTX, call(name, call_id=f"c{start + n}", **args))
                                               for n, (name, args) in enumerate(batch)))
-            for (name, _args), outcome in zip(batch, outcomes):
+            for (name, _args), outcome in zip(batch, outcomes, strict=True):
                 report.num_attempts += 1
                 judge(report, name, outcome)
                 if on_outcome is not None:

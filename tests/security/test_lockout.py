@@ -7,7 +7,7 @@ was used before.
 """
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
@@ -16,9 +16,13 @@ from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common import errors
-from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key, \
-    make_grpc_interceptor
-from services.common.interceptors import ErrorInterceptor, error_info
+from services.common.auth import (
+    ApiKeyAuthenticator,
+    ApiKeyStore,
+    FailedAttemptLimiter,
+    generate_api_key,
+)
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor, error_info
 from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from services.gateway.config import Settings
@@ -59,9 +63,11 @@ async def test_rest_valid_key_passes_after_bad_keys_from_the_same_address(keys, 
                 headers = {"Authorization": f"Bearer {key}"} if key else {}
                 return await client.get("/v1/sessions", headers=headers)
 
-            bad = [None, "lmk_nokey_guess", "not-a-key"]
+            bad = ["lmk_nokey_guess", "not-a-key"]
             codes = [(await get(bad[i % len(bad)])).status_code for i in range(NUM_BAD)]
             assert codes == [401] * DEFAULTS.auth_max_failures + [429] * (NUM_BAD - DEFAULTS.auth_max_failures)
+            # Sending no key guesses nothing: it is not a counted failure, just a plain 401.
+            assert (await get(None)).status_code == 401
             assert authenticator.num_kdf_runs == 0  # keys nobody holds never cost a hash
 
             first = await get(acme)  # never used before: verified now, despite the address's failures
@@ -109,7 +115,7 @@ async def test_a_recently_verified_key_passes_even_while_its_id_is_being_guessed
 
 async def test_grpc_valid_key_passes_after_bad_keys_from_the_same_address(keys, authenticator):
     acme = keys["acme"][0]
-    server = grpc.aio.server(interceptors=[make_grpc_interceptor(authenticator), ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator), ErrorInterceptor()])
     orchestrator_pb2_grpc.add_AgentServiceServicer_to_server(FakeAgentService(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -8,9 +8,9 @@ REST layer the refusal is a 400.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import httpx
@@ -20,7 +20,6 @@ from llmesh.store.v1 import store_pb2_grpc
 
 from services.common import errors
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key
-from services.common.clients import make_channel
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
 from services.gateway.config import Settings as GatewaySettings
@@ -34,6 +33,7 @@ from services.store.core.paging import encode_token
 from services.store.server import App
 from tests.gateway.conftest import TEST_SCRYPT_N
 from tests.store.conftest import database_url
+from tests.support.auth import service_channel
 from tests.support.postgres import postgres_cluster_fixture
 
 postgres_cluster = postgres_cluster_fixture()
@@ -57,7 +57,7 @@ async def store(db_url: str, tmp_path: Path) -> AsyncIterator[StoreUnderTest]:
     app = App(settings)
     async with running_service(app, settings) as svc:
         target = f"127.0.0.1:{svc.port}"
-        async with make_channel(target) as channel:
+        async with service_channel(target, "orchestrator") as channel:  # the store is the services' own
             yield StoreUnderTest(store_pb2_grpc.StoreServiceStub(channel), app, target)
 
 

@@ -22,7 +22,7 @@ def _why(row: Row) -> list[tuple[str, str, str]]:
     try:
         verdict = EVALUATOR.evaluate(ToolCall("redteam", "s1", "", "shell_exec", arguments, WORKSPACE,
                                               RiskLevel.DANGEROUS))
-    except Exception as exc:  # noqa: BLE001 - shown when a row fails
+    except Exception as exc:
         return [("error", type(exc).__name__, str(exc))]
     return [(m.rule_id, m.decision.name, m.justification) for m in verdict.matches]
 

@@ -31,6 +31,7 @@ from services.policy.core.redaction import REDACTED, redact_text, redact_value
 from services.policy.core.rules import Decision
 from services.policy.server import App
 from tests.policy.builders import TEST_KEY, WORKSPACE, default_policy, make_service, shell_call
+from tests.support.auth import service_channel
 
 SIZE = 64 * 1024
 GENEROUS_S = 1.0
@@ -170,7 +171,7 @@ async def stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     monkeypatch.delenv("LLMESH_AUDIT_KEY", raising=False)
     settings = Settings(port=0, data_dir=str(tmp_path / "data"), audit_backend="memory")
     async with running_service(App(settings, audit_log=MemoryAuditLog()), settings) as svc, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            service_channel(svc.address, "tools") as channel:  # tools asks for decisions
         yield policy_pb2_grpc.PolicyServiceStub(channel)
 
 

@@ -7,8 +7,9 @@ an empty reply and counts the calls: refused input must reach none of them.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -108,7 +109,8 @@ def test_depth_limit_is_exact_and_ignores_brackets_in_strings():
 
 async def test_nested_json_is_400_naming_the_body_on_every_post_route(gateway: Gateway):
     operations = gateway.operations(with_body=True)
-    assert len(operations) >= 15 and {path for _, path, _ in operations} >= set(OPENAI_PATHS)
+    # (Policy's Evaluate and RecordApproval and tools' ExecuteTool(s) have no route: the gateway may not call them.)
+    assert len(operations) >= 11 and {path for _, path, _ in operations} >= set(OPENAI_PATHS)
     bodies = [b"[" * 100_000 + b"]" * 100_000, nested(50_000), nested(MAX_JSON_DEPTH + 1),
               b'{"title": ' + nested(2_000) + b"}", b'{"messages": [' + b"[" * 5_000 + b"]" * 5_000 + b"]}"]
     for method, path, _ in operations:

@@ -4,7 +4,7 @@ Reproduced end to end before the fix: a call plants a script named
 ``prlimit`` (or a shared object) in the workspace, and a second call names it
 through ``env`` (``PATH`` or ``LD_PRELOAD``), which reached the launcher chain
 that runs as root. Here the plant is done as the first call would have left
-it, then the second call goes over gRPC and over REST, and the sandbox is
+it, then the second call goes over gRPC (REST offers no route to run tools), and the sandbox is
 driven directly with the hostile environment to show the launchers never see
 it even when a check upstream is bypassed.
 """
@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import httpx
@@ -33,6 +33,7 @@ from services.tools.adapters.launcher import LAUNCHER_ENV, TRUSTED_DIRS, Launche
 from services.tools.adapters.sandbox import Sandbox, SandboxLimits, detect_mode
 from services.tools.config import Settings as ToolsSettings
 from services.tools.server import App as ToolsApp
+from tests.support.auth import service_channel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the escape is a root escape: run as root")
 
@@ -156,7 +157,8 @@ def _second_calls(workspace: Path, library: Path) -> list[dict]:
 
 
 async def test_two_call_escape_over_grpc_is_refused(base: Path) -> None:
-    async with _tools_service(base) as target, grpc.aio.insecure_channel(target) as channel:
+    # As the orchestrator: the one caller the authorisation table lets run tools.
+    async with _tools_service(base) as target, service_channel(target, "orchestrator") as channel:
         stub = tools_pb2_grpc.ToolServiceStub(channel)
         first = await stub.ExecuteTool(tools_pb2.ExecuteToolRequest(
             tenant_id=TENANT, session_id=SESSION, request_id="plant", call=tools_pb2.ToolCall(
@@ -185,12 +187,13 @@ async def test_two_call_escape_over_rest_is_refused(base: Path) -> None:
                     base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client:
                 workspace, marker, library = _plant_in_workspace(base)
                 for number, env in enumerate(_second_calls(workspace, library)):
+                    # The gateway may not run tools (only the orchestrator may): REST has no such route at all.
                     response = await client.post("/v1/tools:execute", json={
                         "sessionId": SESSION, "requestId": f"r{number}",
                         "call": {"callId": f"c{number}", "name": "shell_exec",
                                  "argumentsJson": json.dumps({"command": "echo hello", "env": env})}})
-                    assert response.status_code == 400, response.text
-                    assert f"$.env.{next(iter(env))}:" in response.text
+                    assert response.status_code == 404, response.text
+                    assert response.json()["error"]["details"][0]["reason"] == "ROUTE_NOT_FOUND", response.text
                 assert _root_lines(marker) == []
     finally:
         authenticator.close()

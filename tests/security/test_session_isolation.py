@@ -80,7 +80,7 @@ async def test_workspace_quota_stops_growth_but_not_reading(base: Path) -> None:
     executor = make_executor(base, sandbox_mode=MODE, workspace_quota_bytes=1024 * 1024)
     fill = await executor.execute(A, call("shell_exec", command="head -c 3000000 /dev/zero > fill"))
     assert fill.status is ToolStatus.ERROR
-    assert os.path.getsize(base / "acme" / "alice" / "fill") <= 1024 * 1024
+    assert await asyncio.to_thread(os.path.getsize, base / "acme" / "alice" / "fill") <= 1024 * 1024
     more = await executor.execute(A, call("shell_exec", command="echo more >> fill"))
     assert more.status is ToolStatus.ERROR
     listing = await executor.execute(A, call("shell_exec", command="wc -c < fill && rm fill && echo freed"))

@@ -1,8 +1,8 @@
 """Store fixtures: a migrated database on each backend, a core, a running service."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 

@@ -63,7 +63,7 @@ def test_watcher_count_reads_safely_from_another_thread_while_watchers_come_and_
         while not done.is_set():
             try:
                 assert hub.num_watchers >= 0
-            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            except BaseException as exc:
                 errors.append(exc)
                 return
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,16 +14,16 @@ import pytest
 from llmesh.store.v1 import store_pb2 as pb
 from llmesh.store.v1 import store_pb2_grpc
 
-from services.common.clients import make_channel
+from tests.support.auth import CREDENTIALS, service_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_store(db_url: str, data_dir: Path, log: Path) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"}
     out = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "services.store", "--port", "0", "--data-dir", str(data_dir),
-                             "--database-url", db_url], cwd=ROOT, env=env, stdout=out, stderr=out)
+                             "--database-url", db_url, "--credentials-dir", str(CREDENTIALS.resolve())],
+                            cwd=ROOT, stdout=out, stderr=out)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
@@ -42,7 +41,7 @@ async def test_kill_mid_burst_keeps_every_acknowledged_event(db_url: str, tmp_pa
     proc, port = start_store(db_url, tmp_path, tmp_path / "store1.log")
     acked: dict[int, bytes] = {}
     try:
-        async with make_channel(f"127.0.0.1:{port}") as channel:
+        async with service_channel(f"127.0.0.1:{port}", "orchestrator") as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             await stub.CreateSession(pb.CreateSessionRequest(tenant_id="acme", session_id="burst"))
 
@@ -68,7 +67,7 @@ async def test_kill_mid_burst_keeps_every_acknowledged_event(db_url: str, tmp_pa
 
     proc, port = start_store(db_url, tmp_path, tmp_path / "store2.log")
     try:
-        async with make_channel(f"127.0.0.1:{port}") as channel:
+        async with service_channel(f"127.0.0.1:{port}", "orchestrator") as channel:
             stub = store_pb2_grpc.StoreServiceStub(channel)
             stored: dict[int, bytes] = {}
             token = ""

@@ -8,6 +8,7 @@ import pytest
 from services.common.errors import NotFound, ResourceExhausted
 from services.store.core.event_writer import EventWriter
 from services.store.core.models import EventAppend, NewEvent
+from tests.support.waiting import wait_until
 
 
 class FakeLog:
@@ -18,8 +19,10 @@ class FakeLog:
         self.batches: list[list[EventAppend]] = []
         self.gate = asyncio.Event()
         self.gate.set()
+        self.num_started = 0  # flushes begun, counting one held at the gate
 
     async def flush(self, appends: list[EventAppend]):
+        self.num_started += 1
         await self.gate.wait()
         self.batches.append(appends)
         out = []
@@ -75,12 +78,12 @@ async def test_overflow_drops_oldest_token_deltas_first_and_counts_them() -> Non
     drops: list[int] = []
     writer = await started(log, max_batch_events=2, max_batch_delay_ms=0, max_pending_events=4,
                            on_drop=drops.append)
-    first = asyncio.create_task(writer.append("t", "s", ev("token", 2)))  # taken by the stuck flush
-    await asyncio.sleep(0.01)
+    first = asyncio.create_task(writer.append("t", "s", ev("token", 2)))
+    assert await wait_until(lambda: log.num_started == 1)  # taken by the stuck flush
     old_tokens = asyncio.create_task(writer.append("t", "s", ev("token", 3)))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: writer.num_pending == 3)
     critical = asyncio.create_task(writer.append("t", "s", ev("final", 2)))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: writer.num_pending == 4)  # 3 + 2, less the delta that gave way
     assert writer.num_dropped == 1 and sum(drops) == 1
     log.gate.set()
     assert await first == [1, 2]
@@ -94,17 +97,18 @@ async def test_full_queue_drops_a_plain_requests_deltas_but_never_a_no_drop_ones
     log.gate.clear()  # the database is stuck: nothing commits
     writer = await started(log, max_batch_events=2, max_batch_delay_ms=0, max_pending_events=3,
                            block_timeout_ms=2_000)
-    stuck = asyncio.create_task(writer.append("t", "a", ev("token", 2)))  # taken by the stuck flush
-    await asyncio.sleep(0.01)
-    numbered = asyncio.create_task(writer.append("t", "b", ev("token", 3), no_drop=True))  # fills the queue
-    await asyncio.sleep(0.01)
-    plain = asyncio.create_task(writer.append("t", "c", ev("token", 2)))
-    await asyncio.sleep(0.01)
-    # The plain request's deltas gave way; the no_drop one's queued deltas stayed.
-    assert plain.done() and await plain == [0, 0] and writer.num_dropped == 2
+    stuck = asyncio.create_task(writer.append("t", "a", ev("token", 2)))
+    assert await wait_until(lambda: log.num_started == 1)  # taken by the stuck flush
+    numbered = asyncio.create_task(writer.append("t", "b", ev("token", 3), no_drop=True))
+    assert await wait_until(lambda: writer.num_pending == 3)  # fills the queue
+    # The plain request's deltas gave way at once; the no_drop one's queued deltas stayed. Nothing
+    # commits while the flush is stuck, so a request that did not drop its own would never return here.
+    plain = await asyncio.wait_for(writer.append("t", "c", ev("token", 2)), 10)
+    assert plain == [0, 0] and writer.num_dropped == 2
     blocked = asyncio.create_task(writer.append("t", "b", ev("token", 2), no_drop=True))
-    await asyncio.sleep(0.01)
-    assert not blocked.done()  # waits for room like a critical event instead of dropping
+    await asyncio.sleep(0)  # one loop turn, no clock: the append runs until it has to wait
+    # It waits for room like a critical event instead of dropping, and is not queued past the limit.
+    assert not blocked.done() and writer.num_pending == 3
     log.gate.set()
     assert await stuck == [1, 2]
     assert await numbered == [1, 2, 3] and await blocked == [4, 5]
@@ -120,10 +124,10 @@ async def test_critical_events_block_then_fail_without_being_dropped() -> None:
     writer = await started(log, max_batch_events=2, max_batch_delay_ms=0, max_pending_events=2,
                            block_timeout_ms=50)
     stuck = asyncio.create_task(writer.append("t", "s", ev("final", 2)))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: log.num_started == 1)  # taken by the stuck flush
     queued = asyncio.create_task(writer.append("t", "s", ev("tool_result", 2)))
-    await asyncio.sleep(0.01)
-    with pytest.raises(ResourceExhausted):
+    assert await wait_until(lambda: writer.num_pending == 2)  # the queue is full
+    with pytest.raises(ResourceExhausted):  # after block_timeout_ms: the timer is what is tested
         await writer.append("t", "s", ev("approval"))
     assert writer.num_dropped == 0
     log.gate.set()
@@ -137,12 +141,12 @@ async def test_blocked_critical_append_proceeds_when_room_frees() -> None:
     writer = await started(log, max_batch_events=2, max_batch_delay_ms=0, max_pending_events=2,
                            block_timeout_ms=2_000)
     stuck = asyncio.create_task(writer.append("t", "s", ev("final", 2)))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: log.num_started == 1)  # taken by the stuck flush
     queued = asyncio.create_task(writer.append("t", "s", ev("final", 2)))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: writer.num_pending == 2)  # the queue is full
     waiting = asyncio.create_task(writer.append("t", "s", ev("compaction")))
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    await asyncio.sleep(0)  # one loop turn, no clock: the append runs until it has to wait
+    assert not waiting.done() and writer.num_pending == 2
     log.gate.set()
     assert await waiting == [5] and await stuck == [1, 2] and await queued == [3, 4]
     await writer.close()
@@ -152,6 +156,6 @@ async def test_close_flushes_everything_queued() -> None:
     log = FakeLog()
     writer = await started(log, max_batch_events=1000, max_batch_delay_ms=10_000)
     pending = [asyncio.create_task(writer.append("t", "s", ev("final"))) for _ in range(3)]
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: writer.num_pending == 3)  # all queued, none flushed yet
     await writer.close()
     assert sorted(r[0] for r in await asyncio.gather(*pending)) == [1, 2, 3]

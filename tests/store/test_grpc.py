@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import pytest
 from llmesh.store.v1 import store_pb2 as pb
 from llmesh.store.v1 import store_pb2_grpc
 
-from services.common.clients import make_channel
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
 from services.store.config import Settings
 from services.store.server import App
+from tests.support.auth import service_channel
 
 
 @pytest.fixture
@@ -22,7 +22,8 @@ async def stub(db_url: str, tmp_path: Path) -> AsyncIterator[store_pb2_grpc.Stor
     settings = Settings(port=0, data_dir=str(tmp_path), database_url=db_url, lease_sweep_interval_ms=50,
                         task_backoff_base_ms=10)
     async with running_service(App(settings), settings) as svc:
-        async with make_channel(f"127.0.0.1:{svc.port}") as channel:
+        # The orchestrator is the store's main caller (policy and tools may call it too).
+        async with service_channel(f"127.0.0.1:{svc.port}", "orchestrator") as channel:
             yield store_pb2_grpc.StoreServiceStub(channel)
 
 

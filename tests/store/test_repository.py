@@ -20,7 +20,7 @@ async def make_session(repo, tenant: str = "acme", session: str = "s1") -> None:
 
 def events(*types: str, keys: tuple[str, ...] = ()) -> list[NewEvent]:
     keys = keys or ("",) * len(types)
-    return [NewEvent(t, f"{t}-{i}".encode(), k, 1) for i, (t, k) in enumerate(zip(types, keys))]
+    return [NewEvent(t, f"{t}-{i}".encode(), k, 1) for i, (t, k) in enumerate(zip(types, keys, strict=True))]
 
 
 async def test_event_seqs_are_gapless_per_session_and_retries_write_nothing(repo) -> None:

@@ -12,6 +12,7 @@ from services.store.adapters.database import Database, WritePriority, WriteQueue
 from services.store.adapters.repository import SqlRepository
 from services.store.adapters.tables import MessageRow
 from services.store.core.models import AuditRecord, NewMessage, NewSession
+from tests.support.waiting import wait_until
 
 U, N, B = WritePriority.URGENT, WritePriority.NORMAL, WritePriority.BACKGROUND
 
@@ -53,10 +54,16 @@ def test_a_closed_queue_drains_then_ends_and_refuses_new_jobs() -> None:
     assert queue.get() is None
     try:
         queue.put(N, _job("late"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         assert getattr(exc, "reason", "") == "STORE_CLOSING"
     else:
         raise AssertionError("a closed queue took a job")
+
+
+def queued_writes(db: Database) -> int:
+    """Writes waiting for SQLite's writer thread (not counting the one it runs)."""
+    assert db._writer_thread is not None
+    return len(db._writer_thread.queue)
 
 
 async def _sqlite(tmp_path: Path) -> tuple[Database, SqlRepository]:
@@ -96,9 +103,9 @@ async def test_an_audit_append_overtakes_queued_message_writes_on_sqlite(tmp_pat
         messages = []
         for i in range(5):
             messages.append(asyncio.create_task(message(i)))
-            await asyncio.sleep(0.01)
+            assert await wait_until(lambda: queued_writes(db) == len(messages))  # in this order
         urgent = asyncio.create_task(audit())
-        await asyncio.sleep(0.05)
+        assert await wait_until(lambda: queued_writes(db) == 6)  # queued behind all five
         go.set()
         await asyncio.gather(first, urgent, *messages)
         assert done[0] == "audit", done
@@ -121,8 +128,10 @@ async def test_a_write_cancelled_before_it_starts_writes_nothing_and_errors_roll
         queued = asyncio.create_task(repo.append_messages(
             "t", "s", [NewMessage(role="user", content="never", metadata_json="{}", num_tokens=1)],
             request_id="x", now_ms=2))
-        await asyncio.sleep(0.02)
+        assert await wait_until(lambda: queued_writes(db) == 1)
         queued.cancel()
+        # Once the caller has finished, its job on the writer queue is cancelled too; only then free the writer.
+        await asyncio.wait({queued})
         go.set()
         await first
 

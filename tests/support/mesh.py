@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import AsyncIterator
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key
 from services.common.runtime import RunningService, running_service
+from tests.support.auth import client_channel
+from tests.support.ports import free_launcher_port_base
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TENANT = "acme"
 # A cheap KDF cost keeps start-up and key checks fast; production uses the default cost.
@@ -104,7 +112,8 @@ async def running_mesh(data_dir: Path, *, model_path: Path | None = None, infere
                     store_target=store, policy_target=policy, tools_target=tools,
                     inference_target=targets.get("inference", ""),
                     **{"event_batch_ms": 5, **orchestrator_fields})
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(targets["orchestrator"]))
+        # Tests drive the agent as a client of TENANT: the tenant comes from the key.
+        channel = await stack.enter_async_context(client_channel(targets["orchestrator"], TENANT))
         mesh = Mesh(data_dir, targets, services, orchestrator_pb2_grpc.AgentServiceStub(channel))
         if gateway:
             mesh.url, mesh.api_key = await _start_gateway(stack, targets)
@@ -124,3 +133,59 @@ async def _start_gateway(stack: contextlib.AsyncExitStack, targets: dict[str, st
                     authenticator=authenticator)
     url = await stack.enter_async_context(running_gateway(app))
     return url, api_key
+
+
+@dataclass
+class LaunchedMesh:
+    """A mesh started by ``python -m services.launcher`` in child processes, as ``make run`` does."""
+
+    process: subprocess.Popen[str]
+    base: int
+    data_dir: Path
+    lines: list[str]
+
+    @property
+    def credentials(self) -> Path:
+        return self.data_dir / "credentials"
+
+    def target(self, service: str) -> str:
+        from services.launcher import SERVICES
+
+        offset = next(s.port_offset for s in SERVICES if s.name == service)
+        return f"127.0.0.1:{self.base + offset}"
+
+
+@contextlib.contextmanager
+def launched_mesh(data_dir: Path, *, tls: bool = False, http: bool = False,
+                  ready_timeout_s: float = 240.0) -> Iterator[LaunchedMesh]:
+    """Start the launcher with one inference node; kill its process group on exit."""
+    base = free_launcher_port_base(nodes=1, http_offset=9 if http else None)
+    args = [sys.executable, "-m", "services.launcher", "--data-dir", str(data_dir), "--port-base", str(base),
+            "--nodes", "1", "--http-port", str(base + 9 if http else 0)]
+    if tls:
+        args.append("--tls")
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        if not any("Ctrl-C stops it" in line for line in lines):
+            raise RuntimeError("the launcher did not come up:\n" + "".join(lines[-60:]))
+        # The table printed after the banner (key, grpcurl line) is read on demand.
+        yield LaunchedMesh(process, base, data_dir, lines)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

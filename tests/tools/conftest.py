@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,8 @@ def make_executor(base: Path, policy: Any = None, *, limits: ExecutorLimits | No
 CTX = CallContext(request_id="r1", tenant_id="acme", session_id="s1", role="developer")
 
 
-def call(name: str, call_id: str = "c1", timeout_ms: int = 0, approval_id: str = "", **arguments: Any) -> ToolInvocation:
+def call(name: str, call_id: str = "c1", timeout_ms: int = 0, approval_id: str = "",
+         **arguments: Any) -> ToolInvocation:
     import json
     return ToolInvocation(call_id=call_id, name=name, arguments=arguments, arguments_json=json.dumps(arguments),
                           timeout_ms=timeout_ms, approval_id=approval_id)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from services.tools.core.executor import ExecutorLimits
 from services.tools.core.model import RiskLevel, ToolContext, ToolFailure, ToolOutput, ToolSpec, ToolStatus
 from services.tools.core.output import CapturedText
 from services.tools.core.ports import PolicyDecision, PolicyUnavailable, PolicyVerdict
+from tests.support.waiting import wait_until
 from tests.tools.conftest import CTX, FakePolicy, call, make_executor, workspace_of
 
 SLEEP_SCHEMA = {"type": "object", "properties": {"ms": {"type": "integer"}, "tag": {"type": "string"}}}
@@ -36,6 +36,34 @@ class SleepTool:
         return ToolOutput(ok=True, content=CapturedText.of(args.get("tag", ""), 100))
 
 
+class RendezvousTool:
+    """Each call waits until ``expected`` calls run at once, then they finish in reverse call order."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.running = 0
+        self.max_running = 0
+        self.finished: list[int] = []
+        self._all_in = asyncio.Event()
+        self._done = [asyncio.Event() for _ in range(expected)]
+
+    async def __call__(self, args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
+        index = int(args["tag"])
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        if self.running == self.expected:
+            self._all_in.set()
+        try:
+            await self._all_in.wait()
+            if index + 1 < self.expected:
+                await self._done[index + 1].wait()
+        finally:
+            self.running -= 1
+        self.finished.append(index)
+        self._done[index].set()
+        return ToolOutput(ok=True, content=CapturedText.of(args["tag"], 100))
+
+
 class FlakyTool:
     """Fails (as a crash) the first ``num_failures`` times."""
 
@@ -57,16 +85,14 @@ def add_tool(executor: Any, name: str, handler: Any, **kwargs: Any) -> None:
 
 async def test_batch_runs_concurrently_and_returns_in_call_order(workspace_base: Path) -> None:
     executor = make_executor(workspace_base)
-    tool = SleepTool()
+    tool = RendezvousTool(8)  # all eight must run at once for any to finish
     add_tool(executor, "sleep", tool)
-    calls = [call("sleep", call_id=f"c{i}", ms=200 - 20 * i, tag=str(i)) for i in range(8)]
-    start = time.perf_counter()
+    calls = [call("sleep", call_id=f"c{i}", tag=str(i), timeout_ms=10_000) for i in range(8)]
     outcomes = await executor.execute_batch(CTX, calls)
-    elapsed = time.perf_counter() - start
+    assert tool.max_running == 8 and tool.finished == list(reversed(range(8)))
     assert [o.call_id for o in outcomes] == [f"c{i}" for i in range(8)]
     assert [o.content.text for o in outcomes] == [str(i) for i in range(8)]
     assert all(o.status is ToolStatus.OK for o in outcomes)
-    assert tool.max_running == 8 and elapsed < 0.6
 
 
 async def test_session_and_global_caps_bound_concurrency(workspace_base: Path) -> None:
@@ -86,10 +112,12 @@ async def test_session_and_global_caps_bound_concurrency(workspace_base: Path) -
 async def test_each_call_has_its_own_timeout(workspace_base: Path) -> None:
     executor = make_executor(workspace_base)
     add_tool(executor, "sleep", SleepTool())
-    outcomes = await executor.execute_batch(CTX, [call("sleep", call_id="slow", ms=2000, timeout_ms=100),
-                                                  call("sleep", call_id="fast", ms=10, timeout_ms=1000)])
+    # "fast" runs longer than "slow" may: only a timeout of its own lets it finish.
+    outcomes = await executor.execute_batch(CTX, [call("sleep", call_id="slow", ms=60_000, timeout_ms=100),
+                                                  call("sleep", call_id="fast", ms=300, timeout_ms=30_000)])
     assert outcomes[0].status is ToolStatus.TIMEOUT and outcomes[0].error_reason == "TIMEOUT"
-    assert outcomes[0].duration_ms < 1000
+    # Generous on purpose: the 100 ms timeout fired, long before the 60 s sleep would have ended.
+    assert outcomes[0].duration_ms < 30_000
     assert outcomes[1].status is ToolStatus.OK
 
 
@@ -214,8 +242,7 @@ async def test_batch_cancellation_cancels_every_call(workspace_base: Path) -> No
     add_tool(executor, "sleep", tool)
     task = asyncio.create_task(executor.execute_batch(CTX, [call("sleep", call_id=f"c{i}", ms=5000)
                                                             for i in range(3)]))
-    await asyncio.sleep(0.1)
-    assert tool.running == 3
+    assert await wait_until(lambda: tool.running == 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import http.server
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from services.tools.adapters.http_fetch import HttpFetchTool
-from services.tools.core.model import ToolStatus
 from services.tools.config import Settings
+from services.tools.core.model import ToolStatus
 from services.tools.server import build_app
 from tests.support.ports import free_port
 from tests.tools.conftest import CTX, call, make_executor
@@ -19,7 +19,7 @@ BIG = b"x" * 20_000
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         routes = {"/hello": (200, b"hello from loopback"), "/big": (200, BIG),
                   "/echo-header": (200, self.headers.get("X-Probe", "").encode())}
         status, body = routes.get(self.path, (404, b"no such page"))

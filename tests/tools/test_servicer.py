@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -16,6 +16,7 @@ from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from services.tools.config import Settings
 from services.tools.server import App
+from tests.support.auth import service_channel
 
 DEMO_SERVER = Path(__file__).with_name("mcp_demo_server.py")
 
@@ -68,7 +69,7 @@ async def stub(workspace_base: Path, tmp_path: Path, policy: tuple[PolicyApp, in
     settings = Settings(port=0, workspace_root=str(workspace_base), policy_target=f"127.0.0.1:{policy[1]}",
                         mcp_config=str(config), data_dir=str(tmp_path))
     async with running_service(App(settings), settings) as svc:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with service_channel(svc.address, "orchestrator") as channel:  # the agent loop runs tools
             yield tools_pb2_grpc.ToolServiceStub(channel)
 
 
@@ -135,7 +136,8 @@ async def test_policy_denial_and_approval_travel_as_results(stub: tools_pb2_grpc
     ask = await stub.ExecuteTool(execute("fs_write", path="src/x.py", content="x"))
     assert ask.result.status == tools_pb2.TOOL_STATUS_APPROVAL_REQUIRED and ask.result.approval_id == "ap-1"
     approved = await stub.ExecuteTool(tools_pb2.ExecuteToolRequest(
-        session_id="s1", tenant_id="acme", call=tool_call("fs_write", approval_id="ap-1", path="src/x.py", content="x")))
+        session_id="s1", tenant_id="acme",
+        call=tool_call("fs_write", approval_id="ap-1", path="src/x.py", content="x")))
     assert approved.result.status == tools_pb2.TOOL_STATUS_OK
     last = policy[0].servicer.requests[-1]
     assert (last.tenant_id, last.session_id, last.tool_name, last.approval_id) == ("acme", "s1", "fs_write", "ap-1")

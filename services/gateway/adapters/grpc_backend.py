@@ -7,12 +7,14 @@ answers them through the same table as its own errors.
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
 
 import grpc
 
 from services.common import errors
 from services.common.clients import make_channel
+from services.common.identity import Identity
 from services.common.rpc_errors import domain_error_from_rpc
 from services.gateway.routes import Route
 
@@ -20,8 +22,9 @@ from services.gateway.routes import Route
 class GrpcBackends:
     """Channels by backend name ("orchestrator", "inference", ...)."""
 
-    def __init__(self, targets: Mapping[str, str], timeout_s: float = 60.0) -> None:
+    def __init__(self, targets: Mapping[str, str], timeout_s: float = 60.0, identity: Identity | None = None) -> None:
         self.targets = {name: target for name, target in targets.items() if target}
+        self.identity = identity
         self.timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -32,7 +35,7 @@ class GrpcBackends:
             if target is None:
                 raise errors.Unavailable(f"no {backend} backend is configured", reason="BACKEND_NOT_CONFIGURED",
                                          metadata={"backend": backend})
-            channel = self._channels[backend] = make_channel(target)
+            channel = self._channels[backend] = make_channel(target, self.identity)
         return channel
 
     async def unary(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]) -> Any:
@@ -44,7 +47,8 @@ class GrpcBackends:
         except grpc.aio.AioRpcError as err:
             raise domain_error_from_rpc(err, service=route.backend) from None
 
-    async def stream(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]) -> AsyncIterator[Any]:
+    async def stream(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]
+                     ) -> AsyncGenerator[Any, None]:
         """Messages of a server stream; leaving the loop early cancels the call."""
         call = self.channel(route.backend).unary_stream(
             route.grpc_path, request_serializer=type(request).SerializeToString,

@@ -7,7 +7,8 @@ which picks a node per request and raises domain errors itself.
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -43,7 +44,7 @@ class InferenceGenerator:
         self.default_models = default_models
 
     @classmethod
-    def for_channel(cls, channel: grpc.aio.Channel, default_models: tuple[str, ...] = ()) -> "InferenceGenerator":
+    def for_channel(cls, channel: grpc.aio.Channel, default_models: tuple[str, ...] = ()) -> InferenceGenerator:
         return cls(inference_pb2_grpc.InferenceServiceStub(channel), default_models)
 
     def _call(self, request: inference_pb2.GenerateRequest, metadata: tuple[tuple[str, str], ...]) -> Any:

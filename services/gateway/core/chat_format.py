@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common import errors
-from services.gemma.chat_format import END_OF_TURN as END
 from services.gemma.chat_format import FunctionSpec as ToolSpec
 from services.gemma.chat_format import JsonGrammar, json_literal, render_conversation
 

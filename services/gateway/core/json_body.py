@@ -57,8 +57,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
         seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise errors.InvalidArgument(f"body: duplicate key {duplicate!r}", field="body")
+        for key, _ in pairs:
+            if key in seen:
+                raise errors.InvalidArgument(f"body: duplicate key {key!r}", field="body")
+            seen.add(key)
     return result
 
 

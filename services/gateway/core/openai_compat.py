@@ -9,14 +9,22 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 from services.common import errors
-from services.gateway.core.chat_format import (END, ToolSpec, parse_messages, parse_tool_call, parse_tools,
-                                               render_prompt, tool_call_grammar)
+from services.gateway.core.chat_format import (
+    ToolSpec,
+    parse_messages,
+    parse_tool_call,
+    parse_tools,
+    render_prompt,
+    tool_call_grammar,
+)
 from services.gateway.core.model_catalog import ModelCatalog
 from services.gateway.core.ports import GenerationChunk, GenerationParams, TextGenerator
+from services.gemma.chat_format import END_OF_TURN as END
 
 DEFAULT_MAX_TOKENS = 256
 MAX_MAX_TOKENS = 8192
@@ -52,7 +60,8 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
-    errors.require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 1 <= max_tokens <= MAX_MAX_TOKENS,
+    errors.require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+                   and 1 <= max_tokens <= MAX_MAX_TOKENS,
                    "max_tokens", f"must be an integer between 1 and {MAX_MAX_TOKENS}")
     stop = body.get("stop") or ()
     if isinstance(stop, str):
@@ -147,7 +156,7 @@ class OpenAICompat:
                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
                 "usage": _usage(last)}
 
-    async def chat_stream(self, plan: CompletionPlan) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
         last: GenerationChunk | None = None
@@ -191,11 +200,12 @@ class OpenAICompat:
         text, last = await self._run(plan, response_id)
         return {"id": response_id, "object": "text_completion", "created": int(time.time()),
                 "model": answered_model(plan, last),
-                "choices": [{"index": 0, "text": text, "finish_reason": _FINISH.get(last.finish_reason if last else None),
+                "choices": [{"index": 0, "text": text,
+                             "finish_reason": _FINISH.get(last.finish_reason if last else None),
                              "logprobs": None}],
                 "usage": _usage(last)}
 
-    async def completion_stream(self, plan: CompletionPlan) -> AsyncIterator[dict[str, Any]]:
+    async def completion_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:
         response_id = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
         last = None

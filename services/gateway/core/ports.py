@@ -5,8 +5,9 @@ the same Generate) implements ``TextGenerator``; tests pass fakes.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ def probe_gpus() -> list[DeviceReport]:
         return []
     try:
         pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver is the normal CPU case
+    except Exception:
         return []
     try:
         reports = []
@@ -27,7 +27,7 @@ def probe_gpus() -> list[DeviceReport]:
             reports.append(DeviceReport(index=index, name=name.decode() if isinstance(name, bytes) else name,
                                         total_bytes=int(memory.total), free_bytes=int(memory.free)))
         return reports
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning("NVML probe failed: %s", exc)
         return []
     finally:

@@ -7,8 +7,8 @@ Loading, the context's parameters and the vocabulary are ``llama_model``'s.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import llama_cpp as ll
 import numpy as np
@@ -53,15 +53,18 @@ class LlamaBackend:
         self.model_name = model_name or Path(model_path).stem
         self.device = device
         self.n_gpu_layers = n_gpu_layers
-        self._model = load_model(model_path, n_gpu_layers=n_gpu_layers, device_index=device_index)
+        # The llama.cpp handles are None once closed.
+        self._model: ll.llama_model_p | None = load_model(model_path, n_gpu_layers=n_gpu_layers,
+                                                         device_index=device_index)
         self._vocab = LlamaVocab(self._model)
         # One more sequence than the scheduler gets: scratch rows that pad the
         # logits rows of a step go there (see _pad_outputs). A context without
         # room for one more sequence goes without padding.
         self._pad_multiple = output_rows_multiple if n_seq_max < max_seqs else 1
         try:
-            self._ctx = create_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                       n_seq_max=n_seq_max + 1 if self._pad_multiple > 1 else n_seq_max)
+            self._ctx: ll.llama_context_p | None = create_context(
+                self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                n_seq_max=n_seq_max + 1 if self._pad_multiple > 1 else n_seq_max)
         except RuntimeError:
             ll.llama_model_free(self._model)
             raise
@@ -83,6 +86,7 @@ class LlamaBackend:
     @property
     def llama_model(self) -> ll.llama_model_p:
         """The loaded weights, for another context over them (the embedder's)."""
+        assert self._model is not None, "the backend is closed"
         return self._model
 
     # -- vocabulary -------------------------------------------------------
@@ -212,7 +216,8 @@ class LlamaBackend:
         for j in range(missing):
             row = n + j
             batch.token[row] = self._pad_token
-            batch.pos[row] = j
+            # llama_cpp annotates pos (llama_pos*, one per token) as an array of arrays.
+            batch.pos[row] = j  # type: ignore[call-overload]
             batch.n_seq_id[row] = 1
             batch.seq_id[row][0] = self._scratch_seq
             batch.logits[row] = True

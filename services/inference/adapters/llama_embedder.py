@@ -16,10 +16,10 @@ one thread drives all of the model's compute.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
 import llama_cpp as ll
 import numpy as np
+import numpy.typing as npt
 
 from services.inference.adapters.llama_backend import LlamaBackend
 from services.inference.adapters.llama_model import create_context, put_tokens
@@ -32,14 +32,16 @@ class LlamaEmbedder:
 
     def __init__(self, backend: LlamaBackend, *, n_ctx: int = 512, n_threads: int = 0) -> None:
         self._backend = backend
-        self._ctx = create_context(backend.llama_model, n_ctx=n_ctx, n_batch=n_ctx, n_seq_max=1,
-                                   n_threads=n_threads, embeddings=True, what="embedding context")
+        # None once closed.
+        self._ctx: ll.llama_context_p | None = create_context(
+            backend.llama_model, n_ctx=n_ctx, n_batch=n_ctx, n_seq_max=1, n_threads=n_threads, embeddings=True,
+            what="embedding context")
         self.n_ctx = ll.llama_n_ctx(self._ctx)
         self.dim = ll.llama_model_n_embd(backend.llama_model)
         self._batch = ll.llama_batch_init(self.n_ctx, 0, 1)
         self._lock = threading.Lock()
 
-    def embed(self, text: str) -> Sequence[float]:
+    def embed(self, text: str) -> npt.NDArray[np.float32]:
         tokens = self._backend.tokenize(PROMPT.format(text=text), True, False)
         if len(tokens) > self.n_ctx:
             # Keep the instruction's tail, which the last token's state depends on most.

@@ -96,7 +96,8 @@ def put_tokens(batch: ll.llama_batch, row: int, tokens: Sequence[int], start_pos
     last = len(tokens) - 1
     for i, token in enumerate(tokens):
         batch.token[row] = token
-        batch.pos[row] = start_pos + i
+        # llama_cpp annotates pos (llama_pos*, one per token) as an array of arrays.
+        batch.pos[row] = start_pos + i  # type: ignore[call-overload]
         batch.n_seq_id[row] = 1
         batch.seq_id[row][0] = seq_id
         batch.logits[row] = logits_last and i == last

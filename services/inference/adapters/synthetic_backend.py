@@ -9,7 +9,7 @@ cold run, and the backend checks positions the way llama.cpp does.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
 from services.inference.core.types import BatchEntry, SamplingParams

@@ -21,26 +21,24 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import errors
+from services.common.identity import Identity
 from services.inference.client.config import BalancerSettings
 from services.inference.client.core.node_state import EjectionPolicy, Health, NodeState
 from services.inference.client.core.picker import NoNodeAvailable, Picker, PickerConfig
 from services.inference.client.discovery import Resolver, has_dns_entries, resolve_dns, resolve_entries
 from services.inference.client.node_link import NodeLink
+from services.inference.client.router import Router, remaining_s
+from services.inference.client.routing import ModelRegistry
 from services.inference.client.rpc_errors import is_node_fault, is_retryable, to_domain_error
-from services.inference.client.cascade import Answer, CascadeSpec, parse_cascades
-from services.inference.client.routing import (FALLBACK_ERRORS, Attempt, ModelProfile, ModelRegistry, ModelRouter,
-                                               RouteRequest, chain_exhausted, estimate_complexity, failed_attempt,
-                                               parse_fallbacks, parse_model_profiles, parse_tier_thresholds)
-from services.common.tenants import parse_tenant_policies, policy_for
 
 log = logging.getLogger("llmesh.balancer")
 
@@ -49,25 +47,6 @@ RETRIES = Counter("llmesh_balancer_retries_total", "Requests retried on another 
                   ["code"])
 EJECTIONS = Counter("llmesh_balancer_ejections_total", "Nodes ejected after consecutive failures.", ["node"])
 NO_NODE = Counter("llmesh_balancer_no_node_total", "Requests failed fast because no node was usable.")
-ROUTED = Counter("llmesh_balancer_routed_total", "Requests served along a model chain (auto or with fallbacks).",
-                 ["model", "fell_back"])
-FALLBACKS = Counter("llmesh_balancer_fallbacks_total", "Models skipped in a chain before answering.",
-                    ["model", "error"])
-ESCALATIONS = Counter("llmesh_balancer_cascade_total",
-                      "Cascade requests, by cascade and outcome (kept, or why the small answer was escalated).",
-                      ["cascade", "outcome"])
-# The model name that asks the balancer's router to choose.
-AUTO_MODEL = "auto"
-# max_tokens assumed for routing when a request leaves it to the node.
-DEFAULT_ROUTE_MAX_TOKENS = 256
-
-
-def with_model(request: inference_pb2.GenerateRequest, model: str) -> inference_pb2.GenerateRequest:
-    """A copy of ``request`` for another model (one step of a chain or cascade)."""
-    copy = inference_pb2.GenerateRequest()
-    copy.CopyFrom(request)
-    copy.model = model
-    return copy
 
 
 @dataclass(frozen=True)
@@ -88,6 +67,7 @@ class Balancer:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         resolver: Resolver = resolve_dns,
+        identity: Identity | None = None,
     ) -> None:
         settings = settings or BalancerSettings()
         if nodes is not None:
@@ -96,6 +76,8 @@ class Balancer:
         self.settings = settings
         self._clock = clock
         self._resolver = resolver
+        # What this balancer presents to the nodes: its service's key (and certificate).
+        self.identity = identity
         self._policy = EjectionPolicy(settings.eject_after_failures, settings.ejection_base_s, settings.ejection_max_s)
         self._picker = Picker(PickerConfig(
             strategy=settings.strategy, initial_ttft_ms=settings.initial_ttft_ms, itl_weight=settings.itl_weight,
@@ -106,11 +88,8 @@ class Balancer:
         ), rng=rng)
         self._links: dict[str, NodeLink] = {}
         self._refresh_task: asyncio.Task[None] | None = None
-        self._profiles = parse_model_profiles(settings.model_profiles)
-        self._fallbacks = parse_fallbacks(settings.model_fallbacks)
-        self._router_config = parse_tier_thresholds(settings.route_tier_thresholds)
-        self._cascades = parse_cascades(settings.model_cascades)
-        self._tenants = parse_tenant_policies(settings.tenant_policies)
+        # Model chains and cascades, over this transport's per-model streams.
+        self.router = Router(settings, self._generate_on_model, lambda: self.nodes, clock)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
@@ -128,7 +107,7 @@ class Balancer:
         links, self._links = list(self._links.values()), {}
         await asyncio.gather(*(link.close() for link in links))
 
-    async def __aenter__(self) -> "Balancer":
+    async def __aenter__(self) -> Balancer:
         await self.start()
         return self
 
@@ -147,7 +126,7 @@ class Balancer:
 
     async def _sync_nodes(self, addresses: set[str]) -> None:
         for address in sorted(addresses - self._links.keys()):
-            link = NodeLink(address, self.settings)
+            link = NodeLink(address, self.settings, self.identity)
             link.start()
             self._links[address] = link
         gone = [self._links.pop(address) for address in sorted(self._links.keys() - addresses)]
@@ -202,12 +181,7 @@ class Balancer:
                                                "until_s": round(link.state.ejected_until - self._clock(), 3)})
 
     def _remaining(self, deadline: float | None) -> float | None:
-        if deadline is None:
-            return None
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            raise errors.DeadlineExceeded("deadline passed before any inference node answered")
-        return remaining
+        return remaining_s(deadline, self._clock())
 
     # -- calls --------------------------------------------------------------
     def _next_link(self, key: str | None, tried: set[str], last: errors.DomainError | None,
@@ -252,122 +226,20 @@ class Balancer:
     # -- models -------------------------------------------------------------
     def registry(self) -> ModelRegistry:
         """The model names healthy nodes serve now, with their configured profiles."""
-        now = self._clock()
-        contexts: dict[str, int] = {}
-        served: dict[str, list[str]] = {}
-        for address, state in self.nodes.items():
-            if state.models is None or not state.is_available(now):
-                continue
-            for name, n_ctx in state.models.items():
-                contexts[name] = min(contexts.get(name, n_ctx), n_ctx)
-                served.setdefault(name, []).append(address)
-        registry = ModelRegistry()
-        for name, addresses in served.items():
-            profile = replace(self._profiles.get(name) or ModelProfile(name), context_tokens=contexts[name])
-            for address in addresses:
-                registry.register(address, profile)
-        return registry
+        return self.router.registry()
 
     def model_chain(self, request: inference_pb2.GenerateRequest) -> list[str]:
-        """Models to try for a request, in order: the router's chain for "auto", else the name and its fallbacks."""
-        if request.model != AUTO_MODEL:
-            return [request.model, *self._fallbacks.get(request.model, ())]
-        errors.require(not request.prompt_tokens, "model",
-                       f"{AUTO_MODEL!r} needs a text prompt: token ids belong to one model's vocabulary")
-        caps = [c for c in (request.route_max_cost, policy_for(self._tenants, request.tenant_id).route_max_cost)
-                if c > 0]
-        route = RouteRequest(
-            # About four characters a token: the router only compares it with context sizes.
-            prompt_tokens=max(1, len(request.prompt) // 4),
-            max_tokens=request.sampling.max_tokens or DEFAULT_ROUTE_MAX_TOKENS,
-            capabilities=frozenset({"grammar"}) if request.sampling.grammar else frozenset(),
-            max_cost=min(caps) if caps else None,
-            max_latency_ms=request.route_max_latency_ms or None,
-            complexity=estimate_complexity(request.prompt))
-        return [p.name for p in ModelRouter(self.registry(), self._router_config).chain(route)]
+        """Models to try for a request, in order (see ``Router.model_chain``)."""
+        return self.router.model_chain(request)
 
-    async def generate(self, request: inference_pb2.GenerateRequest, *, session_id: str | None = None,
-                       timeout: float | None = None) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Stream a generation, moving along the request's model chain while no token was streamed.
-
-        A plain model name without fallbacks goes straight to ``_generate_on_model``.
-        """
-        spec = self._cascades.get(request.model)
-        if spec is not None:
-            async with contextlib.aclosing(self._cascade(request, spec, session_id, timeout)) as stream:
-                async for reply in stream:
-                    yield reply
-            return
-        chain = self.model_chain(request)
-        if chain == [request.model]:
-            async with contextlib.aclosing(self._generate_on_model(request, session_id, timeout)) as stream:
-                async for reply in stream:
-                    yield reply
-            return
-        failed: list[Attempt] = []
-        # ``timeout`` covers the whole chain, not each model of it.
-        deadline = None if timeout is None else self._clock() + timeout
-        for index, model in enumerate(chain):
-            attempt = with_model(request, model)
-            first_within = self.settings.fallback_after_s if index < len(chain) - 1 else 0.0
-            remaining = self._remaining(deadline)
-            async with contextlib.aclosing(self._generate_on_model(attempt, session_id, remaining)) as stream:
-                try:
-                    first = await (asyncio.wait_for(anext(stream), first_within) if first_within else anext(stream))
-                except StopAsyncIteration:
-                    return
-                except FALLBACK_ERRORS as exc:
-                    failed.append(failed_attempt(model, exc))
-                    FALLBACKS.labels(model, type(exc).__name__).inc()
-                    continue
-                ROUTED.labels(model, str(bool(failed)).lower()).inc()
-                span = trace.get_current_span()
-                span.set_attribute("llmesh.route.model", model)
-                span.set_attribute("llmesh.route.fell_back", bool(failed))
-                yield first
-                async for reply in stream:
-                    yield reply
-            return
-        raise chain_exhausted(failed)
-
-    async def _cascade(self, request: inference_pb2.GenerateRequest, spec: CascadeSpec, session_id: str | None,
-                       timeout: float | None) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """The small model's whole answer is checked before anything is sent; a failed check escalates.
-
-        So a cascade's first token arrives with the small model's last one
-        (or the large model's first); its win is the large model not running.
-        """
-        deadline = None if timeout is None else self._clock() + timeout
-        small = with_model(request, spec.small)
-        small.logprobs = True
-        replies: list[inference_pb2.GenerateResponse] = []
-        try:
-            async with contextlib.aclosing(self.generate(small, session_id=session_id, timeout=timeout)) as stream:
-                replies = [reply async for reply in stream]
-            answer = Answer("".join(r.text for r in replies), [lp for r in replies for lp in r.logprobs])
-            reason = spec.check.failure(answer)
-        except FALLBACK_ERRORS as exc:
-            reason = "small_failed"
-            log.info("cascade small model failed", extra={"event": "cascade_small_failed", "model": spec.small,
-                                                         "error": str(exc)})
-        span = trace.get_current_span()
-        span.set_attribute("llmesh.route.escalated", reason is not None)
-        ESCALATIONS.labels(request.model, reason or "kept").inc()
-        if reason is None:
-            span.set_attribute("llmesh.route.model", spec.small)
-            for reply in replies:
-                if not request.logprobs:
-                    del reply.logprobs[:]
-                yield reply
-            return
-        span.set_attribute("llmesh.route.escalation_reason", reason)
-        async with contextlib.aclosing(self.generate(with_model(request, spec.large), session_id=session_id,
-                                                     timeout=self._remaining(deadline))) as stream:
-            async for reply in stream:
-                yield reply
+    def generate(self, request: inference_pb2.GenerateRequest, *, session_id: str | None = None,
+                 timeout: float | None = None) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """Stream a generation: through the router's cascades and model chains, each model
+        served by ``_generate_on_model`` (retrying on another node until the first token)."""
+        return self.router.generate(request, session_id=session_id, timeout=timeout)
 
     async def _generate_on_model(self, request: inference_pb2.GenerateRequest, session_id: str | None,
-                                 timeout: float | None) -> AsyncIterator[inference_pb2.GenerateResponse]:
+                                 timeout: float | None) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """Stream from the best node serving ``request.model``, retrying elsewhere until the first message."""
         session = request.session_id if session_id is None else session_id
         key = self._picker.affinity_key(session, request.prompt)
@@ -395,7 +267,8 @@ class Balancer:
         raise last
 
     async def _stream_from(self, link: NodeLink, request: inference_pb2.GenerateRequest,
-                           deadline: float | None) -> AsyncIterator[Any]:
+                           deadline: float | None
+                           ) -> AsyncGenerator[inference_pb2.GenerateResponse | grpc.aio.AioRpcError, None]:
         """One attempt: yields replies, then the call's error (as a value) if it failed."""
         state = link.state
         state.num_inflight += 1

@@ -6,12 +6,12 @@ must satisfy, length bounds, and the mean log-probability of its tokens
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
 
+from services.common.errors import InvalidArgument
 from services.common.settings import json_object
 from services.inference.client.routing import ModelProfile, check_entry_keys
-from services.common.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ that tells a launcher where the nodes are tells every client:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
-from services.inference.client.cascade import parse_cascades
-from services.inference.client.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
-from services.common.tenants import parse_tenant_policies
 from services.common.errors import require
 from services.common.settings import load_settings
+from services.common.tenants import parse_tenant_policies
+from services.inference.client.cascade import parse_cascades
+from services.inference.client.routing import parse_fallbacks, parse_model_profiles, parse_tier_thresholds
 
 INFERENCE_SERVICE = "llmesh.inference.v1.InferenceService"
 STRATEGIES = ("p2c", "round_robin")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -23,7 +23,8 @@ async def resolve_dns(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (a Kubernetes headless Service lists its pods)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({format_address(info[4][0], port) for info in infos})
+    # sockaddr[0] is the host text for AF_INET/AF_INET6 (typeshed also allows the int of other families).
+    return sorted({format_address(str(info[4][0]), port) for info in infos})
 
 
 def has_dns_entries(entries: Iterable[str]) -> bool:

@@ -13,11 +13,11 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from services.common.clients import channel_options, make_channel
+from services.common.identity import Identity
 from services.inference.client.config import BalancerSettings
 from services.inference.client.core.node_state import Health, LoadReport, NodeState
-from services.common.clients import channel_options
 
 log = logging.getLogger("llmesh.balancer")
 
@@ -39,16 +39,17 @@ def _control_options(settings: BalancerSettings) -> list[tuple[str, int | str]]:
 
 
 class NodeLink:
-    def __init__(self, address: str, settings: BalancerSettings) -> None:
+    def __init__(self, address: str, settings: BalancerSettings, identity: Identity | None = None) -> None:
         self.address = address
         self.settings = settings
         self.state = NodeState(address, ewma_alpha=settings.ewma_alpha)
         options = _control_options(settings)
         # Requests are traced; the health stream and load polls are not, or
         # every trace store would fill with twice-a-second GetLoad spans.
-        self._call_channel = grpc.aio.insecure_channel(address, options=options,
-                                                       interceptors=aio_client_interceptors())
-        self._control_channel = grpc.aio.insecure_channel(address, options=options)
+        # Nodes are dialled by address (DNS gives pod IPs): their certificates carry the service's name.
+        self._call_channel = make_channel(address, identity, options=options, server_name="inference")
+        self._control_channel = make_channel(address, identity, traced=False, options=options,
+                                             server_name="inference")
         self.inference = inference_pb2_grpc.InferenceServiceStub(self._call_channel)
         self._control = inference_pb2_grpc.InferenceServiceStub(self._control_channel)
         self._health = health_pb2_grpc.HealthStub(self._control_channel)

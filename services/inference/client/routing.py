@@ -8,10 +8,10 @@ under several names (``ModelProfile.gguf``) with different settings.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Mapping, TypeVar
+from typing import TypeVar
 
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.settings import json_object

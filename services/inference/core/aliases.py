@@ -8,8 +8,8 @@ the alias's values for every sampling field it leaves at zero (the proto's
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from services.common.errors import InvalidArgument
 

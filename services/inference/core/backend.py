@@ -1,7 +1,8 @@
 """The port the engine drives: one model context that decodes batches of sequences."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from services.inference.core.types import BatchEntry, SamplingParams
 

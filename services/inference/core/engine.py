@@ -13,8 +13,9 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable, require
 from services.inference.core.backend import Backend
@@ -75,13 +76,13 @@ def execute(backend: Backend, plan: StepPlan) -> StepResult:
 class RequestHandle:
     """The asyncio end of one generation: iterate deltas, cancel when the client leaves."""
 
-    def __init__(self, engine: "Engine", key: int) -> None:
+    def __init__(self, engine: Engine, key: int) -> None:
         self._engine = engine
         self.key = key
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.done = False
 
-    def __aiter__(self) -> "RequestHandle":
+    def __aiter__(self) -> RequestHandle:
         return self
 
     async def __anext__(self) -> Delta:
@@ -217,7 +218,7 @@ class Engine:
         def run() -> None:
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            except BaseException as exc:
                 future.set_exception(exc)
 
         self._post(run)
@@ -256,7 +257,7 @@ class Engine:
                 for fn in inbox:
                     fn()
                 self.step()
-        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
+        except BaseException as exc:
             log.exception("inference engine stopped on an error")
             self.failed = exc
         finally:

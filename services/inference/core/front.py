@@ -12,12 +12,13 @@ import asyncio
 import dataclasses
 import re
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
-from services.inference.core.response_cache import ResponseCache, canonical_request_hash
-from services.inference.core.semantic_cache import SemanticCache
 from services.inference.core.merging import DeltaStream, MergedWaiter, SharedDecode
 from services.inference.core.observer import EconomicsObserver
+from services.inference.core.response_cache import ResponseCache, canonical_request_hash
+from services.inference.core.semantic_cache import SemanticCache
 from services.inference.core.types import Delta, GenerateSpec
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import AsyncIterator, Callable, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from services.inference.core.types import Delta, FinishReason, Priority
 
@@ -23,7 +24,7 @@ class DeltaStream(Protocol):
 
 
 class SharedDecode:
-    def __init__(self, upstream: DeltaStream, on_done: Callable[["SharedDecode"], None]) -> None:
+    def __init__(self, upstream: DeltaStream, on_done: Callable[[SharedDecode], None]) -> None:
         self.deltas: list[Delta] = []
         self.error: BaseException | None = None
         self.done = False
@@ -44,7 +45,7 @@ class SharedDecode:
         return (self.done and self.error is None and bool(self.deltas)
                 and self.deltas[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH))
 
-    def join(self, merged: bool, priority: Priority | None = None) -> "MergedWaiter":
+    def join(self, merged: bool, priority: Priority | None = None) -> MergedWaiter:
         """A new waiter; a more urgent one lifts the shared request's class while it still waits."""
         self.num_waiters += 1
         promote = getattr(self._upstream, "promote", None)
@@ -57,7 +58,7 @@ class SharedDecode:
             async for delta in self._upstream:
                 self.deltas.append(delta)
                 self._publish()
-        except Exception as exc:  # noqa: BLE001 - handed to every waiter, which re-raises it
+        except Exception as exc:
             self.error = exc
         finally:
             self.done = True
@@ -66,7 +67,7 @@ class SharedDecode:
             for callback in self._done_callbacks:
                 callback(self)
 
-    def add_done_callback(self, callback: Callable[["SharedDecode"], None]) -> None:
+    def add_done_callback(self, callback: Callable[[SharedDecode], None]) -> None:
         """Call ``callback(self)`` when the stream ends (at once if it already has)."""
         if self.done:
             callback(self)
@@ -101,7 +102,7 @@ class MergedWaiter:
     def shared(self) -> SharedDecode:
         return self._shared
 
-    def __aiter__(self) -> "MergedWaiter":
+    def __aiter__(self) -> MergedWaiter:
         return self
 
     async def __anext__(self) -> Delta:

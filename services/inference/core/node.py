@@ -8,8 +8,8 @@ what comes back; everything in between is here.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.common.errors import NotFound, require
@@ -19,7 +19,7 @@ from services.inference.core.front import GenerationFront
 from services.inference.core.merging import DeltaStream
 from services.inference.core.pool import EnginePool
 from services.inference.core.text import check_token_ids
-from services.inference.core.types import GenerateSpec, Priority, SamplingParams
+from services.inference.core.types import GenerateSpec, Priority, SamplingParams, session_key
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,6 @@ class InferenceNode:
         return models + [ModelInfo(name, primary.n_ctx, primary.n_gpu_layers, primary.device)
                          for name in self.aliases]
 
-    async def release_session(self, session_id: str) -> bool:
+    async def release_session(self, session_id: str, tenant_id: str = "") -> bool:
         require(bool(session_id), "session_id", "is required")
-        return await self.pool.release_session(session_id)
+        return await self.pool.release_session(session_key(tenant_id, session_id))

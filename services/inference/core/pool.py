@@ -1,7 +1,7 @@
 """Engines of one node (one per device) and which one serves a request."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from services.inference.core.engine import Engine, RequestHandle
 from services.inference.core.types import GenerateSpec, LoadReport

@@ -10,8 +10,9 @@ with interactive traffic, by arrival, so no class starves.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from services.inference.core.types import GenerateSpec, Priority
 

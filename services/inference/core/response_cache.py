@@ -6,12 +6,14 @@ one event loop, so no lock is taken.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, TypeVar
+
+from services.common.ttl_cache import TtlCache
 
 V = TypeVar("V")
 
@@ -41,8 +43,8 @@ class CacheStats:
         return self.hits / lookups if lookups else 0.0
 
 
-class ResponseCache(Generic[V]):
-    """LRU map with a per-entry time to live.
+class ResponseCache(TtlCache[V]):
+    """LRU map with a per-entry time to live (``services.common.ttl_cache``), and its stats.
 
     ``max_entries`` bounds memory (the least recently used entry goes first);
     ``ttl_s`` bounds staleness (an entry older than that is a miss and dropped).
@@ -54,41 +56,8 @@ class ResponseCache(Generic[V]):
             raise ValueError("max_entries must be >= 0")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
-        self.max_entries = max_entries
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._entries: collections.OrderedDict[str, tuple[float, V]] = collections.OrderedDict()
-        self._hits = self._misses = self._evictions = self._expirations = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_entries > 0
-
-    def get(self, key: str) -> V | None:
-        entry = self._entries.get(key)
-        if entry is not None and self._clock() - entry[0] >= self.ttl_s:
-            del self._entries[key]
-            self._expirations += 1
-            entry = None
-        if entry is None:
-            self._misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self._hits += 1
-        return entry[1]
-
-    def put(self, key: str, value: V) -> None:
-        if not self.enabled:
-            return
-        self._entries[key] = (self._clock(), value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-            self._evictions += 1
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_entries, ttl_s, clock)
 
     def stats(self) -> CacheStats:
-        return CacheStats(hits=self._hits, misses=self._misses, entries=len(self._entries),
-                          evictions=self._evictions, expirations=self._expirations)
+        return CacheStats(hits=self.hits, misses=self.misses, entries=len(self.entries),
+                          evictions=self.evictions, expirations=self.expirations)

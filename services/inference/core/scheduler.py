@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from services.common.errors import DomainError, InvalidArgument, NotFound
 from services.inference.core.budget import PrefillBudget

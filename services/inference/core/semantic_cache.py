@@ -14,10 +14,12 @@ import hashlib
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 V = TypeVar("V")
 
@@ -26,7 +28,8 @@ class Embedder(Protocol):
     #: True when ``embed`` runs the node's model (and so belongs on its engine thread).
     runs_model: bool
 
-    def embed(self, text: str) -> Sequence[float]: ...
+    def embed(self, text: str) -> Sequence[float] | npt.NDArray[np.float32]:
+        """The embedding of ``text``: floats or a float32 vector (it goes through np.asarray)."""
 
 
 class HashingEmbedder:

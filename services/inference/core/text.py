@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
 

@@ -41,6 +41,12 @@ class SamplingParams:
         return self.temperature <= 0.0 and not self.grammar and self.repeat_penalty == 1.0
 
 
+def session_key(tenant_id: str, session_id: str) -> str:
+    """A node's key for a session: the same id under two tenants names two sessions,
+    so one tenant can never reuse (or probe, by its cached tokens) another's KV cells."""
+    return f"{tenant_id}\x1f{session_id}" if tenant_id and session_id else session_id
+
+
 @dataclass(frozen=True)
 class GenerateSpec:
     """One validated generation request, before tokenization of a text prompt."""

@@ -1,7 +1,8 @@
 """InferencePort over llmesh.inference.v1 (one node, or any stub-like client such as a balancer)."""
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -20,13 +21,13 @@ class _BalancerAsStub:
     def __init__(self, balancer: Any) -> None:
         self._balancer = balancer
 
-    async def Tokenize(self, request):  # noqa: N802 - stub naming
+    async def Tokenize(self, request):
         return await self._balancer.unary("Tokenize", request)
 
-    async def CountTokens(self, request):  # noqa: N802
+    async def CountTokens(self, request):
         return await self._balancer.unary("CountTokens", request)
 
-    def Generate(self, request):  # noqa: N802
+    def Generate(self, request):
         return self._balancer.generate(request, session_id=request.session_id or None)
 
 
@@ -39,7 +40,7 @@ class GrpcInference:
         self._client = client
 
     @classmethod
-    def for_channel(cls, channel: grpc.aio.Channel) -> "GrpcInference":
+    def for_channel(cls, channel: grpc.aio.Channel) -> GrpcInference:
         return cls(inference_pb2_grpc.InferenceServiceStub(channel))
 
     async def tokenize(self, text: str, *, model: str = "", add_special: bool = False) -> list[int]:
@@ -58,9 +59,11 @@ class GrpcInference:
                                                 stop=list(request.stop), grammar=request.grammar)
         if request.seed is not None:
             sampling.seed = request.seed
+        # protoc's .pyi types enum fields as the enum class (no int constructor at runtime); the numbers match.
+        priority = cast(inference_pb2.Priority, request.priority)
         call = self._client.Generate(inference_pb2.GenerateRequest(
             request_id=request.request_id, model=request.model, session_id=request.session_id,
-            prompt_tokens=list(request.prompt_tokens), sampling=sampling, priority=request.priority,
+            prompt_tokens=list(request.prompt_tokens), sampling=sampling, priority=priority,
             tenant_id=request.tenant_id))
         try:
             async for reply in call:

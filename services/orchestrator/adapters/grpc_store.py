@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from llmesh.store.v1 import store_pb2, store_pb2_grpc
 
+from services.common.paging import every_page
 from services.common.rpc_errors import domain_error_from_rpc, domain_errors
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
@@ -22,6 +23,11 @@ def _time(ts) -> float:
 def _session(msg: store_pb2.Session) -> SessionRecord:
     return SessionRecord(tenant_id=msg.tenant_id, session_id=msg.session_id, title=msg.title,
                          metadata=json.loads(msg.metadata_json or "{}"), create_time=_time(msg.create_time))
+
+
+def _message(msg: store_pb2.Message) -> MessageRecord:
+    return MessageRecord(role=msg.role, content=msg.content, metadata=json.loads(msg.metadata_json or "{}"),
+                         num_tokens=msg.num_tokens, position=msg.position)
 
 
 def _event(msg: store_pb2.Event) -> AgentEvent:
@@ -40,7 +46,7 @@ class GrpcStore:
         self._c = client
 
     @classmethod
-    def for_channel(cls, channel: grpc.aio.Channel) -> "GrpcStore":
+    def for_channel(cls, channel: grpc.aio.Channel) -> GrpcStore:
         return cls(store_pb2_grpc.StoreServiceStub(channel))
 
     async def create_session(self, *, request_id, tenant_id, title, metadata) -> SessionRecord:
@@ -69,19 +75,12 @@ class GrpcStore:
         return list(reply.positions)
 
     async def list_messages(self, *, tenant_id, session_id, after_position) -> list[MessageRecord]:
-        out: list[MessageRecord] = []
-        token = ""
         with domain_errors("store"):
-            while True:
-                reply = await self._c.ListMessages(store_pb2.ListMessagesRequest(
+            return await every_page(
+                lambda token: self._c.ListMessages(store_pb2.ListMessagesRequest(
                     tenant_id=tenant_id, session_id=session_id, after_position=after_position,
-                    page_size=PAGE_SIZE, page_token=token))
-                out.extend(MessageRecord(role=m.role, content=m.content,
-                                         metadata=json.loads(m.metadata_json or "{}"), num_tokens=m.num_tokens,
-                                         position=m.position) for m in reply.messages)
-                token = reply.next_page_token
-                if not token:
-                    return out
+                    page_size=PAGE_SIZE, page_token=token)),
+                lambda reply: map(_message, reply.messages))
 
     async def append_events(self, *, request_id, tenant_id, session_id, events: Sequence[AgentEvent],
                             idempotency_keys: Sequence[str]) -> list[int]:
@@ -92,21 +91,16 @@ class GrpcStore:
                 no_drop=True,
                 events=[store_pb2.Event(session_id=session_id, type=e.type, payload=e.payload_json().encode(),
                                         idempotency_key=key, schema_version=e.schema_version)
-                        for e, key in zip(events, idempotency_keys)]))
+                        for e, key in zip(events, idempotency_keys, strict=True)]))
         return list(reply.seqs)
 
     async def read_events(self, *, tenant_id, session_id, after_seq) -> list[AgentEvent]:
-        out: list[AgentEvent] = []
-        token = ""
         with domain_errors("store"):
-            while True:
-                reply = await self._c.ReadEvents(store_pb2.ReadEventsRequest(
+            return await every_page(
+                lambda token: self._c.ReadEvents(store_pb2.ReadEventsRequest(
                     tenant_id=tenant_id, session_id=session_id, after_seq=after_seq, page_size=PAGE_SIZE,
-                    page_token=token))
-                out.extend(_event(e) for e in reply.events)
-                token = reply.next_page_token
-                if not token:
-                    return out
+                    page_token=token)),
+                lambda reply: map(_event, reply.events))
 
     async def watch_events(self, *, tenant_id, session_id, after_seq) -> AsyncIterator[AgentEvent]:
         call = self._c.WatchEvents(store_pb2.WatchEventsRequest(tenant_id=tenant_id, session_id=session_id,
@@ -136,8 +130,8 @@ class GrpcStore:
 
     async def heartbeat_task(self, *, task_id, lease_token, lease_ms) -> None:
         with domain_errors("store"):
-            await self._c.HeartbeatTask(store_pb2.HeartbeatTaskRequest(request_id=uuid.uuid4().hex, task_id=task_id, lease_token=lease_token,
-                                                                       lease_ms=lease_ms))
+            await self._c.HeartbeatTask(store_pb2.HeartbeatTaskRequest(request_id=uuid.uuid4().hex, task_id=task_id,
+                                                                       lease_token=lease_token, lease_ms=lease_ms))
 
     async def ack_task(self, *, task_id, lease_token, result_json) -> None:
         with domain_errors("store"):

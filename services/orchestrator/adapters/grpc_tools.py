@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 
+from services.common.paging import every_page
 from services.common.rpc_errors import domain_errors
 from services.orchestrator.core.ports import ToolInvocation, ToolOutcome, ToolSpec
 
@@ -28,7 +29,7 @@ def _call(call: ToolInvocation) -> tools_pb2.ToolCall:
                              timeout_ms=call.timeout_ms)
     # The tools contract may grow a field to consume an approve-once grant; use it when there.
     if call.approval_id and "approval_id" in tools_pb2.ToolCall.DESCRIPTOR.fields_by_name:
-        setattr(msg, "approval_id", call.approval_id)
+        msg.approval_id = call.approval_id
     return msg
 
 
@@ -53,19 +54,14 @@ class GrpcTools:
         self._role = role
 
     @classmethod
-    def for_channel(cls, channel: grpc.aio.Channel, *, role: str = "") -> "GrpcTools":
+    def for_channel(cls, channel: grpc.aio.Channel, *, role: str = "") -> GrpcTools:
         return cls(tools_pb2_grpc.ToolServiceStub(channel), role=role)
 
     async def list_tools(self) -> list[ToolSpec]:
-        specs: list[ToolSpec] = []
-        token = ""
         with domain_errors("tools"):
-            while True:
-                reply = await self._client.ListTools(tools_pb2.ListToolsRequest(page_size=200, page_token=token))
-                specs.extend(_spec(t) for t in reply.tools)
-                token = reply.next_page_token
-                if not token:
-                    return specs
+            return await every_page(
+                lambda token: self._client.ListTools(tools_pb2.ListToolsRequest(page_size=200, page_token=token)),
+                lambda reply: map(_spec, reply.tools))
 
     async def execute_tools(self, *, request_id: str, tenant_id: str, session_id: str,
                             calls: Sequence[ToolInvocation]) -> list[ToolOutcome]:

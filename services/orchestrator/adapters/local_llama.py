@@ -64,7 +64,7 @@ class LocalLlamaInference:
                                       generated_tokens=u.generated_tokens, num_model_calls=1)
                         loop.call_soon_threadsafe(queue.put_nowait, GenerationChunk(
                             text="", finish_reason=delta.finish_reason.value, usage=usage, ttft_ms=u.ttft_ms))
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop side
+            except BaseException as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
                 return
             loop.call_soon_threadsafe(queue.put_nowait, _DONE)

@@ -177,7 +177,8 @@ class MemoryStore:
             keys = [key or f"{request_id}#{i}" for i, key in enumerate(keys)]
         self.num_event_appends += 1
         seqs = []
-        for event, key in zip(events, keys):
+        # keys is padded to at least one per event; surplus keys match no event.
+        for event, key in zip(events, keys, strict=False):
             if key and key in log.event_keys:
                 seqs.append(log.event_keys[key])
                 continue

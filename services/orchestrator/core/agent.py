@@ -12,8 +12,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from services.common.errors import InvalidArgument, Unavailable
 from services.orchestrator.core import events as ev
@@ -29,6 +29,7 @@ from services.orchestrator.core.tool_runner import ToolOrchestrator, ToolTurnCon
 log = logging.getLogger("llmesh.orchestrator.agent")
 
 SUMMARY_MAX_TOKENS = 64
+DEFAULT_RETRY = RetryPolicy()
 SUMMARY_INSTRUCTION = "Summarise the conversation below in a few sentences, keeping names, paths and results.\n\n"
 
 
@@ -93,7 +94,7 @@ class _TokenStreamer:
 
 
 class AgentLoop:
-    def __init__(self, inference: InferencePort, tools: ToolOrchestrator, *, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, inference: InferencePort, tools: ToolOrchestrator, *, retry: RetryPolicy = DEFAULT_RETRY,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self._inference = inference
         self._tools = tools
@@ -151,7 +152,7 @@ class AgentLoop:
                                     arguments_json=c.arguments_json, timeout_ms=by_name[c.name].timeout_ms)
                      for i, c in enumerate(reply.calls)]
             await context.add(HistoryItem(kind=ASSISTANT, calls=tuple(
-                CallRef(call.call_id, c.name, c.arguments) for call, c in zip(calls, reply.calls))))
+                CallRef(call.call_id, c.name, c.arguments) for call, c in zip(calls, reply.calls, strict=True))))
             started = self._clock()
             outcomes = await self._tools.run_calls(
                 ToolTurnContext(spec.tenant_id, spec.session_id, spec.run_id, step, emit), calls, by_name)

@@ -9,9 +9,9 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
-MAX_REMEMBERED_DECISIONS = 4096
-
 from services.common.errors import NotFound
+
+MAX_REMEMBERED_DECISIONS = 4096
 
 
 @dataclass

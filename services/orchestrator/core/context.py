@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from services.common.errors import DomainError, FailedPrecondition
 from services.orchestrator.core.history import (
-    ASSISTANT, SUMMARY, TOOL_OUTPUT, USER, CallRef, HistoryItem, group_by_user_turn)
+    ASSISTANT,
+    SUMMARY,
+    TOOL_OUTPUT,
+    USER,
+    CallRef,
+    HistoryItem,
+    group_by_user_turn,
+)
 from services.orchestrator.core.ports import MessageRecord
 from services.orchestrator.core.prompt import Prompt, PromptPipeline
 
@@ -110,7 +118,7 @@ class ContextManager:
             items = [item for _, item in self._unwritten[:num]]
             positions = await message_log.append([to_record(i) for i in items])
             del self._unwritten[:num]
-            stored = {id(i): i.stored(p) for i, p in zip(items, positions)}
+            stored = {id(i): i.stored(p) for i, p in zip(items, positions, strict=True)}
             self._last_position = max(self._last_position, *positions) if positions else self._last_position
             self.items = [stored.get(id(i), i) for i in self.items]
 

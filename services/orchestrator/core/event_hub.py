@@ -33,6 +33,8 @@ from services.orchestrator.core.retry import RetryPolicy, with_retries
 log = logging.getLogger("llmesh.orchestrator.events")
 
 _RUN_ENDED = None
+# Store writes of events are retried longer than other calls: a lost batch is a gap.
+DEFAULT_RETRY = RetryPolicy(max_attempts=6)
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +92,7 @@ class RunStream:
 
 class EventHub:
     def __init__(self, store: StorePort, *, batch_interval_s: float = 0.02, batch_max: int = 64,
-                 retry: RetryPolicy = RetryPolicy(max_attempts=6)) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self._store = store
         self._batch_interval_s = batch_interval_s
         self._batch_max = batch_max
@@ -173,7 +175,7 @@ class EventHub:
         if stream.flusher is not None:
             try:
                 await stream.flusher
-            except Exception:  # noqa: BLE001 - logged in the loop; followers fall back to the store
+            except Exception:
                 pass
         if self._live.get(stream.session_id) is stream:
             del self._live[stream.session_id]
@@ -220,7 +222,7 @@ class EventHub:
             return
         try:
             await work
-        except Exception:  # noqa: BLE001 - the caller sees the failure on its own future
+        except Exception:
             log.error("work held before the terminal event failed", exc_info=True,
                       extra={"session_id": stream.session_id, "run_id": stream.run_id})
 

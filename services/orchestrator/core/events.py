@@ -42,7 +42,7 @@ class AgentEvent:
     def is_terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
 
-    def with_seq(self, seq: int) -> "AgentEvent":
+    def with_seq(self, seq: int) -> AgentEvent:
         return replace(self, seq=seq)
 
     def payload_json(self) -> str:
@@ -52,7 +52,7 @@ class AgentEvent:
 
     @classmethod
     def from_payload(cls, session_id: str, seq: int, type_: str, payload: bytes | str,
-                     schema_version: int = SCHEMA_VERSION) -> "AgentEvent":
+                     schema_version: int = SCHEMA_VERSION) -> AgentEvent:
         data = json.loads(payload)
         return cls(session_id=session_id, run_id=data.get("run_id", ""), type=type_, body=data.get("body", {}),
                    seq=seq, create_time=float(data.get("create_time", 0.0)), schema_version=schema_version)
@@ -68,8 +68,8 @@ class Usage:
     num_model_calls: int = 0
     num_tool_calls: int = 0
 
-    def add(self, other: "Usage") -> "Usage":
-        return Usage(*(a + b for a, b in zip(_fields(self), _fields(other))))
+    def add(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(_fields(self), _fields(other), strict=True)))
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from services.gemma.chat_format import GENERATION_PROMPT, MODEL, USER as USER_ROLE, render_turn
+from services.gemma.chat_format import MODEL, render_turn
+from services.gemma.chat_format import USER as USER_ROLE
 from services.orchestrator.core.tool_format import ParsedCall, format_calls
 
 SYSTEM = "system"
@@ -48,16 +49,17 @@ class HistoryItem:
             body = format_calls([ParsedCall(c.name, c.arguments) for c in self.calls]) if self.calls else self.text
             return render_turn(MODEL, body)
         if self.kind == TOOL_OUTPUT:
-            return render_turn(USER_ROLE, f'<tool_result name="{self.name}" id="{self.call_id}" status="{self.status}">\n'
+            return render_turn(USER_ROLE, f'<tool_result name="{self.name}" id="{self.call_id}" '
+                                          f'status="{self.status}">\n'
                                           f"{self.text}\n</tool_result>")
         if self.kind == SUMMARY:
             return render_turn(USER_ROLE, f"<summary of earlier conversation>\n{self.text}\n</summary>")
         return render_turn(USER_ROLE, self.text)
 
-    def counted(self, tokens: tuple[int, ...]) -> "HistoryItem":
+    def counted(self, tokens: tuple[int, ...]) -> HistoryItem:
         return replace(self, num_tokens=len(tokens), tokens=tokens)
 
-    def stored(self, position: int) -> "HistoryItem":
+    def stored(self, position: int) -> HistoryItem:
         return replace(self, position=position)
 
 

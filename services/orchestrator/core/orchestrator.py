@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping
 
-from services.common.tenants import TenantPolicy
 from services.common.errors import InvalidArgument, require
+from services.common.tenants import TenantPolicy
 from services.orchestrator.core.agent import AgentLoop
 from services.orchestrator.core.approvals import ApprovalBook
 from services.orchestrator.core.event_hub import EventHub
 from services.orchestrator.core.events import AgentEvent
-from services.orchestrator.core.ports import (
-    ABORT, APPROVAL_DECISIONS, InferencePort, PolicyPort, StorePort, ToolsPort)
+from services.orchestrator.core.ports import ABORT, APPROVAL_DECISIONS, InferencePort, PolicyPort, StorePort, ToolsPort
 from services.orchestrator.core.rate_limit import RateLimiter
 from services.orchestrator.core.retry import RetryPolicy
 from services.orchestrator.core.runs import ActiveRun, RunLimits, RunManager

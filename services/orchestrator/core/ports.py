@@ -6,8 +6,9 @@ failure (the core retries it), the others are passed on as they are.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from services.orchestrator.core.events import AgentEvent, Usage
 

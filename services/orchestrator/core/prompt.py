@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from services.orchestrator.core.history import GENERATION_PROMPT, HistoryItem
+from services.gemma.chat_format import GENERATION_PROMPT
+from services.orchestrator.core.history import HistoryItem
 from services.orchestrator.core.ports import InferencePort
 
 

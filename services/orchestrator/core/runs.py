@@ -277,7 +277,7 @@ class RunManager:
             run.result.error_reason = exc.reason
             emit(ev.ERROR, {"reason": exc.reason, "message": exc.message,
                             "retryable": isinstance(exc, (Unavailable, ResourceExhausted))})
-        except Exception as exc:  # noqa: BLE001 - the session must stay usable
+        except Exception as exc:
             log.exception("run failed", extra={"session_id": spec.session_id, "run_id": spec.run_id})
             run.result.error_reason = "INTERNAL"
             emit(ev.ERROR, {"reason": "INTERNAL", "message": type(exc).__name__, "retryable": False})

@@ -26,13 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from services.common.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable, require
-
 from services.common.tenants import PRIORITY_NAMES, TenantPolicy, policy_for
 from services.orchestrator.core.ports import StorePort, TaskRecord
 from services.orchestrator.core.runs import ActiveRun, RunManager
@@ -195,7 +194,7 @@ class TaskQueue:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._idle_wait_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             task_class, task = claimed
@@ -205,7 +204,7 @@ class TaskQueue:
                 await self.process(task)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one bad task must not stop the worker
+            except Exception:
                 log.exception("task failed unexpectedly", extra={"task_id": task.task_id})
             finally:
                 self.num_busy -= 1

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from services.gemma.chat_format import JsonGrammar, gbnf_literal
 from services.orchestrator.core.ports import ToolSpec
@@ -165,6 +166,6 @@ def _example_arguments(parameters: dict[str, Any]) -> dict[str, Any]:
     props = parameters.get("properties", {}) or {}
     out: dict[str, Any] = {}
     for name in _required_sets(parameters)[0] or list(props)[:1]:
-        kind = (props.get(name) or {}).get("type")
+        kind = (props.get(name) or {}).get("type", "")
         out[name] = {"integer": 1, "number": 1, "boolean": True, "array": ["."]}.get(kind, ".")
     return out

@@ -15,18 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 from services.common.errors import Aborted, Unavailable
 from services.orchestrator.core import events as ev
 from services.orchestrator.core.approvals import ApprovalBook
 from services.orchestrator.core.ports import (
-    ABORT, DENY, STATUS_APPROVAL_REQUIRED, STATUS_DENIED, STATUS_TIMEOUT, STATUS_UNAVAILABLE, ToolInvocation,
-    ToolOutcome, ToolSpec, ToolsPort)
+    ABORT,
+    DENY,
+    STATUS_APPROVAL_REQUIRED,
+    STATUS_DENIED,
+    STATUS_TIMEOUT,
+    STATUS_UNAVAILABLE,
+    ToolInvocation,
+    ToolOutcome,
+    ToolSpec,
+    ToolsPort,
+)
 from services.orchestrator.core.retry import RetryPolicy, with_retries
 
 TRANSIENT_STATUSES = frozenset({STATUS_TIMEOUT, STATUS_UNAVAILABLE})
+DEFAULT_RETRY = RetryPolicy()
 
 
 class RunAborted(Aborted):
@@ -43,7 +53,7 @@ class ToolTurnContext:
 
 
 class ToolOrchestrator:
-    def __init__(self, tools: ToolsPort, approvals: ApprovalBook, *, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, tools: ToolsPort, approvals: ApprovalBook, *, retry: RetryPolicy = DEFAULT_RETRY,
                  approval_timeout_s: float = 600.0, rng: random.Random | None = None) -> None:
         self._tools = tools
         self._approvals = approvals
@@ -58,7 +68,7 @@ class ToolOrchestrator:
                                     "arguments_json": call.arguments_json})
         first = await self._execute(ctx, list(calls), attempt=0)
         outcomes = await asyncio.gather(*(self._settle(ctx, call, outcome, specs.get(call.name))
-                                          for call, outcome in zip(calls, first)))
+                                          for call, outcome in zip(calls, first, strict=True)))
         return list(outcomes)
 
     async def _execute(self, ctx: ToolTurnContext, calls: list[ToolInvocation], attempt: int) -> list[ToolOutcome]:
@@ -113,7 +123,7 @@ class ToolOrchestrator:
             # Shielded: calls sharing an approval id share the future; one timing out
             # or being cancelled must not decide for the others.
             return await asyncio.wait_for(asyncio.shield(pending.future), self._approval_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return DENY
         finally:
             self._approvals.close(pending)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from services.common.errors import FailedPrecondition
 

@@ -3,9 +3,9 @@ short single-process runs without a store. It keeps every entry (a chain cannot
 drop its old links and still verify), so it grows with every decision."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
-from typing import Sequence
+from datetime import UTC, datetime
 
 from services.common.errors import Aborted
 from services.policy.core.audit import AuditHead, AuditRecord
@@ -24,7 +24,7 @@ class MemoryAuditLog:
         head = await self.head(first.tenant_id)
         if first.seq != head.seq + 1 or first.prev_hash != head.entry_hash:
             raise Aborted(f"audit head of {first.tenant_id!r} moved to {head.seq}")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         stored = [replace(record, create_time=now) for record in records]
         self.rows.setdefault(first.tenant_id, []).extend(stored)
         return stored

@@ -1,8 +1,8 @@
 """AuditLog over the store service's AppendAudit / GetAuditHead / ListAudit."""
 from __future__ import annotations
 
-from datetime import timezone
-from typing import Sequence
+from collections.abc import Sequence
+from datetime import UTC
 
 import grpc
 from llmesh.store.v1 import store_pb2, store_pb2_grpc
@@ -57,7 +57,7 @@ class StoreAuditLog:
 
 
 def _record(entry: store_pb2.AuditEntry) -> AuditRecord:
-    created = entry.create_time.ToDatetime(tzinfo=timezone.utc) if entry.HasField("create_time") else None
+    created = entry.create_time.ToDatetime(tzinfo=UTC) if entry.HasField("create_time") else None
     return AuditRecord(entry.tenant_id, entry.seq, entry.prev_hash, entry.entry_hash, entry.payload_json, created)
 
 

@@ -10,8 +10,8 @@ import enum
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from services.common.errors import FailedPrecondition, NotFound
 

@@ -12,9 +12,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Protocol, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from services.common.errors import Aborted, Unavailable
 from services.policy.core.redaction import redact_value
@@ -80,7 +81,7 @@ class AuditChain:
     """
 
     def __init__(self, log: AuditLog, key: bytes,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc), max_batch: int = 256) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), max_batch: int = 256) -> None:
         if len(key) < 16:
             raise ValueError("the audit HMAC key must be at least 16 bytes")
         self.log = log
@@ -112,12 +113,12 @@ class AuditChain:
                 batch, self._pending[tenant_id] = queue[:self.max_batch], queue[self.max_batch:]
                 try:
                     stored = await self._write(tenant_id, [payload_json for payload_json, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets the error
+                except Exception as exc:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), record in zip(batch, stored):
+                for (_, future), record in zip(batch, stored, strict=True):
                     if not future.done():
                         future.set_result(record)
         finally:

@@ -154,7 +154,7 @@ class PolicyEvaluator:
         # Each command's text is both a match subject and part of the cache key.
         texts = [_command_text(c) for c in script.commands]
         self._judge_script(script, texts, cwd, workspace, rules, found, deadline)
-        key = " ; ".join(t + " <pipe" if c.stdin_piped else t for c, t in zip(script.commands, texts))
+        key = " ; ".join(t + " <pipe" if c.stdin_piped else t for c, t in zip(script.commands, texts, strict=True))
         return "command:" + workspace + ":" + key + shell.approval_suffix()
 
     def _judge_script(self, script: ParsedScript, texts: list[str], cwd: str, workspace: str, rules: RuleSet,
@@ -162,7 +162,7 @@ class PolicyEvaluator:
         for rule in rules.construct_rules:
             if rule.construct in script.constructs:
                 found.add(rule.rule_id, rule.decision, rule.justification, rule.construct)
-        for command, subject in zip(script.commands, texts):
+        for command, subject in zip(script.commands, texts, strict=True):
             if deadline is not None and time.monotonic() > deadline:
                 found.add("default:evaluation-budget", self.policy.defaults.unparseable,
                           "the command is too large to judge within the time allowed", subject)

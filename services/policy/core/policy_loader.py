@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 
@@ -60,15 +60,24 @@ class PolicyLoadError(ValueError):
         self.problem = problem
 
 
-class _Map(dict):  # type: ignore[type-arg]
+class _Map(dict[Any, Any]):
     line = 0
     # Class-level empties serve missing sections; loaded nodes get their own.
-    key_lines: dict[Any, int] = {}  # noqa: RUF012
+    key_lines: dict[Any, int] = {}
 
 
-class _Seq(list):  # type: ignore[type-arg]
+class _Seq(list[Any]):
     line = 0
-    item_lines: list[int] = []  # noqa: RUF012
+    item_lines: list[int] = []
+
+
+class _RuleCommon(TypedDict):
+    """The fields every Rule takes, read before its kind."""
+
+    rule_id: str
+    decision: Decision
+    justification: str
+    line: int
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -103,7 +112,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _co
 def load_policy(text: str, source: str = "policy.yaml") -> Policy:
     """Parse, validate and compile ``text``; raises PolicyLoadError."""
     try:
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_LineLoader)
     except PolicyLoadError as exc:
         raise PolicyLoadError(source, exc.line, exc.problem) from None
     except yaml.MarkedYAMLError as exc:
@@ -190,10 +199,10 @@ class _Compiler:
         return Defaults(**values)
 
     def write_commands(self, raw: Any, line: int) -> dict[str, tuple[WriteTargetSpec, ...]]:
-        if not isinstance(raw, list):
+        if not isinstance(raw, _Seq):
             raise self.fail(line, "write_commands must be a list")
         found: dict[str, list[WriteTargetSpec]] = {}
-        for item, item_line in zip(raw, raw.item_lines):
+        for item, item_line in zip(raw, raw.item_lines, strict=True):
             entry = self.mapping(item, item_line, "a write_commands entry",
                                  {"commands", "targets", "option_values", "option_prefixes", "when_args"})
             targets = entry.get("targets", "")
@@ -238,11 +247,11 @@ class _Compiler:
         return TenantPolicy(RuleSet.build(rules), roles, default_role)
 
     def rules(self, raw: Any, line: int, taken_ids: set[str]) -> list[Rule]:
-        if not isinstance(raw, list):
+        if not isinstance(raw, _Seq):
             raise self.fail(line, "rules must be a list")
         ids = set(taken_ids)
         compiled = []
-        for item, item_line in zip(raw, raw.item_lines):
+        for item, item_line in zip(raw, raw.item_lines, strict=True):
             rule = self.rule(item, item_line)
             if rule.rule_id in ids:
                 raise self.fail(item_line, f"duplicate rule id {rule.rule_id!r}")
@@ -264,8 +273,8 @@ class _Compiler:
         justification = body.get("justification")
         if not isinstance(justification, str) or not justification.strip():
             raise self.fail(line, f"rule {rule_id!r} needs a justification")
-        common = dict(rule_id=rule_id, decision=self.decision(body["decision"], body.key_lines["decision"]),
-                      justification=justification.strip(), line=line)
+        common = _RuleCommon(rule_id=rule_id, decision=self.decision(body["decision"], body.key_lines["decision"]),
+                             justification=justification.strip(), line=line)
         kind = kinds[0]
         kind_line = body.key_lines[kind]
         if kind != "prefix" and any(k in body for k in ("args_any", "stdin", "exact")):
@@ -305,8 +314,9 @@ class _Compiler:
             raise self.fail(kind_line, f"unknown construct {construct!r}; known: {sorted(KNOWN_CONSTRUCTS)}")
         return ConstructRule(**common, construct=construct)
 
-    def argv_rule(self, raw: Any, line: int, common: dict[str, Any]) -> ArgvRule:
-        tables = self.mapping(raw, line, f"rule {common['rule_id']!r} argv", set(raw) if isinstance(raw, dict) else set())
+    def argv_rule(self, raw: Any, line: int, common: _RuleCommon) -> ArgvRule:
+        tables = self.mapping(raw, line, f"rule {common['rule_id']!r} argv",
+                              set(raw) if isinstance(raw, dict) else set())
         compiled = {}
         # A key may name several commands that share one table: "whoami id uname".
         for names, table in tables.items():
@@ -322,12 +332,12 @@ class _Compiler:
             raise self.fail(line, f"rule {common['rule_id']!r}: argv needs at least one command")
         return ArgvRule(**common, tables=compiled)
 
-    def prefix_rule(self, body: _Map, line: int, common: dict[str, Any]) -> PrefixRule:
+    def prefix_rule(self, body: _Map, line: int, common: _RuleCommon) -> PrefixRule:
         raw = body["prefix"]
-        if not isinstance(raw, list) or not raw:
+        if not isinstance(raw, _Seq) or not raw:
             raise self.fail(line, "prefix must be a non-empty list of tokens (a token may be a list of alternatives)")
         positions = []
-        for token, token_line in zip(raw, raw.item_lines):
+        for token, token_line in zip(raw, raw.item_lines, strict=True):
             alternatives = self.strings(token, token_line, "a prefix token")
             exact = frozenset(a for a in alternatives if not (_GLOB_CHARS & set(a)))
             globs = tuple(compile_token_glob(a) for a in alternatives if _GLOB_CHARS & set(a))
@@ -348,9 +358,9 @@ class _Compiler:
                 if key not in raw:
                     continue
                 examples = raw[key]
-                if not isinstance(examples, list):
+                if not isinstance(examples, _Seq):
                     raise self.fail(raw.key_lines[key], f"rule {rule.rule_id!r}: {key} must be a list")
-                for example, line in zip(examples, examples.item_lines):
+                for example, line in zip(examples, examples.item_lines, strict=True):
                     if not isinstance(example, str) or not example:
                         raise self.fail(line, f"rule {rule.rule_id!r}: {key} examples must be non-empty strings")
                     if self.example_matches(rule, example, line) != expected:

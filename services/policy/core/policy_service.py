@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -26,6 +27,9 @@ from services.policy.core.rules import Decision
 MAX_ID_CHARS = 256
 # Nesting of the call's arguments; deeper JSON is refused before any work.
 MAX_ARGUMENT_DEPTH = 32
+
+#: Audit chain of refusals whose caller has no tenant (unauthenticated, or a service).
+MESH_TENANT = "_mesh"
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,16 @@ class PolicyService:
         more = len(records) > limit
         records = records[:limit]
         return records, encode_token(scope, records[-1].seq) if more else ""
+
+    async def record_access_denials(self, denials: Sequence[Mapping[str, Any]]) -> int:
+        """Write refused calls to the audit chain of the caller's tenant (``MESH_TENANT`` when unknown)."""
+        for i, denial in enumerate(denials):
+            require(bool(denial.get("service")) and bool(denial.get("method")) and bool(denial.get("reason")),
+                    f"denials[{i}]", "service, method and reason are required")
+            tenant = str(denial.get("tenant_id") or MESH_TENANT)[:MAX_ID_CHARS]
+            payload = {"type": "access_denied", **{k: v for k, v in denial.items() if k != "tenant_id"}}
+            await self.audit.append(tenant, payload)
+        return len(denials)
 
     async def verify_audit(self, tenant_id: str) -> VerifyReport:
         _require_id(tenant_id, "tenant_id")

@@ -19,7 +19,7 @@ class Decision(enum.IntEnum):
     FORBIDDEN = 3
 
     @classmethod
-    def parse(cls, text: str) -> "Decision":
+    def parse(cls, text: str) -> Decision:
         return cls[text.upper()]
 
 
@@ -325,7 +325,7 @@ class RuleSet:
     wildcard_filter: re.Pattern[str] | None = None
 
     @classmethod
-    def build(cls, rules: list[Rule]) -> "RuleSet":
+    def build(cls, rules: list[Rule]) -> RuleSet:
         by_name: dict[str, list[PrefixRule]] = {}
         wildcards: list[PrefixRule] = []
         argv_by_name: dict[str, list[ArgvRule]] = {}

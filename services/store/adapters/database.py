@@ -26,12 +26,13 @@ import contextlib
 import enum
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -133,7 +134,7 @@ class WriterThread:
                 continue  # its caller gave up before it started: nothing was written
             try:
                 result = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            except BaseException as exc:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
@@ -196,7 +197,7 @@ class Database:
         busy_ms = int(self.options.sqlite_busy_timeout_ms)
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _on_connect(dbapi_connection: Any, _record: object) -> None:  # the driver's own connection
             # We issue BEGIN ourselves (below) instead of the driver's implicit one.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
@@ -206,7 +207,7 @@ class Database:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _on_begin(conn):  # type: ignore[no-untyped-def]
+        def _on_begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     async def write(self, fn: Callable[[Session], T], priority: WritePriority = WritePriority.NORMAL) -> T:

@@ -1,9 +1,22 @@
 """Row -> domain record conversions."""
 from __future__ import annotations
 
-from services.store.adapters.tables import AuditRow, EventRow, MessageRow, SessionRow, TaskRow
+from services.store.adapters.tables import (
+    ArchivedAuditRow,
+    ArchivedEventRow,
+    AuditRow,
+    EventRow,
+    MessageRow,
+    SessionRow,
+    TaskRow,
+)
 from services.store.core.models import (
-    AuditRecord, EventRecord, MessageRecord, SessionRecord, TaskRecord, TaskState,
+    AuditRecord,
+    EventRecord,
+    MessageRecord,
+    SessionRecord,
+    TaskRecord,
+    TaskState,
 )
 
 
@@ -15,7 +28,7 @@ def message_record(row: MessageRow) -> MessageRecord:
     return MessageRecord(row.position, row.role, row.content, row.metadata_json, row.num_tokens, row.create_ms)
 
 
-def event_record(row: EventRow) -> EventRecord:
+def event_record(row: EventRow | ArchivedEventRow) -> EventRecord:
     return EventRecord(row.session_id, row.seq, row.type, bytes(row.payload), row.idempotency_key or "",
                        row.schema_version, row.create_ms)
 
@@ -29,5 +42,5 @@ def task_record(row: TaskRow) -> TaskRecord:
         last_error=row.last_error, create_ms=row.create_ms)
 
 
-def audit_record(row: AuditRow) -> AuditRecord:
+def audit_record(row: AuditRow | ArchivedAuditRow) -> AuditRecord:
     return AuditRecord(row.tenant_id, row.seq, row.prev_hash, row.entry_hash, row.payload_json, row.create_ms)

@@ -9,9 +9,13 @@ from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import event_record, message_record, session_record
 from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRow, SessionRow
 from services.store.core.models import (
-    EventAppend, EventRecord, MessageRecord, NewMessage, NewSession, SessionRecord,
+    EventAppend,
+    EventRecord,
+    MessageRecord,
+    NewMessage,
+    NewSession,
+    SessionRecord,
 )
-
 
 # Keys per OR list: SQLite nests "a OR b OR ..." one level per term and
 # refuses expressions deeper than 1000.
@@ -25,7 +29,7 @@ def rows_with_keys(columns, keys):
     renders on SQLite, is answered by a full table scan there; the OR of
     equalities is answered from the key's index on SQLite and PostgreSQL alike.
     """
-    return or_(*(and_(*(column == value for column, value in zip(columns, key))) for key in keys))
+    return or_(*(and_(*(column == value for column, value in zip(columns, key, strict=True))) for key in keys))
 
 
 def sessions_where(keys):
@@ -123,7 +127,7 @@ class SessionRepository:
                 dict(tenant_id=tenant_id, session_id=session_id, position=pos, request_id=request_id or None,
                      role=m.role, content=m.content, metadata_json=m.metadata_json, num_tokens=m.num_tokens,
                      create_ms=now_ms)
-                for pos, m in zip(positions, messages)])
+                for pos, m in zip(positions, messages, strict=True)])
             # Bulk UPDATE by primary key: a plain statement, no ORM object to flush.
             s.execute(update(SessionRow), [dict(tenant_id=tenant_id, session_id=session_id,
                                                 last_message_position=positions[-1], update_ms=now_ms)])

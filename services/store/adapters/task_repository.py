@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import CursorResult, Insert, Result, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,14 @@ from services.store.adapters.session_repository import move_rows
 from services.store.adapters.tables import ArchivedAuditRow, AuditRow, SessionLockRow, TaskRow
 from services.store.core.models import AuditRecord, LockResult, NewTask, TaskRecord, TaskState
 from services.store.core.task_policy import RetryPolicy
+
+# The hot and the archived audit table have the same columns.
+_AuditRowT = TypeVar("_AuditRowT", AuditRow, ArchivedAuditRow)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched: Session.execute is typed as returning a Result, an UPDATE's is a CursorResult."""
+    return cast(CursorResult[Any], result).rowcount or 0
 
 
 def _lease_lost(task_id: str) -> FailedPrecondition:
@@ -157,7 +166,7 @@ class TaskRepository:
                 .values(state=int(TaskState.READY), lease_token="", worker_id="", run_after_ms=now_ms,
                         last_error="lease expired", update_ms=now_ms)
                 .execution_options(synchronize_session=False))
-            return (dead.rowcount or 0) + (ready.rowcount or 0)
+            return _rowcount(dead) + _rowcount(ready)
 
         return await self.db.write(work, WritePriority.BACKGROUND)
 
@@ -181,14 +190,16 @@ class TaskRepository:
 
         return await self.db.write(work, WritePriority.URGENT)
 
-    def _insert_free_lock(self, tenant_id: str, session_id: str):
+    def _insert_free_lock(self, tenant_id: str, session_id: str) -> Insert:
+        free = {"tenant_id": tenant_id, "session_id": session_id, "owner_id": "", "lease_expire_ms": 0,
+                "fencing_token": 0}
         if self.db.is_postgres:
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        return dialect_insert(SessionLockRow).values(
-            tenant_id=tenant_id, session_id=session_id, owner_id="", lease_expire_ms=0, fencing_token=0,
-        ).on_conflict_do_nothing()
+            from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+            return postgresql_insert(SessionLockRow).values(**free).on_conflict_do_nothing()
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(SessionLockRow).values(**free).on_conflict_do_nothing()
 
     async def release_lock(self, tenant_id: str, session_id: str, owner_id: str) -> bool:
         def work(s: Session) -> bool:
@@ -198,7 +209,7 @@ class TaskRepository:
                        SessionLockRow.owner_id == owner_id)
                 .values(owner_id="", lease_expire_ms=0)
                 .execution_options(synchronize_session=False))
-            return (result.rowcount or 0) > 0
+            return _rowcount(result) > 0
 
         return await self.db.write(work, WritePriority.URGENT)
 
@@ -209,7 +220,7 @@ class TaskRepository:
                 .where(SessionLockRow.owner_id != "", SessionLockRow.lease_expire_ms <= now_ms)
                 .values(owner_id="", lease_expire_ms=0)
                 .execution_options(synchronize_session=False))
-            return result.rowcount or 0
+            return _rowcount(result)
 
         return await self.db.write(work, WritePriority.BACKGROUND)
 
@@ -264,11 +275,12 @@ class TaskRepository:
 
     async def list_audit(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
         async with self.db.reader() as s:
-            rows: list[AuditRecord] = []
-            for table in (ArchivedAuditRow, AuditRow):
+            async def rows_of(table: type[_AuditRowT]) -> list[AuditRecord]:
                 query = (select(table).where(table.tenant_id == tenant_id, table.seq > after_seq)
                          .order_by(table.seq).limit(limit))
-                rows.extend(audit_record(r) for r in (await s.execute(query)).scalars())
+                return [audit_record(r) for r in (await s.execute(query)).scalars()]
+
+            rows = await rows_of(ArchivedAuditRow) + await rows_of(AuditRow)
             return sorted({r.seq: r for r in rows}.values(), key=lambda r: r.seq)[:limit]
 
     async def archive_audit(self, cutoff_ms: int, max_rows: int) -> int:

@@ -7,16 +7,17 @@ Overflow policy, applied when more than ``max_pending_events`` wait:
 - droppable events (token deltas) already queued are dropped oldest-first,
   then droppable events of the incoming request; each drop is counted;
 - other events (final, tool_result, compaction, approval, ...), and every
-  event of a request marked ``no_drop``, are never dropped: the request waits up to ``block_timeout_ms`` for room, then fails
-  with RESOURCE_EXHAUSTED having written nothing.
+  event of a request marked ``no_drop``, are never dropped: the request waits
+  up to ``block_timeout_ms`` for room, then fails with RESOURCE_EXHAUSTED
+  having written nothing.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
 
 from services.common.errors import DomainError, ResourceExhausted, Unavailable
 from services.store.core.models import EventAppend, NewEvent
@@ -145,7 +146,7 @@ class EventWriter:
                         reason="EVENT_QUEUE_FULL", retry_after_ms=max(1, int(self._delay_s * 1000) * 4))
                 try:
                     await asyncio.wait_for(self._room.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
 
     def _drop_queued(self, need: int) -> int:
@@ -189,7 +190,7 @@ class EventWriter:
             if self._delay_s > 0 and self._num_pending < self._max_batch and not self._closing:
                 try:
                     await asyncio.wait_for(self._batch_full.wait(), self._delay_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             batch = self._take_batch()
             if self._num_pending < self._max_batch and not self._closing:
@@ -211,11 +212,12 @@ class EventWriter:
     async def _write(self, batch: list[_Pending]) -> None:
         async with self._room:
             self._room.notify_all()
-        appends = [EventAppend(p.tenant_id, p.session_id, [e for e, d in zip(p.events, p.dropped) if not d])
+        appends = [EventAppend(p.tenant_id, p.session_id,
+                               [e for e, d in zip(p.events, p.dropped, strict=True) if not d])
                    for p in batch]
         try:
             results = await self._flush(appends)
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+        except Exception as exc:
             log.warning("event flush failed", exc_info=exc)
             for p in batch:
                 if not p.future.done():
@@ -223,7 +225,7 @@ class EventWriter:
             return
         self.num_flushes += 1
         committed: dict[tuple[str, str], int] = {}
-        for p, result in zip(batch, results):
+        for p, result in zip(batch, results, strict=True):
             if p.future.done():
                 continue
             if isinstance(result, BaseException):

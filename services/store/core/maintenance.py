@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from services.store.core.ports import StoreRepository
 
@@ -74,9 +74,9 @@ class Maintenance:
             try:
                 await asyncio.wait_for(self._stop.wait(), interval_s)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 await job()
-            except Exception:  # noqa: BLE001 - a failed sweep is retried next tick
+            except Exception:
                 log.exception("maintenance job failed")

@@ -1,12 +1,21 @@
 """What the core needs from a database (implemented in adapters/repository.py)."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from services.common.errors import DomainError
 from services.store.core.models import (
-    AuditRecord, EventAppend, EventRecord, LockResult, MessageRecord, NewMessage, NewSession, NewTask,
-    SessionRecord, TaskRecord,
+    AuditRecord,
+    EventAppend,
+    EventRecord,
+    LockResult,
+    MessageRecord,
+    NewMessage,
+    NewSession,
+    NewTask,
+    SessionRecord,
+    TaskRecord,
 )
 from services.store.core.task_policy import RetryPolicy
 

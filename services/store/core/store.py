@@ -9,15 +9,24 @@ import contextlib
 import dataclasses
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 from services.common.errors import NotFound, require
 from services.common.paging import cursor_int, decode_token, encode_token, page_limit
 from services.store.core import validation as check
 from services.store.core.event_writer import EventWriter
 from services.store.core.models import (
-    AuditRecord, EventRecord, LockResult, NewEvent, NewMessage, NewSession, NewTask, Page, SessionRecord,
+    AuditRecord,
+    EventRecord,
+    LockResult,
+    NewEvent,
+    NewMessage,
+    NewSession,
+    NewTask,
+    Page,
+    SessionRecord,
     TaskRecord,
 )
 from services.store.core.paging import page_after
@@ -26,6 +35,7 @@ from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
 
 Clock = Callable[[], int]
+Row = TypeVar("Row")
 
 # Entries one AppendAudit may carry (entry plus more_entries).
 MAX_AUDIT_BATCH = 512
@@ -66,12 +76,18 @@ class StoreCore:
         return await self.repo.create_session(new, self.clock())
 
     async def get_session(self, tenant_id: str, session_id: str) -> SessionRecord:
+        return await self._get_owned("session", tenant_id, session_id, self.repo.get_session)
+
+    @staticmethod
+    async def _get_owned(kind: str, tenant_id: str, ident: str,
+                         get: Callable[[str, str], Awaitable[Row | None]]) -> Row:
+        """The tenant's ``kind`` named ``ident`` (checked as ``<kind>_id``), read by ``get(tenant_id, ident)``."""
         check.check_id(tenant_id, "tenant_id")
-        check.check_id(session_id, "session_id")
-        record = await self.repo.get_session(tenant_id, session_id)
+        check.check_id(ident, f"{kind}_id")
+        record = await get(tenant_id, ident)
         if record is None:
             # Same answer whether the id is unused or another tenant's.
-            raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
+            raise NotFound(f"{kind} {ident!r} not found", reason=f"{kind.upper()}_NOT_FOUND")
         return record
 
     async def list_sessions(self, tenant_id: str, page_size: int, page_token: str) -> Page:
@@ -101,16 +117,25 @@ class StoreCore:
 
     async def list_messages(self, tenant_id: str, session_id: str, after_position: int, page_size: int,
                             page_token: str) -> Page:
+        return await self._page_in_session("messages", tenant_id, session_id, after_position, "after_position",
+                                           page_size, page_token, self.repo.list_messages, lambda row: row.position)
+
+    async def _page_in_session(self, kind: str, tenant_id: str, session_id: str, after: int, after_field: str,
+                               page_size: int, page_token: str,
+                               read: Callable[[str, str, int, int], Awaitable[Sequence[Row]]],
+                               position: Callable[[Row], int]) -> Page:
+        """One page of a session's ``kind`` rows past ``after`` (a position or seq, named ``after_field``);
+        ``read(tenant_id, session_id, after, limit)`` reads them once the session is known to exist."""
         check.check_id(tenant_id, "tenant_id")
         check.check_id(session_id, "session_id")
-        check.check_seq(after_position, "after_position")
+        check.check_seq(after, after_field)
 
-        async def fetch(after: int, limit: int) -> list:
+        async def fetch(after: int, limit: int) -> Sequence[Row]:
             await self.get_session(tenant_id, session_id)
-            return await self.repo.list_messages(tenant_id, session_id, after, limit)
+            return await read(tenant_id, session_id, after, limit)
 
-        rows, token = await page_after(f"messages:{tenant_id}:{session_id}", after_position, page_size, page_token,
-                                       fetch, lambda row: row.position)
+        rows, token = await page_after(f"{kind}:{tenant_id}:{session_id}", after, page_size, page_token, fetch,
+                                       position)
         return Page(rows, token)
 
     # -- events ----------------------------------------------------------------
@@ -130,17 +155,8 @@ class StoreCore:
 
     async def read_events(self, tenant_id: str, session_id: str, after_seq: int, page_size: int,
                           page_token: str) -> Page:
-        check.check_id(tenant_id, "tenant_id")
-        check.check_id(session_id, "session_id")
-        check.check_seq(after_seq, "after_seq")
-
-        async def fetch(after: int, limit: int) -> list:
-            await self.get_session(tenant_id, session_id)
-            return await self.repo.read_events(tenant_id, session_id, after, limit)
-
-        rows, token = await page_after(f"events:{tenant_id}:{session_id}", after_seq, page_size, page_token,
-                                       fetch, lambda row: row.seq)
-        return Page(rows, token)
+        return await self._page_in_session("events", tenant_id, session_id, after_seq, "after_seq", page_size,
+                                           page_token, self.repo.read_events, lambda row: row.seq)
 
     async def watch_events(self, tenant_id: str, session_id: str, after_seq: int,
                            batch: int = 500) -> AsyncIterator[EventRecord]:
@@ -204,12 +220,7 @@ class StoreCore:
         return await self.repo.fail_task(task_id, lease_token, error, permanent, self.options.retry, self.clock())
 
     async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord:
-        check.check_id(tenant_id, "tenant_id")
-        check.check_id(task_id, "task_id")
-        record = await self.repo.get_task(tenant_id, task_id)
-        if record is None:
-            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
-        return record
+        return await self._get_owned("task", tenant_id, task_id, self.repo.get_task)
 
     @staticmethod
     def _check_lease_ref(task_id: str, lease_token: str) -> None:

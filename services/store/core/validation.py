@@ -51,28 +51,32 @@ def check_id(value: str, field: str, *, required: bool = True) -> None:
     require(bool(_ID_RE.match(value)), field, "may only contain letters, digits and . _ : @ / + = -")
 
 
-def check_json_object(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> None:
-    """Empty is allowed (means {}); anything else must be a JSON object."""
-    if not value:
-        return
+def _json_error(exc: ValueError) -> str:
+    """The message of a json.loads failure: JSONDecodeError has ``msg``; a plain
+    ValueError (an integer past the digit limit) has only its text."""
+    return exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+
+
+def _parse_json(value: str, field: str, max_bytes: int) -> object:
+    """``value`` parsed, once it is text of at most ``max_bytes`` bytes that is valid JSON."""
     check_text(value, field)
     require(len(value.encode()) <= max_bytes, field, f"larger than {max_bytes} bytes")
     try:
-        parsed = json.loads(value)
+        return json.loads(value)
     except ValueError as exc:
-        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})", field=field) from None
-    require(isinstance(parsed, dict), field, "must be a JSON object")
+        raise InvalidArgument(f"{field}: not valid JSON ({_json_error(exc)})", field=field) from None
+
+
+def check_json_object(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> None:
+    """Empty is allowed (means {}); anything else must be a JSON object."""
+    if value:
+        require(isinstance(_parse_json(value, field, max_bytes), dict), field, "must be a JSON object")
 
 
 def check_json_value(value: str, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> None:
-    if not value:
-        return
-    check_text(value, field)
-    require(len(value.encode()) <= max_bytes, field, f"larger than {max_bytes} bytes")
-    try:
-        json.loads(value)
-    except ValueError as exc:
-        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})", field=field) from None
+    """Empty is allowed; anything else must be valid JSON."""
+    if value:
+        _parse_json(value, field, max_bytes)
 
 
 def check_title(title: str) -> None:

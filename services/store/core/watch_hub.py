@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterator
 
 log = logging.getLogger("llmesh.store.watch")
 
@@ -23,7 +23,7 @@ class _Channel:
 
 
 class Subscription:
-    def __init__(self, hub: "WatchHub", channel: _Channel) -> None:
+    def __init__(self, hub: WatchHub, channel: _Channel) -> None:
         self._hub = hub
         self._channel = channel
 
@@ -35,7 +35,7 @@ class Subscription:
             changed = self._channel.changed
             try:
                 await asyncio.wait_for(changed.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return False
 
@@ -97,7 +97,8 @@ class ReplicaCommitPoller:
     not with subscribers, and idle watchers never read the event table.
     """
 
-    def __init__(self, hub: WatchHub, last_seqs: Callable[[list[tuple[str, str]]], Awaitable[dict[tuple[str, str], int]]],
+    def __init__(self, hub: WatchHub,
+                 last_seqs: Callable[[list[tuple[str, str]]], Awaitable[dict[tuple[str, str], int]]],
                  interval_s: float) -> None:
         self._hub = hub
         self._last_seqs = last_seqs
@@ -132,5 +133,5 @@ class ReplicaCommitPoller:
                 pass
             try:
                 await self.poll_once()
-            except Exception:  # noqa: BLE001 - a failed poll is retried next interval
+            except Exception:
                 log.warning("watch poll failed", exc_info=True)

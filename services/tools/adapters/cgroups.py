@@ -54,7 +54,7 @@ class CgroupLimits:
         return "v2" if any("memory.max" in h.limit_files.values() for h in self.hierarchies) else "v1"
 
     @classmethod
-    def detect(cls, root: Path = CGROUP_ROOT) -> "CgroupLimits | None":
+    def detect(cls, root: Path = CGROUP_ROOT) -> CgroupLimits | None:
         name = f"llmesh-tools-{os.getpid()}"
         hierarchies: list[_Hierarchy] = []
         unified = root / "cgroup.controllers"
@@ -70,11 +70,11 @@ class CgroupLimits:
                 hierarchies.append(_Hierarchy(parent, {"memory": "memory.max", "pids": "pids.max"}))
             else:
                 for controller, limit in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
-                    own = _own_group(controller)
+                    group = _own_group(controller)
                     base = root / controller
-                    if own is None or not base.is_dir():
+                    if group is None or not base.is_dir():
                         continue
-                    parent = base / own.lstrip("/") / name
+                    parent = base / group.lstrip("/") / name
                     parent.mkdir(exist_ok=True)
                     hierarchies.append(_Hierarchy(parent, {controller: limit}))
         except OSError as exc:

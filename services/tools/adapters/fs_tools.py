@@ -19,7 +19,8 @@ import re
 import secrets
 import stat
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.tools.core.executor import SessionThreads

@@ -38,7 +38,7 @@ class HttpFetchTool:
     def _fetch_sync(self, args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
         request = urllib.request.Request(args["url"], headers=args.get("headers", {}), method="GET")
         try:
-            with urllib.request.urlopen(request, timeout=ctx.timeout_s) as response:  # noqa: S310 - scheme checked
+            with urllib.request.urlopen(request, timeout=ctx.timeout_s) as response:
                 body = response.read(self.max_bytes + 1)
                 status = response.status
         except urllib.error.HTTPError as exc:

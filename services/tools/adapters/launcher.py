@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from services.common.errors import InvalidArgument
 
@@ -106,7 +106,7 @@ class Launchers:
     unshare: str = ""
 
     @classmethod
-    def resolve(cls) -> "Launchers":
+    def resolve(cls) -> Launchers:
         def optional(name: str) -> str:
             try:
                 return trusted_program(name)

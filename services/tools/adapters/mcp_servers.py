@@ -94,7 +94,7 @@ class McpServerConnection:
                     self.session = session
                     self._ready.set()
                     await self._stop.wait()
-        except Exception as exc:  # noqa: BLE001 - reported through connect() / the next call
+        except Exception as exc:
             self._error = exc
             log.warning("MCP server %s stopped: %s", self.config.name, exc)
         finally:

@@ -6,6 +6,7 @@ from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.clients import make_channel
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.identity import Identity
 from services.common.rpc_errors import domain_error_from_rpc
 from services.tools.core.ports import PolicyDecision, PolicyQuery, PolicyUnavailable, PolicyVerdict
 
@@ -20,8 +21,9 @@ REFUSALS = (PermissionDenied, InvalidArgument, NotFound, FailedPrecondition)
 
 
 class GrpcPolicyClient:
-    def __init__(self, target: str, timeout_s: float) -> None:
+    def __init__(self, target: str, timeout_s: float, identity: Identity | None = None) -> None:
         self.target = target
+        self.identity = identity
         self.timeout_s = timeout_s
         # Opened on first use: a grpc.aio channel belongs to the loop it is made
         # in, and the app is built before the server's loop runs.
@@ -31,7 +33,7 @@ class GrpcPolicyClient:
     @property
     def stub(self) -> policy_pb2_grpc.PolicyServiceStub:
         if self._stub is None:
-            self.channel = make_channel(self.target)
+            self.channel = make_channel(self.target, self.identity)
             self._stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         return self._stub
 

@@ -24,9 +24,9 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from services.common.errors import InvalidArgument
 from services.tools.adapters.cgroups import CgroupLimits
@@ -202,8 +202,9 @@ class Sandbox:
             nproc += _count_processes_of(os.geteuid())
         file_size = self.limits.file_size_bytes if max_file_bytes is None else max(0, min(
             max_file_bytes, self.limits.file_size_bytes))
-        procs = await asyncio.to_thread(self.cgroups.create, self.limits.address_space_bytes,
-                                        self.limits.processes) if self.cgroups else []
+        cgroups = self.cgroups
+        procs = await asyncio.to_thread(cgroups.create, self.limits.address_space_bytes,
+                                        self.limits.processes) if cgroups else []
         try:
             argv = self.build_argv(inner, workspace_root, cwd, env, run_as=run_as, nproc=nproc,
                                    file_size_bytes=file_size, cgroup_procs=procs)
@@ -213,8 +214,8 @@ class Sandbox:
                 user_kwargs = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
             return await _spawn(argv, LAUNCHER_ENV, stdin, output_cap_bytes, user_kwargs)
         finally:
-            if procs:
-                await asyncio.to_thread(self.cgroups.remove, procs)
+            if procs and cgroups is not None:
+                await asyncio.to_thread(cgroups.remove, procs)
 
 
 # Joins the call's cgroups (its cgroup.procs files come first, up to "--"), then execs the chain.
@@ -271,7 +272,7 @@ async def _pump(fd: int, buf: HeadTailBuffer) -> None:
                 chunk = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 ready = loop.create_future()
-                loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
+                loop.add_reader(fd, _set_ready, ready)
                 try:
                     await ready
                 finally:
@@ -282,6 +283,11 @@ async def _pump(fd: int, buf: HeadTailBuffer) -> None:
             buf.feed(chunk)
     finally:
         os.close(fd)
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:

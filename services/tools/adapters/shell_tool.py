@@ -14,8 +14,8 @@ from typing import Any
 from services.common.errors import InvalidArgument
 from services.tools.adapters.launcher import ENV_NAME, MAX_ENV_VARS, check_env
 from services.tools.adapters.sandbox import Sandbox
-from services.tools.core.workspace import disk_usage
 from services.tools.core.model import RiskLevel, ToolContext, ToolOutput, ToolSpec
+from services.tools.core.workspace import disk_usage
 
 SHELL_SCHEMA = {
     "type": "object",

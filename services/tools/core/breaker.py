@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 
 class BreakerState(enum.Enum):

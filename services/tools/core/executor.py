@@ -7,16 +7,29 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
+from typing import Literal, TypeVar
 
 from services.common.errors import (
-    DomainError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
 )
 from services.tools.core.breaker import CircuitBreaker
 from services.tools.core.cache import ResultCache, cache_key
 from services.tools.core.model import (
-    CallContext, ToolContext, ToolFailure, ToolInvocation, ToolOutcome, ToolOutput, ToolSpec, ToolStatus,
+    CallContext,
+    ToolContext,
+    ToolFailure,
+    ToolInvocation,
+    ToolOutcome,
+    ToolOutput,
+    ToolSpec,
+    ToolStatus,
 )
 from services.tools.core.ports import PolicyDecision, PolicyPort, PolicyQuery, PolicyUnavailable
 from services.tools.core.registry import ToolRegistry
@@ -66,6 +79,8 @@ class _SessionSlots:
 
 
 T = TypeVar("T")
+# What a worker thread hands back: its result, or what it raised.
+_Outcome = tuple[Literal[True], T] | tuple[Literal[False], BaseException]
 
 
 @dataclass(eq=False)
@@ -125,8 +140,8 @@ class SessionThreads:
 
         def body() -> None:
             try:
-                outcome: tuple[bool, object] = (True, work(job.stop))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
+                outcome: _Outcome[T] = (True, work(job.stop))
+            except BaseException as exc:
                 outcome = (False, exc)
             try:
                 loop.call_soon_threadsafe(self._finish, key, load, job, done, outcome)
@@ -176,17 +191,16 @@ class SessionThreads:
                     load.waiters.remove(waiter)
 
     def _finish(self, key: Hashable, load: _SessionLoad, job: _Job, done: asyncio.Future[T],
-                outcome: tuple[bool, object]) -> None:
+                outcome: _Outcome[T]) -> None:
         load.jobs.discard(job)
         self._wake(load)
         self._forget_if_idle(key, load)
         if done.done():
             return
-        ok, value = outcome
-        if ok:
-            done.set_result(value)  # type: ignore[arg-type]
+        if outcome[0]:
+            done.set_result(outcome[1])
         else:
-            done.set_exception(value)  # type: ignore[arg-type]
+            done.set_exception(outcome[1])
 
     @staticmethod
     def _wake(load: _SessionLoad) -> None:
@@ -330,7 +344,7 @@ class ToolExecutor:
             except asyncio.CancelledError:
                 breaker.release_probe()
                 raise
-            except Exception as exc:  # noqa: BLE001 - a crashing tool must not take the batch down
+            except Exception as exc:
                 log.exception("tool %s crashed", spec.name)
                 breaker.record_failure()
                 return blank.with_(status=ToolStatus.ERROR, error_reason="TOOL_CRASHED", exit_code=-1,

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from services.tools.core.output import CapturedText
 
@@ -68,7 +69,8 @@ class ToolContext:
 
 
 class ToolHandler(Protocol):
-    async def __call__(self, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutput: ...
+    # Positional-only: handlers are called positionally and name their parameters freely.
+    async def __call__(self, arguments: dict[str, Any], ctx: ToolContext, /) -> ToolOutput: ...
 
 
 # Returns a token naming the state a cached result depends on (file mtime and
@@ -139,5 +141,5 @@ class ToolOutcome:
     # raises as a gRPC status instead of returning (bad arguments, path escape).
     request_error: Exception | None = None
 
-    def with_(self, **changes: Any) -> "ToolOutcome":
+    def with_(self, **changes: Any) -> ToolOutcome:
         return replace(self, **changes)

@@ -13,11 +13,11 @@ class CapturedText:
     truncated: bool
 
     @classmethod
-    def empty(cls) -> "CapturedText":
+    def empty(cls) -> CapturedText:
         return cls("", 0, False)
 
     @classmethod
-    def of(cls, data: bytes | str, cap_bytes: int) -> "CapturedText":
+    def of(cls, data: bytes | str, cap_bytes: int) -> CapturedText:
         raw = data.encode("utf-8", "replace") if isinstance(data, str) else data
         buf = HeadTailBuffer(cap_bytes)
         buf.feed(raw)

@@ -5,9 +5,9 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from services.common.errors import InvalidArgument, PermissionDenied
 

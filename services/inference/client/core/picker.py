@@ -13,8 +13,8 @@ import hashlib
 import random
 import statistics
 from collections import OrderedDict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Collection, Mapping
 
 from services.inference.client.core.node_state import NodeState
 
@@ -156,9 +156,11 @@ class Picker:
         # its peers (throttling, a noisy neighbour) loses its sessions. The
         # inter-token EWMA measures speed alone; TTFT also carries queueing
         # and prompt length, so it is the yardstick only without ITL samples.
-        if holder.itl_ms.value is not None and all(n.itl_ms.value is not None for n in others):
-            fastest = min(n.itl_ms.value for n in others)  # type: ignore[type-var]
-            return bool(others) and holder.itl_ms.value > cfg.affinity_latency_ratio * fastest
+        holder_itl = holder.itl_ms.value
+        other_itls = [itl for n in others if (itl := n.itl_ms.value) is not None]
+        if holder_itl is not None and len(other_itls) == len(others):
+            fastest = min(other_itls)
+            return bool(others) and holder_itl > cfg.affinity_latency_ratio * fastest
         latencies = [self.latency_ms(n, fallback) for n in others]
         return bool(latencies) and self.latency_ms(holder, fallback) > cfg.affinity_latency_ratio * min(latencies)
 

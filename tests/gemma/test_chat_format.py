@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from services.gemma.chat_format import (GENERATION_PROMPT, JsonGrammar, json_literal, render_conversation,
-                                         render_turn)
+from services.gemma.chat_format import GENERATION_PROMPT, JsonGrammar, json_literal, render_conversation, render_turn
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "minLength": 1}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f", 3]},

@@ -7,8 +7,8 @@ from collections import Counter
 
 from services.common import errors
 from services.inference.client.core.node_state import Health
-from tests.balancer.conftest import collect, gen_request, make_balancer
-from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
+from tests.inference.client.conftest import collect, gen_request, make_balancer
+from tests.inference.client.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
 from tests.support.waiting import wait_until
 
 # A killed node is seen through its health Watch stream. With a long poll
@@ -44,7 +44,8 @@ async def test_killed_node_gets_no_new_requests_and_its_queued_ones_finish_elsew
             detected = await wait_until(lambda: balancer.nodes[victim.address].health is Health.NOT_SERVING,
                                         PUSHED_WITHIN_S)
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-            later = [(await collect(balancer, gen_request(prompt=f"after {i}", max_tokens=30)))[-1].node_id for i in range(6)]
+            later = [(await collect(balancer, gen_request(prompt=f"after {i}", max_tokens=30)))[-1].node_id
+                     for i in range(6)]
     broken = [o for o in outcomes if isinstance(o, BaseException)]
     # Only the request the victim was decoding had streamed tokens; the ones
     # queued behind it had none and were retried on the other nodes.

@@ -5,12 +5,15 @@ so scheduling, queueing, session KV accounting and GetLoad are the real code.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
+
+from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.runtime import RunningService, running_service
 from services.inference.config import Settings
 from services.inference.server import build_app
+from tests.support.auth import service_channel
 
 
 @dataclass
@@ -46,5 +49,19 @@ async def synthetic_nodes(*specs: SyntheticNodeSpec) -> AsyncIterator[list[Runni
         nodes = []
         for spec in specs:
             settings = spec.settings()
-            nodes.append(await stack.enter_async_context(running_service(build_app(settings), settings)))
+            node = await stack.enter_async_context(running_service(build_app(settings), settings))
+            await warm_key_cache(node.address)
+            nodes.append(node)
         yield nodes
+
+
+async def warm_key_cache(address: str) -> None:
+    """Have the node verify the balancer's key (the orchestrator's) once.
+
+    A key's first call runs the KDF (tens of ms, more on a busy machine):
+    longer than the 0.1 s deadline FAST_SETTINGS gives the balancer's first
+    ListModels, and enough to skew the first TTFT the balancer measures.
+    Later calls hit the node's cache, as they do in a running mesh.
+    """
+    async with service_channel(address, "orchestrator") as channel:
+        await inference_pb2_grpc.InferenceServiceStub(channel).GetLoad(inference_pb2.GetLoadRequest(), timeout=30)

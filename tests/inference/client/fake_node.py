@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -24,6 +24,7 @@ from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import errors
 from services.common.runtime import RunningService, running_service
 from services.common.settings import ServerSettings
+from tests.inference.client.synthetic_nodes import warm_key_cache
 
 SERVICE_NAME = "llmesh.inference.v1.InferenceService"
 
@@ -165,5 +166,6 @@ async def fake_nodes(*configs: FakeNodeConfig) -> AsyncIterator[list[FakeNode]]:
         for config in configs:
             app = FakeNodeApp(config)
             running = await stack.enter_async_context(running_service(app, ServerSettings(port=0)))
+            await warm_key_cache(running.address)
             nodes.append(FakeNode(app, running))
         yield nodes

@@ -6,13 +6,15 @@ from dataclasses import replace
 from llmesh.inference.v1 import inference_pb2
 
 from services.inference.client import Balancer, BalancerSettings
+from tests.support.auth import service_identity
 
 FAST_SETTINGS = BalancerSettings(health_interval_s=0.3, load_interval_s=0.05, start_timeout_s=3.0,
                                  ejection_base_s=1.0, ejection_max_s=4.0)
 
 
 def make_balancer(addresses: list[str], **overrides: object) -> Balancer:
-    return Balancer(addresses, replace(FAST_SETTINGS, **overrides))
+    # Nodes authenticate every call: the balancer presents the orchestrator's key, as in the mesh.
+    return Balancer(addresses, replace(FAST_SETTINGS, **overrides), identity=service_identity("orchestrator"))
 
 
 def gen_request(prompt: str = "hello there", session_id: str = "",

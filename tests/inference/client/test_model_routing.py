@@ -9,8 +9,8 @@ from prometheus_client import REGISTRY
 
 from services.common import errors
 from services.inference.client import BalancerSettings
-from tests.balancer.conftest import collect, gen_request, make_balancer
-from tests.balancer.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
+from tests.inference.client.conftest import collect, gen_request, make_balancer
+from tests.inference.client.synthetic_nodes import SyntheticNodeSpec, synthetic_nodes
 from tests.support.waiting import wait_until
 
 PROFILES = json.dumps({"small": {"tier": 0, "cost_per_1k_tokens": 0.1},

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
 from services.inference.client.core.node_state import Health
-from tests.balancer.conftest import collect, gen_request, make_balancer
-from tests.balancer.fake_node import SERVICE_NAME, FakeInferenceServicer, FakeNodeConfig
+from tests.inference.client.conftest import collect, gen_request, make_balancer
+from tests.inference.client.fake_node import SERVICE_NAME, FakeInferenceServicer, FakeNodeConfig
 from tests.support.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -11,8 +11,9 @@ from llmesh.inference.v1 import inference_pb2
 from services.common import errors
 from services.inference.client import Balancer
 from services.inference.client.core.node_state import Health
-from tests.balancer.conftest import FAST_SETTINGS, collect, gen_request, make_balancer
-from tests.balancer.fake_node import FakeNodeConfig, fake_nodes
+from tests.inference.client.conftest import FAST_SETTINGS, collect, gen_request, make_balancer
+from tests.inference.client.fake_node import FakeNodeConfig, fake_nodes
+from tests.support.auth import service_identity
 from tests.support.ports import free_port
 from tests.support.waiting import wait_until
 
@@ -178,7 +179,8 @@ async def test_dns_entry_becomes_nodes_and_follows_changes() -> None:
             return answers[host]
 
         balancer = Balancer("dns:inference.test:50051", FAST_SETTINGS.__class__(
-            health_interval_s=0.3, load_interval_s=0.05, dns_refresh_s=0.05), resolver=resolver)
+            health_interval_s=0.3, load_interval_s=0.05, dns_refresh_s=0.05), resolver=resolver,
+            identity=service_identity("orchestrator"))
         async with balancer:
             assert set(balancer.nodes) == {nodes[0].address}
             answers["inference.test"] = [nodes[1].address]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.tenants import TenantPolicy, parse_tenant_policies, policy_for
 from services.common.errors import InvalidArgument
+from services.common.tenants import TenantPolicy, parse_tenant_policies, policy_for
 
 
 def test_listed_tenant_default_and_built_in_fallback():

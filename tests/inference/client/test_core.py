@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 
+from services.common.errors import InvalidArgument
 from services.inference.client.config import BalancerSettings, load_balancer_settings
 from services.inference.client.core.node_state import EjectionPolicy, Health, LoadReport, NodeState
 from services.inference.client.core.picker import NoNodeAvailable, Picker, PickerConfig, Typical
-from services.common.errors import InvalidArgument
 
 POLICY = EjectionPolicy(eject_after_failures=3, base_s=2.0, max_s=10.0)
 

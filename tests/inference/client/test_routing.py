@@ -6,10 +6,16 @@ import json
 
 import pytest
 
-from services.inference.client.cascade import Answer, AnswerCheck, cascade
-from services.inference.client.routing import (ModelProfile, ModelRegistry, ModelRouter, RouteRequest,
-                                               estimate_complexity, run_with_fallback)
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.inference.client.cascade import Answer, AnswerCheck, cascade
+from services.inference.client.routing import (
+    ModelProfile,
+    ModelRegistry,
+    ModelRouter,
+    RouteRequest,
+    estimate_complexity,
+    run_with_fallback,
+)
 
 GGUF = "gemma-3-270m-q4_k_m.gguf"
 SMALL = ModelProfile("gemma-fast", frozenset({"chat"}), context_tokens=2048, cost_per_1k_tokens=0.1,
