@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # llama.cpp is compiled once; pip keeps the wheel in its cache afterwards.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: setup run test gen model system-deps lint typecheck lint-protos proto-image bench clean
+.PHONY: setup run test test-tls gen model system-deps lint typecheck lint-protos proto-image bench clean
 # Each mk/<name>.mk adds its bench-* targets to this list.
 BENCHES :=
 
@@ -72,6 +72,10 @@ proto-image: $(GEN_STAMP)
 test: setup system-deps lint typecheck lint-protos
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The same suite with mutual TLS on every server and client of the tests.
+test-tls: setup system-deps
+	LLMESH_TEST_TLS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
 run: setup
 	$(PY) -m services.launcher --nodes $(NODES)
 
@@ -86,4 +90,4 @@ clean:
 # ends with bench/results/report.html + report.png.
 BENCHES += $(patsubst mk/%.mk,bench-%,$(wildcard mk/*.mk))
 bench: $(sort $(BENCHES))
-	$(PY) bench/report.py --results bench/results
+	@$(MAKE) --no-print-directory bench-report

@@ -79,11 +79,12 @@ class Mesh:
 
     def service_identity(self, service: str) -> Identity:
         """What the load presents when it stands in for ``service`` (e.g. the orchestrator, for the store)."""
-        return service_identity(service, self.credentials)
+        # The children serve plaintext (plan_children without tls), whatever the test run uses.
+        return service_identity(service, self.credentials, tls=False)
 
     def client_identity(self, tenant: str) -> Identity:
         """A client key of ``tenant`` (made on first use; the children accept it at once)."""
-        return client_identity(tenant, credentials=self.credentials)
+        return client_identity(tenant, credentials=self.credentials, tls=False)
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.process.pid for c in self.children if c.process is not None}

@@ -16,14 +16,19 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common import authz
 from services.common.identity import service_key
 from services.launcher import SERVICES, STOP_TIMEOUT_S
-from tests.support.auth import bearer
+from tests.support.auth import TLS, bearer, open_sync_channel
 from tests.support.ports import free_launcher_port_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _list_services(target: str) -> set[str]:
-    with grpc.insecure_channel(target) as channel:
+def _channel(mesh, target: str) -> grpc.Channel:
+    """A channel with no key; in a TLS run (``make run`` with TLS=1) with the mesh's own CA and client certificate."""
+    return open_sync_channel(target, Path(mesh["data_dir"]) / "credentials")
+
+
+def _list_services(mesh, target: str) -> set[str]:
+    with _channel(mesh, target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         reply = next(iter(replies))
@@ -47,8 +52,8 @@ def _caller_metadata(mesh, path: str) -> tuple[tuple[str, str], ...]:
     return bearer(service_key(Path(mesh["data_dir"]) / "credentials", service))
 
 
-def _health(target: str, service: str) -> int:
-    with grpc.insecure_channel(target) as channel:
+def _health(mesh, target: str, service: str) -> int:
+    with _channel(mesh, target) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
@@ -58,7 +63,7 @@ def mesh(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("mesh-data")
     base = free_launcher_port_base(nodes=1, http_offset=9)
     env = {**os.environ, "LLMESH_DATA_DIR": str(data_dir), "LLMESH_PORT_BASE": str(base),
-           "LLMESH_HTTP_PORT": str(base + 9)}
+           "LLMESH_HTTP_PORT": str(base + 9), "TLS": "1" if TLS else "0"}
     proc = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -84,11 +89,11 @@ def mesh(tmp_path_factory):
 def test_every_service_is_listed_by_reflection_and_ready(mesh) -> None:
     for svc in SERVICES:
         target = f"127.0.0.1:{mesh['base'] + svc.port_offset}"
-        names = _list_services(target)
+        names = _list_services(mesh, target)
         assert svc.full_name in names, (svc.name, names)
         assert "grpc.health.v1.Health" in names
-        assert _health(target, "") == health_pb2.HealthCheckResponse.SERVING
-        assert _health(target, svc.full_name) == health_pb2.HealthCheckResponse.SERVING
+        assert _health(mesh, target, "") == health_pb2.HealthCheckResponse.SERVING
+        assert _health(mesh, target, svc.full_name) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_rest_gateway_is_up_with_its_openapi_and_a_dev_key(mesh) -> None:
@@ -147,7 +152,7 @@ def test_malformed_request_gets_invalid_argument_naming_the_field(mesh, svc, met
     target = f"127.0.0.1:{mesh['base'] + svc.port_offset}"
     path = f"/{svc.full_name}/{method.name}"
     metadata = _caller_metadata(mesh, path)
-    with grpc.insecure_channel(target) as channel:
+    with _channel(mesh, target) as channel:
         for request in _malformed_requests(method):
             if method.client_streaming:
                 pytest.skip("no client-streaming RPCs in v1")
@@ -188,7 +193,7 @@ def test_a_session_runs_two_turns_through_the_mesh(mesh) -> None:
 
     target = f"127.0.0.1:{mesh['base'] + 1}"
     auth = bearer(_dev_key(mesh))  # a client of tenant "default", as someone trying `make run` would be
-    with grpc.insecure_channel(target) as channel:
+    with _channel(mesh, target) as channel:
         stub = pb_grpc.AgentServiceStub(channel)
         session = stub.CreateSession(pb.CreateSessionRequest(tenant_id="default", title="two turns",
                                                              tools=["fs_list"]), timeout=30, metadata=auth).session

@@ -68,6 +68,14 @@ class ServerSettings:
     # the audit trail; empty keeps them in logs and metrics only.
     audit_target: str = ""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise InvalidArgument(f"port: {self.port} is not a TCP port", field="port")
+        if not -1 <= self.metrics_port < 65536:
+            raise InvalidArgument(f"metrics_port: {self.metrics_port} is not a TCP port or -1", field="metrics_port")
+        if self.auth_cache_ttl_s < 0:
+            raise InvalidArgument("auth_cache_ttl_s: must not be negative", field="auth_cache_ttl_s")
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)

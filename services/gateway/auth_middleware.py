@@ -10,18 +10,22 @@ from typing import Any
 
 from services.common import errors
 from services.common.auth import ApiKeyAuthenticator, principal_var
+from services.common.refusals import RefusalReporter
 from services.gateway.http_errors import error_response
 
 PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz"})
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, authenticator: ApiKeyAuthenticator | None) -> None:
+    def __init__(self, app: ASGIApp, authenticator: ApiKeyAuthenticator | None,
+                 refusals: RefusalReporter | None = None) -> None:
         self.app = app
         self.authenticator = authenticator
+        self.refusals = refusals or RefusalReporter("gateway")
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or self.authenticator is None or scope["path"] in PUBLIC_PATHS:
@@ -32,6 +36,9 @@ class ApiKeyMiddleware:
         try:
             principal = await self.authenticator.authenticate(headers.get("authorization"), client)
         except errors.DomainError as exc:
+            # The caller picks the path (and even the method token): neither may grow a metric's labels.
+            method = scope.get("method", "")
+            self.refusals.report(f"REST {method if method in _HTTP_METHODS else 'OTHER'}", exc.reason, peer=client)
             await error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal

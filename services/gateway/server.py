@@ -23,8 +23,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter
-from services.common.clients import service_identity
+from services.common.clients import make_channel, service_identity
 from services.common.logs import configure_logging
+from services.common.refusals import RefusalReporter, grpc_sink
 from services.common.settings import load_settings
 from services.common.telemetry import configure_tracing
 from services.gateway.adapters.grpc_backend import GrpcBackends
@@ -79,6 +80,9 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
         authenticator = build_authenticator(settings)
     openai = OpenAIRoutes(None, settings.max_body_bytes)
     openapi_doc = build_openapi(route_table, extra_paths=OPENAI_PATHS)
+    # Refused REST requests are counted and audited like refused RPCs (docs/auth.md).
+    refusals = RefusalReporter("gateway", grpc_sink(lambda: make_channel(settings.audit_target, identity))
+                               if settings.audit_target else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -92,9 +96,11 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
         elif source is None and settings.inference_target:
             source = InferenceGenerator.for_channel(backends.channel("inference"), settings.default_models)
         openai.compat = OpenAICompat(source) if source is not None else None
+        refusals.start()
         try:
             yield
         finally:
+            await refusals.close()
             if balancer is not None:
                 await balancer.close()
             await backends.close()
@@ -116,7 +122,8 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
                       methods=_ANY_METHOD),
         ],
         # Tracing outermost: refused requests (401/429) are traced too.
-        middleware=[Middleware(HttpServerSpanMiddleware), Middleware(ApiKeyMiddleware, authenticator=authenticator)],
+        middleware=[Middleware(HttpServerSpanMiddleware), Middleware(ApiKeyMiddleware, authenticator=authenticator,
+                                                                    refusals=refusals)],
         lifespan=lifespan,
     )
     app.state.backends = backends

@@ -15,6 +15,7 @@ from services.common import healthcheck
 from services.common.identity import init_tls
 from services.common.runtime import RunningService, running_service
 from services.common.settings import ServerSettings
+from tests.support.auth import own_transport
 
 STORE = "llmesh.store.v1.StoreService"
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,16 +42,22 @@ async def service(request, tmp_path: Path) -> AsyncIterator[tuple[RunningService
     tls = request.param
     if tls:
         init_tls(credentials)
-    settings = ServerSettings(port=0, data_dir=str(tmp_path), credentials_dir=str(credentials),
-                              auth_enabled=True, tls_enabled=tls)
+    with own_transport():  # each transport in every run, `make test-tls` too
+        settings = ServerSettings(port=0, data_dir=str(tmp_path), credentials_dir=str(credentials),
+                                  auth_enabled=True, tls_enabled=tls)
     environ = {"LLMESH_CREDENTIALS_DIR": str(credentials), "LLMESH_TLS_ENABLED": str(tls).lower()}
     async with running_service(HealthOnlyApp(), settings) as running:
         yield running, environ
 
 
 async def probe(args: list[str], environ: dict[str, str]) -> int:
+    def run() -> int:
+        # The probe's settings come from ``environ`` alone, as in the probe's process.
+        with own_transport():
+            return healthcheck.main(args, environ)
+
     # main() runs its own event loop, as in the probe's process.
-    return await asyncio.to_thread(healthcheck.main, args, environ)
+    return await asyncio.to_thread(run)
 
 
 async def test_serving_service_and_live_process_exit_0(service) -> None:

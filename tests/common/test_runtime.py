@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -10,10 +11,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common import errors
+from services.common.identity import init_tls
 from services.common.interceptors import error_info
 from services.common.runtime import running_service, start_service
 from services.common.settings import ServerSettings
-from tests.support.auth import service_channel
+from tests.support.auth import CREDENTIALS, TLS, open_channel, service_channel
 from tests.support.ports import free_port
 
 SERVICE = "llmesh.inference.v1.InferenceService"
@@ -56,8 +58,8 @@ class ScriptedApp:
         self.closed = True
 
 
-async def _health(target: str, service: str) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _health(target: str, service: str, credentials: Path = CREDENTIALS) -> int:
+    async with open_channel(target, credentials) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
         return reply.status
 
@@ -88,7 +90,7 @@ async def test_liveness_answers_at_once_and_readiness_only_after_start() -> None
 
 async def test_reflection_lists_the_service_health_and_reflection() -> None:
     async with running_service(ScriptedApp(), ServerSettings(port=0)) as svc:
-        async with grpc.aio.insecure_channel(svc.address) as channel:
+        async with open_channel(svc.address) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
             async def requests():
@@ -149,7 +151,7 @@ async def test_stream_error_after_first_message_keeps_what_was_sent() -> None:
 async def test_health_watch_streams_through_the_interceptor() -> None:
     """Watch writes with context.write rather than being an async generator."""
     async with running_service(ScriptedApp(), ServerSettings(port=0)) as svc:
-        async with grpc.aio.insecure_channel(svc.address) as channel:
+        async with open_channel(svc.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             call = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
             first = await call.read()
@@ -165,10 +167,12 @@ async def test_auth_enabled_service_rejects_calls_without_a_valid_key(tmp_path) 
 
     key, record = generate_api_key("acme", n=2**10)
     ApiKeyStore([record]).save(tmp_path / "api_keys.json")
+    if TLS:
+        init_tls(tmp_path)
     settings = ServerSettings(port=0, data_dir=str(tmp_path), auth_enabled=True, credentials_dir=str(tmp_path))
     app = ScriptedApp()
     async with running_service(app, settings) as svc:
-        async with grpc.aio.insecure_channel(svc.address) as channel:
+        async with open_channel(svc.address, tmp_path) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for metadata in [(), (("authorization", "Bearer wrong"),)]:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -177,4 +181,4 @@ async def test_auth_enabled_service_rejects_calls_without_a_valid_key(tmp_path) 
             reply = await stub.GetLoad(inference_pb2.GetLoadRequest(), metadata=(("authorization", f"Bearer {key}"),))
             assert reply.node_id == "n1"
         # Health stays open to probes without a key.
-        assert await _health(svc.address, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        assert await _health(svc.address, SERVICE, tmp_path) == health_pb2.HealthCheckResponse.SERVING

@@ -25,7 +25,7 @@ from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.clients import make_channel
-from services.common.identity import Identity, service_key
+from services.common.identity import init_tls
 from services.common.runtime import running_service
 from services.inference.config import Settings as InferenceSettings
 from services.inference.server import build_app as build_inference
@@ -35,6 +35,7 @@ from services.store.config import Settings as StoreSettings
 from services.store.server import build_app as build_store
 from services.tools.config import Settings as ToolsSettings
 from services.tools.server import build_app as build_tools
+from tests.support.auth import TLS, service_identity
 from tests.support.waiting import wait_until
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
@@ -101,7 +102,7 @@ def scrape(port: int) -> str:
 
 async def serve_traffic(store_port: int, tools_port: int, inference_port: int, credentials: Path) -> None:
     # The orchestrator may call all three (docs/auth.md); acting for no client, it names the tenant.
-    orchestrator = Identity("orchestrator", service_key(credentials, "orchestrator"))
+    orchestrator = service_identity("orchestrator", credentials)
     async with make_channel(f"127.0.0.1:{store_port}", orchestrator, traced=False) as channel:
         store = store_pb2_grpc.StoreServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):  # an error so the error counter has a series
@@ -124,6 +125,8 @@ async def serve_traffic(store_port: int, tools_port: int, inference_port: int, c
 async def test_every_metric_and_label_in_the_rules_is_exported(tmp_path: Path) -> None:
     workspace = Path(tempfile.mkdtemp(prefix="llmesh-alerts-"))
     credentials = tmp_path / "credentials"
+    if TLS:
+        init_tls(credentials)
     common = {"port": 0, "metrics_port": 0, "credentials_dir": str(credentials)}
     store_conf = StoreSettings(**common, data_dir=str(tmp_path / "store"))
     tools_conf = ToolsSettings(**common, data_dir=str(tmp_path / "tools"), sandbox="none",

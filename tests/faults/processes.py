@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.auth import CREDENTIALS
+from tests.support.auth import CREDENTIALS, open_channel
 from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ class ServiceProcess:
 
     async def wait_serving(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with open_channel(self.target, self.credentials) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 assert self.process is not None and self.process.poll() is None, self.last_log()

@@ -1,6 +1,8 @@
 // A Node.js client built at run time from the llmesh protos: creates a
 // session, runs one agent turn and prints what it saw as JSON.
-// usage: node agent_turn.js <target> <include dir>... ; env LLMESH_API_KEY optional
+// usage: node agent_turn.js <target> <include dir>... ; env LLMESH_API_KEY optional;
+// env LLMESH_TLS_CA, LLMESH_TLS_CERT, LLMESH_TLS_KEY (PEM files): mutual TLS instead of plaintext
+const fs = require('fs');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
@@ -9,7 +11,11 @@ const definition = protoLoader.loadSync('llmesh/orchestrator/v1/orchestrator.pro
   includeDirs, keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
 });
 const pkg = grpc.loadPackageDefinition(definition).llmesh.orchestrator.v1;
-const client = new pkg.AgentService(target, grpc.credentials.createInsecure());
+const transport = process.env.LLMESH_TLS_CA
+  ? grpc.credentials.createSsl(fs.readFileSync(process.env.LLMESH_TLS_CA),
+                               fs.readFileSync(process.env.LLMESH_TLS_KEY), fs.readFileSync(process.env.LLMESH_TLS_CERT))
+  : grpc.credentials.createInsecure();
+const client = new pkg.AgentService(target, transport);
 const metadata = new grpc.Metadata();
 if (process.env.LLMESH_API_KEY) metadata.add('authorization', `Bearer ${process.env.LLMESH_API_KEY}`);
 

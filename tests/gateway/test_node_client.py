@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc_tools
 import pytest
 
-from services.common.identity import client_key
+from services.common.identity import client_key, tls_files
 from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from tests.gateway.fakes import FakeAgentApp
-from tests.support.auth import CREDENTIALS
+from tests.support.auth import CREDENTIALS, TLS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("agent_turn.js")
@@ -43,8 +43,12 @@ def node_client_dir(tmp_path_factory) -> Path:
     return work
 
 
-async def run_node_turn(work: Path, target: str, api_key: str = "") -> dict:
+async def run_node_turn(work: Path, target: str, api_key: str = "", credentials: Path = CREDENTIALS,
+                        tls: bool = TLS) -> dict:
     env = {**os.environ, "LLMESH_API_KEY": api_key}
+    if tls:  # the mesh CA and the local clients' certificate under ``credentials``
+        files = tls_files(ROOT / credentials, "client")
+        env |= {"LLMESH_TLS_CA": str(files.ca), "LLMESH_TLS_CERT": str(files.cert), "LLMESH_TLS_KEY": str(files.key)}
     proc = await asyncio.create_subprocess_exec(
         "node", str(work / SCRIPT.name), target, *map(str, INCLUDE_DIRS), cwd=work, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

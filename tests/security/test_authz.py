@@ -15,10 +15,11 @@ from llmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import authz, errors
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, Principal, generate_api_key, principal_var
 from services.common.clients import make_channel
-from services.common.identity import Identity, client_key, service_key
+from services.common.identity import client_key, init_tls
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
 from services.common.settings import ServerSettings
+from tests.support.auth import TLS, client_identity, open_channel, service_identity
 from tests.support.waiting import wait_until
 
 TOOLS = "llmesh.tools.v1.ToolService"
@@ -145,13 +146,15 @@ class RecordingApp:
 async def tools_service(tmp_path):
     app = RecordingApp()
     settings = ServerSettings(port=0, data_dir=str(tmp_path), credentials_dir=str(tmp_path / "credentials"))
+    if TLS:
+        init_tls(tmp_path / "credentials")
     async with running_service(app, settings) as svc:
         yield app.servicer, svc.address, tmp_path / "credentials"
 
 
 async def test_a_service_forwards_its_clients_principal_and_the_role_is_the_keys(tools_service) -> None:
     servicer, target, credentials = tools_service
-    orchestrator = Identity("orchestrator", service_key(credentials, "orchestrator"))
+    orchestrator = service_identity("orchestrator", credentials)
     async with make_channel(target, orchestrator) as channel:
         stub = tools_pb2_grpc.ToolServiceStub(channel)
         # Acting for no client: the tenant named in the body is the service's to name.
@@ -174,8 +177,7 @@ async def test_a_service_forwards_its_clients_principal_and_the_role_is_the_keys
 
 async def test_a_client_sending_a_forwarded_principal_is_refused(tools_service) -> None:
     servicer, target, credentials = tools_service
-    key = client_key(credentials, "tenant-a")
-    async with make_channel(target, Identity("client", key)) as channel:
+    async with make_channel(target, client_identity("tenant-a", credentials=credentials)) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await tools_pb2_grpc.ToolServiceStub(channel).ListTools(
                 tools_pb2.ListToolsRequest(),
@@ -195,7 +197,9 @@ async def _fuzz_one(tmp_path, value: str) -> None:
     app = RecordingApp()
     settings = ServerSettings(port=0, data_dir=str(tmp_path), credentials_dir=str(tmp_path / "credentials"))
     client_key(tmp_path / "credentials", "tenant-a")  # a real key exists; the fuzzed value is not it
-    async with running_service(app, settings) as svc, grpc.aio.insecure_channel(svc.address) as channel:
+    if TLS:
+        init_tls(tmp_path / "credentials", names=("tools", "client"))
+    async with running_service(app, settings) as svc, open_channel(svc.address, tmp_path / "credentials") as channel:
         # Only what a gRPC client can put on the wire (printable ASCII) is sent.
         sendable = value.isascii() and value.isprintable() and value.strip() == value and value
         metadata = (("authorization", value),) if sendable else ()

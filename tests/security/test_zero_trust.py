@@ -1,7 +1,8 @@
 """Every gRPC port of a launched mesh authenticates and authorises, and the key decides tenant and role.
 
 One mesh is started as ``make run`` starts it (the launcher, child processes,
-credentials under its data directory); a second one with mutual TLS.
+credentials under its data directory; mutual TLS in a TLS run of the suite);
+a second one always with mutual TLS.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from llmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 from services.common.identity import client_key, init_tls, service_key, tls_files
 from services.common.interceptors import error_info
 from services.launcher import SERVICES
+from tests.support.auth import TLS, open_channel, open_sync_channel
 from tests.support.mesh import LaunchedMesh, launched_mesh
 from tests.support.waiting import wait_until
 
@@ -31,8 +33,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory) -> Iterator[LaunchedMesh]:
-    with launched_mesh(tmp_path_factory.mktemp("zero-trust")) as running:
+    with launched_mesh(tmp_path_factory.mktemp("zero-trust"), tls=TLS) as running:
         yield running
+
+
+def _channel(mesh: LaunchedMesh, service: str) -> grpc.Channel:
+    """A channel with no key to ``service``; with the mesh's CA and client certificate when it serves TLS."""
+    return open_sync_channel(mesh.target(service), mesh.credentials, tls=mesh.tls)
 
 
 def _key(mesh: LaunchedMesh, tenant: str, role: str = "developer") -> str:
@@ -81,12 +88,12 @@ def _reason(err: grpc.RpcError | None) -> str:
 
 def test_without_credentials_every_rpc_is_unauthenticated_but_health_and_reflection_answer(mesh) -> None:
     for service, path, method in _methods():
-        with grpc.insecure_channel(mesh.target(service)) as channel:
+        with _channel(mesh, service) as channel:
             err = _call(channel, path, method)
             assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED, (path, err)
             assert _reason(err) == "API_KEY_MISSING", (path, err.details())
     for svc in SERVICES:
-        with grpc.insecure_channel(mesh.target(svc.name)) as channel:
+        with _channel(mesh, svc.name) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=svc.full_name), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -102,7 +109,7 @@ def test_a_client_key_cannot_call_the_store_or_policy_decisions(mesh) -> None:
                                              "/ExecuteTool", "/ExecuteTools", "/ReleaseSession"))]
     assert len(refused) > 20
     for service, path, method in refused:
-        with grpc.insecure_channel(mesh.target(service)) as channel:
+        with _channel(mesh, service) as channel:
             err = _call(channel, path, method, metadata=_auth(key))
             assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED, (path, err)
             assert _reason(err) == "RPC_NOT_ALLOWED" and path in err.details(), (path, err.details())
@@ -114,7 +121,7 @@ def test_a_service_key_is_held_to_its_own_row_of_the_table(mesh) -> None:
     for service, path, method in _methods():
         if service != "store":
             continue
-        with grpc.insecure_channel(mesh.target(service)) as channel:
+        with _channel(mesh, service) as channel:
             err = _call(channel, path, method, metadata=gateway)
             assert err is not None and _reason(err) == "RPC_NOT_ALLOWED", path
 
@@ -123,7 +130,7 @@ def test_garbage_truncated_and_disabled_credentials_never_reach_a_handler(mesh) 
     key = _key(mesh, "tenant-a")
     bad = ["", "Bearer", "Bearer ", "Basic abc", "Bearer lmk_", "Bearer lmk__x", f"Bearer {key[:-4]}",
            f"Bearer {key}x", "Bearer " + "A" * 5000, "Bearer lmk_000000000000_" + "x" * 43, f"bearer  {key[:20]}"]
-    with grpc.insecure_channel(mesh.target("orchestrator")) as channel:
+    with _channel(mesh, "orchestrator") as channel:
         stub = pb_grpc.AgentServiceStub(channel)
         for value in bad:
             with pytest.raises(grpc.RpcError) as caught:
@@ -133,7 +140,7 @@ def test_garbage_truncated_and_disabled_credentials_never_reach_a_handler(mesh) 
 
 
 def _agent(mesh: LaunchedMesh) -> tuple[grpc.Channel, pb_grpc.AgentServiceStub]:
-    channel = grpc.insecure_channel(mesh.target("orchestrator"))
+    channel = _channel(mesh, "orchestrator")
     return channel, pb_grpc.AgentServiceStub(channel)
 
 
@@ -175,7 +182,7 @@ def test_a_key_of_tenant_a_cannot_read_run_or_cancel_tenant_b_sessions(mesh) -> 
 
 def test_inference_binds_tenant_to_the_key(mesh) -> None:
     key_b = _key(mesh, "tenant-b")
-    with grpc.insecure_channel(mesh.target("inference")) as channel:
+    with _channel(mesh, "inference") as channel:
         method = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name["Generate"]
         request = inference_pb2.GenerateRequest(tenant_id="tenant-a", prompt="hi",
                                                 sampling=inference_pb2.SamplingParams(max_tokens=1))
@@ -187,13 +194,13 @@ def test_inference_binds_tenant_to_the_key(mesh) -> None:
 
 async def test_refusals_are_counted_and_written_to_the_callers_audit_chain(mesh) -> None:
     key_a = _key(mesh, "tenant-audit")
-    with grpc.insecure_channel(mesh.target("orchestrator")) as channel:
+    with _channel(mesh, "orchestrator") as channel:
         err = _call(channel, "/llmesh.orchestrator.v1.AgentService/ListSessions",
                     pb.DESCRIPTOR.services_by_name["AgentService"].methods_by_name["ListSessions"],
                     pb.ListSessionsRequest(tenant_id="someone-else"), _auth(key_a))
         assert _reason(err) == "TENANT_MISMATCH"
     entries: list[dict] = []
-    async with grpc.aio.insecure_channel(mesh.target("policy")) as channel:
+    async with open_channel(mesh.target("policy"), mesh.credentials, tls=mesh.tls) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
 
         async def audited() -> bool:
@@ -271,7 +278,7 @@ def test_the_same_session_id_under_two_tenants_names_two_sessions(mesh) -> None:
     prompt = "The lighthouse keeper counted the ships that passed in the night, one by one, until dawn."
 
     def usage(key: str) -> inference_pb2.Usage:
-        with grpc.insecure_channel(mesh.target("inference")) as channel:
+        with _channel(mesh, "inference") as channel:
             from llmesh.inference.v1 import inference_pb2_grpc
 
             replies = list(inference_pb2_grpc.InferenceServiceStub(channel).Generate(

@@ -32,7 +32,7 @@ from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key
 from services.common.runtime import RunningService, running_service
-from tests.support.auth import client_channel
+from tests.support.auth import TLS, client_channel
 from tests.support.ports import free_launcher_port_base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +143,8 @@ class LaunchedMesh:
     base: int
     data_dir: Path
     lines: list[str]
+    #: Whether its ports serve mutual TLS (the CA and the clients' certificate under ``credentials``).
+    tls: bool = False
 
     @property
     def credentials(self) -> Path:
@@ -156,15 +158,20 @@ class LaunchedMesh:
 
 
 @contextlib.contextmanager
-def launched_mesh(data_dir: Path, *, tls: bool = False, http: bool = False,
+def launched_mesh(data_dir: Path, *, tls: bool = TLS, http: bool = False,
                   ready_timeout_s: float = 240.0) -> Iterator[LaunchedMesh]:
-    """Start the launcher with one inference node; kill its process group on exit."""
+    """Start the launcher with one inference node; kill its process group on exit.
+
+    ``tls``: mutual TLS on every port (by default as the test run: ``make test-tls``), plaintext otherwise.
+    """
     base = free_launcher_port_base(nodes=1, http_offset=9 if http else None)
     args = [sys.executable, "-m", "services.launcher", "--data-dir", str(data_dir), "--port-base", str(base),
             "--nodes", "1", "--http-port", str(base + 9 if http else 0)]
     if tls:
         args.append("--tls")
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # ``tls`` alone decides: the launcher's --tls default would follow TLS from the environment.
+    env = {**os.environ, "TLS": "1" if tls else "0"}
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     lines: list[str] = []
     try:
@@ -180,7 +187,7 @@ def launched_mesh(data_dir: Path, *, tls: bool = False, http: bool = False,
         if not any("Ctrl-C stops it" in line for line in lines):
             raise RuntimeError("the launcher did not come up:\n" + "".join(lines[-60:]))
         # The table printed after the banner (key, grpcurl line) is read on demand.
-        yield LaunchedMesh(process, base, data_dir, lines)
+        yield LaunchedMesh(process, base, data_dir, lines, tls)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

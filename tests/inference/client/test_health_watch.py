@@ -8,9 +8,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmesh.inference.v1 import inference_pb2_grpc
 
+from services.common.identity import tls_files
 from services.inference.client.core.node_state import Health
 from tests.inference.client.conftest import collect, gen_request, make_balancer
 from tests.inference.client.fake_node import SERVICE_NAME, FakeInferenceServicer, FakeNodeConfig
+from tests.support.auth import CREDENTIALS, TLS
 from tests.support.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -23,13 +25,21 @@ PUSHED_WITHIN_S = HEALTH_INTERVAL_S / 2
 
 @contextlib.asynccontextmanager
 async def bare_node(node_id: str) -> AsyncIterator[tuple[str, health.aio.HealthServicer, grpc.aio.Server]]:
-    """A node on a plain grpc.aio server whose health service streams Watch replies."""
+    """A node on a plain grpc.aio server whose health service streams Watch replies.
+
+    It serves mutual TLS with the inference certificate in a TLS run, as the balancer then expects.
+    """
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(FakeInferenceServicer(FakeNodeConfig(node_id=node_id)),
                                                               server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if TLS:
+        ca, cert, key = tls_files(CREDENTIALS, "inference").read()
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await health_servicer.set(SERVICE_NAME, SERVING)
     try:
