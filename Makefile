@@ -11,6 +11,10 @@ GEN_STAMP := gen/.stamp
 PATHS_STAMP := $(VENV)/.paths
 PROTOS := $(shell find protos -name '*.proto')
 NODES ?= 1
+# `make run REPLICAS=2 DB=postgres`: two replicas each of the orchestrator, policy, tools and store, the
+# store on a throw-away PostgreSQL cluster. REPLICAS=1 DB=sqlite is the one-process-per-service default.
+REPLICAS ?= 1
+DB ?= sqlite
 PYTEST_ARGS ?=
 # llama.cpp is compiled once; pip keeps the wheel in its cache afterwards.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
@@ -47,8 +51,8 @@ $(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py | $(PATHS_STAMP)
 model: $(STAMP)
 	@$(PY) -m services.gemma.model_cache >/dev/null
 
-# PostgreSQL server (store tests), bubblewrap (tool sandbox) and Node.js with
-# npm (the generated-stub client test), when missing.
+# PostgreSQL server (store tests, `make run DB=postgres`), bubblewrap (tool
+# sandbox) and Node.js with npm (the generated-stub client test), when missing.
 system-deps:
 	@bash scripts/system_deps.sh
 
@@ -69,15 +73,25 @@ lint-protos: $(GEN_STAMP)
 proto-image: $(GEN_STAMP)
 	$(BUF) build protos -o descriptors/llmesh-v1.binpb
 
-test: setup system-deps lint typecheck lint-protos
-	$(PY) -m pytest $(PYTEST_ARGS)
+# checkov (the manifests' security scan in tests/deploy/test_manifests.py)
+# pins packaging<24 while pytest needs >=24: it gets a venv of its own.
+CHECKOV_VENV := $(VENV)/checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+$(CHECKOV_STAMP): deploy/checkov-requirements.txt
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --progress-bar off -r deploy/checkov-requirements.txt
+	touch $@
+
+test: setup system-deps lint typecheck lint-protos $(CHECKOV_STAMP)
+	LLMESH_CHECKOV=$(abspath $(CHECKOV_VENV))/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
 
 # The same suite with mutual TLS on every server and client of the tests.
-test-tls: setup system-deps
-	LLMESH_TEST_TLS=1 $(PY) -m pytest $(PYTEST_ARGS)
+test-tls: setup system-deps $(CHECKOV_STAMP)
+	LLMESH_TEST_TLS=1 LLMESH_CHECKOV=$(abspath $(CHECKOV_VENV))/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
 
-run: setup
-	$(PY) -m services.launcher --nodes $(NODES)
+# DB=postgres needs the PostgreSQL server: installed as for the tests.
+run: setup $(if $(filter postgres,$(DB)),system-deps)
+	$(PY) -m services.launcher --nodes $(NODES) --replicas $(REPLICAS) --db $(DB)
 
 clean:
 	rm -rf gen build .pytest_cache

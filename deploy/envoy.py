@@ -13,6 +13,13 @@ started (Envoy cannot retry once bytes went downstream, which matches
 The gRPC-JSON transcoder serves the ``google.api.http`` REST routes of the
 protos; the descriptor set is built from ``protos/`` and embedded.
 
+Orchestrator calls are spread by a consistent hash (``RING_HASH`` or
+``MAGLEV``) of the ``session_header`` a client sends (``x-llmesh-session:
+<session_id>``, gRPC metadata or an HTTP header), so the calls of one session
+keep reaching the replica that holds its cached context and live events. It
+is locality only: any replica serves any call, and a call without the header
+goes to a random healthy replica.
+
 Envoy is the mesh's edge: it routes only the client APIs, the orchestrator
 (``AgentService``) and inference (``InferenceService``). The store, policy
 and tools are the services' own and get no cluster, route or REST mapping
@@ -36,6 +43,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ipaddress
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -61,6 +69,12 @@ EXPOSED: dict[str, str] = {"inference": INFERENCE_SERVICE, "orchestrator": AGENT
 TYPE_PREFIX = "type.googleapis.com/"
 # gRPC statuses worth another host while nothing reached the client yet.
 RETRY_ON = "unavailable,resource-exhausted,cancelled,connect-failure,refused-stream,reset"
+#: Load balancing policies the orchestrator cluster may use; the hashing ones
+#: hash ``session_header``.
+HASH_POLICIES = ("RING_HASH", "MAGLEV")
+ORCHESTRATOR_LB_POLICIES = (*HASH_POLICIES, "LEAST_REQUEST")
+# HTTP/2 header names are lowercase tokens; pseudo-headers (":path") are not a session.
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9!#$%&'*+.^_`|~-]*$")
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,13 @@ class EnvoySettings:
     # Admin endpoint, bound to 127.0.0.1.
     admin_port: int = 9901
     # The orchestrator (host:port); inference nodes come from LLMESH_INFERENCE_NODES.
+    # A name that resolves to every replica (a headless Service) lets Envoy balance them.
     orchestrator_target: str = "orchestrator:50052"
+    # How Envoy picks an orchestrator replica: RING_HASH or MAGLEV (a consistent hash
+    # of session_header; calls without it go to a random replica) or LEAST_REQUEST.
+    orchestrator_lb_policy: str = "RING_HASH"
+    # Header (gRPC metadata) naming the session of an orchestrator call; its value is hashed.
+    session_header: str = "x-llmesh-session"
     # Folder of the mesh's TLS files as Envoy sees them (ca.pem and the
     # tls_name certificate, e.g. envoy.pem and envoy-key.pem); empty serves and
     # calls in plaintext.
@@ -109,6 +129,10 @@ class EnvoySettings:
         require(0 <= self.max_ejection_percent <= 100, "max_ejection_percent", "must be 0..100")
         host, _, port = self.orchestrator_target.rpartition(":")
         require(bool(host) and port.isdigit(), "orchestrator_target", "must be host:port")
+        require(self.orchestrator_lb_policy in ORCHESTRATOR_LB_POLICIES, "orchestrator_lb_policy",
+                f"must be one of {', '.join(ORCHESTRATOR_LB_POLICIES)}")
+        require(self.orchestrator_lb_policy not in HASH_POLICIES or bool(_HEADER_NAME.match(self.session_header)),
+                "session_header", "must be a lowercase HTTP header name (a hashing orchestrator_lb_policy needs one)")
         require(bool(self.tls_name) and "/" not in self.tls_name, "tls_name", "must be a file name stem")
         require(not self.downstream_client_cert or bool(self.tls_dir), "downstream_client_cert",
                 "needs tls_dir")
@@ -165,9 +189,7 @@ def _cluster(name: str, targets: Sequence[str], health_service: str, balancer: B
         "name": name,
         "type": kind,
         "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        # Two random hosts, the one with fewer active requests wins.
-        "least_request_lb_config": {"choice_count": 2},
+        **_lb_policy(envoy.orchestrator_lb_policy if name == "orchestrator" else "LEAST_REQUEST"),
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -204,6 +226,17 @@ def _cluster(name: str, targets: Sequence[str], health_service: str, balancer: B
         # Requests and active health checks alike go through this socket.
         cluster["transport_socket"] = _upstream_tls(name, envoy)
     return cluster
+
+
+def _lb_policy(policy: str) -> dict[str, Any]:
+    if policy == "RING_HASH":
+        # The ring's size bounds how evenly sessions spread; 1024 entries per few hosts is plenty.
+        return {"lb_policy": "RING_HASH",
+                "ring_hash_lb_config": {"minimum_ring_size": 1024, "hash_function": "XX_HASH"}}
+    if policy == "MAGLEV":
+        return {"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 65537}}
+    # Two random hosts, the one with fewer active requests wins.
+    return {"lb_policy": "LEAST_REQUEST", "least_request_lb_config": {"choice_count": 2}}
 
 
 def _upstream_tls(name: str, envoy: EnvoySettings) -> dict[str, Any]:
@@ -252,8 +285,8 @@ def _downstream_tls(envoy: EnvoySettings) -> dict[str, Any]:
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
-def _route(service: str, cluster: str, balancer: BalancerSettings) -> dict[str, Any]:
-    return {
+def _route(service: str, cluster: str, balancer: BalancerSettings, envoy: EnvoySettings) -> dict[str, Any]:
+    route: dict[str, Any] = {
         "match": {"prefix": f"/{service}/"},
         "route": {
             "cluster": cluster,
@@ -274,6 +307,12 @@ def _route(service: str, cluster: str, balancer: BalancerSettings) -> dict[str, 
             },
         },
     }
+    if cluster == "orchestrator" and envoy.orchestrator_lb_policy in HASH_POLICIES:
+        # Only the header: a call without it gets no hash, and the hashing balancer then
+        # picks a random healthy replica. (Hashing ":path" instead would send every call
+        # of one RPC method to one replica.)
+        route["route"]["hash_policy"] = [{"header": {"header_name": envoy.session_header}, "terminal": True}]
+    return route
 
 
 def render(balancer: BalancerSettings, envoy: EnvoySettings, descriptor: bytes | None = None) -> dict[str, Any]:
@@ -284,7 +323,7 @@ def render(balancer: BalancerSettings, envoy: EnvoySettings, descriptor: bytes |
     targets = {"inference": balancer.nodes, "orchestrator": (envoy.orchestrator_target,)}
     health_names = {"inference": balancer.health_service, "orchestrator": AGENT_SERVICE}
     clusters = [_cluster(name, targets[name], health_names[name], balancer, envoy) for name in EXPOSED]
-    routes = [_route(service, name, balancer) for name, service in EXPOSED.items()]
+    routes = [_route(service, name, balancer, envoy) for name, service in EXPOSED.items()]
     transcoder = {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {

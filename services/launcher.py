@@ -5,11 +5,20 @@ waits until each reports SERVING on its readiness health check, prints a table
 of endpoints, and stops every child on Ctrl-C or SIGTERM. A child that dies is
 reported by name with its last log lines and the mesh is stopped: nothing
 fails silently.
+
+``--replicas N`` (``make run REPLICAS=2``) starts N replicas each of the
+orchestrator, policy and tools (and of the store on PostgreSQL); every
+service reaches a replicated one through a target listing all its replicas,
+which its channel calls round robin. ``--db postgres`` first starts a
+throw-away PostgreSQL cluster (services/postgres_cluster.py) for the store,
+and stops and deletes it when the mesh stops. A replica that dies while
+another of its service still runs is reported and the mesh goes on.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
 import runpy
@@ -19,6 +28,7 @@ import sys
 import time
 import urllib.request
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.clients import make_channel
 from services.common.identity import Identity, tls_files
+from services.postgres_cluster import PostgresCluster, PostgresUnavailable, database_url, postgres_cluster
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 8.0
@@ -57,6 +68,15 @@ SERVICES: tuple[ServiceDef, ...] = (
 GATEWAY = ServiceDef("gateway", "services.gateway", "REST/SSE + OpenAI-compatible HTTP", 0,
                      ("orchestrator", "tools", "policy", "inference"), kind="http")
 DEV_KEY_FILE = "dev_api_key"
+#: Services that run as several replicas with --replicas (the store only on PostgreSQL).
+REPLICATED = ("store", "policy", "tools", "orchestrator")
+#: Replica r (from 1) of a service listens on port_base + its offset + (r - 1) * REPLICA_PORT_STRIDE
+#: (metrics 100 above, as for every service), clear of inference nodes 2..10 at port_base + 12..20.
+REPLICA_PORT_STRIDE = 20
+#: The throw-away PostgreSQL cluster of --db postgres listens on port_base + POSTGRES_PORT_OFFSET.
+POSTGRES_PORT_OFFSET = 8
+POSTGRES_DATABASE = "llmesh"
+DATABASES = ("sqlite", "postgres")
 
 
 @dataclass
@@ -69,6 +89,8 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     ready: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Which replica of its service this is, from 1.
+    replica: int = 1
 
     @property
     def target(self) -> str:
@@ -112,8 +134,17 @@ def run_child(argv: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
+def postgres_port(port_base: int) -> int:
+    return port_base + POSTGRES_PORT_OFFSET
+
+
 def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | None = None,
-                  tls: bool = False) -> list[Child]:
+                  tls: bool = False, replicas: int = 1, db: str = "sqlite") -> list[Child]:
+    """Every child of the mesh, with its ports and environment; ValueError for a layout that cannot run."""
+    if replicas < 1 or nodes < 1:
+        raise ValueError(f"--replicas ({replicas}) and --nodes ({nodes}) must be at least 1")
+    if db not in DATABASES:
+        raise ValueError(f"--db {db!r}: expected one of {', '.join(DATABASES)}")
     children: list[Child] = []
     node_ports = [port_base] + [port_base + 10 + i for i in range(1, nodes)]
     for svc in SERVICES:
@@ -121,13 +152,20 @@ def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | N
             for i, port in enumerate(node_ports):
                 name = "inference" if nodes == 1 else f"inference-{i + 1}"
                 children.append(Child(name, svc, port, port + 100, data_dir / "logs" / f"{name}.log"))
-        else:
-            port = port_base + svc.port_offset
-            children.append(Child(svc.name, svc, port, port + 100, data_dir / "logs" / f"{svc.name}.log"))
+            continue
+        # SQLite is one process's file: its store stays a single replica.
+        count = 1 if svc.name not in REPLICATED or (svc.name == "store" and db == "sqlite") else replicas
+        for replica in range(1, count + 1):
+            port = port_base + svc.port_offset + (replica - 1) * REPLICA_PORT_STRIDE
+            name = svc.name if count == 1 else f"{svc.name}-{replica}"
+            children.append(Child(name, svc, port, port + 100, data_dir / "logs" / f"{name}.log", replica=replica))
     if http_port is not None:
         children.append(Child("gateway", GATEWAY, http_port, port_base + 109, data_dir / "logs" / "gateway.log"))
-    targets = {c.service.name: c.target for c in children}
-    inference_nodes = ",".join(c.target for c in children if c.service.name == "inference")
+    _check_ports(children, postgres_port(port_base) if db == "postgres" else None)
+    # A replicated service's target lists every replica: its callers' channels spread calls round robin.
+    targets = {name: ",".join(c.target for c in children if c.service.name == name)
+               for name in {c.service.name for c in children}}
+    inference_nodes = targets["inference"]
     wiring = {
         "LLMESH_STORE_TARGET": targets["store"],
         "LLMESH_POLICY_TARGET": targets["policy"],
@@ -140,11 +178,40 @@ def plan_children(data_dir: Path, port_base: int, nodes: int, http_port: int | N
         "LLMESH_AUDIT_TARGET": targets["policy"],
         "LLMESH_TLS_ENABLED": "true" if tls else "false",
     }
+    counts = {name: sum(c.service.name == name for c in children) for name in targets}
     for child in children:
         child.extra_env = dict(wiring)
-        if child.service.name == "inference":
+        kind = child.service.name
+        if kind == "inference":
             child.extra_env["LLMESH_INFERENCE_NODE_ID"] = child.name
+        if kind == "store" and db == "postgres":
+            child.extra_env["LLMESH_STORE_DATABASE_URL"] = database_url(postgres_port(port_base), POSTGRES_DATABASE)
+        if kind in REPLICATED and counts[kind] > 1:
+            child.extra_env.update(_replica_env(child))
     return children
+
+
+def _replica_env(child: Child) -> dict[str, str]:
+    """What sets one replica apart: its name in task claims and locks, and a trace file of its own
+    (replicas share the data dir; their span batches would interleave in one file). Set ones win."""
+    svc = child.service.name.upper()
+    env: dict[str, str] = {}
+    if not {"LLMESH_TRACE_FILE", f"LLMESH_{svc}_TRACE_FILE"} & os.environ.keys():
+        env[f"LLMESH_{svc}_TRACE_FILE"] = f"traces/{child.name}.jsonl"
+    named = {"LLMESH_REPLICA_ID", "LLMESH_ORCHESTRATOR_REPLICA_ID"} & os.environ.keys()
+    if child.service.name == "orchestrator" and not named:
+        env["LLMESH_ORCHESTRATOR_REPLICA_ID"] = child.name
+    return env
+
+
+def _check_ports(children: list[Child], postgres: int | None) -> None:
+    owners: dict[int, str] = {} if postgres is None else {postgres: "postgres"}
+    for child in children:
+        for port in (child.port, child.metrics_port):
+            if port in owners:
+                raise ValueError(f"port {port} is both {owners[port]}'s and {child.name}'s: use fewer --nodes or "
+                                 "--replicas, or another --port-base or --http-port")
+            owners[port] = child.name
 
 
 class Launcher:
@@ -163,6 +230,7 @@ class Launcher:
                                                     str(child.metrics_port), "--data-dir", str(self.data_dir)])
         log = child.log_path.open("ab")
         child.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        child.ready = False
         log.close()
 
     async def wait_ready(self, child: Child) -> None:
@@ -202,29 +270,82 @@ class Launcher:
                 await asyncio.sleep(0.2)  # start-up only
         raise TimeoutError(f"{child.name} not ready after {self.ready_timeout_s:.0f}s")
 
+    def _may_start(self, child: Child) -> bool:
+        """Once every replica of each service it depends on is ready; a second replica once the
+        first is (so one-time set-up, such as migrations or key files, happens in one process)."""
+        for other in self.children:
+            if other.service.name in child.service.depends_on and not other.ready:
+                return False
+            if other.service is child.service and other.replica < child.replica and not other.ready:
+                return False
+        return True
+
     async def start_all(self) -> None:
-        started: set[str] = set()
         pending = list(self.children)
-        while pending:
-            wave = [c for c in pending if all(d in started for d in c.service.depends_on)]
-            for child in wave:
-                self.spawn(child)
-            await asyncio.gather(*(self.wait_ready(c) for c in wave))
-            for child in wave:
-                started.add(child.service.name)
-                pending.remove(child)
+        waiting: dict[asyncio.Future[None], Child] = {}
+        try:
+            while pending or waiting:
+                for child in [c for c in pending if self._may_start(c)]:
+                    pending.remove(child)
+                    self.spawn(child)
+                    waiting[asyncio.ensure_future(self.wait_ready(child))] = child
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    del waiting[future]
+                    future.result()
+        finally:
+            for future in waiting:
+                future.cancel()
+
+    def _replicas_alive(self, service: ServiceDef) -> list[Child]:
+        return [c for c in self.children
+                if c.service is service and c.process is not None and c.process.poll() is None]
 
     async def watch(self) -> None:
-        """Resolve when a child exits on its own or a stop is requested."""
+        """Resolve when a stop is requested or a child exits on its own, unless that child is a replica
+        of a service with another replica still running: that one is reported and the mesh goes on."""
         loop = asyncio.get_running_loop()
-        waiters = [loop.run_in_executor(None, c.process.wait) for c in self.children if c.process]
-        stop_task = asyncio.ensure_future(self.stop_requested.wait())
+        running = [c for c in self.children if c.process is not None]
+        # One thread per child, each blocked in wait(): the default pool may have fewer threads than children.
+        # They end once stop_all has stopped every child, so nothing waits for them here.
+        pool = ThreadPoolExecutor(max_workers=max(1, len(running)), thread_name_prefix="launcher-wait")
         # Futures of different results (the stop event's bool, each child's exit code).
-        futures: list[asyncio.Future[Any]] = [stop_task, *waiters]
-        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-        if stop_task not in done:
-            self.failed = next(c for c in self.children if c.process and c.process.poll() is not None)
-        stop_task.cancel()
+        exits: dict[asyncio.Future[Any], Child] = {
+            loop.run_in_executor(pool, c.process.wait): c for c in running if c.process is not None}
+        stop_task = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            while self.failed is None:
+                done, _ = await asyncio.wait([stop_task, *exits], return_when=asyncio.FIRST_COMPLETED)
+                if stop_task in done:
+                    break
+                for future in done:
+                    child = exits.pop(future)
+                    others = self._replicas_alive(child.service)
+                    if child.service.name in REPLICATED and others:
+                        report_death(child, going_on_with=[c.name for c in others])
+                        # As a supervisor would: the replica comes back while its siblings serve,
+                        # unless it died before it was ever ready (a crash at start would only loop).
+                        if not child.ready:
+                            print(f"!! {child.name} is not restarted: it died before it was ready",
+                                  file=sys.stderr, flush=True)
+                            continue
+                        self.spawn(child)
+                        if child.process is not None:
+                            exits[loop.run_in_executor(pool, child.process.wait)] = child
+                            asyncio.ensure_future(self._report_restart(child))
+                    elif self.failed is None:
+                        self.failed = child
+        finally:
+            stop_task.cancel()
+            pool.shutdown(wait=False)
+
+    async def _report_restart(self, child: Child) -> None:
+        try:
+            await self.wait_ready(child)
+        except (ChildDied, TimeoutError) as exc:
+            print(f"!! {child.name} did not come back: {exc}", file=sys.stderr, flush=True)
+            return
+        print(f"{child.name} restarted and ready at {child.target}", flush=True)
 
     def stop_all(self) -> None:
         alive = [(c, p) for c in self.children if (p := c.process) is not None and p.poll() is None]
@@ -250,20 +371,33 @@ class ChildDied(Exception):
         self.child = child
 
 
-def report_death(child: Child) -> None:
+def report_death(child: Child, going_on_with: list[str] | None = None) -> None:
     code = child.process.returncode if child.process else None
     print(f"\n!! {child.name} exited with code {code}; last log lines ({child.log_path}):", file=sys.stderr)
     for line in child.last_log_lines():
         print("   " + line.rstrip(), file=sys.stderr)
+    if going_on_with:
+        print(f"!! the mesh goes on with {', '.join(going_on_with)}", file=sys.stderr, flush=True)
 
 
-def print_table(children: list[Child], data_dir: Path, tls: bool = False) -> None:
+def print_table(children: list[Child], data_dir: Path, tls: bool = False,
+                cluster: PostgresCluster | None = None) -> None:
     print("\nllmesh is up (Ctrl-C stops it):\n")
     print(f"  {'service':<14} {'address':<22} {'metrics':<32} log")
     for c in children:
         address = "http://" + c.target if c.service.kind == "http" else c.target
         metrics = f"http://127.0.0.1:{c.metrics_port}/metrics"
         print(f"  {c.name:<14} {address:<22} {metrics:<32} {c.log_path}")
+    if cluster is not None:
+        print(f"  {'postgres':<14} {'127.0.0.1:' + str(cluster.port):<22} {'-':<32} {cluster.log_path}")
+    replicated = sorted({c.service.name for c in children if c.replica > 1})
+    if replicated:
+        print("\n  each call may land on any replica: services (and services.common.clients.make_channel)"
+              " dial these targets round robin")
+        for name in replicated:
+            print(f"  {name:<14} {','.join(c.target for c in children if c.service.name == name)}")
+    if cluster is not None:
+        print(f"\n  database: {cluster.url(POSTGRES_DATABASE)} (a throw-away cluster, deleted on stop)")
     key_file = data_dir / DEV_KEY_FILE
     key = key_file.read_text().strip() if key_file.exists() else "<key>"
     orchestrator = next((c.target for c in children if c.service.name == "orchestrator"), children[0].target)
@@ -306,23 +440,48 @@ def prepare_data_dir(data_dir_arg: str, tls: bool) -> Path:
     return data_dir
 
 
+def start_postgres(stack: contextlib.ExitStack, port: int) -> PostgresCluster:
+    """A throw-away cluster with an empty database for the store, stopped and deleted when ``stack`` closes
+    (blocking: run off the loop)."""
+    import psycopg
+
+    cluster = stack.enter_context(postgres_cluster(port))
+    print(f"postgres: a throw-away cluster in {cluster.root} on 127.0.0.1:{port}", flush=True)
+    try:
+        cluster.create_database(POSTGRES_DATABASE)
+    except psycopg.Error as exc:
+        raise PostgresUnavailable(f"PostgreSQL on 127.0.0.1:{port} refused to create database "
+                                  f"{POSTGRES_DATABASE!r}: {exc}") from None
+    return cluster
+
+
 async def run(args: argparse.Namespace) -> int:
     http_port = args.http_port if args.http_port > 0 else None
     data_dir = await asyncio.to_thread(prepare_data_dir, args.data_dir, args.tls)
-    children = plan_children(data_dir, args.port_base, args.nodes, http_port, tls=args.tls)
+    try:
+        children = plan_children(data_dir, args.port_base, args.nodes, http_port, tls=args.tls,
+                                 replicas=args.replicas, db=args.db)
+    except ValueError as exc:
+        print(f"!! {exc}", file=sys.stderr)
+        return 2
     launcher = Launcher(children, data_dir, args.ready_timeout, tls=args.tls)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, launcher.stop_requested.set)
     rc = 0
+    # Holds the PostgreSQL cluster: closed last, after every service has stopped, and on a failed start too.
+    database = contextlib.ExitStack()
     try:
+        cluster = None
+        if args.db == "postgres":
+            cluster = await asyncio.to_thread(start_postgres, database, postgres_port(args.port_base))
         start = asyncio.ensure_future(launcher.start_all())
         stop_wait = asyncio.ensure_future(launcher.stop_requested.wait())
         done, _ = await asyncio.wait([start, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             stop_wait.cancel()
             start.result()
-            print_table(children, data_dir, args.tls)
+            print_table(children, data_dir, args.tls, cluster)
             await launcher.watch()
             if launcher.failed is not None:
                 report_death(launcher.failed)
@@ -332,11 +491,12 @@ async def run(args: argparse.Namespace) -> int:
     except ChildDied as died:
         report_death(died.child)
         rc = 1
-    except TimeoutError as exc:
+    except (TimeoutError, PostgresUnavailable) as exc:
         print(f"!! {exc}", file=sys.stderr)
         rc = 1
     finally:
         launcher.stop_all()
+        await asyncio.to_thread(database.close)
     print("llmesh stopped", flush=True)
     return rc
 
@@ -350,6 +510,10 @@ def main() -> None:
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("LLMESH_PORT_BASE", "50051")))
     parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "1")),
                         help="inference nodes to start")
+    parser.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
+                        help="replicas each of the orchestrator, policy and tools, and of the store on PostgreSQL")
+    parser.add_argument("--db", choices=DATABASES, default=os.environ.get("DB", "sqlite"),
+                        help="the store's database: SQLite under the data dir, or a throw-away PostgreSQL cluster")
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("LLMESH_HTTP_PORT", "8080")),
                         help="REST gateway port; 0 leaves the gateway out")
     parser.add_argument("--ready-timeout", type=float, default=120.0)

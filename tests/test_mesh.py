@@ -43,11 +43,11 @@ def _dev_key(mesh) -> str:
 def _caller_metadata(mesh, path: str) -> tuple[tuple[str, str], ...]:
     """Credentials of a caller the authorisation table allows for ``path``: agents are driven by a client
     (the dev key); anything else is called as a mesh service that may call it (store as the orchestrator,
-    policy decisions as tools, audit reads as the gateway)."""
+    policy decisions as tools, audit reads as the gateway, the store's approvals as policy)."""
     if path.startswith("/llmesh.orchestrator.v1.AgentService/"):
         return bearer(_dev_key(mesh))
     allowed = authz.allowed_callers(path)
-    service = next(name for name in ("orchestrator", "tools", "gateway") if f"service:{name}" in allowed)
+    service = next(name for name in ("orchestrator", "tools", "gateway", "policy") if f"service:{name}" in allowed)
     # The launcher keeps the services' keys under <data>/credentials (LLMESH_CREDENTIALS_DIR).
     return bearer(service_key(Path(mesh["data_dir"]) / "credentials", service))
 

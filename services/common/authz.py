@@ -68,6 +68,16 @@ TABLE: Mapping[str, frozenset[str]] = {
     _POLICY + "RecordAccessDenials": SERVICES,
     # The store is the services' own.
     _STORE: frozenset({ORCHESTRATOR, POLICY, TOOLS}),
+    # Approvals are the policy replicas' shared book; WatchApprovals shows every tenant's.
+    _STORE + "OpenApproval": frozenset({POLICY}),
+    _STORE + "GetApproval": frozenset({POLICY}),
+    _STORE + "DecideApproval": frozenset({POLICY}),
+    _STORE + "NoteApprovalAudit": frozenset({POLICY}),
+    _STORE + "ListApprovals": frozenset({POLICY}),
+    _STORE + "WatchApprovals": frozenset({POLICY}),
+    # Session controls carry a run's cancel and approval answers between orchestrator replicas.
+    _STORE + "PostSessionControl": frozenset({ORCHESTRATOR}),
+    _STORE + "WatchSessionControls": frozenset({ORCHESTRATOR}),
 }
 
 

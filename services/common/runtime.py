@@ -89,6 +89,9 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Clients ping every 30 s (clients.channel_options), idle watches included; the server's
+        # default floor (5 min) would answer those pings with GOAWAY too_many_pings.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
         # Calls waiting for the Python server to pick them up; past the default
         # (1000) gRPC cancels them, so a burst of reconnecting watchers (after
         # a restart) would lose a share of its streams.

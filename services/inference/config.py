@@ -59,6 +59,9 @@ class Settings(ServerSettings):
     synthetic_ttft_ms: float = 0.0
     #: Synthetic backend: prefill cost per prompt token.
     synthetic_prefill_ms_per_token: float = 0.0
+    #: Synthetic backend: text every generation writes before it ends (e.g. a scripted tool call);
+    #: empty: endless filler.
+    synthetic_reply: str = ""
     #: Identical deterministic requests in flight share one decode.
     merge_requests: bool = True
     #: Answers of deterministic, session-free requests kept for exact replay; 0 (default) disables the cache.

@@ -136,6 +136,7 @@ def build_backends(settings: Settings) -> list[Backend]:
         return [SyntheticBackend(n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max, n_batch=settings.n_batch,
                                  tokens_per_s=settings.synthetic_tokens_per_s, ttft_ms=settings.synthetic_ttft_ms,
                                  prefill_ms_per_token=settings.synthetic_prefill_ms_per_token,
+                                 reply=settings.synthetic_reply,
                                  model_name=settings.model_name)]
     if settings.backend != "llama":
         raise InvalidArgument(f"backend: expected 'llama' or 'synthetic', got {settings.backend!r}", field="backend")

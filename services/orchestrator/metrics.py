@@ -1,4 +1,4 @@
-"""Prometheus metrics of the orchestrator, fed by the event hub's observer."""
+"""Prometheus metrics of the orchestrator, fed by the event hub's observer and the core's signals."""
 from __future__ import annotations
 
 import weakref
@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from services.orchestrator.core import events as ev
 from services.orchestrator.core.events import AgentEvent
+from services.orchestrator.core.signals import Signals
 from services.orchestrator.core.tasks import TaskQueue
 
 EVENTS = Counter("llmesh_orchestrator_events_total", "Events published to run streams.", ["type"])
@@ -19,6 +20,29 @@ COMPACTIONS = Counter("llmesh_orchestrator_compactions_total", "Context compacti
 COMPACTION_RATIO = Histogram(
     "llmesh_orchestrator_compaction_ratio", "Prompt tokens after a compaction over tokens before it.",
     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+
+RUNS_FENCED = Counter("llmesh_orchestrator_runs_fenced_total",
+                      "Runs stopped because the store refused their append: another replica took the session.")
+DEAD_RUNS_ENDED = Counter("llmesh_orchestrator_dead_runs_ended_total",
+                          "Turns of a replica that stopped mid-turn, ended here with an error event.")
+CONTROLS = Counter("llmesh_orchestrator_session_controls_total",
+                   "Session controls (cancel, approval): posted here for a run elsewhere, applied to a run here, "
+                   "or seen with no such run here.", ["kind", "outcome"])
+CONTROL_DELAY = Histogram(
+    "llmesh_orchestrator_session_control_delay_seconds",
+    "From a control's store time to its applying here (two machines' clocks).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+
+
+def observe_control(kind: str, outcome: str, delay_s: float | None) -> None:
+    CONTROLS.labels(kind, outcome).inc()
+    if delay_s is not None:
+        CONTROL_DELAY.observe(delay_s)
+
+
+def signals() -> Signals:
+    """The core's hooks, pointed at these metrics."""
+    return Signals(run_fenced=RUNS_FENCED.inc, dead_run_ended=DEAD_RUNS_ENDED.inc, control=observe_control)
 
 
 def observe_event(event: AgentEvent) -> None:

@@ -100,10 +100,13 @@ class App:
                                                                 role=s.tool_role)
         policy = self._ports["policy"] or GrpcPolicy.for_channel(self._channel("policy", s.policy_target))
         self.orchestrator = Orchestrator(store=store, inference=inference, tools=tools, policy=policy,
-                                         config=orchestrator_config(s))
+                                         config=orchestrator_config(s), signals=metrics.signals())
         self.orchestrator.hub.add_observer(metrics.observe_event)
         metrics.watch_tasks(self.orchestrator.tasks)
         self.orchestrator.start()
+        if not await self.orchestrator.wait_ready():
+            log.warning("session control watch not live yet: Cancel and SubmitApproval from other replicas "
+                        "reach runs here once it is")
         self.servicer.bind(self.orchestrator)
 
     @property

@@ -54,7 +54,8 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):
             yield pb.ResumeResponse(event=convert.event_to_pb(event))
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
-        cancelled = await self._orch.cancel(request.tenant_id, request.session_id, request.run_id)
+        cancelled = await self._orch.cancel(request.tenant_id, request.session_id, request.run_id,
+                                            request_id=request.request_id)
         return pb.CancelResponse(cancelled=cancelled)
 
     async def SubmitApproval(self, request: pb.SubmitApprovalRequest, context) -> pb.SubmitApprovalResponse:

@@ -17,7 +17,8 @@ class Settings(ServerSettings):
     policy_file: str = ""
     # Seconds between checks of the policy file for changes.
     reload_interval_s: float = 2.0
-    # "store" keeps the audit chain in the store service; "memory" keeps it in
+    # "store" keeps the audit chain and the approvals in the store service,
+    # shared by every replica and kept across restarts; "memory" keeps both in
     # this process only (tests, demos).
     audit_backend: str = "store"
     # host:port of the store service (with audit_backend "store").
@@ -29,8 +30,13 @@ class Settings(ServerSettings):
     audit_key_file: str = "policy-audit.key"
     # Unanswered approval requests expire after this many seconds.
     approval_ttl_s: float = 3600.0
-    # Pending approval requests kept at once; more are refused with RESOURCE_EXHAUSTED.
+    # With audit_backend "memory": approvals kept in this process (the oldest are
+    # dropped first).
     max_pending_approvals: int = 100_000
+    # With audit_backend "store": session-wide grants this replica caches (the
+    # least recently used are dropped first); a call no cached grant covers is
+    # checked with the store.
+    approval_cache_grants: int = 100_000
     # Threads that judge calls off the event loop; one tenant may use all but one (at least 2).
     evaluate_workers: int = 4
     # Seconds of judging per call; past them the commands not yet judged are left to a person (prompt).

@@ -14,9 +14,10 @@ from services.common.refusals import DenialCount
 from services.policy.adapters.audit_key import load_audit_key
 from services.policy.adapters.memory_audit_log import MemoryAuditLog
 from services.policy.adapters.policy_file_watcher import PolicyFileWatcher
+from services.policy.adapters.store_approvals import StoreApprovalBook
 from services.policy.adapters.store_audit_log import StoreAuditLog
 from services.policy.config import Settings
-from services.policy.core.approvals import ApprovalBook
+from services.policy.core.approvals import ApprovalBook, ApprovalPort
 from services.policy.core.audit import AuditChain, AuditLog
 from services.policy.core.policy_holder import PolicyHolder
 from services.policy.core.policy_loader import PolicyLoadError, load_policy
@@ -52,6 +53,7 @@ class App:
         self._audit_log = audit_log
         self._late = _LateService()
         self._channel: grpc.aio.Channel | None = None
+        self._store_approvals: StoreApprovalBook | None = None
         self.holder: PolicyHolder | None = None
         self.watcher: PolicyFileWatcher | None = None
 
@@ -81,20 +83,26 @@ class App:
         if not key_file.is_absolute():
             key_file = settings.data_path / key_file
         key = load_audit_key(settings.audit_key_env, key_file)
+        approvals: ApprovalPort
+        if settings.audit_backend == "store":
+            # One channel, as the policy service, for the audit chain and the approvals.
+            self._channel = make_channel(settings.store_target, service_identity(settings, "policy"))
+            self._store_approvals = StoreApprovalBook(self._channel, ttl_s=settings.approval_ttl_s,
+                                                      max_cached_grants=settings.approval_cache_grants)
+            self._store_approvals.start()
+            approvals = self._store_approvals
+        else:
+            approvals = ApprovalBook(ttl_s=settings.approval_ttl_s, max_approvals=settings.max_pending_approvals)
         audit_log = self._audit_log
         if audit_log is None:
-            if settings.audit_backend == "memory":
-                audit_log = MemoryAuditLog()
-            else:
-                self._channel = make_channel(settings.store_target, service_identity(settings, "policy"))
-                audit_log = StoreAuditLog(self._channel)
-        approvals = ApprovalBook(ttl_s=settings.approval_ttl_s, max_approvals=settings.max_pending_approvals)
-        APPROVALS_HELD.set_function(lambda: approvals.num_approvals)
+            audit_log = StoreAuditLog(self._channel) if self._channel is not None else MemoryAuditLog()
+        APPROVALS_HELD.set_function(lambda: approvals.num_held)
         limits = EvaluationLimits(num_workers=settings.evaluate_workers, budget_s=settings.evaluate_budget_s,
                                   timeout_s=settings.evaluate_timeout_s)
         self._late.service = PolicyService(self.holder, approvals, AuditChain(audit_log, key), limits)
         log.info("policy loaded", extra={"event": "policy_loaded", "source": str(policy_path),
-                                         "version": policy.version, "audit_backend": settings.audit_backend})
+                                         "version": policy.version, "audit_backend": settings.audit_backend,
+                                         "approvals": "store" if self._store_approvals is not None else "memory"})
 
     async def record_access_denials(self, batch: list[DenialCount]) -> None:
         """The policy service's own refusals go straight to its audit chains."""
@@ -105,6 +113,8 @@ class App:
             await self.watcher.stop()
         if self._late.service is not None:
             self._late.service.close()
+        if self._store_approvals is not None:
+            await self._store_approvals.close()
         if self._channel is not None:
             await self._channel.close()
 

@@ -12,7 +12,9 @@ DECISIONS = Counter("llmesh_policy_decisions_total", "Evaluate decisions.", ["de
 EVALUATION_SECONDS = Histogram(
     "llmesh_policy_evaluation_seconds", "Time spent judging one call and redacting it, off the event loop.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
-APPROVALS_HELD = Gauge("llmesh_policy_approvals_held", "Approvals held in memory (bounded by max_pending_approvals).")
+APPROVALS_HELD = Gauge("llmesh_policy_approvals_held",
+                       "Approvals held in this process: all of them with the memory backend "
+                       "(max_pending_approvals), the cached session grants with the store (approval_cache_grants).")
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):

@@ -34,6 +34,10 @@ class Settings(ServerSettings):
     # One query per this interval reads the last seq of every watched session, so
     # WatchEvents streams see appends made by other store replicas (0 turns it off).
     watch_recheck_ms: int = 1_000
+    # One query per this interval reads the approval and session-control counters, so
+    # WatchApprovals and WatchSessionControls streams see changes made by other store
+    # replicas (0 turns it off; this replica's own changes wake them at once).
+    feed_recheck_ms: int = 100
     # Tasks: default attempts, backoff of failed attempts, how often leases are swept.
     task_max_attempts: int = 5
     task_backoff_base_ms: int = 1_000
@@ -44,6 +48,10 @@ class Settings(ServerSettings):
     event_retention_days: float = 0.0
     # The same for audit entries (0 keeps them).
     audit_retention_days: float = 0.0
+    # Approvals opened longer ago than this are deleted (a pending one only once expired); 0 keeps them.
+    approval_retention_days: float = 7.0
+    # Session controls (cancel requests, approval answers for a run) older than this are deleted; 0 keeps them.
+    session_control_retention_s: float = 3_600.0
     # How often the archiver runs.
     retention_interval_s: float = 300.0
     # Rows moved per transaction, so writers never wait long behind the archiver.

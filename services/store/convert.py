@@ -7,12 +7,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmesh.store.v1 import store_pb2
 
 from services.store.core.models import (
+    ApprovalRecord,
     AuditRecord,
     EventRecord,
     LockResult,
     MessageRecord,
     NewEvent,
     NewMessage,
+    SessionControlRecord,
     SessionRecord,
     TaskRecord,
 )
@@ -76,3 +78,17 @@ def audit_record(e: store_pb2.AuditEntry) -> AuditRecord:
 def audit_pb(r: AuditRecord) -> store_pb2.AuditEntry:
     return store_pb2.AuditEntry(tenant_id=r.tenant_id, seq=r.seq, prev_hash=r.prev_hash, entry_hash=r.entry_hash,
                                 payload_json=r.payload_json, create_time=timestamp(r.create_ms))
+
+
+def approval_pb(r: ApprovalRecord) -> store_pb2.Approval:
+    return store_pb2.Approval(
+        tenant_id=r.tenant_id, session_id=r.session_id, approval_id=r.approval_id, subject_key=r.subject_key,
+        state=r.state.value, approver=r.approver, create_time=timestamp(r.create_ms),
+        expire_time=timestamp(r.expire_ms), decided_request_id=r.decided_request_id, audit_seq=r.audit_seq,
+        change_seq=r.change_seq)
+
+
+def control_pb(r: SessionControlRecord) -> store_pb2.SessionControl:
+    return store_pb2.SessionControl(tenant_id=r.tenant_id, session_id=r.session_id, seq=r.seq, kind=r.kind,
+                                    run_id=r.run_id, payload_json=r.payload_json,
+                                    create_time=timestamp(r.create_ms))

@@ -13,7 +13,7 @@ from services.store.core.maintenance import Maintenance, MaintenanceOptions
 from services.store.core.store import CoreOptions, StoreCore, wall_clock_ms
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import ReplicaCommitPoller, WatchHub
-from services.store.metrics import EVENTS_DROPPED, MeteredRepository, watch_writer
+from services.store.metrics import EVENTS_DROPPED, MeteredRepository, watch_feeds, watch_writer
 from services.store.servicer import StoreServicer
 
 SERVICE_NAME = "llmesh.store.v1.StoreService"
@@ -30,6 +30,7 @@ class App:
         self.core: StoreCore | None = None
         self.maintenance: Maintenance | None = None
         self.poller: ReplicaCommitPoller | None = None
+        self.feed_poller: ReplicaCommitPoller | None = None
         self._servicer = _LateServicer(self)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -43,6 +44,7 @@ class App:
         await self.database.migrate()
         repo = MeteredRepository(self.database)
         hub = WatchHub()
+        feed_hub = WatchHub()  # approvals and session controls
 
         def publish_commits(done: list[tuple[str, str, int]]) -> None:
             for tenant_id, session_id, seq in done:
@@ -56,24 +58,31 @@ class App:
             on_commit=publish_commits,
             on_drop=EVENTS_DROPPED.inc)
         watch_writer(writer, hub)
+        watch_feeds(feed_hub)
         writer.start()
         self.core = StoreCore(repo, writer, hub, CoreOptions(
             default_max_attempts=s.task_max_attempts,
-            retry=RetryPolicy(s.task_backoff_base_ms, s.task_backoff_max_ms)))
+            retry=RetryPolicy(s.task_backoff_base_ms, s.task_backoff_max_ms)), feed_hub=feed_hub)
         self.maintenance = Maintenance(repo, MaintenanceOptions(
             lease_sweep_interval_s=s.lease_sweep_interval_ms / 1000, event_retention_days=s.event_retention_days,
             audit_retention_days=s.audit_retention_days, retention_interval_s=s.retention_interval_s,
-            retention_batch_rows=s.retention_batch_rows), wall_clock_ms)
+            retention_batch_rows=s.retention_batch_rows, approval_retention_days=s.approval_retention_days,
+            session_control_retention_s=s.session_control_retention_s), wall_clock_ms)
         self.maintenance.start()
         self.poller = ReplicaCommitPoller(hub, repo.last_event_seqs, s.watch_recheck_ms / 1000)
         self.poller.start()
+        self.feed_poller = ReplicaCommitPoller(feed_hub, repo.feed_heads, s.feed_recheck_ms / 1000,
+                                               name="feed-replica-poller")
+        self.feed_poller.start()
         log.info("store ready", extra={"event": "store_ready", "dialect": self.database.dialect})
 
     async def close(self) -> None:
-        if self.poller is not None:
-            await self.poller.close()
+        for poller in (self.poller, self.feed_poller):
+            if poller is not None:
+                await poller.close()
         if self.core is not None:
             self.core.hub.close()
+            self.core.feed_hub.close()
             await self.core.writer.close()
         if self.maintenance is not None:
             await self.maintenance.close()

@@ -7,9 +7,17 @@ import grpc
 from llmesh.store.v1 import store_pb2 as pb
 from llmesh.store.v1 import store_pb2_grpc
 
+from services.common.auth import principal_var
 from services.store import convert
 from services.store.core.models import NewSession
 from services.store.core.store import StoreCore
+
+
+def _acting_for_client() -> str | None:
+    """The tenant of the client this call acts for; None for a mesh service acting for itself
+    (or a store run without authentication, where every caller is trusted alike)."""
+    principal = principal_var.get()
+    return principal.tenant_id if principal is not None and not principal.is_service else None
 
 
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
@@ -36,7 +44,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     async def AppendMessages(self, request: pb.AppendMessagesRequest, context):
         positions = await self.core.append_messages(request.tenant_id, request.session_id,
-                                                    convert.new_messages(request.messages), request.request_id)
+                                                    convert.new_messages(request.messages), request.request_id,
+                                                    request.fencing_token)
         return pb.AppendMessagesResponse(positions=positions)
 
     async def ListMessages(self, request: pb.ListMessagesRequest, context):
@@ -48,7 +57,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def AppendEvents(self, request: pb.AppendEventsRequest, context):
         seqs = await self.core.append_events(request.tenant_id, request.session_id,
                                              convert.new_events(request.events), request.request_id,
-                                             no_drop=request.no_drop)
+                                             no_drop=request.no_drop, fencing_token=request.fencing_token)
         return pb.AppendEventsResponse(seqs=seqs, num_dropped=sum(1 for s in seqs if s == 0))
 
     async def ReadEvents(self, request: pb.ReadEventsRequest, context):
@@ -110,3 +119,53 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                                           request.page_token)
         return pb.ListAuditResponse(entries=[convert.audit_pb(r) for r in page.items],
                                     next_page_token=page.next_page_token)
+
+    async def OpenApproval(self, request: pb.OpenApprovalRequest, context):
+        record, created = await self.core.approvals.open(request.tenant_id, request.session_id,
+                                                         request.subject_key, request.ttl_ms, request.request_id)
+        return pb.OpenApprovalResponse(approval=convert.approval_pb(record), created=created)
+
+    async def GetApproval(self, request: pb.GetApprovalRequest, context):
+        record = await self.core.approvals.get(request.tenant_id, request.session_id, request.approval_id)
+        return pb.GetApprovalResponse(approval=convert.approval_pb(record))
+
+    async def DecideApproval(self, request: pb.DecideApprovalRequest, context):
+        record, replayed = await self.core.approvals.decide(
+            request.request_id, request.tenant_id, request.session_id, request.approval_id, request.from_state,
+            request.to_state, request.approver)
+        return pb.DecideApprovalResponse(approval=convert.approval_pb(record), replayed=replayed)
+
+    async def NoteApprovalAudit(self, request: pb.NoteApprovalAuditRequest, context):
+        record = await self.core.approvals.note_audit(request.tenant_id, request.session_id, request.approval_id,
+                                                      request.audit_seq)
+        return pb.NoteApprovalAuditResponse(approval=convert.approval_pb(record))
+
+    async def ListApprovals(self, request: pb.ListApprovalsRequest, context):
+        page = await self.core.approvals.list(request.tenant_id, request.session_id, request.state,
+                                              request.page_size, request.page_token)
+        return pb.ListApprovalsResponse(approvals=[convert.approval_pb(r) for r in page.items],
+                                        next_page_token=page.next_page_token)
+
+    async def WatchApprovals(self, request: pb.WatchApprovalsRequest,
+                             context) -> AsyncIterator[pb.WatchApprovalsResponse]:
+        async for record, change_seq in self.core.approvals.watch(
+                request.after_change_seq, request.from_now, all_tenants_allowed=_acting_for_client() is None):
+            yield pb.WatchApprovalsResponse(approval=convert.approval_pb(record) if record is not None else None,
+                                            change_seq=change_seq)
+
+    async def PostSessionControl(self, request: pb.PostSessionControlRequest, context):
+        control = request.control
+        record = await self.core.controls.post(
+            request.request_id, control.tenant_id, control.session_id, control.kind, control.run_id,
+            control.payload_json, seq=control.seq,
+            create_time_set=control.HasField("create_time"),
+            caller_tenant=_acting_for_client())
+        return pb.PostSessionControlResponse(control=convert.control_pb(record))
+
+    async def WatchSessionControls(self, request: pb.WatchSessionControlsRequest,
+                                   context) -> AsyncIterator[pb.WatchSessionControlsResponse]:
+        async for record, seq in self.core.controls.watch(
+                request.after_seq, request.from_now, request.tenant_id, request.session_id,
+                all_tenants_allowed=_acting_for_client() is None):
+            yield pb.WatchSessionControlsResponse(
+                control=convert.control_pb(record) if record is not None else None, seq=seq)

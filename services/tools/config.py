@@ -14,6 +14,8 @@ class Settings(ServerSettings):
     # gRPC port.
     port: int = DEFAULT_PORT
     # Sessions work in <workspace_root>/<tenant_id>/<session_id>; empty = <data_dir>/workspaces.
+    # Replicas share it: one directory on one machine, a ReadWriteMany volume (with
+    # flock support) on Kubernetes, so any replica serves any session.
     workspace_root: str = ""
     # host:port of the policy service. Empty turns policy checks OFF: development only.
     policy_target: str = ""

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_components_pb2
 
 # Imported for their side effect: the typed_config Any types resolve.
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
@@ -92,6 +93,58 @@ def test_retries_go_to_another_host_before_the_response_starts(descriptor: bytes
     assert routes["/llmesh.inference.v1.InferenceService/"].timeout.ToSeconds() == 0, "streams are not cut"
 
 
+def routes_by_cluster(bootstrap: bootstrap_pb2.Bootstrap) -> dict[str, route_components_pb2.RouteAction]:
+    (host,) = connection_manager(bootstrap).route_config.virtual_hosts
+    return {r.route.cluster: r.route for r in host.routes}
+
+
+def test_orchestrator_calls_hash_the_session_header_onto_a_replica(descriptor: bytes) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(), descriptor))
+    orchestrator = cluster(bootstrap, "orchestrator")
+    assert orchestrator.lb_policy == cluster_pb2.Cluster.RING_HASH
+    assert orchestrator.ring_hash_lb_config.minimum_ring_size.value >= 1024
+    assert not orchestrator.HasField("least_request_lb_config")
+    routes = routes_by_cluster(bootstrap)
+    (policy,) = routes["orchestrator"].hash_policy
+    assert policy.header.header_name == "x-llmesh-session" and policy.terminal
+    # Only the header is hashed: nothing that every call of a method shares (the
+    # path, the connection) pins calls without it to one replica; they get no hash,
+    # and a hashing balancer picks a random healthy host for them.
+    assert not policy.header.HasField("regex_rewrite")
+    assert [p.WhichOneof("policy_specifier") for p in routes["orchestrator"].hash_policy] == ["header"]
+    # Retries still move to a replica not tried yet; health checks and ejection still apply.
+    assert routes["orchestrator"].retry_policy.retry_host_predicate[0].name == \
+        "envoy.retry_host_predicates.previous_hosts"
+    assert orchestrator.health_checks and orchestrator.outlier_detection.consecutive_5xx.value == 4
+
+
+def test_inference_keeps_least_request_and_no_session_hash(descriptor: bytes) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(), descriptor))
+    assert cluster(bootstrap, "inference").lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    assert not routes_by_cluster(bootstrap)["inference"].hash_policy, "the balancer's own affinity decides there"
+
+
+def test_maglev_least_request_and_another_header(descriptor: bytes) -> None:
+    maglev = load(render_yaml(BALANCER, EnvoySettings(orchestrator_lb_policy="MAGLEV", session_header="x-session"),
+                              descriptor))
+    assert cluster(maglev, "orchestrator").lb_policy == cluster_pb2.Cluster.MAGLEV
+    assert cluster(maglev, "orchestrator").maglev_lb_config.table_size.value == 65537
+    assert routes_by_cluster(maglev)["orchestrator"].hash_policy[0].header.header_name == "x-session"
+    plain = load(render_yaml(BALANCER, EnvoySettings(orchestrator_lb_policy="LEAST_REQUEST"), descriptor))
+    assert cluster(plain, "orchestrator").lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    assert cluster(plain, "orchestrator").least_request_lb_config.choice_count.value == 2
+    assert not routes_by_cluster(plain)["orchestrator"].hash_policy
+
+
+def test_session_header_from_the_environment(descriptor: bytes) -> None:
+    from services.common.settings import load_settings
+
+    settings = load_settings(EnvoySettings, "envoy", [], {"LLMESH_ENVOY_SESSION_HEADER": "x-tenant-session",
+                                                          "LLMESH_ENVOY_ORCHESTRATOR_LB_POLICY": "MAGLEV"})
+    bootstrap = load(render_yaml(BALANCER, settings, descriptor))
+    assert routes_by_cluster(bootstrap)["orchestrator"].hash_policy[0].header.header_name == "x-tenant-session"
+
+
 def test_transcoder_serves_the_rest_routes_of_the_protos(descriptor: bytes) -> None:
     manager = connection_manager(load(render_yaml(BALANCER, EnvoySettings(), descriptor)))
     assert [f.name for f in manager.http_filters] == ["envoy.filters.http.grpc_json_transcoder",
@@ -123,6 +176,10 @@ def test_dns_nodes_make_a_strict_dns_cluster(descriptor: bytes) -> None:
     (BALANCER, {"listen_port": 0}, "listen_port"),
     (BALANCER, {"tls_name": "a/b", "tls_dir": "/tls"}, "tls_name"),
     (BALANCER, {"downstream_client_cert": True}, "downstream_client_cert"),
+    (BALANCER, {"orchestrator_lb_policy": "ROUND_ROBIN"}, "orchestrator_lb_policy"),
+    (BALANCER, {"session_header": ""}, "session_header"),
+    (BALANCER, {"session_header": "X-Llmesh-Session"}, "session_header"),
+    (BALANCER, {"session_header": ":path"}, "session_header"),
 ])
 def test_bad_settings_name_the_field(descriptor: bytes, balancer: BalancerSettings, envoy: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as raised:

@@ -79,3 +79,14 @@ def test_bad_prompts_name_prompt_tokens(prompt, reason) -> None:
         run(OneSequence(backend), prompt, max_tokens=2)
     assert caught.value.field == "prompt_tokens" and reason in caught.value.message
     assert backend.samplers_opened == 0
+
+
+def test_a_scripted_reply_is_written_whole_then_ends_every_generation() -> None:
+    reply = '<tool_call>{"name": "shell_exec", "arguments": {"command": "true"}}</tool_call>'
+    backend = SyntheticBackend(n_ctx=1024, n_seq_max=1, tokens_per_s=0, reply=reply)
+    sequence = OneSequence(backend)
+    for prompt in ("first", "a second, different prompt"):
+        text, deltas = run(sequence, prompt_of(backend, prompt), max_tokens=200)
+        assert text == reply
+        assert deltas[-1].finish_reason is FinishReason.STOP
+    assert run(sequence, prompt_of(backend, "short"), max_tokens=5)[0] == reply[:5]

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import Unavailable
+from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.orchestrator.core.events import Usage
 from services.orchestrator.core.ports import (
     APPROVE_ONCE,
@@ -157,13 +157,28 @@ class FakeTools:
 
 
 class FakePolicy:
+    """Records decisions on the approvals FakeTools opened; answers like the policy service does.
+
+    Policy replicas share their approvals (through the store), so fakes of
+    several orchestrator replicas share one FakeTools and see the same ones.
+    """
+
     def __init__(self, tools: FakeTools) -> None:
         self.tools = tools
         self.recorded: list[tuple[str, str]] = []
+        self._requests: dict[str, str] = {}
 
     async def record_approval(self, *, request_id, tenant_id, session_id, approval_id, decision, approver) -> None:
+        key = self.tools.approval_calls.get(approval_id)
+        if key is None or key[0] != session_id:
+            raise NotFound(f"approval_id: no approval {approval_id!r} in this session", field="approval_id")
+        if approval_id in self.tools.answered:
+            if request_id and self._requests.get(request_id) == approval_id:
+                return  # a retried request
+            raise FailedPrecondition(f"approval_id: approval {approval_id!r} was already answered",
+                                     reason="APPROVAL_ALREADY_ANSWERED", field="approval_id")
         self.recorded.append((approval_id, decision))
-        key = self.tools.approval_calls[approval_id]
+        self._requests[request_id] = approval_id
         self.tools.answered.add(approval_id)
         if decision == APPROVE_SESSION:
             self.tools.session_grants.add(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+from services.common.errors import Unavailable
 from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.core.event_hub import EventHub
 from services.orchestrator.core.events import AgentEvent
@@ -112,3 +113,35 @@ async def test_resume_of_an_idle_session_follows_the_next_run():
     second = await collect(events)
     followed = await asyncio.wait_for(reader, 5)
     assert [e.seq for e in followed] == [e.seq for e in second]
+
+
+class BreakingWatchStore(MemoryStore):
+    """The in-memory store whose watch breaks after each event it yields, as a server closing quiet streams does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched_after: list[int] = []
+
+    async def watch_events(self, **kwargs):
+        self.watched_after.append(kwargs["after_seq"])
+        async for event in super().watch_events(**kwargs):
+            yield event
+            raise Unavailable("the store closed the stream")
+
+
+async def test_a_follower_of_the_store_reconnects_after_the_last_seq_it_gave():
+    store = BreakingWatchStore()
+    session = await store.create_session(request_id="", tenant_id="t", title="", metadata={})
+    sid = session.session_id
+    await store.append_events(request_id="", tenant_id="t", session_id=sid, events=[
+        AgentEvent(sid, "r", "turn_started", {}), AgentEvent(sid, "r", "token", {"text": "a"})],
+        idempotency_keys=["r:1", "r:2"])
+    hub = EventHub(store)
+    follower = hub.follow("t", sid, 0)
+    got = [await asyncio.wait_for(anext(follower), 5) for _ in range(2)]
+    await store.append_events(request_id="", tenant_id="t", session_id=sid,
+                              events=[AgentEvent(sid, "r", "final", {})], idempotency_keys=["r:3"])
+    got.append(await asyncio.wait_for(anext(follower), 5))
+    await follower.aclose()
+    assert [e.seq for e in got] == [1, 2, 3]
+    assert store.watched_after == [0, 1, 2]

@@ -43,3 +43,25 @@ async def test_hub_observers_see_every_stamped_event() -> None:
     hub.publish(stream, AgentEvent("s1", "r1", ev.TOKEN, {"text": "hi"}))
     stream.flusher.cancel()
     assert seen == [(ev.TURN_STARTED, 7), (ev.TOKEN, 8)]
+
+
+def test_fenced_runs_dead_runs_and_session_controls_are_counted() -> None:
+    from services.orchestrator.metrics import signals
+
+    hooks = signals()
+    fenced = _value("llmesh_orchestrator_runs_fenced_total")
+    ended = _value("llmesh_orchestrator_dead_runs_ended_total")
+    posted = _value("llmesh_orchestrator_session_controls_total", kind="cancel", outcome="posted")
+    applied = _value("llmesh_orchestrator_session_controls_total", kind="approval", outcome="applied")
+    delays = _value("llmesh_orchestrator_session_control_delay_seconds_count")
+
+    hooks.run_fenced()
+    hooks.dead_run_ended()
+    hooks.control("cancel", "posted", None)
+    hooks.control("approval", "applied", 0.03)
+
+    assert _value("llmesh_orchestrator_runs_fenced_total") == fenced + 1
+    assert _value("llmesh_orchestrator_dead_runs_ended_total") == ended + 1
+    assert _value("llmesh_orchestrator_session_controls_total", kind="cancel", outcome="posted") == posted + 1
+    assert _value("llmesh_orchestrator_session_controls_total", kind="approval", outcome="applied") == applied + 1
+    assert _value("llmesh_orchestrator_session_control_delay_seconds_count") == delays + 1

@@ -196,6 +196,11 @@ async def test_a_run_whose_lock_another_owner_held_meanwhile_is_aborted():
     run, events = await rig.orchestrator.run(request_id="a", tenant_id="acme", session_id=session.session_id,
                                              user_message="go")
     await gate.reached.wait()
+
+    async def started_is_stored() -> bool:
+        return bool(await store.read_events(tenant_id="acme", session_id=session.session_id, after_seq=0))
+
+    assert await wait_until(started_is_stored)
     # The lease lapses; another replica takes the session and lets it go before this run renews.
     store.clock.now += 60
     other = await store.acquire_session_lock(tenant_id="acme", session_id=session.session_id, owner_id="replica-b",
@@ -206,3 +211,7 @@ async def test_a_run_whose_lock_another_owner_held_meanwhile_is_aborted():
     assert final.type == "final" and final.body["reason"] == "aborted"
     await run.done.wait()
     assert run.lease.lost and run.phase is P.DONE
+    # Its writes carry the old fencing token: the store took nothing of it after the lock changed hands.
+    stored = await store.read_events(tenant_id="acme", session_id=session.session_id, after_seq=0)
+    assert [e.type for e in stored] == ["turn_started"] and run.lease.fenced
+    assert rig.orchestrator.runs.num_fenced_runs == 1

@@ -20,6 +20,7 @@ from services.orchestrator.core.ports import StorePort
 from services.store.config import Settings
 from services.store.server import build_app
 from tests.orchestrator.store_contract import CONTRACT_TIMING, StoreContract
+from tests.orchestrator.store_contract_replicas import ReplicaStoreContract
 from tests.support.auth import service_channel
 from tests.support.postgres import PostgresCluster, postgres_cluster_fixture
 
@@ -57,5 +58,5 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield port
 
 
-class TestStoreContract(StoreContract):
+class TestStoreContract(StoreContract, ReplicaStoreContract):
     pass

@@ -171,3 +171,22 @@ async def test_the_tool_services_own_tool_names_are_covered() -> None:
     assert write.verdict.decision is Decision.FORBIDDEN
     read = await service.evaluate(tool_call("fs_read", {"path": "a.txt"}, role="viewer", risk=RiskLevel.READ_ONLY))
     assert read.verdict.decision is Decision.ALLOW
+
+
+async def test_a_call_with_a_long_key_is_approved_under_its_digest() -> None:
+    service, log = make_service()
+    call = tool_call("web_search", {"q": "x" * 40_000}, risk=RiskLevel.WRITE)
+    asked = await service.evaluate(call)
+    approval = await service.approvals.get("acme", "s1", asked.approval_id)
+    assert approval.subject_key.startswith("sha256:") and len(approval.subject_key) == 71
+    request_id = "retry key with spaces " + "y" * 200
+    first = await service.record_approval("acme", "s1", asked.approval_id, ApprovalChoice.APPROVE_SESSION, "ana",
+                                          request_id)
+    assert await service.record_approval("acme", "s1", asked.approval_id, ApprovalChoice.APPROVE_SESSION, "ana",
+                                         request_id) == first
+    again = await service.evaluate(call)
+    assert again.verdict.decision is Decision.ALLOW and again.approved_by_cache
+    other = await service.evaluate(tool_call("web_search", {"q": "x" * 40_001}, risk=RiskLevel.WRITE))
+    assert other.verdict.decision is Decision.PROMPT
+    assert [json.loads(r.payload_json)["type"] for r in log.rows["acme"]] == [
+        "evaluate", "approval", "evaluate", "evaluate"]

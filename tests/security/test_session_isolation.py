@@ -33,13 +33,29 @@ time.sleep(30)
 
 
 
+async def _processes_of(workspace: Path, *, at_least: int, hog: asyncio.Task) -> list[psutil.Process]:
+    """The processes of the workspace's uid, once there are ``at_least`` (or the hog ended, or 10 s passed)."""
+    held: list[psutil.Process] = []
+    for _ in range(200):
+        held = _uid_processes(workspace)
+        if len(held) >= at_least or hog.done():
+            break
+        await asyncio.sleep(0.05)
+    return held
+
+
+def _uid_processes(workspace: Path) -> list[psutil.Process]:
+    if not workspace.exists():
+        return []
+    uid = workspace.stat().st_uid
+    return [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+
+
 async def test_a_session_holding_every_process_does_not_starve_another(base: Path) -> None:
     executor = make_executor(base, sandbox_mode=MODE, sandbox_limits=SandboxLimits(cpu_seconds=10, processes=16))
     # Alice fills her process limit and holds it.
-    hog = asyncio.create_task(executor.execute(A, call("shell_exec", timeout_ms=4_000, argv=["python3", "-c", HOG])))
-    await asyncio.sleep(1.5)
-    alice_uid = (base / "acme" / "alice").stat().st_uid
-    held_processes = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == alice_uid]
+    hog = asyncio.create_task(executor.execute(A, call("shell_exec", timeout_ms=12_000, argv=["python3", "-c", HOG])))
+    held_processes = await _processes_of(base / "acme" / "alice", at_least=14, hog=hog)
     assert len(held_processes) >= 14, "alice should hold (nearly) her whole process limit"
     # Bob still forks freely.
     outcome = await executor.execute(B, call("shell_exec", command="for i in 1 2 3 4 5 6 7 8; do true & done; "

@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL cluster for tests.
+"""A throw-away PostgreSQL cluster for tests (services/postgres_cluster.py, which ``make run DB=postgres`` uses too).
 
 Usage from any service's tests (conftest.py or a test module)::
 
@@ -21,102 +21,24 @@ when ``$CI`` is set: there a missing server is a failure, not a skip.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
+from services.postgres_cluster import RUN_AS, PostgresCluster, PostgresUnavailable, find_pg_bin
+from services.postgres_cluster import postgres_cluster as _cluster_on
 from tests.support.ports import free_port
 
-RUN_AS = "postgres"
-
-
-def find_pg_bin() -> Path | None:
-    candidates: list[Path] = []
-    if os.environ.get("LLMESH_PG_BIN"):
-        candidates.append(Path(os.environ["LLMESH_PG_BIN"]))
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
-    candidates.extend(versions)
-    on_path = shutil.which("initdb")
-    if on_path:
-        candidates.append(Path(on_path).parent)
-    for candidate in candidates:
-        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
-            return candidate
-    return None
-
-
-@dataclass
-class PostgresCluster:
-    """A running cluster; ``url`` points at its ``postgres`` database."""
-
-    bin_dir: Path
-    root: Path
-    port: int = 0
-    _names: Iterator[int] = field(default_factory=itertools.count)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-    def new_database(self, prefix: str = "t") -> str:
-        """Create an empty database and return its SQLAlchemy URL."""
-        import psycopg
-
-        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess:
-        command = [str(self.bin_dir / args[0]), *args[1:]]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", RUN_AS, "--", *command]
-        return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-
-    def start(self) -> None:
-        self._run("initdb", "-D", str(self.data_dir), "-A", "trust", "-U", "postgres", "--no-sync",
-                  "-E", "UTF8", "--locale=C")
-        self.port = free_port()
-        # fsync off: a test cluster is thrown away, and it keeps tests fast.
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.root / "server.log"),
-                  "-w", "-t", "60", "start")
-
-    def stop(self) -> None:
-        if (self.data_dir / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.SubprocessError):
-                self._run("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+__all__ = ["RUN_AS", "PostgresCluster", "find_pg_bin", "postgres_cluster", "postgres_cluster_fixture",
+           "skip_or_fail"]
 
 
 @contextlib.contextmanager
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    """Start a cluster, yield it, then stop it and delete its files."""
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
-    root = Path(tempfile.mkdtemp(prefix="llmesh-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, RUN_AS, RUN_AS)
-    cluster = PostgresCluster(bin_dir, root)
-    try:
-        cluster.start()
+    """Start a cluster on a free port, yield it, then stop it and delete its files."""
+    with _cluster_on(free_port()) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def skip_or_fail(reason: str) -> None:
@@ -136,7 +58,7 @@ def postgres_cluster_fixture(scope: str = "session"):
         try:
             with postgres_cluster() as cluster:
                 yield cluster
-        except subprocess.CalledProcessError as exc:
-            pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout}", pytrace=False)
+        except PostgresUnavailable as exc:
+            pytest.fail(f"could not start PostgreSQL: {exc}", pytrace=False)
 
     return _fixture

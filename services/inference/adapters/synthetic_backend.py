@@ -5,6 +5,10 @@ balancer tests and load tests can start several cheap nodes. Tokens are bytes
 (id = byte + 2; 0 is BOS, 1 is EOS); the next token is a pure function of the
 sequence's history, so a reused or restored cache yields the same text as a
 cold run, and the backend checks positions the way llama.cpp does.
+
+With ``reply`` set, every generation writes that text and then ends (EOS)
+instead of the endless filler: a scripted answer, e.g. a tool call, for
+tests and benchmarks of the agent loop on a model-free mesh.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class SyntheticBackend:
         prefill_ms_per_token: float = 0.0,
         model_name: str = "synthetic",
         record_decodes: bool = False,
+        reply: str = "",
     ) -> None:
         self.model_name = model_name
         self.device = "synthetic"
@@ -45,6 +50,9 @@ class SyntheticBackend:
         self._history: list[list[int]] = [[] for _ in range(n_seq_max)]
         self._samplers: dict[int, SamplingParams] = {}
         self._logprobs: dict[int, float] = {}
+        self._reply = [b + BYTE_OFFSET for b in reply.encode("utf-8")]
+        # Tokens sampled so far per sampler (where each generation is in the reply).
+        self._sampled: dict[int, int] = {}
         # Counters are always kept; the batch-by-batch record only when asked for
         # (tests), since a long-running node would otherwise grow without bound.
         self.decode_count = 0
@@ -75,10 +83,12 @@ class SyntheticBackend:
 
     def open_sampler(self, key: int, params: SamplingParams) -> None:
         self._samplers[key] = params
+        self._sampled[key] = 0
         self.samplers_opened += 1
 
     def close_sampler(self, key: int) -> None:
         self._samplers.pop(key, None)
+        self._sampled.pop(key, None)
 
     def decode(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
         self.decode_count += 1
@@ -101,7 +111,7 @@ class SyntheticBackend:
                 num_prefill += len(entry.tokens)
                 completes_prompt = completes_prompt or entry.sampler_key is not None
             if entry.sampler_key is not None:
-                sampled[entry.sampler_key] = self._next_token(history)
+                sampled[entry.sampler_key] = self._sample(entry.sampler_key, history)
                 params = self._samplers.get(entry.sampler_key)
                 if params is not None and params.logprobs:
                     self._logprobs[entry.sampler_key] = self._logprob(history)
@@ -122,6 +132,13 @@ class SyntheticBackend:
     def take_logprobs(self) -> dict[int, float]:
         taken, self._logprobs = self._logprobs, {}
         return taken
+
+    def _sample(self, key: int, history: Sequence[int]) -> int:
+        if not self._reply:
+            return self._next_token(history)
+        position = self._sampled.get(key, 0)
+        self._sampled[key] = position + 1
+        return self._reply[position] if position < len(self._reply) else EOS
 
     @staticmethod
     def _next_token(history: Sequence[int]) -> int:

@@ -11,7 +11,14 @@ from llmesh.store.v1 import store_pb2, store_pb2_grpc
 from services.common.paging import every_page
 from services.common.rpc_errors import domain_error_from_rpc, domain_errors
 from services.orchestrator.core.events import AgentEvent
-from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
+from services.orchestrator.core.ports import (
+    ControlsLive,
+    MessageRecord,
+    SessionControl,
+    SessionLockGrant,
+    SessionRecord,
+    TaskRecord,
+)
 
 PAGE_SIZE = 500
 
@@ -41,6 +48,12 @@ def _task(msg: store_pb2.Task) -> TaskRecord:
                       last_error=msg.last_error, create_time=_time(msg.create_time))
 
 
+def _control(msg: store_pb2.SessionControl) -> SessionControl:
+    return SessionControl(tenant_id=msg.tenant_id, session_id=msg.session_id, kind=msg.kind, run_id=msg.run_id,
+                          payload=json.loads(msg.payload_json or "{}"), seq=msg.seq,
+                          create_time=_time(msg.create_time))
+
+
 class GrpcStore:
     def __init__(self, client) -> None:
         self._c = client
@@ -66,10 +79,10 @@ class GrpcStore:
                 tenant_id=tenant_id, page_size=page_size, page_token=page_token))
         return [_session(s) for s in reply.sessions], reply.next_page_token
 
-    async def append_messages(self, *, request_id, tenant_id, session_id, messages) -> list[int]:
+    async def append_messages(self, *, request_id, tenant_id, session_id, messages, fencing_token=0) -> list[int]:
         with domain_errors("store"):
             reply = await self._c.AppendMessages(store_pb2.AppendMessagesRequest(
-                request_id=request_id, tenant_id=tenant_id, session_id=session_id,
+                request_id=request_id, tenant_id=tenant_id, session_id=session_id, fencing_token=fencing_token,
                 messages=[store_pb2.Message(role=m.role, content=m.content, metadata_json=json.dumps(m.metadata),
                                             num_tokens=m.num_tokens) for m in messages]))
         return list(reply.positions)
@@ -83,10 +96,10 @@ class GrpcStore:
                 lambda reply: map(_message, reply.messages))
 
     async def append_events(self, *, request_id, tenant_id, session_id, events: Sequence[AgentEvent],
-                            idempotency_keys: Sequence[str]) -> list[int]:
+                            idempotency_keys: Sequence[str], fencing_token: int = 0) -> list[int]:
         with domain_errors("store"):
             reply = await self._c.AppendEvents(store_pb2.AppendEventsRequest(
-                request_id=request_id, tenant_id=tenant_id, session_id=session_id,
+                request_id=request_id, tenant_id=tenant_id, session_id=session_id, fencing_token=fencing_token,
                 # Live readers already saw these seqs: a dropped delta would leave a gap.
                 no_drop=True,
                 events=[store_pb2.Event(session_id=session_id, type=e.type, payload=e.payload_json().encode(),
@@ -156,10 +169,33 @@ class GrpcStore:
                 request_id=uuid.uuid4().hex, tenant_id=tenant_id, session_id=session_id, owner_id=owner_id,
                 lease_ms=lease_ms))
         return SessionLockGrant(acquired=reply.acquired, next_event_seq=reply.next_event_seq,
-                                fencing_token=reply.fencing_token)
+                                fencing_token=reply.fencing_token, holder_id=reply.holder_id)
 
     async def release_session_lock(self, *, tenant_id, session_id, owner_id) -> bool:
         with domain_errors("store"):
             reply = await self._c.ReleaseSessionLock(store_pb2.ReleaseSessionLockRequest(
                 request_id=f"{owner_id}-unlock", tenant_id=tenant_id, session_id=session_id, owner_id=owner_id))
         return reply.released
+
+    async def post_session_control(self, *, request_id, control: SessionControl) -> SessionControl:
+        with domain_errors("store"):
+            reply = await self._c.PostSessionControl(store_pb2.PostSessionControlRequest(
+                request_id=request_id, control=store_pb2.SessionControl(
+                    tenant_id=control.tenant_id, session_id=control.session_id, kind=control.kind,
+                    run_id=control.run_id, payload_json=json.dumps(control.payload, sort_keys=True))))
+        return _control(reply.control)
+
+    async def watch_session_controls(self, *, after_seq=0, from_now=False, tenant_id="",
+                                     session_id="") -> AsyncIterator[SessionControl | ControlsLive]:
+        call = self._c.WatchSessionControls(store_pb2.WatchSessionControlsRequest(
+            after_seq=after_seq, from_now=from_now, tenant_id=tenant_id, session_id=session_id))
+        try:
+            async for reply in call:
+                if reply.HasField("control"):
+                    yield _control(reply.control)
+                else:
+                    yield ControlsLive(seq=reply.seq)
+        except grpc.RpcError as err:
+            raise domain_error_from_rpc(err, service="store") from None
+        finally:
+            call.cancel()

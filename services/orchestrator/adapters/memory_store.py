@@ -5,9 +5,10 @@ the core. It keeps the rules the real store keeps, and the store contract
 suite (tests/orchestrator/store_contract.py) holds it to them: gapless seqs
 with idempotency keys, leased task claims that expire, failed attempts that
 wait out an exponential backoff and die after `max_attempts`, leased session
-locks with fencing tokens. Where the store sweeps expired task leases in
-the background, this store sweeps them before every task operation; a lock
-whose lease ran out counts as free. Nothing survives the process.
+locks with fencing tokens that fence appends, and session controls with a
+live watch. Where the store sweeps expired task leases in the background,
+this store sweeps them before every task operation; a lock whose lease ran
+out counts as free. Nothing survives the process.
 """
 from __future__ import annotations
 
@@ -23,7 +24,16 @@ from functools import partial
 from services.common.errors import FailedPrecondition, NotFound, require
 from services.common.paging import cursor_int, decode_token, encode_token, page_limit
 from services.orchestrator.core.events import AgentEvent
-from services.orchestrator.core.ports import MessageRecord, SessionLockGrant, SessionRecord, TaskRecord
+from services.orchestrator.core.lock_lease import STALE_LOCK_OWNER
+from services.orchestrator.core.ports import (
+    CONTROL_KINDS,
+    ControlsLive,
+    MessageRecord,
+    SessionControl,
+    SessionLockGrant,
+    SessionRecord,
+    TaskRecord,
+)
 
 # What the store accepts as a message role.
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool", "summary"})
@@ -82,6 +92,10 @@ def _grown_past(log: _SessionLog, seq: int) -> bool:
     return len(log.events) > seq
 
 
+def _control_matches(control: SessionControl, tenant_id: str, session_id: str) -> bool:
+    return (not tenant_id or control.tenant_id == tenant_id) and (not session_id or control.session_id == session_id)
+
+
 def _listing_key(record: SessionRecord) -> tuple[int, str]:
     return int(record.create_time * 1e6), record.session_id
 
@@ -102,6 +116,9 @@ class MemoryStore:
         self._order = itertools.count()
         self._locks: dict[tuple[str, str], _Lock] = {}
         self.num_event_appends = 0
+        self._controls: list[SessionControl] = []
+        self._control_requests: dict[tuple[str, str], SessionControl] = {}
+        self._controls_changed = asyncio.Condition()
 
     def _log(self, tenant_id: str, session_id: str) -> _SessionLog:
         _require_id(tenant_id, "tenant_id")
@@ -143,12 +160,23 @@ class MemoryStore:
             return page, ""
         return page, encode_token(scope, list(_listing_key(page[-1])))
 
-    async def append_messages(self, *, request_id, tenant_id, session_id, messages) -> list[int]:
+    def _check_fence(self, tenant_id: str, session_id: str, fencing_token: int) -> None:
+        """Refuse a writer whose lock changed hands since it got `fencing_token` (0: unfenced)."""
+        require(fencing_token >= 0, "fencing_token", "must not be negative")
+        if not fencing_token:
+            return
+        lock = self._locks.get((tenant_id, session_id))
+        if lock is None or lock.fencing_token != fencing_token:
+            raise FailedPrecondition(f"session {session_id!r}: the session lock changed hands since fencing "
+                                     f"token {fencing_token}", reason=STALE_LOCK_OWNER, field="fencing_token")
+
+    async def append_messages(self, *, request_id, tenant_id, session_id, messages, fencing_token=0) -> list[int]:
         log = self._log(tenant_id, session_id)
         require(len(messages) > 0, "messages", "at least one message is required")
         for i, message in enumerate(messages):
             require(message.role in MESSAGE_ROLES, f"messages[{i}].role", f"must be one of {sorted(MESSAGE_ROLES)}")
             require(message.num_tokens >= 0, f"messages[{i}].num_tokens", "must not be negative")
+        self._check_fence(tenant_id, session_id, fencing_token)
         if request_id and request_id in log.message_requests:
             return log.message_requests[request_id]
         positions = []
@@ -166,11 +194,12 @@ class MemoryStore:
 
     # ---- events --------------------------------------------------------------------------------
     async def append_events(self, *, request_id, tenant_id, session_id, events: Sequence[AgentEvent],
-                            idempotency_keys: Sequence[str]) -> list[int]:
+                            idempotency_keys: Sequence[str], fencing_token: int = 0) -> list[int]:
         log = self._log(tenant_id, session_id)
         require(len(events) > 0, "events", "at least one event is required")
         for i, event in enumerate(events):
             require(bool(event.type), f"events[{i}].type", "is required")
+        self._check_fence(tenant_id, session_id, fencing_token)
         keys = list(idempotency_keys) + [""] * (len(events) - len(idempotency_keys))
         if request_id:
             # A retried request is idempotent even when its events carry no keys.
@@ -321,7 +350,7 @@ class MemoryStore:
         lock = self._locks.setdefault((tenant_id, session_id), _Lock())
         lapsed = not lock.owner_id or lock.expires <= now
         if lock.owner_id != owner_id and not lapsed:
-            return SessionLockGrant(acquired=False, fencing_token=lock.fencing_token)
+            return SessionLockGrant(acquired=False, fencing_token=lock.fencing_token, holder_id=lock.owner_id)
         if lock.owner_id != owner_id or lapsed:
             lock.fencing_token += 1  # the lock changes hands, or lapsed meanwhile
         lock.owner_id, lock.expires = owner_id, now + lease_ms / 1000.0
@@ -338,3 +367,37 @@ class MemoryStore:
             return False
         lock.owner_id, lock.expires = "", 0.0
         return True
+
+    # ---- session controls ----------------------------------------------------------------------
+    async def post_session_control(self, *, request_id, control: SessionControl) -> SessionControl:
+        _require_id(control.tenant_id, "control.tenant_id")
+        _require_id(control.session_id, "control.session_id")
+        require(control.kind in CONTROL_KINDS, "control.kind", f"must be one of {', '.join(CONTROL_KINDS)}")
+        self._log(control.tenant_id, control.session_id)
+        if request_id and (control.tenant_id, request_id) in self._control_requests:
+            return self._control_requests[(control.tenant_id, request_id)]
+        stored = replace(control, seq=len(self._controls) + 1, create_time=time.time())
+        self._controls.append(stored)
+        if request_id:
+            self._control_requests[(control.tenant_id, request_id)] = stored
+        async with self._controls_changed:
+            self._controls_changed.notify_all()
+        return stored
+
+    def _controls_past(self, seq: int) -> bool:
+        return len(self._controls) > seq
+
+    async def watch_session_controls(self, *, after_seq=0, from_now=False, tenant_id="",
+                                     session_id="") -> AsyncIterator[SessionControl | ControlsLive]:
+        require(after_seq >= 0, "after_seq", "must not be negative")
+        require(not (from_now and after_seq), "after_seq", "must be 0 with from_now")
+        cursor = len(self._controls) if from_now else after_seq
+        yield ControlsLive(seq=len(self._controls))  # live; the replay after after_seq follows
+        while True:
+            async with self._controls_changed:
+                await self._controls_changed.wait_for(partial(self._controls_past, cursor))
+                fresh = self._controls[cursor:]
+            cursor += len(fresh)
+            for control in fresh:
+                if _control_matches(control, tenant_id, session_id):
+                    yield control

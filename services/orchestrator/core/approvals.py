@@ -1,7 +1,9 @@
 """Approvals waiting for a person: one future per approval id.
 
 Policy may hand identical calls of one turn the same approval id; they then
-share one pending entry, and one decision releases them all.
+share one pending entry, and one decision releases them all. A decision comes
+from SubmitApproval on this replica, or from another replica as a session
+control (core/controls.py).
 """
 from __future__ import annotations
 
@@ -49,16 +51,31 @@ class ApprovalBook:
         if pending.num_waiters <= 0 and self._pending.get(pending.approval_id) is pending:
             del self._pending[pending.approval_id]
 
-    def find(self, tenant_id: str, session_id: str, approval_id: str) -> PendingApproval:
+    def waiting(self, tenant_id: str, session_id: str, approval_id: str) -> PendingApproval | None:
+        """The call waiting here for this approval, if any."""
         pending = self._pending.get(approval_id)
         if pending is None or pending.tenant_id != tenant_id or pending.session_id != session_id:
-            raise NotFound(f"approval {approval_id!r} is not waiting in session {session_id!r}",
-                           reason="APPROVAL_NOT_FOUND")
+            return None
+        return pending
+
+    def find(self, tenant_id: str, session_id: str, approval_id: str) -> PendingApproval:
+        pending = self.waiting(tenant_id, session_id, approval_id)
+        if pending is None:
+            raise not_waiting(session_id, approval_id)
         return pending
 
     def resolve(self, pending: PendingApproval, decision: str) -> None:
         if not pending.future.done():
             pending.future.set_result(decision)
-        self._decided[pending.approval_id] = (pending.tenant_id, pending.session_id)
+        self.note_decided(pending.tenant_id, pending.session_id, pending.approval_id)
+
+    def note_decided(self, tenant_id: str, session_id: str, approval_id: str) -> None:
+        """Remember a decision (taken here or passed on to another replica) so a repeat is answered."""
+        self._decided[approval_id] = (tenant_id, session_id)
         while len(self._decided) > MAX_REMEMBERED_DECISIONS:
             self._decided.popitem(last=False)
+
+
+def not_waiting(session_id: str, approval_id: str) -> NotFound:
+    return NotFound(f"approval {approval_id!r} is not waiting in session {session_id!r}",
+                    reason="APPROVAL_NOT_FOUND", field="approval_id")

@@ -158,6 +158,39 @@ class SessionLockGrant:
     # Grows every time the lock changes hands or lapses, so a holder whose
     # renewal returns another token knows someone may have written meanwhile.
     fencing_token: int = 0
+    # Who holds the lock when it was not acquired (empty when acquired or free).
+    holder_id: str = ""
+
+
+# Kinds of SessionControl.
+CONTROL_CANCEL = "cancel"
+CONTROL_APPROVAL = "approval"
+CONTROL_KINDS = (CONTROL_CANCEL, CONTROL_APPROVAL)
+
+
+@dataclass(frozen=True)
+class SessionControl:
+    """A request for a session's run, posted where it was received and followed where the run runs."""
+
+    tenant_id: str
+    session_id: str
+    # CONTROL_CANCEL or CONTROL_APPROVAL.
+    kind: str
+    # The run it is meant for; empty: the session's active run.
+    run_id: str = ""
+    # {"reason", "holder_id"} for a cancel, {"approval_id", "decision"} for an approval.
+    payload: dict[str, Any] = field(default_factory=dict)
+    # Assigned by the store, growing across every session.
+    seq: int = 0
+    # Wall-clock seconds, from the store.
+    create_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class ControlsLive:
+    """First item of a control watch: it is live, and controls after `seq` follow."""
+
+    seq: int
 
 
 class StorePort(Protocol):
@@ -170,12 +203,19 @@ class StorePort(Protocol):
                             page_token: str) -> tuple[list[SessionRecord], str]: ...
 
     async def append_messages(self, *, request_id: str, tenant_id: str, session_id: str,
-                              messages: Sequence[MessageRecord]) -> list[int]: ...
+                              messages: Sequence[MessageRecord], fencing_token: int = 0) -> list[int]:
+        """`fencing_token` as for append_events."""
+        ...
 
     async def list_messages(self, *, tenant_id: str, session_id: str, after_position: int) -> list[MessageRecord]: ...
 
     async def append_events(self, *, request_id: str, tenant_id: str, session_id: str,
-                            events: Sequence[AgentEvent], idempotency_keys: Sequence[str]) -> list[int]: ...
+                            events: Sequence[AgentEvent], idempotency_keys: Sequence[str],
+                            fencing_token: int = 0) -> list[int]:
+        """Non-zero `fencing_token`: the session lock's token the writer holds; the append is
+        refused (FailedPrecondition, reason STALE_LOCK_OWNER) and nothing written once the
+        lock has changed hands since."""
+        ...
 
     async def read_events(self, *, tenant_id: str, session_id: str, after_seq: int) -> list[AgentEvent]: ...
 
@@ -199,4 +239,13 @@ class StorePort(Protocol):
 
     async def release_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str) -> bool:
         """False when the lock was not `owner_id`'s to release (another holder, or none)."""
+        ...
+
+    async def post_session_control(self, *, request_id: str, control: SessionControl) -> SessionControl:
+        """Store a control (seq and create_time assigned); a retried request_id returns the first one."""
+        ...
+
+    def watch_session_controls(self, *, after_seq: int = 0, from_now: bool = False, tenant_id: str = "",
+                               session_id: str = "") -> AsyncIterator[SessionControl | ControlsLive]:
+        """ControlsLive first, then every control after its seq (empty tenant: every tenant's)."""
         ...

@@ -1,10 +1,13 @@
 """RunManager: starts runs, keeps one active run per session, cancels by token.
 
 One run per session holds on this replica (a dict) and across replicas (the
-store's leased session lock, renewed while the run lives). A run is an
-asyncio task of its own: the client that started it only follows its events,
-so a disconnect does not stop it. Cancel fires the run's token, which
-cancels the task where it waits (inference stream, tools, approval).
+store's leased session lock, renewed while the run lives; every append of the
+run carries the lock's fencing token, and a refused append stops the run at
+once). A run is an asyncio task of its own: the client that started it only
+follows its events, so a disconnect does not stop it. Cancel fires the run's
+token, which cancels the task where it waits (inference stream, tools,
+approval); a Cancel received by another replica reaches it as a session
+control (core/controls.py).
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from services.orchestrator.core.cancel import CancelToken
 from services.orchestrator.core.context import ContextManager, MessageLog
 from services.orchestrator.core.event_hub import EventHub, RunStream
 from services.orchestrator.core.history import system_item
-from services.orchestrator.core.lock_lease import LockLease
-from services.orchestrator.core.ports import InferencePort, StorePort, ToolSpec, ToolsPort
+from services.orchestrator.core.lock_lease import LockLease, write_fenced
+from services.orchestrator.core.ports import InferencePort, SessionControl, StorePort, ToolSpec, ToolsPort
 from services.orchestrator.core.prompt import PromptPipeline
 from services.orchestrator.core.rate_limit import RateLimiter
+from services.orchestrator.core.recovery import DeadRunRecovery, is_checker
 from services.orchestrator.core.run_phase import RunPhase
 from services.orchestrator.core.sessions import AgentSession, SessionDirectory
+from services.orchestrator.core.signals import NO_SIGNALS, Signals
 from services.orchestrator.core.tool_format import describe_tools
 from services.orchestrator.core.tool_runner import RunAborted
 
@@ -40,6 +45,9 @@ MAX_CACHED_CONTEXTS = 256
 # Earlier runs of a session whose tails may still be on their way to the store
 # when a new run starts; past this a new run waits, so a slow store slows turns.
 MAX_UNSTORED_RUNS = 2
+# A start that finds another replica's check holding the session's lock (a few
+# store round trips) tries again this often, waiting 10, 20, 40 ... ms between.
+MAX_LOCK_ATTEMPTS = 6
 
 
 @dataclass(frozen=True)
@@ -73,24 +81,32 @@ class ActiveRun:
 
 
 class _StoreMessageLog(MessageLog):
-    def __init__(self, store: StorePort, tenant_id: str, session_id: str, run_id: str) -> None:
+    def __init__(self, store: StorePort, tenant_id: str, session_id: str, run_id: str, lease: LockLease) -> None:
         self._store, self._tenant_id, self._session_id, self._run_id = store, tenant_id, session_id, run_id
+        self._lease = lease
         self._num_appends = 0
 
     async def append(self, records):
         self._num_appends += 1
-        return await self._store.append_messages(request_id=f"{self._run_id}:m{self._num_appends}",
-                                                 tenant_id=self._tenant_id, session_id=self._session_id,
-                                                 messages=list(records))
+        request_id = f"{self._run_id}:m{self._num_appends}"
+        return await write_fenced(self._lease, lambda token: self._store.append_messages(
+            request_id=request_id, tenant_id=self._tenant_id, session_id=self._session_id, messages=list(records),
+            fencing_token=token))
 
 
 class RunManager:
     def __init__(self, *, store: StorePort, inference: InferencePort, tools: ToolsPort, hub: EventHub,
                  agent: AgentLoop, sessions: SessionDirectory, limiter: RateLimiter, limits: RunLimits,
-                 replica_id: str, tool_cache_s: float = 30.0, clock: Callable[[], float] | None = None) -> None:
+                 replica_id: str, tool_cache_s: float = 30.0, clock: Callable[[], float] | None = None,
+                 recovery: DeadRunRecovery | None = None, signals: Signals = NO_SIGNALS) -> None:
         self._store, self._inference, self._tools, self._hub = store, inference, tools, hub
         self._agent, self.sessions, self._limiter, self._limits = agent, sessions, limiter, limits
         self._replica_id = replica_id
+        self._recovery = recovery or DeadRunRecovery(store, replica_id=replica_id, lease_ms=limits.lock_lease_ms,
+                                                     signals=signals)
+        self._signals = signals
+        # Runs stopped because the store refused their append (another replica took the session).
+        self.num_fenced_runs = 0
         # The session's current run, from STARTING until it is DONE or handed over.
         self._active: dict[str, ActiveRun] = {}
         # Runs whose task has not ended, including ones still writing a handed-over tail.
@@ -112,6 +128,15 @@ class RunManager:
         run = self._active.get(session_id)
         return run if run is not None and run.phase is not RunPhase.STARTING else None
 
+    def has_run(self, session_id: str) -> bool:
+        """Whether this replica has a run of the session in any phase (its lock is this replica's)."""
+        return session_id in self._active
+
+    def holds_lock(self, owner_id: str) -> bool:
+        """Whether `owner_id` (a lock holder seen in the store) is one of this replica's runs."""
+        runs = [*self._active.values(), *self._unfinished]
+        return any(run.lease is not None and run.lease.owner_id == owner_id for run in runs)
+
     async def start(self, *, request_id: str, tenant_id: str, session_id: str, user_message: str,
                     max_steps: int = 0, max_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
                     priority: int = 0, tool_choice: str = "") -> ActiveRun:
@@ -130,6 +155,9 @@ class RunManager:
         run = self._reserve(spec, handoff)
         try:
             run.lease = self._inherit_lock(handoff) if handoff is not None else await self._take_lock(spec)
+            run.lease.on_fenced = lambda: self._on_fenced(run)
+            if handoff is None:
+                await self._end_dead_run(spec, run.lease)
             await self._open_stream(run, session, handoff)
         except BaseException:
             await self._abandon(run)
@@ -182,12 +210,32 @@ class RunManager:
         return handoff.lease.passed_on(handoff.stream.next_seq)
 
     async def _take_lock(self, spec: RunSpec) -> LockLease:
-        grant = await self._store.acquire_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
-                                                       owner_id=spec.run_id, lease_ms=self._limits.lock_lease_ms)
-        if not grant.acquired:
-            raise FailedPrecondition(f"session {spec.session_id!r} has an active run on another replica",
-                                     reason="SESSION_BUSY", field="session_id")
-        return LockLease.granted(spec.run_id, grant)
+        for attempt in range(MAX_LOCK_ATTEMPTS):
+            grant = await self._store.acquire_session_lock(tenant_id=spec.tenant_id, session_id=spec.session_id,
+                                                           owner_id=spec.run_id, lease_ms=self._limits.lock_lease_ms)
+            if grant.acquired:
+                return LockLease.granted(spec.run_id, grant)
+            if not is_checker(grant.holder_id) or attempt + 1 == MAX_LOCK_ATTEMPTS:
+                break
+            # A replica is only looking at the session (Resume, Cancel): it lets go in a moment.
+            await asyncio.sleep(0.01 * 2 ** attempt)
+        raise FailedPrecondition(f"session {spec.session_id!r} has an active run on another replica",
+                                 reason="SESSION_BUSY", field="session_id")
+
+    async def _end_dead_run(self, spec: RunSpec, lease: LockLease) -> None:
+        """Before the first event under a fresh lock: end the session's last run if its replica died mid-turn."""
+        context = self._contexts.get(spec.session_id)
+        if context is not None and context.current_at_event_seq == lease.next_event_seq - 1 > 0:
+            return  # the last events are this replica's own finished run, stored through its final event
+        await self._recovery.end_dead_run(spec.tenant_id, spec.session_id, lease)
+
+    def _on_fenced(self, run: ActiveRun) -> None:
+        """The store refused an append of the run: another replica owns the session now."""
+        self.num_fenced_runs += 1
+        self._signals.run_fenced()
+        log.error("the store refused this run's append: another replica took the session; the run stops here",
+                  extra={"session_id": run.spec.session_id, "run_id": run.spec.run_id})
+        run.token.cancel("session lock taken over")
 
     async def _open_stream(self, run: ActiveRun, session: AgentSession, handoff: ActiveRun | None) -> None:
         spec, lease = run.spec, run.lease
@@ -195,7 +243,7 @@ class RunManager:
         run.stream, first = await self._hub.open_run(ev.AgentEvent(
             session_id=spec.session_id, run_id=spec.run_id, type=ev.TURN_STARTED,
             body={"user_message": spec.user_message, "model": session.model}), spec.tenant_id,
-            next_seq=lease.next_event_seq, after=handoff.stream if handoff is not None else None)
+            next_seq=lease.next_event_seq, after=handoff.stream if handoff is not None else None, lease=lease)
         run.first_seq = first.seq
 
     async def _abandon(self, run: ActiveRun) -> None:
@@ -217,12 +265,31 @@ class RunManager:
                 self._by_request.popitem(last=False)
         run.task = asyncio.create_task(self._drive(run, session), name=f"run-{run.spec.run_id}")
 
-    async def cancel(self, tenant_id: str, session_id: str, run_id: str = "") -> bool:
-        await self.sessions.get(tenant_id, session_id)
-        run = self.active_run(session_id)
-        if run is None or (run_id and run.spec.run_id != run_id):
+    def cancel_local(self, tenant_id: str, session_id: str, run_id: str = "") -> bool | None:
+        """Cancel the session's turn if it runs here: None when the session has no run here at all,
+        else whether a turn was going (and, with `run_id`, was that run). Repeating it answers the same."""
+        run = self._active.get(session_id)
+        if run is None or run.spec.tenant_id != tenant_id:
+            return None
+        if run.phase.turn_is_over or (run_id and run.spec.run_id != run_id):
             return False
-        return run.token.cancel("cancelled by request")
+        run.token.cancel("cancelled by request")
+        return True
+
+    def apply_cancel(self, control: SessionControl) -> bool:
+        """A cancel posted by another replica: stop the session's turn here if it is the one meant."""
+        run = self._active.get(control.session_id)
+        if run is None or run.spec.tenant_id != control.tenant_id or run.phase.turn_is_over:
+            return False
+        if control.run_id:
+            meant = run.spec.run_id == control.run_id
+        else:
+            # The lock holder the poster saw: a later turn that took the lock anew is not stopped.
+            holder = str(control.payload.get("holder_id", ""))
+            meant = not holder or (run.lease is not None and run.lease.owner_id == holder)
+        if meant:
+            run.token.cancel(str(control.payload.get("reason") or "cancelled by request"))
+        return meant
 
     async def close(self) -> None:
         runs = list(self._unfinished)
@@ -294,7 +361,8 @@ class RunManager:
             try:
                 if run.phase is RunPhase.FINISHING:
                     run.move_to(RunPhase.RELEASING)
-                    await self._release_lock(run.spec, lease.owner_id)
+                    if not lease.fenced:  # a fenced lock is another replica's now
+                        await self._release_lock(run.spec, lease.owner_id)
             finally:
                 run.move_to(RunPhase.DONE)
                 if self._active.get(run.spec.session_id) is run:
@@ -310,7 +378,7 @@ class RunManager:
         self._n_ctx[spec.model] = n_ctx
         assert run.lease is not None
         context = await self._context(spec, session, pipeline, n_ctx, tools, run.lease.next_event_seq,
-                                      took_over=run.lease.inherited)
+                                      took_over=run.lease.inherited, run_lease=run.lease)
         try:
             await self._agent.run(spec, context, tools, emit, run.result)
             # Off the turn's critical path: the final event goes out at once and
@@ -324,7 +392,8 @@ class RunManager:
             raise
 
     async def _context(self, spec: RunSpec, session: AgentSession, pipeline: PromptPipeline, n_ctx: int,
-                       tools: list[ToolSpec], granted_next_seq: int, took_over: bool = False) -> ContextManager:
+                       tools: list[ToolSpec], granted_next_seq: int, took_over: bool = False,
+                       run_lease: LockLease | None = None) -> ContextManager:
         """The session's context, kept between runs; rebuilt when the store has news for it."""
         system = system_item(session.system_prompt, describe_tools(tools))
         context = self._contexts.pop(spec.session_id, None)
@@ -346,7 +415,8 @@ class RunManager:
                                                             after_position=0))
         context.system = system
         context.current_at_event_seq = 0  # until this run has stored everything it adds
-        context.message_log = _StoreMessageLog(self._store, spec.tenant_id, spec.session_id, spec.run_id)
+        assert run_lease is not None
+        context.message_log = _StoreMessageLog(self._store, spec.tenant_id, spec.session_id, spec.run_id, run_lease)
         context.summarizer = self._agent.make_summarizer(pipeline, n_ctx, spec)
         self._contexts[spec.session_id] = context
         while len(self._contexts) > MAX_CACHED_CONTEXTS:

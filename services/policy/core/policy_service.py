@@ -16,9 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, require
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, require
 from services.common.paging import cursor_int, decode_token, encode_token, page_limit
-from services.policy.core.approvals import ApprovalBook, ApprovalChoice, ApprovalState
+from services.policy.core.approvals import (
+    ANSWERED_STATE,
+    STATE_CHANGED,
+    Approval,
+    ApprovalChoice,
+    ApprovalPort,
+    ApprovalState,
+    approval_subject,
+    change_request_id,
+    choice_of,
+)
 from services.policy.core.audit import AuditChain, AuditRecord, VerifyReport
 from services.policy.core.evaluator import PolicyEvaluator, RuleMatch, ToolCall, Verdict
 from services.policy.core.redaction import redact_value
@@ -69,6 +79,8 @@ class _TenantGate:
 class _Judgement:
     verdict: Verdict
     redacted_arguments: Any
+    # The key approvals of this call are kept under (digesting a long key is work too).
+    approval_key: str
     seconds: float = field(default=0.0)
 
 
@@ -79,7 +91,7 @@ class ApprovalResult:
 
 
 class PolicyService:
-    def __init__(self, rules: PolicySource, approvals: ApprovalBook, audit: AuditChain,
+    def __init__(self, rules: PolicySource, approvals: ApprovalPort, audit: AuditChain,
                  limits: EvaluationLimits | None = None) -> None:
         self.rules = rules
         self.approvals = approvals
@@ -97,7 +109,8 @@ class PolicyService:
         verdict = judged.verdict
         granted_id, by_cache = "", False
         if verdict.decision is Decision.PROMPT:
-            verdict, granted_id, by_cache = self._apply_approvals(call, verdict, approval_id)
+            verdict, granted_id, by_cache = await self._apply_approvals(call, verdict, judged.approval_key,
+                                                                        approval_id)
         body = redact_value({
             "type": "evaluate",
             "session_id": call.session_id,
@@ -126,7 +139,8 @@ class PolicyService:
             require(_depth(call.arguments) <= MAX_ARGUMENT_DEPTH, "arguments_json",
                     f"must not nest deeper than {MAX_ARGUMENT_DEPTH} levels")
             verdict = evaluator.evaluate(call, deadline=time.monotonic() + budget_s)
-            return _Judgement(verdict, redact_value(call.arguments), time.perf_counter() - started)
+            return _Judgement(verdict, redact_value(call.arguments), approval_subject(verdict.subject_key),
+                              time.perf_counter() - started)
 
         gate = self._gates.get(call.tenant_id)
         if gate is None:
@@ -148,47 +162,88 @@ class PolicyService:
             if gate.num_users == 0:
                 del self._gates[call.tenant_id]
 
-    def _apply_approvals(self, call: ToolCall, verdict: Verdict, approval_id: str) -> tuple[Verdict, str, bool]:
-        key = verdict.subject_key
+    async def _apply_approvals(self, call: ToolCall, verdict: Verdict, key: str,
+                               approval_id: str) -> tuple[Verdict, str, bool]:
         if approval_id:
-            grant = self.approvals.use_grant(call.tenant_id, call.session_id, approval_id, key)
-            if grant.state in (ApprovalState.APPROVED_ONCE, ApprovalState.APPROVED_SESSION):
-                return _overridden(verdict, Decision.ALLOW, f"approved by {grant.approval.approver}",
+            state, approval = await self._use_grant(call, key, approval_id)
+            if state in (ApprovalState.APPROVED_ONCE, ApprovalState.APPROVED_SESSION):
+                return _overridden(verdict, Decision.ALLOW, f"approved by {approval.approver}",
                                    f"approval:{approval_id}"), "", False
-            if grant.state in (ApprovalState.DENIED, ApprovalState.ABORTED, ApprovalState.CONSUMED):
-                why = ("the approval was already used" if grant.state is ApprovalState.CONSUMED
-                       else f"denied by {grant.approval.approver}")
+            if state in (ApprovalState.DENIED, ApprovalState.ABORTED, ApprovalState.CONSUMED):
+                why = ("the approval was already used" if state is ApprovalState.CONSUMED
+                       else f"denied by {approval.approver}")
                 return _overridden(verdict, Decision.FORBIDDEN, why, f"approval:{approval_id}"), "", False
-            return verdict, grant.approval.approval_id, False
-        if self.approvals.session_allows(call.tenant_id, call.session_id, key):
+            return verdict, approval.approval_id, False
+        # Asked of the book right now (not only of a replica's cache), so a grant
+        # recorded through any replica is honoured before a new request is opened.
+        if await self.approvals.session_allows(call.tenant_id, call.session_id, key):
             return _overridden(verdict, Decision.ALLOW, "approved earlier for this session",
                                "approval:session"), "", True
-        return verdict, self.approvals.request(call.tenant_id, call.session_id, key).approval_id, False
+        return verdict, (await self.approvals.open(call.tenant_id, call.session_id, key)).approval_id, False
+
+    async def _use_grant(self, call: ToolCall, subject_key: str, approval_id: str) -> tuple[ApprovalState, Approval]:
+        """What the approval named on a call amounts to; an approve-once grant is used up here, by one call only."""
+        approval = await self.approvals.get(call.tenant_id, call.session_id, approval_id)
+        if approval.subject_key != subject_key:
+            raise FailedPrecondition("approval_id: the approval was given for a different call",
+                                     reason="APPROVAL_MISMATCH", field="approval_id")
+        if approval.state is not ApprovalState.APPROVED_ONCE:
+            return approval.state, approval
+        try:
+            # No request_id: the approval keeps the answer's, which RecordApproval retries look for.
+            used = await self.approvals.decide(call.tenant_id, call.session_id, approval_id,
+                                               ApprovalState.APPROVED_ONCE, ApprovalState.CONSUMED, "", "")
+        except FailedPrecondition as exc:
+            if exc.reason != STATE_CHANGED:
+                raise
+            # Another call (on this replica or another) used the grant first.
+            return ApprovalState.CONSUMED, approval
+        return ApprovalState.APPROVED_ONCE, used.approval
 
     async def record_approval(self, tenant_id: str, session_id: str, approval_id: str, choice: int,
                               approver: str, request_id: str) -> ApprovalResult:
+        """Answer a pending approval: the change, then its audit entry, then the entry's seq on the approval.
+
+        A retry with the same request_id is answered from the approval (its
+        ``decided_request_id`` and ``audit_seq``); one that finds the answer
+        made but not yet audited (the earlier attempt failed in between)
+        writes the audit entry then.
+        """
         _require_id(tenant_id, "tenant_id")
         _require_id(session_id, "session_id")
         _require_id(approval_id, "approval_id")
         require(bool(approver.strip()), "approver", "must name who answered")
+        require(len(approver) <= MAX_ID_CHARS, "approver", f"must be at most {MAX_ID_CHARS} characters")
         if choice not in ApprovalChoice.__members__.values():
             raise InvalidArgument("decision: must be APPROVE_ONCE, APPROVE_SESSION, DENY or ABORT", field="decision")
-        if request_id:
-            earlier = self.approvals.recorded(tenant_id, request_id)
-            if earlier is not None and earlier[0] == approval_id:
-                return ApprovalResult(earlier[1], earlier[2])
-        chosen = ApprovalChoice(choice)
-        approval = self.approvals.record(tenant_id, session_id, approval_id, chosen, approver)
+        change_id = change_request_id(request_id)
+        approval = await self.approvals.get(tenant_id, session_id, approval_id)
+        if not (request_id and approval.decided_request_id == change_id):
+            try:
+                decided = await self.approvals.decide(tenant_id, session_id, approval_id, ApprovalState.PENDING,
+                                                      ANSWERED_STATE[ApprovalChoice(choice)], approver, change_id)
+            except FailedPrecondition as exc:
+                if exc.reason != STATE_CHANGED:
+                    raise
+                current = await self.approvals.get(tenant_id, session_id, approval_id)
+                raise FailedPrecondition(f"approval_id: approval {approval_id!r} was already answered "
+                                         f"({current.state.value})", reason="APPROVAL_ALREADY_ANSWERED",
+                                         field="approval_id") from None
+            # A replayed change may predate its audit note: read the approval as it is now.
+            approval = (await self.approvals.get(tenant_id, session_id, approval_id) if decided.replayed
+                        else decided.approval)
+        chosen = choice_of(approval.state)
+        if approval.audit_seq:
+            return ApprovalResult(chosen, approval.audit_seq)
         record = await self.audit.append(tenant_id, {
             "type": "approval",
             "session_id": session_id,
             "approval_id": approval_id,
             "decision": chosen.name.lower(),
-            "approver": approver,
+            "approver": approval.approver,
             "subject": approval.subject_key,
         })
-        if request_id:
-            self.approvals.remember_record(tenant_id, request_id, approval_id, chosen, record.seq)
+        await self.approvals.note_audit(tenant_id, session_id, approval_id, record.seq)
         return ApprovalResult(chosen, record.seq)
 
     async def list_audit(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:

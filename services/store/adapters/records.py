@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 from services.store.adapters.tables import (
+    ApprovalRow,
     ArchivedAuditRow,
     ArchivedEventRow,
     AuditRow,
     EventRow,
     MessageRow,
+    SessionControlRow,
     SessionRow,
     TaskRow,
 )
 from services.store.core.models import (
+    ApprovalRecord,
+    ApprovalState,
     AuditRecord,
     EventRecord,
     MessageRecord,
+    SessionControlRecord,
     SessionRecord,
     TaskRecord,
     TaskState,
@@ -44,3 +49,16 @@ def task_record(row: TaskRow) -> TaskRecord:
 
 def audit_record(row: AuditRow | ArchivedAuditRow) -> AuditRecord:
     return AuditRecord(row.tenant_id, row.seq, row.prev_hash, row.entry_hash, row.payload_json, row.create_ms)
+
+
+def approval_record(row: ApprovalRow) -> ApprovalRecord:
+    return ApprovalRecord(
+        tenant_id=row.tenant_id, session_id=row.session_id, approval_id=row.approval_id,
+        subject_key=row.subject_key, state=ApprovalState(row.state), approver=row.approver, create_ms=row.create_ms,
+        expire_ms=row.expire_ms, decided_request_id=row.decided_request_id, audit_seq=row.audit_seq,
+        change_seq=row.change_seq)
+
+
+def control_record(row: SessionControlRow) -> SessionControlRecord:
+    return SessionControlRecord(tenant_id=row.tenant_id, session_id=row.session_id, seq=row.seq, kind=row.kind,
+                                run_id=row.run_id, payload_json=row.payload_json, create_ms=row.create_ms)

@@ -1,11 +1,13 @@
 """SqlRepository: the core's StoreRepository port over SQLAlchemy (one transaction per call)."""
 from __future__ import annotations
 
+from services.store.adapters.approval_repository import ApprovalRepository
+from services.store.adapters.control_repository import ControlRepository
 from services.store.adapters.database import Database
 from services.store.adapters.session_repository import SessionRepository
 from services.store.adapters.task_repository import TaskRepository
 
 
-class SqlRepository(SessionRepository, TaskRepository):
+class SqlRepository(SessionRepository, TaskRepository, ApprovalRepository, ControlRepository):
     def __init__(self, db: Database) -> None:
         self.db = db

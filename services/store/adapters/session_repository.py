@@ -4,10 +4,10 @@ from __future__ import annotations
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from services.common.errors import AlreadyExists, DomainError, NotFound
+from services.common.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
 from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import event_record, message_record, session_record
-from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRow, SessionRow
+from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRow, SessionLockRow, SessionRow
 from services.store.core.models import (
     EventAppend,
     EventRecord,
@@ -32,8 +32,9 @@ def rows_with_keys(columns, keys):
     return or_(*(and_(*(column == value for column, value in zip(columns, key, strict=True))) for key in keys))
 
 
-def sessions_where(keys):
-    """WHERE for the session rows of these (tenant_id, session_id) keys.
+def sessions_where(keys, tenant_column=SessionRow.tenant_id, session_column=SessionRow.session_id):
+    """WHERE for the session rows (or another table's rows keyed by session) of these
+    (tenant_id, session_id) keys.
 
     One term per tenant, ``tenant_id = t AND session_id IN (...)``: answered
     from the primary key on SQLite and PostgreSQL, and, unlike one equality
@@ -42,8 +43,31 @@ def sessions_where(keys):
     by_tenant: dict[str, list[str]] = {}
     for tenant_id, session_id in sorted(keys):
         by_tenant.setdefault(tenant_id, []).append(session_id)
-    return or_(*(and_(SessionRow.tenant_id == tenant_id, SessionRow.session_id.in_(session_ids))
+    return or_(*(and_(tenant_column == tenant_id, session_column.in_(session_ids))
                  for tenant_id, session_ids in by_tenant.items()))
+
+
+def lock_tokens(s: Session, keys) -> dict[tuple[str, str], int]:
+    """The current fencing token of these sessions' locks (a session never locked has none: 0).
+
+    Read FOR SHARE on PostgreSQL: a lock changing hands waits for this
+    transaction, so every write accepted under the old token commits before
+    the new holder is granted the lock (and reads the next event seq).
+    """
+    keys = sorted(keys)
+    if not keys:
+        return {}
+    query = (select(SessionLockRow.tenant_id, SessionLockRow.session_id, SessionLockRow.fencing_token)
+             .where(sessions_where(keys, SessionLockRow.tenant_id, SessionLockRow.session_id))
+             .order_by(SessionLockRow.tenant_id, SessionLockRow.session_id).with_for_update(read=True))
+    return {(t, sid): token for t, sid, token in s.execute(query).all()}
+
+
+def stale_lock_owner(session_id: str, fencing_token: int, current: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"fencing_token {fencing_token} is stale: the lock of session {session_id!r} has changed hands since "
+        f"(its token is {current}); nothing was written", reason="STALE_LOCK_OWNER", field="fencing_token",
+        metadata={"current_fencing_token": str(current)})
 
 
 def known_keys_query(wanted: set[tuple[str, str, str]]):
@@ -109,11 +133,15 @@ class SessionRepository:
             return [session_record(r) for r in (await s.execute(query)).scalars()]
 
     async def append_messages(self, tenant_id: str, session_id: str, messages: list[NewMessage],
-                              request_id: str, now_ms: int) -> list[int]:
+                              request_id: str, now_ms: int, fencing_token: int = 0) -> list[int]:
         def work(s: Session) -> list[int]:
             last_position = _lock_session(s, tenant_id, session_id, SessionRow.last_message_position)
             if last_position is None:
                 raise _session_not_found(session_id)
+            if fencing_token:
+                current = lock_tokens(s, [(tenant_id, session_id)]).get((tenant_id, session_id), 0)
+                if current != fencing_token:
+                    raise stale_lock_owner(session_id, fencing_token, current)
             if request_id:
                 query = (select(MessageRow.position).where(
                     MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id,
@@ -154,6 +182,8 @@ class SessionRepository:
                      .where(sessions_where(keys))
                      .order_by(SessionRow.tenant_id, SessionRow.session_id).with_for_update())
             last_seq = {(t, sid): seq for t, sid, seq in s.execute(query).all()}
+            # Checked here, in the writing transaction: a stale writer fails alone.
+            tokens = lock_tokens(s, {(a.tenant_id, a.session_id) for a in appends if a.fencing_token})
             advanced: set[tuple[str, str]] = set()
             known = self._known_keys(s, appends)
             rows: list[dict] = []
@@ -162,6 +192,10 @@ class SessionRepository:
                 session_key = (append.tenant_id, append.session_id)
                 if session_key not in last_seq:
                     results.append(_session_not_found(append.session_id))
+                    continue
+                current = tokens.get(session_key, 0)
+                if append.fencing_token and append.fencing_token != current:
+                    results.append(stale_lock_owner(append.session_id, append.fencing_token, current))
                     continue
                 seqs: list[int] = []
                 for event in append.events:

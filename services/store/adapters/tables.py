@@ -127,3 +127,67 @@ class AuditRow(_AuditColumns, Base):
 
 class ArchivedAuditRow(_AuditColumns, Base):
     __tablename__ = "store_audit_archive"
+
+
+class AuditHeadRow(Base):
+    """Each tenant's chain head, moved in the same transaction as the append.
+
+    Kept apart from the entries so that deleting the chain's tail (and its
+    archive) shows: the head still names the seq and hash that were lost.
+    """
+    __tablename__ = "store_audit_heads"
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    entry_hash: Mapped[str] = mapped_column(String(256))
+
+
+class CounterRow(Base):
+    """Store-wide counters (approval change_seq, control seq).
+
+    Taken with a row lock inside the writing transaction, so numbers are
+    handed out in commit order and a watcher reading "after N" never skips a
+    row committed late.
+    """
+    __tablename__ = "store_counters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ApprovalRow(Base):
+    __tablename__ = "store_approvals"
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    approval_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID)
+    subject_key: Mapped[str] = mapped_column(Text)
+    # sha256 of subject_key (hex): subject keys can be long JSON.
+    subject_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    approver: Mapped[str] = mapped_column(String(256), default="")
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+    expire_ms: Mapped[int] = mapped_column(BigInteger)
+    decided_request_id: Mapped[str] = mapped_column(ID, default="")
+    audit_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    change_seq: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (
+        Index("ix_store_approvals_subject", "tenant_id", "session_id", "subject_hash", "state"),
+        Index("ix_store_approvals_change", "change_seq"),
+        Index("ix_store_approvals_age", "create_ms"),
+    )
+
+
+class SessionControlRow(Base):
+    __tablename__ = "store_session_controls"
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str] = mapped_column(ID)
+    session_id: Mapped[str] = mapped_column(ID)
+    kind: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str] = mapped_column(ID, default="")
+    payload_json: Mapped[str] = mapped_column(Text)
+    # Per tenant; NULL when the poster gave none (NULLs never collide).
+    request_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "request_id", name="uq_store_session_controls_request"),
+        Index("ix_store_session_controls_session", "tenant_id", "session_id", "seq"),
+        Index("ix_store_session_controls_age", "create_ms"),
+    )

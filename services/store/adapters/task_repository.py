@@ -5,7 +5,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Insert, Result, func, insert, select, update
+from sqlalchemy import CursorResult, Insert, Result, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -13,7 +13,7 @@ from services.common.errors import Aborted, FailedPrecondition, NotFound
 from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import audit_record, task_record
 from services.store.adapters.session_repository import move_rows
-from services.store.adapters.tables import ArchivedAuditRow, AuditRow, SessionLockRow, TaskRow
+from services.store.adapters.tables import ArchivedAuditRow, AuditHeadRow, AuditRow, SessionLockRow, TaskRow
 from services.store.core.models import AuditRecord, LockResult, NewTask, TaskRecord, TaskState
 from services.store.core.task_policy import RetryPolicy
 
@@ -227,13 +227,20 @@ class TaskRepository:
     # -- audit chain -----------------------------------------------------------
 
     async def append_audit(self, entries: Sequence[AuditRecord], now_ms: int) -> list[AuditRecord]:
-        """Append consecutive entries of one chain in one transaction (the caller checked they link up)."""
+        """Append consecutive entries of one chain in one transaction (the caller checked they link up).
+
+        The chain's head row (``store_audit_heads``) moves in the same
+        transaction: it, not the last entry found, is what an append must
+        extend, so a tail lost from the entry tables still blocks the chain.
+        """
         first, last = entries[0], entries[-1]
+        tenant_id = first.tenant_id
 
         def work(s: Session) -> list[AuditRecord]:
-            head = self._head(s, first.tenant_id)
+            head = s.execute(select(AuditHeadRow).where(AuditHeadRow.tenant_id == tenant_id)
+                             .with_for_update()).scalar_one_or_none()
             if head is not None and head.seq >= last.seq:
-                stored = self._rows_between(s, first.tenant_id, first.seq, last.seq)
+                stored = self._rows_between(s, tenant_id, first.seq, last.seq)
                 if [(r.seq, r.prev_hash, r.entry_hash) for r in stored] == \
                         [(e.seq, e.prev_hash, e.entry_hash) for e in entries]:
                     return stored  # a retried append that already landed
@@ -245,6 +252,14 @@ class TaskRepository:
             s.execute(insert(AuditRow), [
                 dict(tenant_id=e.tenant_id, seq=e.seq, prev_hash=e.prev_hash, entry_hash=e.entry_hash,
                      payload_json=e.payload_json, create_ms=now_ms) for e in entries])
+            if head is None:
+                # Two first appends racing: the primary key lets one in.
+                s.execute(insert(AuditHeadRow).values(tenant_id=tenant_id, seq=last.seq,
+                                                      entry_hash=last.entry_hash))
+            else:
+                s.execute(update(AuditHeadRow).where(AuditHeadRow.tenant_id == tenant_id)
+                          .values(seq=last.seq, entry_hash=last.entry_hash)
+                          .execution_options(synchronize_session=False))
             return [AuditRecord(e.tenant_id, e.seq, e.prev_hash, e.entry_hash, e.payload_json, now_ms)
                     for e in entries]
 
@@ -260,17 +275,10 @@ class TaskRepository:
                                         AuditRow.seq <= last_seq).order_by(AuditRow.seq))
         return [audit_record(r) for r in s.execute(query).scalars()]
 
-    @staticmethod
-    def _head_query(tenant_id: str):
-        return select(AuditRow).where(AuditRow.tenant_id == tenant_id).order_by(AuditRow.seq.desc()).limit(1)
-
-    @classmethod
-    def _head(cls, s: Session, tenant_id: str) -> AuditRow | None:
-        return s.execute(cls._head_query(tenant_id)).scalar_one_or_none()
-
     async def audit_head(self, tenant_id: str) -> tuple[int, str]:
+        """The chain's head as the last append left it, whatever the entry tables still hold."""
         async with self.db.reader() as s:
-            head = (await s.execute(self._head_query(tenant_id))).scalar_one_or_none()
+            head = await s.get(AuditHeadRow, tenant_id)
             return (head.seq, head.entry_hash) if head is not None else (0, "")
 
     async def list_audit(self, tenant_id: str, after_seq: int, limit: int) -> list[AuditRecord]:
@@ -284,9 +292,9 @@ class TaskRepository:
             return sorted({r.seq: r for r in rows}.values(), key=lambda r: r.seq)[:limit]
 
     async def archive_audit(self, cutoff_ms: int, max_rows: int) -> int:
-        # The head row stays hot: it is what the next append must link to.
-        head_alias = AuditRow.__table__.alias("head")
-        not_head = AuditRow.seq < (select(func.max(head_alias.c.seq))
-                                   .where(head_alias.c.tenant_id == AuditRow.tenant_id).scalar_subquery())
+        # The head's entry stays hot (a retried append of it is recognised
+        # there); the heads table itself is never touched by retention.
+        not_head = AuditRow.seq < (select(AuditHeadRow.seq)
+                                   .where(AuditHeadRow.tenant_id == AuditRow.tenant_id).scalar_subquery())
         return await move_rows(self.db, AuditRow, ArchivedAuditRow, cutoff_ms, max_rows,
                                (AuditRow.tenant_id, AuditRow.seq), extra=not_head)

@@ -39,6 +39,7 @@ class _Pending:
     future: asyncio.Future
     dropped: list[bool] = field(default_factory=list)
     taken: bool = False
+    fencing_token: int = 0
 
     @property
     def num_live(self) -> int:
@@ -102,18 +103,21 @@ class EventWriter:
         return self._max_pending
 
     async def append(self, tenant_id: str, session_id: str, events: list[NewEvent], *,
-                     no_drop: bool = False) -> list[int]:
+                     no_drop: bool = False, fencing_token: int = 0) -> list[int]:
         """Seqs of ``events`` in order once committed; 0 for a dropped token delta.
 
         ``no_drop``: the caller numbered these events itself and live readers
         already saw them, so a drop would make the stored log differ; such a
-        request waits for room like a critical event.
+        request waits for room like a critical event. ``fencing_token`` goes
+        to the flush with the request, which checks it in the transaction
+        and fails this request alone when it is stale.
         """
         if self._closing:
             raise Unavailable("store is shutting down", reason="STORE_CLOSING")
         droppable = [not no_drop and e.type in self._droppable_types for e in events]
         pending = _Pending(tenant_id, session_id, list(events), droppable,
-                           asyncio.get_running_loop().create_future(), dropped=[False] * len(events))
+                           asyncio.get_running_loop().create_future(), dropped=[False] * len(events),
+                           fencing_token=fencing_token)
         await self._make_room(pending)
         if pending.num_live == 0:
             return [0] * len(events)
@@ -213,7 +217,7 @@ class EventWriter:
         async with self._room:
             self._room.notify_all()
         appends = [EventAppend(p.tenant_id, p.session_id,
-                               [e for e, d in zip(p.events, p.dropped, strict=True) if not d])
+                               [e for e, d in zip(p.events, p.dropped, strict=True) if not d], p.fencing_token)
                    for p in batch]
         try:
             results = await self._flush(appends)

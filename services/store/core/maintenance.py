@@ -1,4 +1,9 @@
-"""Background upkeep off the request path: lease sweeping and retention."""
+"""Background upkeep off the request path: lease sweeping and retention.
+
+Retention moves old events and audit entries to the archive tables and
+deletes old approvals and session controls; the audit chain heads
+(``store_audit_heads``) are never touched, so a lost tail still shows.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +25,13 @@ class MaintenanceOptions:
     audit_retention_days: float = 0.0
     retention_interval_s: float = 300.0
     retention_batch_rows: int = 1_000
+    approval_retention_days: float = 0.0
+    session_control_retention_s: float = 0.0
+
+    @property
+    def retains(self) -> bool:
+        return any(age > 0 for age in (self.event_retention_days, self.audit_retention_days,
+                                       self.approval_retention_days, self.session_control_retention_s))
 
 
 class Maintenance:
@@ -33,7 +45,7 @@ class Maintenance:
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(
             self._every(self.options.lease_sweep_interval_s, self.sweep_once), name="lease-sweeper"))
-        if self.options.event_retention_days > 0 or self.options.audit_retention_days > 0:
+        if self.options.retains:
             self._tasks.append(asyncio.create_task(
                 self._every(self.options.retention_interval_s, self.retain_once), name="retention"))
 
@@ -49,20 +61,28 @@ class Maintenance:
             log.info("swept expired leases", extra={"num_tasks": num_tasks, "num_locks": num_locks})
 
     async def retain_once(self) -> int:
-        """Archive old rows in small transactions; returns how many moved."""
+        """Archive or delete old rows in small transactions; returns how many moved or went."""
         moved = 0
         now = self.clock()
-        batch = self.options.retention_batch_rows
-        jobs: list[tuple[float, Callable[[int, int], Awaitable[int]]]] = [
-            (self.options.event_retention_days, self.repo.archive_events),
-            (self.options.audit_retention_days, self.repo.archive_audit),
+        options = self.options
+        batch = options.retention_batch_rows
+
+        async def delete_approvals(cutoff_ms: int, max_rows: int) -> int:
+            # Pending approvals still waiting for an answer stay.
+            return await self.repo.delete_old_approvals(cutoff_ms, now, max_rows)
+
+        jobs: list[tuple[int, Callable[[int, int], Awaitable[int]]]] = [
+            (int(options.event_retention_days * DAY_MS), self.repo.archive_events),
+            (int(options.audit_retention_days * DAY_MS), self.repo.archive_audit),
+            (int(options.approval_retention_days * DAY_MS), delete_approvals),
+            (int(options.session_control_retention_s * 1000), self.repo.delete_old_session_controls),
         ]
-        for days, archive in jobs:
-            if days <= 0:
+        for age_ms, job in jobs:
+            if age_ms <= 0:
                 continue
-            cutoff = now - int(days * DAY_MS)
+            cutoff = now - age_ms
             while not self._stop.is_set():
-                num = await archive(cutoff, batch)
+                num = await job(cutoff, batch)
                 moved += num
                 if num < batch:
                     break

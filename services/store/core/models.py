@@ -68,6 +68,8 @@ class EventAppend:
     tenant_id: str
     session_id: str
     events: list[NewEvent]
+    # The session lock's fencing token the writer holds; 0: unfenced.
+    fencing_token: int = 0
 
 
 class TaskState(enum.IntEnum):
@@ -125,6 +127,103 @@ class AuditRecord:
     entry_hash: str
     payload_json: str
     create_ms: int = 0
+
+
+class ApprovalState(enum.StrEnum):
+    """Lifecycle of an approval; the values are the strings of the contract."""
+
+    PENDING = "pending"
+    APPROVED_ONCE = "approved_once"
+    CONSUMED = "consumed"
+    APPROVED_SESSION = "approved_session"
+    DENIED = "denied"
+    ABORTED = "aborted"
+
+
+#: Every change an approval may go through: a person answers a pending
+#: approval, and a call uses up an approve-once grant.
+APPROVAL_TRANSITIONS: frozenset[tuple[ApprovalState, ApprovalState]] = frozenset(
+    {(ApprovalState.PENDING, answered) for answered in (
+        ApprovalState.APPROVED_ONCE, ApprovalState.APPROVED_SESSION, ApprovalState.DENIED, ApprovalState.ABORTED)}
+    | {(ApprovalState.APPROVED_ONCE, ApprovalState.CONSUMED)})
+
+
+def approval_reachable(start: ApprovalState, end: ApprovalState) -> bool:
+    """Whether ``end`` is ``start`` or follows it by allowed changes."""
+    seen, frontier = {start}, [start]
+    while frontier:
+        state = frontier.pop()
+        for before, after in APPROVAL_TRANSITIONS:
+            if before is state and after not in seen:
+                seen.add(after)
+                frontier.append(after)
+    return end in seen
+
+
+@dataclass(frozen=True)
+class NewApproval:
+    tenant_id: str
+    session_id: str
+    approval_id: str
+    subject_key: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class ApprovalChange:
+    """A compare-and-set of an approval's state (DecideApproval)."""
+
+    tenant_id: str
+    session_id: str
+    approval_id: str
+    from_state: ApprovalState
+    to_state: ApprovalState
+    # Empty keeps the recorded approver (a grant being used up).
+    approver: str
+    # Empty: the change cannot be recognised when retried.
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    tenant_id: str
+    session_id: str
+    approval_id: str
+    subject_key: str
+    state: ApprovalState
+    approver: str
+    create_ms: int
+    expire_ms: int
+    decided_request_id: str
+    audit_seq: int
+    change_seq: int
+
+
+class ControlKind(enum.StrEnum):
+    CANCEL = "cancel"
+    APPROVAL = "approval"
+
+
+@dataclass(frozen=True)
+class NewSessionControl:
+    tenant_id: str
+    session_id: str
+    kind: ControlKind
+    run_id: str
+    payload_json: str
+    # Per tenant: a repeat returns the first control.
+    request_id: str
+
+
+@dataclass(frozen=True)
+class SessionControlRecord:
+    tenant_id: str
+    session_id: str
+    seq: int
+    kind: str
+    run_id: str
+    payload_json: str
+    create_ms: int
 
 
 @dataclass(frozen=True)

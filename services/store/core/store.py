@@ -1,6 +1,9 @@
 """StoreCore: one method per RPC; validates, then calls the repository.
 
-Validation runs before any write, so a bad request changes nothing.
+Approvals and session controls have their own parts (``core.approvals``,
+``core.controls``: core/approvals.py, core/session_controls.py), which follow
+the same rule. Validation runs before any write, so a bad request changes
+nothing.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import TypeVar
 from services.common.errors import NotFound, require
 from services.common.paging import cursor_int, decode_token, encode_token, page_limit
 from services.store.core import validation as check
+from services.store.core.approvals import ApprovalRegistry
 from services.store.core.event_writer import EventWriter
 from services.store.core.models import (
     AuditRecord,
@@ -31,6 +35,7 @@ from services.store.core.models import (
 )
 from services.store.core.paging import page_after
 from services.store.core.ports import StoreRepository
+from services.store.core.session_controls import SessionControlBoard
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
 
@@ -53,12 +58,17 @@ class CoreOptions:
 
 class StoreCore:
     def __init__(self, repo: StoreRepository, writer: EventWriter, hub: WatchHub,
-                 options: CoreOptions = CoreOptions(), clock: Clock = wall_clock_ms) -> None:
+                 options: CoreOptions = CoreOptions(), clock: Clock = wall_clock_ms,
+                 feed_hub: WatchHub | None = None) -> None:
         self.repo = repo
         self.writer = writer
+        # Session event watches; feed_hub: the store-wide feeds (approvals, session controls).
         self.hub = hub
+        self.feed_hub = feed_hub if feed_hub is not None else WatchHub()
         self.options = options
         self.clock = clock
+        self.approvals = ApprovalRegistry(repo, self.feed_hub, clock)
+        self.controls = SessionControlBoard(repo, self.feed_hub, clock)
         # Process-local first: contenders for one session's lock queue here
         # instead of all racing on the same database row.
         self._local_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -108,12 +118,14 @@ class StoreCore:
         return Page(rows, token)
 
     async def append_messages(self, tenant_id: str, session_id: str, messages: list[NewMessage],
-                              request_id: str) -> list[int]:
+                              request_id: str, fencing_token: int = 0) -> list[int]:
         check.check_id(tenant_id, "tenant_id")
         check.check_id(session_id, "session_id")
         check.check_id(request_id, "request_id", required=False)
         check.check_messages(messages)
-        return await self.repo.append_messages(tenant_id, session_id, messages, request_id, self.clock())
+        check.check_fencing_token(fencing_token)
+        return await self.repo.append_messages(tenant_id, session_id, messages, request_id, self.clock(),
+                                               fencing_token)
 
     async def list_messages(self, tenant_id: str, session_id: str, after_position: int, page_size: int,
                             page_token: str) -> Page:
@@ -141,17 +153,20 @@ class StoreCore:
     # -- events ----------------------------------------------------------------
 
     async def append_events(self, tenant_id: str, session_id: str, events: list[NewEvent],
-                            request_id: str, *, no_drop: bool = False) -> list[int]:
+                            request_id: str, *, no_drop: bool = False, fencing_token: int = 0) -> list[int]:
+        """Seqs of ``events`` once committed. A non-zero ``fencing_token`` must still be the session
+        lock's, checked in the transaction that writes (FAILED_PRECONDITION ``STALE_LOCK_OWNER``)."""
         check.check_id(tenant_id, "tenant_id")
         check.check_id(session_id, "session_id")
         check.check_id(request_id, "request_id", required=False)
         check.check_events(events)
+        check.check_fencing_token(fencing_token)
         if request_id:
             # A retried request is idempotent even when its events carry no keys.
             events = [e if e.idempotency_key else
                       NewEvent(e.type, e.payload, f"{request_id}#{i}", e.schema_version)
                       for i, e in enumerate(events)]
-        return await self.writer.append(tenant_id, session_id, events, no_drop=no_drop)
+        return await self.writer.append(tenant_id, session_id, events, no_drop=no_drop, fencing_token=fencing_token)
 
     async def read_events(self, tenant_id: str, session_id: str, after_seq: int, page_size: int,
                           page_token: str) -> Page:

@@ -5,7 +5,7 @@ import json
 import re
 
 from services.common.errors import InvalidArgument, require
-from services.store.core.models import NewEvent, NewMessage
+from services.store.core.models import ApprovalState, ControlKind, NewEvent, NewMessage
 
 MAX_ID_CHARS = 128
 MAX_TITLE_CHARS = 512
@@ -18,6 +18,10 @@ MAX_MESSAGES_PER_APPEND = 500
 MAX_EVENT_TYPE_CHARS = 64
 MAX_LEASE_MS = 24 * 3600 * 1000
 MAX_CLAIM = 1_000
+# Approvals: a subject key is the policy's normalised call (a whole script, say).
+MAX_SUBJECT_KEY_BYTES = 64 * 1024
+MAX_APPROVER_CHARS = 256
+MAX_APPROVAL_TTL_MS = 30 * 24 * 3600 * 1000
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool", "summary"})
 # Column ranges: a number past them would fail in SQL (INTERNAL) instead of here.
 INT32_MAX = 2**31 - 1
@@ -129,3 +133,31 @@ def check_lease_ms(lease_ms: int) -> None:
 def check_seq(value: int, field: str) -> None:
     require(value >= 0, field, "must not be negative")
     require(value <= INT64_MAX, field, f"must be at most {INT64_MAX}")
+
+
+def check_fencing_token(value: int) -> None:
+    """0 means unfenced; a token is what AcquireSessionLock handed out, never negative."""
+    check_int(value, "fencing_token", 0, INT64_MAX)
+
+
+def check_approval_state(value: str, field: str) -> ApprovalState:
+    states = [s.value for s in ApprovalState]
+    require(value in states, field, f"must be one of {states}")
+    return ApprovalState(value)
+
+
+def check_control_kind(value: str, field: str) -> ControlKind:
+    kinds = [k.value for k in ControlKind]
+    require(value in kinds, field, f"must be one of {kinds}")
+    return ControlKind(value)
+
+
+def check_subject_key(value: str, field: str = "subject_key") -> None:
+    require(bool(value), field, "is required")
+    check_text(value, field)
+    require(len(value.encode()) <= MAX_SUBJECT_KEY_BYTES, field, f"larger than {MAX_SUBJECT_KEY_BYTES} bytes")
+
+
+def check_approver(value: str, field: str = "approver") -> None:
+    require(len(value) <= MAX_APPROVER_CHARS, field, f"longer than {MAX_APPROVER_CHARS} characters")
+    check_text(value, field)

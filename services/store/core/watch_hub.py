@@ -1,5 +1,8 @@
-"""Wakes WatchEvents streams when their session's events commit (no polling).
+"""Wakes watch streams when what they follow commits (no polling).
 
+A channel is named by a pair of strings: (tenant_id, session_id) for a
+session's events (WatchEvents), or ("", feed) for a store-wide feed whose
+seqs come from one counter (approvals, session controls; see core/feeds.py).
 A watcher subscribes *before* it reads the database, so a commit landing
 between its read and its wait is still seen: the subscription remembers the
 highest seq published since it was created.
@@ -26,6 +29,11 @@ class Subscription:
     def __init__(self, hub: WatchHub, channel: _Channel) -> None:
         self._hub = hub
         self._channel = channel
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq published on this channel: a committed one, seen by this process."""
+        return self._channel.last_seq
 
     async def wait_beyond(self, seq: int, timeout_s: float | None) -> bool:
         """True once an event after ``seq`` has committed; False on timeout or close."""
@@ -76,6 +84,11 @@ class WatchHub:
         for channel in self._channels.values():
             channel.changed.set()
 
+    def watchers_of(self, tenant_id: str, session_id: str) -> int:
+        """Subscriptions of one channel (a single dict read: safe from the metrics thread)."""
+        channel = self._channels.get((tenant_id, session_id))
+        return channel.num_watchers if channel is not None else 0
+
     @property
     def num_watched_sessions(self) -> int:
         return len(self._channels)
@@ -89,18 +102,20 @@ class WatchHub:
 
 
 class ReplicaCommitPoller:
-    """Sees appends committed by other store replicas, for all watchers at once.
+    """Sees commits of other store replicas, for all watchers of a hub at once.
 
-    Local commits wake watchers through ``publish`` right away. Appends by
+    Local commits wake watchers through ``publish`` right away. Commits by
     another replica are found by one query per interval that reads the last
-    seq of every watched session, so the cost grows with watched sessions,
-    not with subscribers, and idle watchers never read the event table.
+    seq of every watched channel (a session's last event seq, a feed's
+    counter), so the cost grows with watched channels, not with subscribers,
+    and idle watchers never read the tables they follow.
     """
 
     def __init__(self, hub: WatchHub,
                  last_seqs: Callable[[list[tuple[str, str]]], Awaitable[dict[tuple[str, str], int]]],
-                 interval_s: float) -> None:
+                 interval_s: float, name: str = "watch-replica-poller") -> None:
         self._hub = hub
+        self._name = name
         self._last_seqs = last_seqs
         self._interval_s = interval_s
         self._stop = asyncio.Event()
@@ -109,7 +124,7 @@ class ReplicaCommitPoller:
 
     def start(self) -> None:
         if self._interval_s > 0:
-            self._task = asyncio.create_task(self._run(), name="watch-replica-poller")
+            self._task = asyncio.create_task(self._run(), name=self._name)
 
     async def close(self) -> None:
         self._stop.set()

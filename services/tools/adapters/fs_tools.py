@@ -310,18 +310,24 @@ class FileTools:
                                   field="arguments.content") from None
         shown, append = args["path"], bool(args.get("append"))
 
-        def write(_stop: threading.Event, root_fd: int) -> ToolOutput:
-            if self.workspace_quota_bytes > 0 and \
-                    disk_usage(ctx.workspace.root) + len(data) > self.workspace_quota_bytes:
-                return ToolOutput(ok=False, exit_code=1, error_reason="WORKSPACE_QUOTA_EXCEEDED",
-                                  error_message=f"the workspace would pass its quota of "
-                                                f"{self.workspace_quota_bytes} bytes; delete files first")
-            owner = self._owner(root_fd)
-            parent = ctx.workspace.open_dir(root_fd, parts[:-1], FIELD, shown, create=True, owner=owner)
-            try:
-                self._write_in(parent, parts, shown, data, append, owner)
-            finally:
-                os.close(parent)
+        def write(stop: threading.Event, root_fd: int) -> ToolOutput:
+            # The quota is measured and the file written under the session's lock:
+            # two writes (on this replica or another) cannot both pass one measurement.
+            with ctx.workspace.locked():
+                if stop.is_set():  # the call timed out waiting for the lock: write nothing
+                    return ToolOutput(ok=False, exit_code=1, error_reason="TIMEOUT",
+                                      error_message="gave up waiting for the session's lock")
+                if self.workspace_quota_bytes > 0 and \
+                        disk_usage(ctx.workspace.root) + len(data) > self.workspace_quota_bytes:
+                    return ToolOutput(ok=False, exit_code=1, error_reason="WORKSPACE_QUOTA_EXCEEDED",
+                                      error_message=f"the workspace would pass its quota of "
+                                                    f"{self.workspace_quota_bytes} bytes; delete files first")
+                owner = self._owner(root_fd)
+                parent = ctx.workspace.open_dir(root_fd, parts[:-1], FIELD, shown, create=True, owner=owner)
+                try:
+                    self._write_in(parent, parts, shown, data, append, owner)
+                finally:
+                    os.close(parent)
             verb = "appended" if append else "wrote"
             return ToolOutput(ok=True, content=CapturedText.of(
                 f"{verb} {len(data)} bytes to {'/'.join(parts)}", ctx.output_cap_bytes))

@@ -3,16 +3,19 @@
 The owner of a workspace directory is the record of which uid its commands
 run as, so every replica that mounts the same workspaces agrees without a
 table of its own. New numbers come from a counter file beside the
-workspaces, taken under an exclusive ``flock`` so that two replicas (or two
-threads) never hand out the same one.
+workspaces (``<workspace_root>/.next-uid``), read and advanced under its
+lock (``FileLock``: a thread lock, then an exclusive ``flock``), so two
+replicas, or two threads of one, never hand out the same one. Every replica
+sharing the root must use the same ``sandbox_uid_base``: the file holds the
+offset into the range.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 from services.common.errors import ResourceExhausted
+from services.tools.core.locks import FileLock
 
 COUNTER_FILE = ".next-uid"
 
@@ -29,9 +32,7 @@ class SessionUidPool:
 
     def allocate(self) -> tuple[int, int]:
         self.base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.base / COUNTER_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with FileLock(self.base / COUNTER_FILE).hold() as fd:
             raw = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             offset = int(raw) if raw.isdigit() else 0
             if offset >= self.size:
@@ -40,8 +41,6 @@ class SessionUidPool:
                     reason="SANDBOX_UIDS_EXHAUSTED")
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(offset + 1).encode("ascii"), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)  # releases the lock
+            os.fsync(fd)  # on the shared volume before the lock is let go
         uid = self.first_uid + offset
         return uid, uid

@@ -254,13 +254,21 @@ class ToolExecutor:
         if len(calls) > self.limits.max_batch_calls:
             raise InvalidArgument(f"calls: at most {self.limits.max_batch_calls} calls per batch, got {len(calls)}",
                                   field="calls")
-        workspace = self.roots.for_session(ctx.tenant_id, ctx.session_id)
+        workspace = await self.workspace(ctx)
         # gather cancels every call when the batch is cancelled (client gone).
         return list(await asyncio.gather(*(self._execute(ctx, workspace, call) for call in calls)))
 
     async def execute(self, ctx: CallContext, call: ToolInvocation) -> ToolOutcome:
-        workspace = self.roots.for_session(ctx.tenant_id, ctx.session_id)
+        workspace = await self.workspace(ctx)
         return await self._execute(ctx, workspace, call)
+
+    async def workspace(self, ctx: CallContext) -> Workspace:
+        """The session's workspace; the first call makes it on a thread, since that
+        waits for the session's lock (another replica may be making it too)."""
+        found = self.roots.find(ctx.tenant_id, ctx.session_id)
+        if found is not None:
+            return found
+        return await asyncio.to_thread(self.roots.for_session, ctx.tenant_id, ctx.session_id)
 
     async def _execute(self, ctx: CallContext, workspace: Workspace, call: ToolInvocation) -> ToolOutcome:
         start = time.perf_counter()

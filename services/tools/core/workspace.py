@@ -5,11 +5,13 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import InvalidArgument, PermissionDenied
+from services.tools.core.locks import THREAD_LOCKS, FileLock
 
 # Tenant and session ids become path components: keep them boring.
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -85,6 +87,22 @@ class Workspace:
     """A directory a session's tools may touch, and nothing outside it."""
 
     root: Path  # resolved, absolute
+    # The session's lock file, beside the workspace where its commands cannot
+    # reach it; None locks within this process only.
+    lock_file: Path | None = None
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the session's lock: one holder at a time in every process sharing the root.
+
+        Blocking; call it from a worker thread, never on the event loop.
+        """
+        if self.lock_file is None:
+            with THREAD_LOCKS.hold(str(self.root)):
+                yield
+        else:
+            with FileLock(self.lock_file).hold():
+                yield
 
     def resolve(self, path: str, field: str = "path") -> Path:
         """The real path of ``path`` (relative to the root), or PERMISSION_DENIED.
@@ -175,13 +193,26 @@ class Workspace:
             os.close(made)
 
 
+# Beside the tenants' folders; ids cannot start with a dot, so no tenant is called this.
+LOCKS_DIR = ".locks"
+_OPEN_WORKSPACE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class WorkspaceRoots:
     """``<base>/<tenant_id>/<session_id>``, created on first use.
+
+    ``base`` may be shared by several tools processes (replicas on one
+    machine, or on many through a ReadWriteMany volume): a workspace is made
+    under its session's lock (``<base>/.locks/<tenant_id>/<session_id>.lock``,
+    an flock), so exactly one of them makes it and hands it over, and the
+    others take it as it is.
 
     When the sandbox runs commands as other users (the service is root), a
     new workspace is handed to its owner: a uid of the session's own from
     ``allocate_owner``, or the fixed ``owner_uid``/``owner_gid``. It is made
     private to that owner (0700), so no other session's commands can look in.
+    Until then it belongs to root, which is how a workspace whose maker died
+    half-way is told from a finished one: the next call finishes it.
     """
 
     def __init__(self, base: Path, owner_uid: int | None = None, owner_gid: int | None = None, *,
@@ -191,29 +222,74 @@ class WorkspaceRoots:
         self.owner_gid = owner_gid
         self.allocate_owner = allocate_owner
 
-    def for_session(self, tenant_id: str, session_id: str) -> Workspace:
+    @property
+    def hands_over(self) -> bool:
+        return self.allocate_owner is not None or self.owner_uid not in (None, 0)
+
+    def lock_file(self, tenant_id: str, session_id: str) -> Path:
+        return self.base / LOCKS_DIR / tenant_id / f"{session_id}.lock"
+
+    def find(self, tenant_id: str, session_id: str) -> Workspace | None:
+        """The session's workspace if it is ready, else None; never blocks on a lock."""
         check_id(tenant_id, "tenant_id")
         check_id(session_id, "session_id")
         path = self.base / tenant_id / session_id
-        if not path.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                path.mkdir(mode=0o700)
-            except FileExistsError:
-                pass  # another call (or replica) made it first; it handed it over too
-            else:
-                self._hand_over(path)
-        return Workspace(Path(os.path.realpath(path)))
+        try:
+            info = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(info.st_mode) or self._unfinished(info):
+            return None
+        return self._workspace(tenant_id, session_id)
 
-    def _hand_over(self, path: Path) -> None:
+    def for_session(self, tenant_id: str, session_id: str) -> Workspace:
+        """The session's workspace, made (under the session's lock) when missing.
+
+        Blocks while another process holds the session's lock: call it on a
+        worker thread (``find`` answers at once for a workspace that is ready).
+        """
+        found = self.find(tenant_id, session_id)
+        if found is not None:
+            return found
+        self.base.mkdir(parents=True, exist_ok=True)
+        # The service's alone: a sandboxed command (another uid) cannot open, and so hold, a lock.
+        (self.base / LOCKS_DIR).mkdir(mode=0o700, exist_ok=True)
+        with FileLock(self.lock_file(tenant_id, session_id)).hold():
+            self._make(self.base / tenant_id / session_id)
+        return self._workspace(tenant_id, session_id)
+
+    def _workspace(self, tenant_id: str, session_id: str) -> Workspace:
+        return Workspace(Path(os.path.realpath(self.base / tenant_id / session_id)),
+                         self.lock_file(tenant_id, session_id))
+
+    def _unfinished(self, info: os.stat_result) -> bool:
+        return self.hands_over and info.st_uid == 0
+
+    def _make(self, path: Path) -> None:
+        """Make ``path`` or finish it; the caller holds the session's lock."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)  # atomic on the shared filesystem, whatever this machine has cached
+        except FileExistsError:
+            pass  # made by another process (which handed it over, or died before it could)
+        # Attributes from an open descriptor are fresh (NFS checks them with the
+        # server on open), so a workspace another machine finished is seen as finished.
+        fd = os.open(path, _OPEN_WORKSPACE)
+        try:
+            if self._unfinished(os.fstat(fd)):
+                self._hand_over(fd)
+        finally:
+            os.close(fd)
+
+    def _hand_over(self, fd: int) -> None:
         if self.allocate_owner is not None:
             uid, gid = self.allocate_owner()
-        elif self.owner_uid is not None:
-            uid, gid = self.owner_uid, self.owner_gid if self.owner_gid is not None else -1
         else:
-            return
-        os.chown(path, uid, gid)
-        os.chmod(path, 0o700)
+            assert self.owner_uid is not None
+            uid, gid = self.owner_uid, self.owner_gid if self.owner_gid is not None else -1
+        # Private first, then given away: never a moment when its owner is not root and others may look in.
+        os.fchmod(fd, 0o700)
+        os.fchown(fd, uid, gid)
 
 
 def disk_usage(root: Path) -> int:
