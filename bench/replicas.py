@@ -219,8 +219,10 @@ async def _approve_one(a: Agents, index: int, timeout_s: float) -> ApprovalOutco
                 if not answer.accepted:
                     return ApprovalOutcome(False, 0.0, "SubmitApproval answered accepted=false")
             elif kind == "tool_result":
+                result = reply.event.tool_result
                 return ApprovalOutcome(bool(sent), (time.perf_counter() - sent) * 1000 if sent else 0.0,
-                                       "" if sent else "a tool result without an approval")
+                                       "" if sent else f"a tool result without an approval: "
+                                                       f"{result.status} {result.output[:200]!r}")
             elif kind in TERMINAL:
                 return ApprovalOutcome(False, 0.0, f"the run ended ({kind}) before its tool result")
     except grpc.aio.AioRpcError as exc:
@@ -441,31 +443,35 @@ async def _read_all(agent: pb_grpc.AgentServiceStub, session_id: str, timeout_s:
 # -- S1 throughput ----------------------------------------------------------------------------------------------------
 
 async def s1_throughput(mesh: LaunchedMesh, concurrency: int, duration_s: float) -> dict[str, Any]:
-    """Chat turns (a few tokens, no tools) through the round-robin target: ops/s and errors."""
+    """Chat turns (a few tokens, no tools), each session's turns on one replica (as Envoy's session
+    hash places them; sessions spread over the replicas): ops/s and errors by kind."""
     async with agents(mesh) as a:
         sessions = [await new_session(a.any) for _ in range(concurrency)]
-        done = errors = 0
+        done = 0
+        errors: dict[str, int] = {}
         deadline = time.monotonic() + duration_s
 
-        async def client(session_id: str) -> None:
-            nonlocal done, errors
+        async def client(index: int, session_id: str) -> None:
+            nonlocal done
+            agent = a.replicas[index % len(a.replicas)]
             while time.monotonic() < deadline:
                 request = run_request(session_id, tool_choice="none", max_steps=1)
                 request.options.max_tokens = 4
-                try:
-                    events = await _events(a.any.Run(request, timeout=30), True, 30)
-                    if events and body_of(events[-1]) == "final":
-                        done += 1
-                    else:
-                        errors += 1
-                except (grpc.aio.AioRpcError, TimeoutError):
-                    errors += 1
-                    await asyncio.sleep(0.05)  # do not spin on a failing mesh
+                events = await _events(agent.Run(request, timeout=30), True, 30)
+                last = events[-1] if events else None
+                if last is not None and body_of(last) == "final":
+                    done += 1
+                    continue
+                kind = "NO_EVENT" if last is None else (
+                    last.error.message.split(":")[0] if last.error.reason == "STREAM_FAILED" else last.error.reason)
+                errors[kind] = errors.get(kind, 0) + 1
+                await asyncio.sleep(0.05)  # do not spin on a failing mesh
 
         started = time.monotonic()
-        await asyncio.gather(*(client(s) for s in sessions))
+        await asyncio.gather(*(client(i, s) for i, s in enumerate(sessions)))
         elapsed = time.monotonic() - started
-    return {"concurrency": concurrency, "seconds": round(elapsed, 1), "turns": done, "errors": errors,
+    return {"concurrency": concurrency, "seconds": round(elapsed, 1), "turns": done,
+            "errors": sum(errors.values()), "errors_by_kind": errors,
             "ops_per_s": round(done / elapsed, 2)}
 
 
