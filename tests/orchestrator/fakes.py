@@ -17,6 +17,7 @@ from services.orchestrator.core.ports import (
     STATUS_APPROVAL_REQUIRED,
     STATUS_OK,
     STATUS_TIMEOUT,
+    STATUS_UNAVAILABLE,
     GenerationChunk,
     GenerationRequest,
     ToolInvocation,
@@ -108,6 +109,8 @@ class FakeTools:
         self.handlers: dict[str, Handler] = {}
         self.timeouts_left: dict[str, int] = {}
         self.unavailable_left = 0
+        # Calls answered "policy could not be checked, the call did not run", per tool.
+        self.policy_down_left: dict[str, int] = {}
         self.executed: list[ToolInvocation] = []
         self.batches: list[list[str]] = []
         self.running = 0
@@ -130,6 +133,10 @@ class FakeTools:
 
     async def _one(self, session_id: str, call: ToolInvocation) -> ToolOutcome:
         key = (session_id, call.name, call.arguments_json)
+        if self.policy_down_left.get(call.name, 0) > 0:
+            self.policy_down_left[call.name] -= 1
+            return ToolOutcome(call.call_id, call.name, STATUS_UNAVAILABLE, output="policy could not be checked",
+                               error_reason="POLICY_UNAVAILABLE")
         if call.name in self.risky and key not in self.session_grants and call.approval_id not in self.once_grants:
             # Like the policy service: an identical call still waiting reuses its approval id.
             approval_id = next((a for a, k in self.approval_calls.items() if k == key and a not in self.answered), "")

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from services.orchestrator.core.ports import ABORT, APPROVE_SESSION, DENY, STATUS_DENIED
+from services.orchestrator.core.ports import ABORT, APPROVE_ONCE, APPROVE_SESSION, DENY, STATUS_DENIED
 from tests.orchestrator.builders import collect, make_rig
 from tests.orchestrator.fakes import Gate, call
 
@@ -121,6 +121,26 @@ async def test_retryable_tool_timeout_is_retried_and_tools_outage_too():
     result = next(e for e in live if e.type == "tool_result")
     assert result.body["status"] == "TOOL_STATUS_OK"
     assert len(rig.tools.executed) == 1
+
+
+async def test_a_call_that_did_not_start_for_want_of_policy_is_retried_even_if_not_retryable():
+    rig = make_rig([call("shell", command="ls"), "ok"])
+    rig.tools.policy_down_left["shell"] = 1
+    rig.tools.timeouts_left["shell"] = 1  # it started and timed out: not retried, shell is not retryable
+    session = await rig.session(tools=["shell"])
+    _r, events = await rig.orchestrator.run(request_id="a", tenant_id="acme", session_id=session.session_id,
+                                            user_message="hi")
+    seen = []
+    async for event in events:
+        seen.append(event)
+        if event.type == "approval_required":
+            await rig.orchestrator.submit_approval(request_id="ap", tenant_id="acme", session_id=session.session_id,
+                                                   approval_id=event.body["approval_id"], decision=APPROVE_ONCE,
+                                                   approver="ops")
+    results = [e.body for e in seen if e.type == "tool_result"]
+    assert [(r["status"], r["output"]) for r in results] == [("TOOL_STATUS_TIMEOUT", "timed out")]
+    assert "approval_required" in types(seen), "the retry reached policy and asked a person"
+    assert rig.tools.policy_down_left["shell"] == 0 and rig.tools.timeouts_left["shell"] == 0
 
 
 async def test_truncated_tool_call_is_an_error_naming_the_reason():

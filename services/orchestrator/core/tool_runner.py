@@ -3,7 +3,8 @@
 All calls of a turn go to the tools service in one `ExecuteTools` batch (it
 runs them concurrently, each under its own timeout). Afterwards:
 - a retryable tool that timed out or was unavailable runs again, with
-  exponential backoff and jitter, up to the retry policy's attempts;
+  exponential backoff and jitter, up to the retry policy's attempts; so
+  does any call that did not start because policy could not be checked;
 - a call the policy wants approved emits `approval_required` and waits for
   `SubmitApproval`; approve-once/-session runs it again, deny turns it into
   a DENIED result, abort stops the run. Calls sharing an approval id (the
@@ -36,6 +37,9 @@ from services.orchestrator.core.ports import (
 from services.orchestrator.core.retry import RetryPolicy, with_retries
 
 TRANSIENT_STATUSES = frozenset({STATUS_TIMEOUT, STATUS_UNAVAILABLE})
+# Reasons the tools service gives when a call did not start: retrying cannot run it twice,
+# so these are retried whether or not the tool is marked retryable.
+NOT_STARTED_REASONS = frozenset({"POLICY_UNAVAILABLE"})
 DEFAULT_RETRY = RetryPolicy()
 
 
@@ -82,8 +86,7 @@ class ToolOrchestrator:
                       spec: ToolSpec | None) -> ToolOutcome:
         attempts = 1
         while True:
-            if outcome.status in TRANSIENT_STATUSES and spec is not None and spec.retryable \
-                    and attempts < self._retry.max_attempts:
+            if self._retry_again(outcome, spec) and attempts < self._retry.max_attempts:
                 await asyncio.sleep(self._retry.delay_s(attempts - 1, self._rng))
                 attempts += 1
                 (outcome,) = await self._execute(ctx, [call], attempt=attempts)
@@ -110,6 +113,12 @@ class ToolOrchestrator:
                                   "output": outcome.output, "truncated": outcome.truncated,
                                   "duration_ms": outcome.duration_ms, "from_cache": outcome.from_cache})
         return outcome
+
+    @staticmethod
+    def _retry_again(outcome: ToolOutcome, spec: ToolSpec | None) -> bool:
+        if outcome.status not in TRANSIENT_STATUSES:
+            return False
+        return outcome.error_reason in NOT_STARTED_REASONS or (spec is not None and spec.retryable)
 
     async def _ask(self, ctx: ToolTurnContext, call: ToolInvocation, outcome: ToolOutcome) -> str:
         pending = self._approvals.open(ctx.tenant_id, ctx.session_id, outcome.approval_id)

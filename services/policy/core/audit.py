@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from services.common.errors import Aborted, Unavailable
 from services.policy.core.redaction import redact_value
 
 MAX_APPEND_ATTEMPTS = 8
+# After losing a race for the chain's head (replicas share a tenant's chain), wait a random
+# while, doubling per attempt, so two writers do not collide again on every retry.
+CONTENDED_BACKOFF_S = 0.01
 VERIFY_PAGE_SIZE = 500
 
 
@@ -128,7 +132,7 @@ class AuditChain:
 
     async def _write(self, tenant_id: str, payloads: list[str]) -> list[AuditRecord]:
         head = self._known_heads.get(tenant_id)
-        for _attempt in range(MAX_APPEND_ATTEMPTS):
+        for attempt in range(MAX_APPEND_ATTEMPTS):
             if head is None:
                 head = await self.log.head(tenant_id)
             records, seq, prev = [], head.seq, head.entry_hash
@@ -143,6 +147,7 @@ class AuditChain:
             except Aborted:
                 # Another writer extended the chain first: re-read the head.
                 head = None
+                await asyncio.sleep(random.uniform(0.0, CONTENDED_BACKOFF_S * 2 ** attempt))
                 continue
             self._known_heads[tenant_id] = AuditHead(stored[-1].seq, stored[-1].entry_hash)
             return stored
