@@ -157,4 +157,5 @@ async def test_real_inference_through_the_balancer(model_path, keys, authenticat
         pytest.fail(f"grammar-constrained call did not finish in 64 tokens: {tool.choices[0].message.content!r}")
     call = tool.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather"
-    assert set(json.loads(call.function.arguments)) == {"city", "days"}
+    arguments = json.loads(call.function.arguments)
+    assert "city" in arguments and set(arguments) <= {"city", "days"}  # days is optional

@@ -35,8 +35,13 @@ def test_llama_cpp_accepts_the_grammar(tools):
 
 
 def test_one_of_branches_become_alternatives_with_their_required_members():
-    rule = next(line for line in build_grammar([ONE_OF]).splitlines() if line.startswith("tool-run ::="))
-    assert '"\\"command\\": " string1' in rule and '"\\"argv\\": " ("[" ws string (' in rule
+    lines = build_grammar([ONE_OF]).splitlines()
+    branches = [line for line in lines if line.split(" ::= ")[0] in ("tool-run-arguments-0", "tool-run-arguments-1")]
+    assert len(branches) == 2, branches
+    # oneOf: each branch has its own required member and not the other's.
+    assert "command-kv" in branches[0] and "argv" not in branches[0]
+    assert "argv-kv" in branches[1] and "command" not in branches[1]
+    assert 'tool-run-arguments-0-command ::= "\\"" char (char' in "\n".join(lines), "minLength 1 holds"
     assert '{"command": "."}' in describe_tools([ONE_OF])
 
 

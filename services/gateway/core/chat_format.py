@@ -1,9 +1,10 @@
 """OpenAI chat messages -> the Gemma turn format (services.gemma.chat_format), tool calls via a grammar.
 
 Gemma has no system role, so system text opens the first user turn. Tool
-results go back to the model as a user turn. A forced tool call is decoded
-under a GBNF grammar built from the tool's JSON schema, so even a small base
-model answers with a well-formed ``{"name": ..., "arguments": {...}}``.
+results go back to the model as a user turn. A forced tool call (and any call
+to a strict tool) is decoded under a GBNF grammar built from the tools' JSON
+schemas (services.inference.client.grammar), so even a small base model
+answers with a well-formed ``{"name": ..., "arguments": {...}}``.
 """
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from typing import Any
 
 from services.common import errors
 from services.gemma.chat_format import FunctionSpec as ToolSpec
-from services.gemma.chat_format import JsonGrammar, json_literal, render_conversation
+from services.gemma.chat_format import render_conversation
+from services.inference.client.grammar import SchemaGrammar, check_schema, tool_call_schema
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# Bounds keep grammar-constrained output finite even if the model never "wants" to stop.
+# Bounds keep grammar-constrained output finite even if the model never "wants" to stop:
+# strings and arrays with no maxLength / maxItems of their own, in tool calls and in answers
+# shaped by response_format.
 MAX_STRING_CHARS = 48
 MAX_ARRAY_ITEMS = 4
+ANSWER_MAX_STRING_CHARS = 256
+ANSWER_MAX_ARRAY_ITEMS = 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ def parse_tools(raw: Any) -> list[ToolSpec]:
                        f"{field}.function.name", "must be 1-64 letters, digits, '_' or '-'")
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         errors.require(isinstance(parameters, dict), f"{field}.function.parameters", "must be a JSON schema object")
+        strict = function.get("strict")
+        errors.require(strict is None or isinstance(strict, bool), f"{field}.function.strict", "must be a boolean")
+        if strict:
+            # A strict tool's calls are decoded under its schema: every keyword must be enforceable.
+            check_schema(parameters, f"{field}.function.parameters")
         tools.append(ToolSpec(name, str(function.get("description") or ""), parameters))
     errors.require(len({t.name for t in tools}) == len(tools), "tools", "function names must be unique")
     return tools
@@ -128,16 +139,18 @@ def _loads_or_text(value: Any) -> Any:
         return value
 
 
-def tool_call_grammar(tools: list[ToolSpec]) -> str:
-    """GBNF accepting exactly one call of one of ``tools`` with schema-shaped arguments."""
-    grammar = JsonGrammar(MAX_STRING_CHARS, MAX_ARRAY_ITEMS)
-    calls = []
-    for tool in tools:
-        args = grammar.value(tool.parameters)
-        calls.append(grammar.add(
-            f'"{{" ws "\\"name\\"" ws ":" ws {json_literal(tool.name)} ws "," ws "\\"arguments\\"" ws ":" ws '
-            f'{args} ws "}}"'))
-    return grammar.render(" | ".join(calls))
+def tool_call_grammar(tools: list[ToolSpec], *, answer: dict[str, Any] | None = None,
+                      free_answer: bool = False) -> str:
+    """GBNF accepting one call of one of ``tools`` with schema-shaped arguments; or else, when asked,
+    a JSON value of the ``answer`` schema, or a free answer that cannot be mistaken for a call."""
+    grammar = SchemaGrammar(MAX_STRING_CHARS, MAX_ARRAY_ITEMS) if answer is None else \
+        SchemaGrammar(ANSWER_MAX_STRING_CHARS, ANSWER_MAX_ARRAY_ITEMS)
+    alternatives = [grammar.value(tool_call_schema(tool.name, tool.parameters), f"call-{tool.name}") for tool in tools]
+    if answer is not None:
+        alternatives.append(grammar.value(answer, "answer"))
+    elif free_answer:
+        alternatives.append(grammar.add("free-answer", '[^{ \\t\\n\\x00] [^\\x00]*'))
+    return grammar.render(" | ".join(alternatives))
 
 
 def parse_tool_call(text: str, tools: list[ToolSpec]) -> tuple[str, str] | None:

@@ -15,6 +15,9 @@ from typing import Any
 
 from services.common import errors
 from services.gateway.core.chat_format import (
+    ANSWER_MAX_ARRAY_ITEMS,
+    ANSWER_MAX_STRING_CHARS,
+    ChatMessage,
     ToolSpec,
     parse_messages,
     parse_tool_call,
@@ -23,12 +26,17 @@ from services.gateway.core.chat_format import (
     tool_call_grammar,
 )
 from services.gateway.core.model_catalog import ModelCatalog
+from services.gateway.core.openai_fields import check_fields
 from services.gateway.core.ports import GenerationChunk, GenerationParams, TextGenerator
 from services.gemma.chat_format import END_OF_TURN as END
+from services.inference.client.grammar import check_schema, schema_grammar
 
 DEFAULT_MAX_TOKENS = 256
 MAX_MAX_TOKENS = 8192
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}
+# response_format json_object: any JSON object.
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_SCHEMA_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     errors.require(isinstance(body, dict), "body", "expected a JSON object")
     model = body.get("model", "")
     errors.require(isinstance(model, str), "model", "must be a string")
-    n = body.get("n", 1)
+    n = body.get("n")
+    n = 1 if n is None else n
     errors.require(n == 1 and isinstance(n, int) and not isinstance(n, bool), "n", "only n=1 is supported")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
@@ -71,9 +80,12 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     seed = body.get("seed")
     errors.require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32),
                    "seed", "must be an integer in [0, 2^32)")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     errors.require(isinstance(stream, bool), "stream", "must be a boolean")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    errors.require(options is None or stream, "stream_options", "is only allowed with stream: true")
+    options = options or {}
     errors.require(isinstance(options, dict), "stream_options", "must be an object")
     params = GenerationParams(
         prompt="", model=model, max_tokens=max_tokens,
@@ -82,9 +94,50 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     return params, model, stream, bool(options.get("include_usage", False))
 
 
+def answer_schema(body: dict) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks the answer to have; None for plain text."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    errors.require(isinstance(fmt, dict), "response_format", "must be an object")
+    kind = fmt.get("type")
+    errors.require(kind in ("text", "json_object", "json_schema"), "response_format.type",
+                   "must be 'text', 'json_object' or 'json_schema'")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    spec = fmt.get("json_schema")
+    errors.require(isinstance(spec, dict), "response_format.json_schema", "must be an object")
+    name = spec.get("name")
+    errors.require(isinstance(name, str) and 0 < len(name) <= 64 and set(name) <= _SCHEMA_NAME_CHARS,
+                   "response_format.json_schema.name", "must be 1-64 letters, digits, '_' or '-'")
+    strict = spec.get("strict")
+    errors.require(strict is None or isinstance(strict, bool), "response_format.json_schema.strict",
+                   "must be a boolean")
+    schema = spec.get("schema", ANY_OBJECT)
+    errors.require(isinstance(schema, dict), "response_format.json_schema.schema", "must be a JSON schema object")
+    # Strict or not, the answer is decoded under the schema: a keyword it cannot enforce is refused.
+    check_schema(schema, "response_format.json_schema.schema")
+    return schema
+
+
+def _answer_instruction(body: dict, schema: dict[str, Any]) -> str:
+    spec = (body.get("response_format") or {}).get("json_schema") or {}
+    description = spec.get("description")
+    errors.require(description is None or isinstance(description, str), "response_format.json_schema.description",
+                   "must be a string")
+    return (f"{description}\n" if description else "") + \
+        "Answer with only a JSON value that matches this JSON schema: " + json.dumps(schema, separators=(",", ":"))
+
+
 def plan_chat(body: Any) -> CompletionPlan:
+    check_fields(body, "chat")
     params, model, stream, include_usage = _common_params(body, stop_default=(END,))
     messages = parse_messages(body.get("messages"))
+    answer = answer_schema(body)
+    if answer is not None:
+        messages = [ChatMessage("system", _answer_instruction(body, answer)), *messages]
     tools = parse_tools(body.get("tools"))
     choice = body.get("tool_choice", "auto" if tools else "none")
     if isinstance(choice, dict):
@@ -98,18 +151,34 @@ def plan_chat(body: Any) -> CompletionPlan:
         errors.require(choice == "none" or bool(tools), "tool_choice", "needs tools")
         mode = choice
     prompt = render_prompt(messages, tools if mode != "none" else [])
-    grammar = tool_call_grammar(tools) if mode == "required" else ""
-    return CompletionPlan(replace(params, prompt=prompt, grammar=grammar), model, stream, include_usage,
-                          tuple(tools), mode)
+    return CompletionPlan(replace(params, prompt=prompt, grammar=_chat_grammar(tools, mode, answer, body)), model,
+                          stream, include_usage, tuple(tools), mode)
+
+
+def _chat_grammar(tools: list[ToolSpec], mode: str, answer: dict[str, Any] | None, body: dict) -> str:
+    """Forced calls, strict tools and response_format decode under a grammar; the rest freely."""
+    if mode == "required":
+        return tool_call_grammar(tools)
+    strict = any(isinstance(t, dict) and (t.get("function") or {}).get("strict") is True
+                 for t in body.get("tools") or ())
+    if mode == "auto" and (strict or answer is not None):
+        return tool_call_grammar(tools, answer=answer, free_answer=answer is None)
+    if answer is not None:
+        return schema_grammar(answer, max_string_chars=ANSWER_MAX_STRING_CHARS, max_items=ANSWER_MAX_ARRAY_ITEMS)
+    return ""
 
 
 def plan_completion(body: Any) -> CompletionPlan:
+    check_fields(body, "completion")
     params, model, stream, include_usage = _common_params(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     errors.require(isinstance(prompt, str) and prompt != "", "prompt", "must be a non-empty string")
-    return CompletionPlan(replace(params, prompt=prompt), model, stream, include_usage)
+    answer = answer_schema(body)
+    grammar = "" if answer is None else schema_grammar(answer, max_string_chars=ANSWER_MAX_STRING_CHARS,
+                                                        max_items=ANSWER_MAX_ARRAY_ITEMS)
+    return CompletionPlan(replace(params, prompt=prompt, grammar=grammar), model, stream, include_usage)
 
 
 def answered_model(plan: CompletionPlan, last: GenerationChunk | None) -> str:

@@ -7,8 +7,9 @@ A model reply is either a final answer (plain text that does not start with
     <tool_call>{"name": "fs_list", "arguments": {"path": "."}}</tool_call>
 
 The grammar built by `build_grammar` only admits the session's tools, with
-the required arguments of each tool's JSON schema in schema order, so the
-sampled text always parses; the only way to get a broken call is to cut it
+arguments shaped by each tool's JSON schema (services.inference.client.grammar:
+required members first, bounded strings and arrays), so the sampled text
+always parses; the only way to get a broken call is to cut it
 with max_tokens, which `parse_reply` reports as `MalformedReply`.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.gemma.chat_format import JsonGrammar, gbnf_literal
+from services.inference.client.grammar import SchemaGrammar, gbnf_literal, tool_call_schema
 from services.orchestrator.core.ports import ToolSpec
 
 CALL_OPEN = "<tool_call>"
@@ -84,10 +85,6 @@ def parse_reply(text: str, allowed: Sequence[str] | None = None) -> ParsedReply:
     return ParsedReply(calls=tuple(calls), text="")
 
 
-def _rule_name(tool_name: str) -> str:
-    return "tool-" + re.sub(r"[^a-zA-Z0-9]", "-", tool_name)
-
-
 def _required_sets(parameters: dict[str, Any]) -> list[list[str]]:
     """Required property lists; a oneOf/anyOf of `required` lists gives one per branch."""
     props = parameters.get("properties", {}) or {}
@@ -98,51 +95,19 @@ def _required_sets(parameters: dict[str, Any]) -> list[list[str]]:
     return sets or [base]
 
 
-def _arguments_rule(parameters: dict[str, Any], grammar: JsonGrammar) -> str:
-    props: dict[str, Any] = parameters.get("properties", {}) or {}
-    if not props:
-        return '"{}"' if parameters.get("type") == "object" else "object"
-
-    def member(name: str) -> str:
-        return f'{gbnf_literal(json.dumps(name) + ": ")} {grammar.value(props[name] or {})}'
-
-    sets = _required_sets(parameters)
-    if len(sets) > 1:
-        # One alternative per branch, with that branch's required members only.
-        alts = ['"{" ' + ' ", " '.join(member(p) for p in req) + ' "}"' for req in sets]
-        return "(" + " | ".join(alts) + ")"
-    required = sets[0]
-    optional = [p for p in props if p not in required]
-    if required:
-        parts = [member(required[0])] + [f'", " {member(p)}' for p in required[1:]]
-        parts += [f'(", " {member(p)})?' for p in optional]
-        return '"{" ' + " ".join(parts) + ' "}"'
-    # Optional-only: each later member needs the earlier ones; enough for a model.
-    inner = ""
-    for p in reversed(optional):
-        inner = member(p) + (f' (", " {inner})?' if inner else "")
-    return '"{" (' + inner + ') ? "}"'
-
-
 def build_grammar(tools: Sequence[ToolSpec], *, allow_answer: bool = True, require_call: bool = False) -> str:
     """GBNF admitting a final answer or well-formed calls to `tools` only."""
-    grammar = JsonGrammar(MAX_STRING_CHARS, MAX_JSON_ITEMS)
-    lines: list[str] = []
+    grammar = SchemaGrammar(MAX_STRING_CHARS, MAX_JSON_ITEMS)
     alternatives = []
     if tools:
-        call_alts = " | ".join(_rule_name(t.name) for t in tools)
-        lines.append(f'call ::= {gbnf_literal(CALL_OPEN)} ( {call_alts} ) {gbnf_literal(CALL_CLOSE)}')
-        lines.append(f'calls ::= call ( "\\n" call ){{0,{MAX_CALLS_PER_TURN - 1}}}')
-        for t in tools:
-            head = gbnf_literal('{"name": ' + json.dumps(t.name) + ', "arguments": ')
-            lines.append(f'{_rule_name(t.name)} ::= {head} {_arguments_rule(t.parameters, grammar)} "}}"')
-        alternatives.append("calls")
+        bodies = " | ".join(grammar.value(tool_call_schema(t.name, t.parameters), f"tool-{t.name}") for t in tools)
+        call = grammar.add("call", f"{gbnf_literal(CALL_OPEN)} ( {bodies} ) {gbnf_literal(CALL_CLOSE)}")
+        alternatives.append(grammar.add("calls", f'{call} ( "\\n" {call} ){{0,{MAX_CALLS_PER_TURN - 1}}}'))
     if allow_answer and not (require_call and tools):
-        lines.append('answer ::= [^<\\x00] [^\\x00]*')
-        alternatives.append("answer")
+        alternatives.append(grammar.add("answer", '[^<\\x00] [^\\x00]*'))
     if not alternatives:
         raise ValueError("a grammar needs tools or an answer")
-    return grammar.render(" | ".join(alternatives), lines)
+    return grammar.render(" | ".join(alternatives))
 
 
 def describe_tools(tools: Sequence[ToolSpec]) -> str:
