@@ -124,12 +124,14 @@ class NodeLink:
             reply = await self._control.ListModels(inference_pb2.ListModelsRequest(),
                                                    timeout=self.settings.load_interval_s * 2)
             self.state.models = {m.name: m.n_ctx for m in reply.models}
+            self.models_listed.set()
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # Such a node is offered any model name and answers for itself.
                 self._list_models = False
-        finally:
-            self.models_listed.set()
+                self.models_listed.set()
+            # Otherwise (a slow or failed answer) the list is still unknown: the next poll asks
+            # again, and start() keeps waiting rather than offering the node every model name.
 
     async def _poll_load(self) -> None:
         polls = 0

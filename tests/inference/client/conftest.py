@@ -8,7 +8,10 @@ from llmesh.inference.v1 import inference_pb2
 from services.inference.client import Balancer, BalancerSettings
 from tests.support.auth import service_identity
 
-FAST_SETTINGS = BalancerSettings(health_interval_s=0.3, load_interval_s=0.05, start_timeout_s=3.0,
+# start() returns once every node has answered health (and a serving one its models), so a long
+# start_timeout_s costs nothing when the machine is quick; a short one, on a busy machine, let the
+# first requests go out before the balancer knew which node serves which model.
+FAST_SETTINGS = BalancerSettings(health_interval_s=0.3, load_interval_s=0.05, start_timeout_s=30.0,
                                  ejection_base_s=1.0, ejection_max_s=4.0)
 
 
