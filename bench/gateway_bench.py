@@ -1,10 +1,13 @@
-"""REST layer overhead: unary JSON calls, SSE streams, OpenAI chat, API-key checks.
+"""REST layer overhead: unary JSON calls, SSE streams, OpenAI chat, API-key checks; structured outputs.
 
-Backends are in-process fakes (tests/gateway/fakes.py) so the numbers measure
-the translation layer (HTTP parse, JSON <-> proto, gRPC hop, framing), not a
-model. Writes bench/results/gateway.json.
+Backends are in-process fakes (tests/gateway/fakes.py) so the overhead numbers
+measure the translation layer (HTTP parse, JSON <-> proto, gRPC hop, framing),
+not a model. `json_schema_valid_rate` is the exception: structured-output
+requests (the twenty schemas of tests/gateway/schemas.py, cycled) through the
+official `openai` SDK to a real node on the bundled model, each answer parsed
+and validated with `jsonschema` (goal 1.0). Writes bench/results/gateway.json.
 
-    python bench/gateway_bench.py [--requests 400] [--concurrency 8]
+    python bench/gateway_bench.py [--requests 400] [--concurrency 8] [--schema-requests 100]
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
+import openai
 
 from services.common.auth import (
     DEFAULT_SCRYPT_N,
@@ -29,7 +34,11 @@ from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from services.gateway.config import Settings
 from services.gateway.server import build_app, running_gateway
+from services.gemma.model_cache import ensure_model
+from services.inference.config import Settings as InferenceSettings
+from services.inference.server import build_app as build_inference
 from tests.gateway.fakes import FakeAgentApp, ScriptedGenerator
+from tests.gateway.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +63,40 @@ async def timed_many(n: int, concurrency: int, one) -> dict:
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return summarize(samples, time.perf_counter() - start)
+
+
+async def structured_outputs(key: str, auth: ApiKeyAuthenticator, requests: int) -> dict:
+    """Answers under response_format json_schema from the bundled model: how many parse and validate."""
+    node_settings = InferenceSettings(port=0, model_path=str(ensure_model()), n_ctx=4096, n_seq_max=4, n_gpu_layers=0)
+    gate = asyncio.Semaphore(4)
+    failures: list[str] = []
+    async with running_service(build_inference(node_settings), node_settings) as node:
+        app = build_app(Settings(port=0, inference_nodes=(f"127.0.0.1:{node.port}",)), authenticator=auth)
+        async with running_gateway(app) as url:
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
+
+                async def one(i: int) -> bool:
+                    schema = SCHEMAS[i % len(SCHEMAS)]
+                    async with gate:
+                        reply = await client.chat.completions.create(
+                            model="gemma-3-270m", max_tokens=160, temperature=0.7, seed=i,
+                            messages=[{"role": "user", "content": f"Give example number {i}."}],
+                            response_format={"type": "json_schema",
+                                             "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+                    text = reply.choices[0].message.content or ""
+                    try:
+                        jsonschema.validate(json.loads(text), schema)
+                        return True
+                    except (ValueError, jsonschema.ValidationError) as exc:
+                        failures.append(f"schema {i % len(SCHEMAS)}: {exc.__class__.__name__}: {text[:120]!r}")
+                        return False
+
+                start = time.perf_counter()
+                valid = await asyncio.gather(*(one(i) for i in range(requests)))
+                wall = time.perf_counter() - start
+    return {"json_schema_valid_rate": round(sum(valid) / len(valid), 4) if valid else 0.0, "requests": requests,
+            "schemas": len(SCHEMAS), "wall_s": round(wall, 1), "failures": failures[:10], "goal": 1.0,
+            "note": "bundled model on CPU, temperature 0.7 with a seed per request, 4 at a time"}
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -109,6 +152,9 @@ async def main(args: argparse.Namespace) -> dict:
                 results["openai_chat_non_stream_scripted"] = await timed_many(
                     args.requests // 2, args.concurrency, chat)
 
+    if args.schema_requests:
+        results["structured_outputs"] = await structured_outputs(key, auth, args.schema_requests)
+        results["json_schema_valid_rate"] = results["structured_outputs"]["json_schema_valid_rate"]
     # What the slow KDF costs when a key is first seen, and what the cache saves afterwards.
     fresh = ApiKeyAuthenticator(ApiKeyStore([record]), FailedAttemptLimiter())
     start = time.perf_counter()
@@ -134,6 +180,8 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--stream-events", type=int, default=50)
+    parser.add_argument("--schema-requests", type=int, default=100,
+                        help="structured-output requests on the bundled model (0 skips them)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gateway.json"))
     args = parser.parse_args()
     output = asyncio.run(main(args))

@@ -335,7 +335,10 @@ async def replica_kills(mesh: LaunchedMesh, kills: int, timeout_s: float = 60.0)
                 next_turns_ok += 1
                 last_seq = turn[-1].seq
             else:
-                problems.append(f"kill {kill}: the next turn ended {[body_of(e) for e in turn][-2:]}")
+                ended = turn[-1] if turn else None
+                failed = ended is not None and body_of(ended) == "error"
+                why = f" ({ended.error.reason}: {ended.error.message[:200]})" if failed and ended else ""
+                problems.append(f"kill {kill}: the next turn ended {[body_of(e) for e in turn][-2:]}{why}")
             if not await _wait_back(mesh, victim + 1, since, timeout_s=120):
                 problems.append(f"kill {kill}: orchestrator-{victim + 1} did not come back")
                 break

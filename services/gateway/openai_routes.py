@@ -11,6 +11,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.common import errors
 from services.gateway.core.json_body import loads_body
 from services.gateway.core.openai_compat import CompletionPlan, OpenAICompat, dumps, plan_chat, plan_completion
+from services.gateway.core.openai_embeddings import OpenAIEmbeddings, plan_embedding
+from services.gateway.core.ports import EmbeddingSource
 from services.gateway.http_api import forwarded_metadata, read_body
 from services.gateway.http_errors import error_payload, openai_error_response
 
@@ -35,6 +37,21 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, plan_completion, "completion")
+
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            compat = self._compat()
+            source = compat.generator
+            if not isinstance(source, EmbeddingSource):
+                raise errors.Unimplemented("the inference backend does not serve embeddings",
+                                           reason="EMBEDDINGS_NOT_SERVED")
+            plan = plan_embedding(await self._body(request))
+            principal = getattr(request.state, "principal", None)
+            result = await OpenAIEmbeddings(source, compat.catalog).create(
+                plan, tenant_id=principal.tenant_id if principal else "", metadata=tuple(forwarded_metadata(request)))
+        except errors.DomainError as exc:
+            return openai_error_response(exc)
+        return JSONResponse(result)
 
     async def models(self, request: Request) -> Response:
         try:

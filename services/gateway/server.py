@@ -53,6 +53,8 @@ OPENAI_PATHS = {
     "/v1/completions": {"post": {"operationId": "OpenAI_Completions", "tags": ["OpenAI"],
                                  "requestBody": _OPENAI_BODY, "responses": _OPENAI_OK}},
     "/v1/models": {"get": {"operationId": "OpenAI_ListModels", "tags": ["OpenAI"], "responses": _OPENAI_OK}},
+    "/v1/embeddings": {"post": {"operationId": "OpenAI_Embeddings", "tags": ["OpenAI"],
+                                "requestBody": _OPENAI_BODY, "responses": _OPENAI_OK}},
 }
 
 
@@ -118,6 +120,7 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
             HttpRoute("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
             HttpRoute("/v1/completions", openai.completions, methods=["POST"]),
             HttpRoute("/v1/models", openai.models, methods=["GET"]),
+            HttpRoute("/v1/embeddings", openai.embeddings, methods=["POST"]),
             HttpRoute("/{path:path}", GenericRestApi(route_table, backends, settings.max_body_bytes).handle,
                       methods=_ANY_METHOD),
         ],

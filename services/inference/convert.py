@@ -4,6 +4,7 @@ from __future__ import annotations
 from llmesh.inference.v1 import inference_pb2 as pb
 
 from services.common.errors import InvalidArgument
+from services.inference.core.embedding import EmbedResult
 from services.inference.core.node import GenerateCall, ModelInfo, SamplingRequest
 from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, session_key
 
@@ -25,7 +26,8 @@ def sampling_request(request: pb.GenerateRequest) -> SamplingRequest:
     return SamplingRequest(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, repeat_penalty=s.repeat_penalty,
         seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_tokens, stop=tuple(s.stop),
-        grammar=s.grammar, logprobs=request.logprobs, given=request.HasField("sampling"))
+        grammar=s.grammar, logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+        given=request.HasField("sampling"))
 
 
 def generate_call(request: pb.GenerateRequest) -> GenerateCall:
@@ -42,7 +44,11 @@ def generate_call(request: pb.GenerateRequest) -> GenerateCall:
 
 def generate_response(delta: Delta, node_id: str, model: str = "") -> pb.GenerateResponse:
     reply = pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids, node_id=node_id,
-                                cached=delta.cached, merged=delta.merged, logprobs=delta.logprobs)
+                                cached=delta.cached, merged=delta.merged, logprobs=delta.logprobs,
+                                token_pieces=delta.pieces)
+    for alternatives in delta.top_logprobs:
+        reply.top_logprobs.add(token_ids=[t for t, _, _ in alternatives], logprobs=[lp for _, lp, _ in alternatives],
+                               pieces=[piece for _, _, piece in alternatives])
     if delta.finish_reason is not None:
         reply.finish_reason = _FINISH[delta.finish_reason]
         reply.model = model
@@ -70,3 +76,8 @@ def load_response(load: LoadReport, node_id: str) -> pb.GetLoadResponse:
 
 def model(info: ModelInfo) -> pb.Model:
     return pb.Model(name=info.name, n_ctx=info.n_ctx, n_gpu_layers=info.n_gpu_layers, device=info.device)
+
+
+def embed_response(result: EmbedResult, node_id: str, model: str) -> pb.EmbedResponse:
+    return pb.EmbedResponse(embeddings=[pb.Embedding(values=vector.tolist()) for vector in result.vectors],
+                            prompt_tokens=result.prompt_tokens, model=model, node_id=node_id)

@@ -14,6 +14,7 @@ from services.common.tenants import parse_tenant_policies
 from services.inference.config import Settings
 from services.inference.core.aliases import parse_aliases
 from services.inference.core.backend import Backend
+from services.inference.core.embedding import BatchEmbedder, EmbeddingRunner, LexicalBatchEmbedder
 from services.inference.core.engine import Engine, EngineConfig
 from services.inference.core.front import GenerationFront
 from services.inference.core.node import InferenceNode
@@ -63,7 +64,7 @@ def priority_policy(settings: Settings) -> PriorityPolicy:
         max_wait_ms={Priority.NORMAL: settings.max_wait_ms_normal, Priority.BATCH: settings.max_wait_ms_batch})
 
 
-def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
+def build_front(settings: Settings, pool: EnginePool, model_embedder: Embedder | None = None) -> GenerationFront:
     if settings.response_cache_entries < 0:
         raise InvalidArgument("response_cache_entries: must be >= 0", field="response_cache_entries")
     if settings.response_cache_ttl_s <= 0:
@@ -72,7 +73,7 @@ def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
     if settings.response_cache_entries:
         cache = ResponseCache(settings.response_cache_entries, settings.response_cache_ttl_s)
     return GenerationFront(pool, pool.primary.backend.model_name, merge=settings.merge_requests, cache=cache,
-                           semantic=semantic_cache(settings, pool.primary.backend),
+                           semantic=semantic_cache(settings, pool.primary.backend, model_embedder),
                            observer=PrometheusEconomicsObserver(), run_model=pool.primary.call)
 
 
@@ -80,7 +81,9 @@ def build_front(settings: Settings, pool: EnginePool) -> GenerationFront:
 DEFAULT_THRESHOLDS = {"model": 0.75, "lexical": 0.85}
 
 
-def semantic_cache(settings: Settings, backend: Backend) -> SemanticCache[list[Delta]] | None:
+def semantic_cache(settings: Settings, backend: Backend,
+                   model_embedder: Embedder | None = None) -> SemanticCache[list[Delta]] | None:
+    """``model_embedder``: the node's own (shared with Embed), used when the cache embeds with the model."""
     if settings.semantic_cache_entries < 0:
         raise InvalidArgument("semantic_cache_entries: must be >= 0", field="semantic_cache_entries")
     if not 0.0 <= settings.semantic_cache_threshold <= 1.0:
@@ -103,11 +106,27 @@ def semantic_cache(settings: Settings, backend: Backend) -> SemanticCache[list[D
         from services.inference.adapters.llama_embedder import LlamaEmbedder
 
         # on_llama: the backend has the llama.cpp model (checked by attribute, as wrappers may forward it).
-        embedder: Embedder = LlamaEmbedder(cast(LlamaBackend, backend), n_threads=settings.n_threads)
+        embedder: Embedder = model_embedder or LlamaEmbedder(cast(LlamaBackend, backend),
+                                                             n_threads=settings.n_threads)
     else:
         embedder = HashingEmbedder()
     threshold = settings.semantic_cache_threshold or DEFAULT_THRESHOLDS[kind]
     return SemanticCache(embedder, threshold, settings.semantic_cache_entries, settings.semantic_cache_ttl_s)
+
+
+# Tokens the model embedder's context holds (one input's most); n_batch when larger.
+EMBED_N_CTX = 512
+
+
+def node_embedder(settings: Settings, backend: Backend) -> BatchEmbedder:
+    """Embed's embedder: the model's own on a llama backend (its context opens on first use), else lexical."""
+    if hasattr(backend, "llama_model"):
+        from services.inference.adapters.llama_backend import LlamaBackend
+        from services.inference.adapters.llama_embedder import LlamaEmbedder
+
+        return LlamaEmbedder(cast(LlamaBackend, backend), n_ctx=max(EMBED_N_CTX, settings.n_batch),
+                             n_threads=settings.n_threads)
+    return LexicalBatchEmbedder(lambda text: backend.tokenize(text, False, False), backend.n_ctx)
 
 
 def placements(settings: Settings, model_path: str) -> list[Placement]:
@@ -168,9 +187,11 @@ class App:
         self.node_id = settings.node_id or f"{settings.host}:{settings.port}"
         self.pool: EnginePool | None = None
         self.front: GenerationFront | None = None
+        self.embeddings: EmbeddingRunner | None = None
         node = InferenceNode(self._ready_pool, settings.default_max_tokens, front=self._ready_front,
                              aliases=parse_aliases(settings.model_aliases),
-                             tenants=parse_tenant_policies(settings.tenant_policies))
+                             tenants=parse_tenant_policies(settings.tenant_policies),
+                             embeddings=self._ready_embeddings)
         self._servicer = InferenceServicer(node, self.node_id)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -181,8 +202,10 @@ class App:
         engines = [Engine(b, engine_config(self.settings), PrometheusObserver(f"engine-{i}"), name=f"engine-{i}")
                    for i, b in enumerate(backends)]
         pool = EnginePool(engines)
-        front = build_front(self.settings, pool)
+        embedder = node_embedder(self.settings, pool.primary.backend)
+        front = build_front(self.settings, pool, cast(Embedder, embedder) if embedder.runs_model else None)
         pool.start()
+        self.embeddings = EmbeddingRunner(embedder, pool.primary.call, max_requests=max(1, self.settings.max_queue))
         self.front = front
         self.pool = pool
 
@@ -196,8 +219,17 @@ class App:
         assert self.front is not None
         return self.front
 
+    def _ready_embeddings(self) -> EmbeddingRunner:
+        self._ready_pool()
+        assert self.embeddings is not None
+        return self.embeddings
+
     async def close(self) -> None:
         front, self.front = self.front, None
+        embeddings, self.embeddings = self.embeddings, None
+        if embeddings is not None and hasattr(embeddings.embedder, "close"):
+            # Before the engines free the weights it runs on (the semantic cache may share it).
+            embeddings.embedder.close()
         embedder = front.semantic.embedder if front is not None and front.semantic is not None else None
         if embedder is not None and hasattr(embedder, "close"):
             # Before the engines free the weights it runs on.

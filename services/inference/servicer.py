@@ -60,3 +60,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                              context: grpc.aio.ServicerContext) -> pb.ReleaseSessionResponse:
         return pb.ReleaseSessionResponse(released=await self.node.release_session(request.session_id,
                                                                               request.tenant_id))
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        served, result = await self.node.embed(request.model, list(request.inputs), request.dimensions)
+        return convert.embed_response(result, self.node_id, served)

@@ -7,7 +7,9 @@ log, and seqs are gapless per session.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,7 +19,13 @@ from llmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 
 from services.common import errors
-from services.gateway.core.ports import GenerationChunk, GenerationParams
+from services.gateway.core.ports import (
+    EmbeddingParams,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationParams,
+    TokenLogprob,
+)
 
 AGENT_SERVICE = "llmesh.orchestrator.v1.AgentService"
 
@@ -205,16 +213,45 @@ class ScriptedGenerator:
         self.requests: list[GenerationParams] = []
         # The model the last chunk names as having answered ("" names none).
         self.answered_by = ""
+        self.embed_requests: list[EmbeddingParams] = []
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         self.requests.append(params)
         words = self.text.split(" ")
         for i, word in enumerate(words):
             last = i == len(words) - 1
-            yield GenerationChunk(text=word if i == 0 else " " + word, finish_reason="stop" if last else None,
+            text = word if i == 0 else " " + word
+            # One token per word; with logprobs, word i has log-probability -i/10 and rivals "<i>a", "<i>b".
+            tokens = (TokenLogprob(text.encode(), -i / 10,
+                                   tuple((f"{i}{c}".encode(), -1.0 - j) for j, c in enumerate("ab"))
+                                   [:params.top_logprobs]),) if params.logprobs else ()
+            yield GenerationChunk(text=text, finish_reason="stop" if last else None,
                                   prompt_tokens=len(params.prompt) // 4 if last else 0,
                                   generated_tokens=len(words) if last else 0,
-                                  model=self.answered_by if last else "")
+                                  model=self.answered_by if last else "", tokens=tokens)
 
     async def list_models(self) -> list[str]:
         return list(self.models)
+
+    async def embed(self, params: EmbeddingParams) -> EmbeddingResult:
+        """Like a node's Embed: a vector per text (a hash of it), refusals naming the node's field names.
+
+        A text containing ``TOO LONG`` stands for one over the node's token limit.
+        """
+        self.embed_requests.append(params)
+        errors.require(params.dimensions in (0, EMBED_DIM), "dimensions",
+                       f"this model's embeddings have {EMBED_DIM} dimensions")
+        for i, text in enumerate(params.inputs):
+            errors.require("TOO LONG" not in text, f"inputs[{i}]", "more tokens than one input may take")
+        return EmbeddingResult(tuple(fake_vector(text) for text in params.inputs),
+                               sum(len(text.split()) for text in params.inputs), params.model or self.models[0])
+
+
+EMBED_DIM = 8
+
+
+def fake_vector(text: str) -> tuple[float, ...]:
+    """A unit vector that depends on the text only."""
+    raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[:EMBED_DIM]]
+    norm = math.sqrt(sum(v * v for v in raw))
+    return tuple(v / norm for v in raw)

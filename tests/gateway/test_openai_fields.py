@@ -58,7 +58,8 @@ def test_honoured_fields_pass_whatever_their_value_the_planners_validate_it():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", False), ("presence_penalty", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0),
+    ("logprobs", False), ("logprobs", True), ("top_logprobs", 3),
+    ("presence_penalty", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0),
     ("logit_bias", {}), ("store", False), ("metadata", {}), ("service_tier", "auto"), ("service_tier", "default"),
     ("modalities", ["text"]), ("reasoning_effort", "none"), ("verbosity", "medium"),
     ("parallel_tool_calls", True), ("parallel_tool_calls", False), ("stream_options", {"include_obfuscation": False}),
@@ -75,7 +76,6 @@ def test_default_valued_fields_are_accepted_on_completions(field: str, value: An
 
 
 @pytest.mark.parametrize("endpoint, body, field", [
-    ("chat", chat(logprobs=True), "logprobs"),
     ("chat", chat(presence_penalty=0.5), "presence_penalty"),
     ("chat", chat(presence_penalty=False), "presence_penalty"),  # false is not 0
     ("chat", chat(frequency_penalty=-1), "frequency_penalty"),
@@ -100,7 +100,6 @@ def test_other_values_of_default_only_fields_are_refused(endpoint: str, body: di
 
 @pytest.mark.parametrize("endpoint, body, field", [
     ("chat", chat(audio={"voice": "alloy", "format": "mp3"}), "audio"),
-    ("chat", chat(top_logprobs=0), "top_logprobs"),
     ("chat", chat(user="u-1"), "user"),
     ("chat", chat(safety_identifier="h"), "safety_identifier"),
     ("chat", chat(prompt_cache_key="k"), "prompt_cache_key"),
@@ -108,7 +107,6 @@ def test_other_values_of_default_only_fields_are_refused(endpoint: str, body: di
     ("chat", chat(prediction={"type": "content", "content": "x"}), "prediction"),
     ("chat", chat(functions=[]), "functions"),
     ("chat", chat(function_call="none"), "function_call"),
-    ("completion", completion(logprobs=0), "logprobs"),
     ("completion", completion(suffix=""), "suffix"),
     ("completion", completion(user="u-1"), "user"),
 ])
@@ -220,12 +218,13 @@ def test_values_that_are_not_the_defined_objects_are_left_to_the_planners():
 
 
 def test_the_first_offending_field_is_named_in_an_openai_400():
-    exc = refusal(chat(logprobs=True, user="u"))
+    exc = refusal(chat(presence_penalty=1, user="u"))
     response = openai_error_response(exc)
     body = json.loads(bytes(response.body))
     assert response.status_code == 400
-    assert body["error"]["param"] == "logprobs" and body["error"]["type"] == "invalid_request_error"
-    assert body["error"]["code"] == "UNSUPPORTED_VALUE" and body["error"]["message"].startswith("logprobs: ")
+    assert body["error"]["param"] == "presence_penalty" and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "UNSUPPORTED_VALUE"
+    assert body["error"]["message"].startswith("presence_penalty: ")
 
 
 _scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)

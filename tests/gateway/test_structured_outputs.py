@@ -12,11 +12,8 @@ from services.common.runtime import running_service
 from services.gateway.config import Settings
 from services.gateway.server import build_app, running_gateway
 from tests.gateway.conftest import Mesh
+from tests.gateway.schemas import PERSON, SCHEMAS
 from tests.gateway.test_openai import WEATHER_TOOL, client_for
-
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "age": {"type": "integer"}}, "required": ["name", "age"],
-          "additionalProperties": False}
 
 
 def json_schema_format(schema: dict, strict: bool = True) -> dict:
@@ -79,40 +76,6 @@ async def test_a_strict_tool_constrains_auto_calls_and_a_loose_one_only_guides(m
     loose_sent, strict_sent = mesh.generator.requests
     assert loose_sent.grammar == "" and '"minimum":1' in loose_sent.prompt
     assert '"\\"get_weather\\""' in strict_sent.grammar and "free-answer" in strict_sent.grammar
-
-
-# Twenty schemas a client might send: nested objects, arrays, enums, required and optional
-# members, numbers, and strings with maxLength (kept short so a 270M model answers quickly).
-S = {"type": "string", "maxLength": 10}
-SCHEMAS: list[dict] = [
-    {"type": "object", "properties": {"name": S}, "required": ["name"]},
-    PERSON,
-    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
-    {"type": "object", "properties": {"score": {"type": "number"}}, "required": ["score"]},
-    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": S, "maxItems": 3}}, "required": ["tags"]},
-    {"type": "object", "properties": {"city": S, "country": S}, "required": ["city"]},
-    {"type": "object", "properties": {"point": {"type": "object", "properties": {
-        "x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}}, "required": ["point"]},
-    {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 4},
-    {"type": "object", "properties": {"items": {"type": "array", "items": {
-        "type": "object", "properties": {"sku": S, "qty": {"type": "integer"}}, "required": ["sku", "qty"]},
-        "maxItems": 2}}, "required": ["items"]},
-    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 20},
-                                      "year": {"type": "integer"}}, "required": ["title"]},
-    {"type": "object", "properties": {"status": {"const": "done"}, "note": S}, "required": ["status", "note"]},
-    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"]},
-    {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}, "required": ["id"]},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["code"]},
-    {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer"}, S]}}, "required": ["value"]},
-    {"type": "object", "properties": {"maybe": {"type": ["string", "null"], "maxLength": 8}}, "required": ["maybe"]},
-    {"$defs": {"pair": {"type": "object", "properties": {"k": S, "v": S}, "required": ["k", "v"]}},
-     "type": "object", "properties": {"first": {"$ref": "#/$defs/pair"}}, "required": ["first"]},
-    {"type": "object", "properties": {"level": {"enum": [1, 2, 3]}, "label": S}, "required": ["level", "label"]},
-    {"type": "object", "properties": {"a": S, "b": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
-                                      "c": {"type": "object", "properties": {"d": {"type": "boolean"}}}},
-     "required": ["a", "b", "c"]},
-]
 
 
 @pytest.mark.model

@@ -48,6 +48,20 @@ async def test_generate_streams_deltas_and_ends_with_usage(stub):
     assert "".join(r.text for r in replies)
 
 
+async def test_logprobs_come_with_each_token_its_bytes_and_the_likeliest_tokens(stub):
+    replies = await collect(stub, gen_request(max_tokens=4, logprobs=True, top_logprobs=3))
+    plain = await collect(stub, gen_request(max_tokens=4, logprobs=True))
+    assert all(len(r.logprobs) == len(r.token_pieces) == len(r.top_logprobs) == 1 for r in replies)
+    assert b"".join(p for r in replies for p in r.token_pieces).decode() == "".join(r.text for r in replies)
+    for reply in replies:
+        (alternatives,) = reply.top_logprobs
+        assert len(alternatives.token_ids) == len(alternatives.pieces) == 3
+        assert list(alternatives.logprobs) == sorted(alternatives.logprobs, reverse=True)
+        assert alternatives.token_ids[0] == reply.token_ids[0]
+    assert [r.logprobs for r in plain] == [r.logprobs for r in replies]
+    assert all(not r.top_logprobs and len(r.token_pieces) == 1 for r in plain)
+
+
 async def test_session_follow_up_reports_cached_tokens(stub):
     first = await collect(stub, gen_request("turn one ", session_id="s"))
     text = "turn one " + "".join(r.text for r in first) + " next"
@@ -69,6 +83,8 @@ async def test_session_follow_up_reports_cached_tokens(stub):
     (pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(max_tokens=1, grammar="nonsense")),
      "sampling.grammar"),
     (pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(max_tokens=1, top_p=1.5)), "sampling.top_p"),
+    (gen_request(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (gen_request(top_logprobs=2), "top_logprobs"),
 ])
 async def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -1,9 +1,10 @@
-"""TextGenerator over llmesh.inference.v1 Generate: a stub or the load balancer.
+"""TextGenerator (and EmbeddingSource) over llmesh.inference.v1 Generate and Embed: a stub or the load balancer.
 
 Two shapes work: an InferenceServiceStub (``Generate(request, metadata=...)``
 and ``ListModels``), or the load balancer of ``services.inference.client``
 (``generate(request)`` streaming GenerateResponse, ``unary("ListModels", ...)``),
-which picks a node per request and raises domain errors itself.
+which picks a node per request and raises domain errors itself; Embed goes
+through its ``unary`` like ListModels.
 """
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import grpc
 from llmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.rpc_errors import domain_error_from_rpc
-from services.gateway.core.ports import GenerationChunk, GenerationParams
+from services.gateway.core.ports import (
+    EmbeddingParams,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationParams,
+    TokenLogprob,
+)
 
 _FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length",
            inference_pb2.FINISH_REASON_CANCELLED: "cancelled"}
@@ -28,14 +35,19 @@ def to_generate_request(params: GenerationParams) -> inference_pb2.GenerateReque
         sampling.seed = params.seed
     return inference_pb2.GenerateRequest(request_id=params.request_id, model=params.model, prompt=params.prompt,
                                          sampling=sampling, priority=inference_pb2.PRIORITY_INTERACTIVE,
-                                         tenant_id=params.tenant_id)
+                                         tenant_id=params.tenant_id, logprobs=params.logprobs,
+                                         top_logprobs=params.top_logprobs)
 
 
 def to_chunk(reply: inference_pb2.GenerateResponse) -> GenerationChunk:
     usage = reply.usage
+    tops = list(reply.top_logprobs)
+    tokens = tuple(TokenLogprob(piece, logprob, tuple(zip(tops[i].pieces, tops[i].logprobs, strict=True))
+                                if i < len(tops) else ())
+                   for i, (piece, logprob) in enumerate(zip(reply.token_pieces, reply.logprobs, strict=False)))
     return GenerationChunk(text=reply.text, finish_reason=_FINISH.get(reply.finish_reason),
                            prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
-                           generated_tokens=usage.generated_tokens, model=reply.model)
+                           generated_tokens=usage.generated_tokens, model=reply.model, tokens=tokens)
 
 
 class InferenceGenerator:
@@ -82,3 +94,17 @@ class InferenceGenerator:
                 return list(self.default_models)
             raise domain_error_from_rpc(err, service="inference") from None
         return [m.name for m in reply.models] or list(self.default_models)
+
+    async def embed(self, params: EmbeddingParams) -> EmbeddingResult:
+        """Embed on a node serving ``params.model`` (behind the balancer: any healthy one, retried elsewhere)."""
+        request = inference_pb2.EmbedRequest(request_id=params.request_id, model=params.model,
+                                             inputs=list(params.inputs), tenant_id=params.tenant_id,
+                                             dimensions=params.dimensions)
+        try:
+            if hasattr(self.client, "unary"):
+                reply = await self.client.unary("Embed", request)
+            else:
+                reply = await self.client.Embed(request, metadata=params.metadata)
+        except grpc.aio.AioRpcError as err:
+            raise domain_error_from_rpc(err, service="inference") from None
+        return EmbeddingResult(tuple(tuple(e.values) for e in reply.embeddings), reply.prompt_tokens, reply.model)

@@ -27,11 +27,13 @@ from services.gateway.core.chat_format import (
 )
 from services.gateway.core.model_catalog import ModelCatalog
 from services.gateway.core.openai_fields import check_fields
-from services.gateway.core.ports import GenerationChunk, GenerationParams, TextGenerator
+from services.gateway.core.ports import GenerationChunk, GenerationParams, TextGenerator, TokenLogprob
 from services.gemma.chat_format import END_OF_TURN as END
 from services.inference.client.grammar import check_schema, schema_grammar
 
 DEFAULT_MAX_TOKENS = 256
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
 MAX_MAX_TOKENS = 8192
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}
 # response_format json_object: any JSON object.
@@ -138,6 +140,7 @@ def plan_chat(body: Any) -> CompletionPlan:
     answer = answer_schema(body)
     if answer is not None:
         messages = [ChatMessage("system", _answer_instruction(body, answer)), *messages]
+    params = replace(params, **_chat_logprobs(body))
     tools = parse_tools(body.get("tools"))
     choice = body.get("tool_choice", "auto" if tools else "none")
     if isinstance(choice, dict):
@@ -153,6 +156,49 @@ def plan_chat(body: Any) -> CompletionPlan:
     prompt = render_prompt(messages, tools if mode != "none" else [])
     return CompletionPlan(replace(params, prompt=prompt, grammar=_chat_grammar(tools, mode, answer, body)), model,
                           stream, include_usage, tuple(tools), mode)
+
+
+def _chat_logprobs(body: dict) -> dict[str, Any]:
+    wanted = body.get("logprobs")
+    errors.require(wanted is None or isinstance(wanted, bool), "logprobs", "must be a boolean")
+    top = body.get("top_logprobs")
+    errors.require(top is None or (isinstance(top, int) and not isinstance(top, bool)
+                                   and 0 <= top <= MAX_TOP_LOGPROBS),
+                   "top_logprobs", f"must be an integer between 0 and {MAX_TOP_LOGPROBS}")
+    errors.require(top is None or wanted is True, "top_logprobs", "needs logprobs: true")
+    return {"logprobs": bool(wanted), "top_logprobs": top or 0}
+
+
+def _completion_logprobs(body: dict) -> dict[str, Any]:
+    top = body.get("logprobs")
+    errors.require(top is None or (isinstance(top, int) and not isinstance(top, bool)
+                                   and 0 <= top <= MAX_COMPLETION_LOGPROBS),
+                   "logprobs", f"must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}")
+    return {"logprobs": top is not None, "top_logprobs": top or 0}
+
+
+def _token_text(piece: bytes) -> str:
+    # A token may hold part of a UTF-8 character: its exact bytes travel beside the text.
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object for ``tokens``."""
+    return {"content": [{"token": _token_text(t.piece), "logprob": t.logprob, "bytes": list(t.piece),
+                         "top_logprobs": [{"token": _token_text(p), "logprob": lp, "bytes": list(p)}
+                                          for p, lp in t.top]} for t in tokens],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy completions ``logprobs`` object for ``tokens``, text offsets from ``offset``."""
+    texts = [_token_text(t.piece) for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{_token_text(p): lp for p, lp in t.top} for t in tokens], "text_offset": offsets}
 
 
 def _chat_grammar(tools: list[ToolSpec], mode: str, answer: dict[str, Any] | None, body: dict) -> str:
@@ -178,7 +224,8 @@ def plan_completion(body: Any) -> CompletionPlan:
     answer = answer_schema(body)
     grammar = "" if answer is None else schema_grammar(answer, max_string_chars=ANSWER_MAX_STRING_CHARS,
                                                         max_items=ANSWER_MAX_ARRAY_ITEMS)
-    return CompletionPlan(replace(params, prompt=prompt, grammar=grammar), model, stream, include_usage)
+    return CompletionPlan(replace(params, prompt=prompt, grammar=grammar, **_completion_logprobs(body)), model,
+                          stream, include_usage)
 
 
 def answered_model(plan: CompletionPlan, last: GenerationChunk | None) -> str:
@@ -203,17 +250,21 @@ class OpenAICompat:
         self.generator = generator
         self.catalog = catalog or ModelCatalog(generator)
 
-    async def _run(self, plan: CompletionPlan, request_id: str) -> tuple[str, GenerationChunk | None]:
+    async def _run(self, plan: CompletionPlan,
+                   request_id: str) -> tuple[str, GenerationChunk | None, list[TokenLogprob]]:
         await self.catalog.require(plan.model)
-        texts, last = [], None
+        texts: list[str] = []
+        tokens: list[TokenLogprob] = []
+        last = None
         async for chunk in self.generator.generate(replace(plan.params, request_id=request_id)):
             texts.append(chunk.text)
+            tokens.extend(chunk.tokens)
             last = chunk
-        return "".join(texts), last
+        return "".join(texts), last, tokens
 
     async def chat(self, plan: CompletionPlan) -> dict[str, Any]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
-        text, last = await self._run(plan, response_id)
+        text, last, tokens = await self._run(plan, response_id)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = _FINISH.get(last.finish_reason if last else None, "stop")
         call = parse_tool_call(text, list(plan.tools)) if plan.tool_mode != "none" else None
@@ -222,7 +273,8 @@ class OpenAICompat:
             finish = "tool_calls"
         return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
                 "model": answered_model(plan, last), "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                             "logprobs": chat_logprobs(tokens) if plan.params.logprobs else None}],
                 "usage": _usage(last)}
 
     async def chat_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:
@@ -230,26 +282,32 @@ class OpenAICompat:
         created = int(time.time())
         last: GenerationChunk | None = None
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None = None,
+                  tokens: list[TokenLogprob] | None = None) -> dict[str, Any]:
+            logprobs = chat_logprobs(tokens) if plan.params.logprobs and tokens is not None else None
             return {"id": response_id, "object": "chat.completion.chunk", "created": created,
                     "model": answered_model(plan, last), "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
         await self.catalog.require(plan.model)
         yield chunk({"role": "assistant", "content": ""})
         # Output that may be a tool call is held back until it is known not to be one.
         held, holding = [], plan.tool_mode != "none"
+        # Tokens whose text has not gone out yet (held back, or still inside the node's stop-string check).
+        tokens: list[TokenLogprob] = []
         async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
             last = piece
+            tokens.extend(piece.tokens)
             if holding:
                 held.append(piece.text)
                 so_far = "".join(held).lstrip()
                 if so_far and not so_far.startswith("{"):
                     holding = False
-                    yield chunk({"content": "".join(held)})
-                    held = []
+                    yield chunk({"content": "".join(held)}, tokens=tokens)
+                    held, tokens = [], []
             elif piece.text:
-                yield chunk({"content": piece.text})
+                yield chunk({"content": piece.text}, tokens=tokens)
+                tokens = []
         finish = _FINISH.get(last.finish_reason if last else None, "stop")
         if held:
             text = "".join(held)
@@ -258,7 +316,9 @@ class OpenAICompat:
                 yield chunk({"tool_calls": [{"index": 0, **_tool_call(*call)}]})
                 finish = "tool_calls"
             else:
-                yield chunk({"content": text})
+                yield chunk({"content": text}, tokens=tokens)
+        elif tokens:
+            yield chunk({"content": ""}, tokens=tokens)
         yield chunk({}, finish)
         if plan.include_usage:
             yield {"id": response_id, "object": "chat.completion.chunk", "created": created,
@@ -266,26 +326,33 @@ class OpenAICompat:
 
     async def completion(self, plan: CompletionPlan) -> dict[str, Any]:
         response_id = "cmpl-" + secrets.token_hex(12)
-        text, last = await self._run(plan, response_id)
+        text, last, tokens = await self._run(plan, response_id)
         return {"id": response_id, "object": "text_completion", "created": int(time.time()),
                 "model": answered_model(plan, last),
                 "choices": [{"index": 0, "text": text,
                              "finish_reason": _FINISH.get(last.finish_reason if last else None),
-                             "logprobs": None}],
+                             "logprobs": completion_logprobs(tokens) if plan.params.logprobs else None}],
                 "usage": _usage(last)}
 
     async def completion_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:
         response_id = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
         last = None
+        offset = 0
+        tokens: list[TokenLogprob] = []
         await self.catalog.require(plan.model)
         async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
             last = piece
+            tokens.extend(piece.tokens)
             finish = _FINISH.get(piece.finish_reason) if piece.finish_reason else None
             if piece.text or finish:
+                logprobs = completion_logprobs(tokens, offset) if plan.params.logprobs else None
+                offset += sum(len(_token_text(t.piece)) for t in tokens)
+                tokens = []
                 yield {"id": response_id, "object": "text_completion", "created": created,
                        "model": answered_model(plan, piece),
-                       "choices": [{"index": 0, "text": piece.text, "finish_reason": finish, "logprobs": None}]}
+                       "choices": [{"index": 0, "text": piece.text, "finish_reason": finish,
+                                    "logprobs": logprobs}]}
         if plan.include_usage:
             yield {"id": response_id, "object": "text_completion", "created": created,
                    "model": answered_model(plan, last), "choices": [], "usage": _usage(last)}

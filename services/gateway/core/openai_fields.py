@@ -134,8 +134,9 @@ FIELDS: dict[str, tuple[Rule | None, Rule | None]] = {
     "tool_choice.custom": chat(refused(NO_CUSTOM_TOOLS)),
     "parallel_tool_calls": chat(only(True, False, reason="an answer carries at most one tool call, which both "
                                                         "values allow (true permits several, never requires them)")),
-    "logprobs": (only(False, reason=NO_LOGPROBS), refused(NO_LOGPROBS)),
-    "top_logprobs": chat(refused(NO_LOGPROBS)),
+    "logprobs": (honoured("true or false: each answer token's log-probability"),
+                 honoured("0-5: each token's log-probability and that many likeliest tokens")),
+    "top_logprobs": chat(honoured("0-20 likeliest tokens per answer token; needs logprobs")),
     "presence_penalty": both(only(0, reason=PENALTIES)),
     "frequency_penalty": both(only(0, reason=PENALTIES)),
     "logit_bias": both(only({}, reason="token biases are not applied yet")),

@@ -15,7 +15,7 @@ import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.inference.adapters.llama_model import LlamaVocab, create_context, load_model, put_tokens
-from services.inference.core.types import BatchEntry, SamplingParams
+from services.inference.core.types import BatchEntry, SamplingParams, TokenLogprob
 
 # Most sequences one llama.cpp context takes.
 LLAMA_MAX_SEQ = 256
@@ -78,10 +78,11 @@ class LlamaBackend:
         self._pad_token = max(0, self._vocab.bos)
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._samplers: dict[int, ll.llama_sampler_p] = {}
-        self._wants_logprobs: set[int] = set()
+        # sampler key -> how many likeliest alternatives to report (0: only the sampled token's logprob).
+        self._wants_logprobs: dict[int, int] = {}
         # Keys whose sampling is a plain argmax (see _is_plain_greedy).
         self._greedy: set[int] = set()
-        self._logprobs: dict[int, float] = {}
+        self._logprobs: dict[int, TokenLogprob] = {}
 
     @property
     def llama_model(self) -> ll.llama_model_p:
@@ -146,13 +147,13 @@ class LlamaBackend:
     def open_sampler(self, key: int, params: SamplingParams) -> None:
         self._samplers[key] = self._build_sampler(params)
         if params.logprobs:
-            self._wants_logprobs.add(key)
+            self._wants_logprobs[key] = params.top_logprobs
         if self._is_plain_greedy(params):
             self._greedy.add(key)
 
     def close_sampler(self, key: int) -> None:
         sampler = self._samplers.pop(key, None)
-        self._wants_logprobs.discard(key)
+        self._wants_logprobs.pop(key, None)
         self._greedy.discard(key)
         if sampler is not None:
             ll.llama_sampler_free(sampler)
@@ -186,7 +187,7 @@ class LlamaBackend:
                    else ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
         for key, idx in wanted:
             if key in self._wants_logprobs:
-                self._logprobs[key] = self._token_logprob(idx, sampled[key])
+                self._logprobs[key] = self._token_logprob(idx, sampled[key], self._wants_logprobs[key])
         return sampled
 
     def _pad_outputs(self, batch: ll.llama_batch, n: int, outputs: int) -> int:
@@ -243,14 +244,21 @@ class LlamaBackend:
         logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,))
         return int(logits.argmax())
 
-    def _token_logprob(self, idx: int, token: int) -> float:
-        """log softmax of the model's raw logits at ``token`` (before any sampler shaping)."""
+    def _token_logprob(self, idx: int, token: int, top: int) -> TokenLogprob:
+        """log softmax of the model's raw logits (before any sampler shaping) at ``token``, and the
+        ``top`` likeliest tokens, most likely first (ties: the lower token id first)."""
         pointer = ll.llama_get_logits_ith(self._ctx, idx)
         logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
         peak = float(logits.max())
-        return float(logits[token] - peak - np.log(np.exp(logits - peak).sum()))
+        norm = peak + float(np.log(np.exp(logits - peak).sum()))
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            picked = np.argpartition(-logits, top - 1)[:top]
+            ordered = sorted(picked.tolist(), key=lambda t: (-float(logits[t]), t))
+            alternatives = tuple((int(t), float(logits[t]) - norm) for t in ordered)
+        return TokenLogprob(float(logits[token]) - norm, alternatives)
 
-    def take_logprobs(self) -> dict[int, float]:
+    def take_logprobs(self) -> dict[int, TokenLogprob]:
         taken, self._logprobs = self._logprobs, {}
         return taken
 

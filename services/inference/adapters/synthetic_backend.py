@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
-from services.inference.core.types import BatchEntry, SamplingParams
+from services.inference.core.types import BatchEntry, SamplingParams, TokenLogprob
 
 BOS = 0
 EOS = 1
@@ -49,7 +49,7 @@ class SyntheticBackend:
         self.prefill_ms_per_token = prefill_ms_per_token
         self._history: list[list[int]] = [[] for _ in range(n_seq_max)]
         self._samplers: dict[int, SamplingParams] = {}
-        self._logprobs: dict[int, float] = {}
+        self._logprobs: dict[int, TokenLogprob] = {}
         self._reply = [b + BYTE_OFFSET for b in reply.encode("utf-8")]
         # Tokens sampled so far per sampler (where each generation is in the reply).
         self._sampled: dict[int, int] = {}
@@ -114,7 +114,8 @@ class SyntheticBackend:
                 sampled[entry.sampler_key] = self._sample(entry.sampler_key, history)
                 params = self._samplers.get(entry.sampler_key)
                 if params is not None and params.logprobs:
-                    self._logprobs[entry.sampler_key] = self._logprob(history)
+                    self._logprobs[entry.sampler_key] = self._logprob(history, sampled[entry.sampler_key],
+                                                                      params.top_logprobs)
         delay_ms = num_prefill * self.prefill_ms_per_token
         if decoding and self.tokens_per_s > 0:
             delay_ms += 1000.0 / self.tokens_per_s
@@ -124,12 +125,14 @@ class SyntheticBackend:
             time.sleep(delay_ms / 1000.0)
         return sampled
 
-    @staticmethod
-    def _logprob(history: Sequence[int]) -> float:
-        """A made-up but repeatable confidence in [-0.9, 0]: a pure function of the history, like the token."""
-        return -(sum(history[-4:]) % 10) / 10.0
+    def _logprob(self, history: Sequence[int], token: int, top: int) -> TokenLogprob:
+        """A made-up but repeatable confidence in [-0.9, 0]: a pure function of the history, like the
+        token; the sampled token heads its alternatives, the next token ids follow, each less likely."""
+        logprob = -(sum(history[-4:]) % 10) / 10.0
+        others = [t % self.vocab_size() for t in range(token + 1, token + top)]
+        return TokenLogprob(logprob, tuple((t, logprob - i) for i, t in enumerate([token, *others]))[:top])
 
-    def take_logprobs(self) -> dict[int, float]:
+    def take_logprobs(self) -> dict[int, TokenLogprob]:
         taken, self._logprobs = self._logprobs, {}
         return taken
 

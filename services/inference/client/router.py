@@ -199,6 +199,7 @@ class Router:
             for reply in replies:
                 if not request.logprobs:
                     del reply.logprobs[:]
+                    del reply.token_pieces[:]
                 yield reply
             return
         span.set_attribute("llmesh.route.escalation_reason", reason)

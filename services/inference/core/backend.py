@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from services.inference.core.types import BatchEntry, SamplingParams
+from services.inference.core.types import BatchEntry, SamplingParams, TokenLogprob
 
 
 class Backend(Protocol):
@@ -41,8 +41,9 @@ class Backend(Protocol):
     def decode(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
         """Decode all entries in one call; return sampler_key -> sampled token."""
 
-    def take_logprobs(self) -> dict[int, float]:
-        """Log-probabilities of the last decode's sampled tokens, for samplers opened with logprobs."""
+    def take_logprobs(self) -> dict[int, TokenLogprob]:
+        """Log-probabilities of the last decode's sampled tokens (and their params.top_logprobs likeliest
+        alternatives), for samplers opened with logprobs."""
 
     def seq_truncate(self, seq_id: int, keep: int) -> None:
         """Drop every cell of ``seq_id`` at position >= keep (keep=0 clears it)."""

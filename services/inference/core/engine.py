@@ -24,7 +24,15 @@ from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import OpKind, StepPlan, StepResult
 from services.inference.core.priorities import PriorityPolicy, count_by_class
 from services.inference.core.scheduler import Request, Scheduler
-from services.inference.core.types import Delta, FinishReason, GenerateSpec, LoadReport, Priority, next_key
+from services.inference.core.types import (
+    MAX_TOP_LOGPROBS,
+    Delta,
+    FinishReason,
+    GenerateSpec,
+    LoadReport,
+    Priority,
+    next_key,
+)
 
 log = logging.getLogger("llmesh.inference.engine")
 
@@ -163,6 +171,9 @@ class Engine:
         require(sampling.top_k >= 0, "sampling.top_k", "must be >= 0")
         require(0.0 <= sampling.min_p <= 1.0, "sampling.min_p", "must be within [0, 1]")
         require(sampling.repeat_penalty > 0.0, "sampling.repeat_penalty", "must be > 0")
+        require(0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+                f"must be within [0, {MAX_TOP_LOGPROBS}]")
+        require(sampling.logprobs or not sampling.top_logprobs, "top_logprobs", "needs logprobs")
         if require_session and not spec.session_id:
             raise InvalidArgument("session_id: required when the session must be cached", field="session_id")
         self.backend.check_sampling(sampling)

@@ -65,6 +65,7 @@ def request_key(model: str, spec: GenerateSpec, *, with_prompt: bool = True) -> 
         "stop": list(s.stop),
         "grammar": s.grammar,
         "logprobs": s.logprobs,
+        "top_logprobs": s.top_logprobs,
     })
 
 

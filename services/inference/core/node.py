@@ -12,9 +12,10 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.common.errors import NotFound, require
+from services.common.errors import NotFound, Unimplemented, require
 from services.common.tenants import TenantPolicy, policy_for
 from services.inference.core.aliases import ModelAlias
+from services.inference.core.embedding import EmbeddingRunner, EmbedResult
 from services.inference.core.front import GenerationFront
 from services.inference.core.merging import DeltaStream
 from services.inference.core.pool import EnginePool
@@ -36,6 +37,7 @@ class SamplingRequest:
     stop: tuple[str, ...] = ()
     grammar: str = ""
     logprobs: bool = False
+    top_logprobs: int = 0
     #: The request carried sampling at all; without it max_tokens is the node's default.
     given: bool = False
 
@@ -83,6 +85,7 @@ def resolve_sampling(request: SamplingRequest, default_max_tokens: int,
         stop=request.stop,
         grammar=request.grammar,
         logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
     )
 
 
@@ -90,11 +93,14 @@ class InferenceNode:
     def __init__(self, pool: Callable[[], EnginePool], default_max_tokens: int,
                  front: Callable[[], GenerationFront] | None = None,
                  aliases: Mapping[str, ModelAlias] | None = None,
-                 tenants: Mapping[str, TenantPolicy] | None = None) -> None:
+                 tenants: Mapping[str, TenantPolicy] | None = None,
+                 embeddings: Callable[[], EmbeddingRunner] | None = None) -> None:
         # The pool exists once the model is loaded; until then this raises UNAVAILABLE.
         self._pool = pool
         # Response cache and request merging in front of the pool; without it requests go straight in.
         self._front = front
+        # Embed's runner (the node's own embedder), ready with the pool.
+        self._embeddings = embeddings
         # More names for the loaded model, each with its own sampling defaults.
         self.aliases = dict(aliases or {})
         self.tenants = dict(tenants or {})
@@ -158,3 +164,10 @@ class InferenceNode:
     async def release_session(self, session_id: str, tenant_id: str = "") -> bool:
         require(bool(session_id), "session_id", "is required")
         return await self.pool.release_session(session_key(tenant_id, session_id))
+
+    async def embed(self, model: str, texts: Sequence[str], dimensions: int = 0) -> tuple[str, EmbedResult]:
+        """The name the call is served under, and one vector per text."""
+        served = self.served_name(model)
+        if self._embeddings is None:
+            raise Unimplemented("this node does not serve embeddings", reason="EMBEDDINGS_NOT_SERVED")
+        return served, await self._embeddings().embed(texts, dimensions)

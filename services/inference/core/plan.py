@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from services.inference.core.types import BatchEntry, SamplingParams
+from services.inference.core.types import BatchEntry, SamplingParams, TokenLogprob
 
 
 class OpKind(enum.Enum):
@@ -43,8 +43,8 @@ class StepPlan:
 @dataclass
 class StepResult:
     sampled: dict[int, int] = field(default_factory=dict)
-    #: sampler key -> log-probability of its sampled token, for requests that asked.
-    logprobs: dict[int, float] = field(default_factory=dict)
+    #: sampler key -> log-probability of its sampled token (and alternatives), for requests that asked.
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
     saved: dict[str, bytes] = field(default_factory=dict)
     restored: dict[int, bool] = field(default_factory=dict)
     #: Time of the llama_decode call alone, which is what the budget learns.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,7 +23,15 @@ from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import KVOp, OpKind, StepPlan, StepResult
 from services.inference.core.priorities import PriorityPolicy, count_by_class
 from services.inference.core.text import StreamText, check_token_ids, common_prefix_len
-from services.inference.core.types import BatchEntry, Delta, FinishReason, GenerateSpec, Priority, Usage
+from services.inference.core.types import (
+    BatchEntry,
+    Delta,
+    FinishReason,
+    GenerateSpec,
+    Priority,
+    TokenLogprob,
+    Usage,
+)
 
 
 class Vocab(Protocol):
@@ -326,7 +334,7 @@ class Scheduler:
                 request.phase = Phase.DECODE
             self._on_token(request, result.sampled[request.key], now, result.logprobs.get(request.key))
 
-    def _on_token(self, request: Request, token: int, now: float, logprob: float | None = None) -> None:
+    def _on_token(self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         assert request.text is not None and request.slot is not None
         if request.first_token_at is None:
             request.first_token_at = now
@@ -338,17 +346,23 @@ class Scheduler:
         if self.vocab.is_eog(token):
             self._finish(request, FinishReason.STOP, request.text.flush(), now)
             return
-        text = request.text.push(self.vocab.token_piece(token))
-        logprobs = (logprob,) if logprob is not None else ()
+        piece = self.vocab.token_piece(token)
+        text = request.text.push(piece)
+        step = Delta(token_ids=(token,))
+        if logprob is not None:
+            top = tuple((t, lp, self.vocab.token_piece(t)) for t, lp in logprob.top)
+            step = Delta(token_ids=(token,), logprobs=(logprob.logprob,), pieces=(piece,),
+                         top_logprobs=(top,) if request.spec.sampling.top_logprobs else ())
         if request.text.stopped:
-            self._finish(request, FinishReason.STOP, text, now, (token,), logprobs)
+            self._finish(request, FinishReason.STOP, text, now, step)
         elif len(request.generated) >= request.spec.sampling.max_tokens or len(request.slot.tokens) + 1 >= self.n_ctx:
-            self._finish(request, FinishReason.LENGTH, text + request.text.flush(), now, (token,), logprobs)
+            self._finish(request, FinishReason.LENGTH, text + request.text.flush(), now, step)
         else:
-            request.sink(Delta(text=text, token_ids=(token,), logprobs=logprobs))
+            request.sink(dataclasses.replace(step, text=text))
 
     def _finish(self, request: Request, reason: FinishReason, text: str, now: float,
-                token_ids: Sequence[int] = (), logprobs: tuple[float, ...] = ()) -> None:
+                step: Delta | None = None) -> None:
+        """Ends ``request``; ``step`` carries the last token (ids, logprobs) when one was sampled."""
         self._by_key.pop(request.key, None)
         if request in self.waiting:
             self.waiting.remove(request)
@@ -374,8 +388,7 @@ class Scheduler:
             total_ms=(now - request.arrival) * 1000.0,
         )
         self.observer.on_finish(usage, reason)
-        request.sink(Delta(text=text, token_ids=tuple(token_ids), logprobs=logprobs, finish_reason=reason,
-                           usage=usage))
+        request.sink(dataclasses.replace(step or Delta(), text=text, finish_reason=reason, usage=usage))
 
     def _fail(self, request: Request, exc: DomainError) -> None:
         self._by_key.pop(request.key, None)

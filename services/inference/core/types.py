@@ -35,10 +35,25 @@ class SamplingParams:
     grammar: str = ""
     #: Report the log-probability of each sampled token under the model.
     logprobs: bool = False
+    #: With logprobs: also report this many most likely tokens of each step (0-MAX_TOP_LOGPROBS).
+    top_logprobs: int = 0
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0 and not self.grammar and self.repeat_penalty == 1.0
+
+
+MAX_TOP_LOGPROBS = 20
+#: The most likely tokens of one step, most likely first: (token id, log-probability).
+Alternatives = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model's raw distribution, and what else was likely."""
+
+    logprob: float
+    top: Alternatives = ()
 
 
 def session_key(tenant_id: str, session_id: str) -> str:
@@ -81,6 +96,10 @@ class Delta:
     error: Exception | None = None
     #: Log-probability of each token in token_ids, when the request asked for them.
     logprobs: tuple[float, ...] = ()
+    #: With logprobs: each token's bytes, and (with top_logprobs) each step's likeliest tokens.
+    pieces: tuple[bytes, ...] = ()
+    #: (token id, log-probability, bytes) of each step's likeliest tokens, most likely first.
+    top_logprobs: tuple[tuple[tuple[int, float, bytes], ...], ...] = ()
     #: Replayed from the response cache; no engine was involved.
     cached: bool = False
     #: Shared with an identical request that was already decoding.
