@@ -7,6 +7,7 @@ event is a plain HTTP error with the right status, not a broken stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -152,5 +153,8 @@ async def _frames(first: Any, replies: AsyncGenerator[Any, None], media_type: st
             yield streaming.sse_frame(payload, event="error")
     finally:
         if pending is not None and not pending.done():
+            # The backend stream is mid-step: stop it there, or it cannot be closed ("already running").
             pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await pending
         await replies.aclose()

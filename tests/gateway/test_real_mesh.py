@@ -92,6 +92,7 @@ async def test_session_approval_over_rest_is_asked_once_and_covers_the_next_run(
                     "options": {"maxTokens": 120, "maxSteps": 2, "toolChoice": "required", "seed": 7}}
             async with client.stream("POST", f"/v1/sessions/{session_id}:run", json=body) as reply:
                 async for event in read_sse(reply):
+                    assert "event" in event.data, f"turn {turn}: the stream sent {event.data}"
                     agent_event = event.data["event"]
                     if "approvalRequired" in agent_event:
                         approval_id = agent_event["approvalRequired"]["approvalId"]

@@ -228,7 +228,10 @@ class Engine:
 
         def run() -> None:
             try:
-                future.set_result(fn())
+                result = fn()
+                # What fn changed (a released session) shows in GetLoad before the caller hears back.
+                self._load = self._snapshot()
+                future.set_result(result)
             except BaseException as exc:
                 future.set_exception(exc)
 
