@@ -137,6 +137,16 @@ word ::= [a-z]{1,8}
     assert call["args"]["path"].isalpha()
 
 
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=40, top_p=0.95, seed=7, repeat_penalty=1.1)])
+async def test_a_grammar_the_model_would_not_follow_still_holds(engine, sampling):
+    # The model's own pick is never "zq": each step's pick is refused and all candidates constrained.
+    grammar = 'root ::= "zq" [0-9] "zq"\n'
+    text, tokens, last = await run(engine, greedy("The capital of France is", max_tokens=12, grammar=grammar,
+                                                  **sampling))
+    assert last.finish_reason is FinishReason.STOP
+    assert len(text) == 5 and text.startswith("zq") and text[2].isdigit() and text.endswith("zq"), text
+
+
 async def test_sampling_with_a_seed_is_reproducible(engine):
     spec = greedy("The weather today", max_tokens=10, temperature=0.9, top_k=40, top_p=0.95, min_p=0.05,
                   repeat_penalty=1.1, seed=1234)

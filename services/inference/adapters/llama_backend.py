@@ -23,6 +23,9 @@ LLAMA_MAX_SEQ = 256
 # Penalties look this far back over generated tokens.
 PENALTY_LAST_N = 64
 
+# llama_token_data: id (int32), logit (float), p (float), packed as llama.cpp lays it out.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
 
 class LlamaBackend:
     """A llama.cpp model + context decoding batches across sequences."""
@@ -78,6 +81,11 @@ class LlamaBackend:
         self._pad_token = max(0, self._vocab.bos)
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._samplers: dict[int, ll.llama_sampler_p] = {}
+        # Grammar samplers, apart from the chains: checked against the chain's pick (see _sample_constrained).
+        self._grammars: dict[int, ll.llama_sampler_p] = {}
+        token_ids = np.arange(self._vocab.n_tokens, dtype=np.int32)
+        self._candidates = np.zeros(self._vocab.n_tokens, dtype=_TOKEN_DATA)
+        self._candidates["id"] = token_ids
         # sampler key -> how many likeliest alternatives to report (0: only the sampled token's logprob).
         self._wants_logprobs: dict[int, int] = {}
         # Keys whose sampling is a plain argmax (see _is_plain_greedy).
@@ -109,15 +117,16 @@ class LlamaBackend:
 
     # -- sampling ---------------------------------------------------------
 
+    def _build_grammar(self, params: SamplingParams) -> ll.llama_sampler_p:
+        grammar = ll.llama_sampler_init_grammar(self._vocab.handle, params.grammar.encode(), b"root")
+        if not grammar:
+            raise InvalidArgument("sampling.grammar: the GBNF grammar does not parse (needs a root rule)",
+                                  field="sampling.grammar")
+        return grammar
+
     def _build_sampler(self, params: SamplingParams) -> ll.llama_sampler_p:
+        """The chain without the grammar (that one is kept apart: see _sample_constrained)."""
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if params.grammar:
-            grammar = ll.llama_sampler_init_grammar(self._vocab.handle, params.grammar.encode(), b"root")
-            if not grammar:
-                ll.llama_sampler_free(chain)
-                raise InvalidArgument("sampling.grammar: the GBNF grammar does not parse (needs a root rule)",
-                                      field="sampling.grammar")
-            ll.llama_sampler_chain_add(chain, grammar)
         if params.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(
                 chain, ll.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
@@ -137,7 +146,7 @@ class LlamaBackend:
 
     def check_sampling(self, params: SamplingParams) -> None:
         if params.grammar:
-            ll.llama_sampler_free(self._build_sampler(params))
+            ll.llama_sampler_free(self._build_grammar(params))
 
     @staticmethod
     def _is_plain_greedy(params: SamplingParams) -> bool:
@@ -145,6 +154,8 @@ class LlamaBackend:
         return params.temperature <= 0.0 and not params.grammar and params.repeat_penalty == 1.0
 
     def open_sampler(self, key: int, params: SamplingParams) -> None:
+        if params.grammar:
+            self._grammars[key] = self._build_grammar(params)
         self._samplers[key] = self._build_sampler(params)
         if params.logprobs:
             self._wants_logprobs[key] = params.top_logprobs
@@ -152,6 +163,9 @@ class LlamaBackend:
             self._greedy.add(key)
 
     def close_sampler(self, key: int) -> None:
+        grammar = self._grammars.pop(key, None)
+        if grammar is not None:
+            ll.llama_sampler_free(grammar)
         sampler = self._samplers.pop(key, None)
         self._wants_logprobs.pop(key, None)
         self._greedy.discard(key)
@@ -184,6 +198,7 @@ class LlamaBackend:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with {rc}")
         sampled = {key: self._argmax(idx) if key in self._greedy
+                   else self._sample_constrained(key, idx) if key in self._grammars
                    else ll.llama_sampler_sample(self._samplers[key], self._ctx, idx) for key, idx in wanted}
         for key, idx in wanted:
             if key in self._wants_logprobs:
@@ -243,6 +258,56 @@ class LlamaBackend:
         """
         logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,))
         return int(logits.argmax())
+
+    def _sample_constrained(self, key: int, idx: int) -> int:
+        """Sample under a grammar, checking the grammar on the chain's pick only.
+
+        A grammar sampler placed in the chain tests every one of the
+        vocabulary's tokens (262,144 for Gemma 3) against the grammar at each
+        step. The chain's own pick is almost always allowed, so it is tested
+        alone first; only when the grammar refuses it are all candidates
+        constrained and the chain run again on what is left (llama.cpp's own
+        server samples this way). The chain and the grammar then both learn
+        the token.
+        """
+        chain, grammar = self._samplers[key], self._grammars[key]
+        logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,))
+        token = self._apply(chain, logits)
+        one = np.zeros(1, dtype=_TOKEN_DATA)
+        one["id"], one["logit"] = token, logits[token]
+        if not np.isfinite(self._apply_raw(grammar, one)["logit"][0]):
+            candidates = self._fill_candidates(logits)
+            self._apply_raw(grammar, candidates)
+            token = self._apply(chain, candidates["logit"])
+        ll.llama_sampler_accept(grammar, token)
+        ll.llama_sampler_accept(chain, token)
+        return token
+
+    def _fill_candidates(self, logits: np.ndarray) -> np.ndarray:
+        candidates = self._candidates
+        candidates["id"] = np.arange(len(candidates), dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        return candidates
+
+    def _apply(self, sampler: ll.llama_sampler_p, logits: np.ndarray) -> int:
+        """The token ``sampler`` selects over ``logits`` (one per token id), without accepting it."""
+        candidates = self._fill_candidates(logits)
+        array = self._apply_raw(sampler, candidates, want_selected=True)
+        return int(array["id"][0])
+
+    @staticmethod
+    def _apply_raw(sampler: ll.llama_sampler_p, candidates: np.ndarray, want_selected: bool = False) -> np.ndarray:
+        """Runs ``sampler`` over ``candidates`` in place; with ``want_selected``, a 1-row view of its pick."""
+        data = candidates.ctypes.data_as(ctypes.POINTER(ll.llama_token_data))
+        array = ll.llama_token_data_array(data=data, size=len(candidates), selected=-1, sorted=False)
+        ll.llama_sampler_apply(sampler, ctypes.byref(array))
+        if not want_selected:
+            return candidates
+        if array.selected < 0:
+            raise RuntimeError("the sampler chain selected no token")
+        # A chain may shrink and reorder the array (top-k sorts); ``selected`` indexes what it left.
+        return candidates[array.selected: array.selected + 1]
 
     def _token_logprob(self, idx: int, token: int, top: int) -> TokenLogprob:
         """log softmax of the model's raw logits (before any sampler shaping) at ``token``, and the
