@@ -146,99 +146,116 @@ async def _bounded(limit: int, jobs: list[Any]) -> list[Any]:
     return await asyncio.gather(*(one(j) for j in jobs))
 
 
-# -- cancel -----------------------------------------------------------------------------------------------------------
+# -- cancel and approvals ---------------------------------------------------------------------------------------------
 
 @dataclass
-class CancelOutcome:
-    stopped: bool
-    delay_ms: float
-    reason: str
+class Outcome:
+    ok: bool
+    delay_ms: float = 0.0
+    detail: str = ""
 
 
-async def _cancel_one(a: Agents, index: int, timeout_s: float) -> CancelOutcome:
+class CrossReplicaStep:
+    """What one cross-replica run does with its events: None goes on, an Outcome ends the run."""
+
+    async def on_event(self, kind: str, reply: pb.RunResponse, session_id: str,
+                       other: pb_grpc.AgentServiceStub) -> Outcome | None:
+        raise NotImplementedError
+
+    end_without_outcome = "the stream ended"
+
+
+async def _cross_replica_run(a: Agents, index: int, timeout_s: float, step: CrossReplicaStep) -> Outcome:
+    """A run on replica ``index % replicas``, its events handed to ``step`` with the other replica's stub."""
     owner = index % len(a.replicas)
     session_id = await new_session(a.any)
     call = a.replicas[owner].Run(run_request(session_id), timeout=timeout_s)
-    sent = 0.0
     try:
         async for reply in call:
-            kind = body_of(reply.event)
-            if kind == "turn_started" and not sent:
-                # The run is on `owner` now; ask the other replica to stop it.
-                sent = time.perf_counter()
-                answer = await a.other(owner).Cancel(pb.CancelRequest(
-                    request_id=uuid.uuid4().hex, tenant_id=TENANT, session_id=session_id), timeout=timeout_s)
-                if not answer.cancelled:
-                    return CancelOutcome(False, 0.0, "Cancel answered cancelled=false")
-            if kind in TERMINAL:
-                delay = (time.perf_counter() - sent) * 1000 if sent else 0.0
-                reason = reply.event.final.reason if kind == "final" else reply.event.error.reason
-                return CancelOutcome(kind == "final" and reason == "cancelled", delay, reason)
-            if kind in ("approval_required", "tool_call"):
-                return CancelOutcome(False, 0.0, f"the run went on to {kind}")
+            outcome = await step.on_event(body_of(reply.event), reply, session_id, a.other(owner))
+            if outcome is not None:
+                return outcome
     except grpc.aio.AioRpcError as exc:
-        return CancelOutcome(False, 0.0, f"{exc.code().name}: {exc.details()}")
+        return Outcome(False, detail=f"{exc.code().name}: {exc.details()}")
     finally:
         call.cancel()
-    return CancelOutcome(False, 0.0, "the stream ended without a terminal event")
+    return Outcome(False, detail=step.end_without_outcome)
+
+
+def _since_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000 if start else 0.0
+
+
+class CancelThroughOther(CrossReplicaStep):
+    """Once the turn starts on its replica, the other replica is asked to cancel it."""
+
+    end_without_outcome = "the stream ended without a terminal event"
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s, self.sent = timeout_s, 0.0
+
+    async def on_event(self, kind: str, reply: pb.RunResponse, session_id: str,
+                       other: pb_grpc.AgentServiceStub) -> Outcome | None:
+        if kind == "turn_started" and not self.sent:
+            self.sent = time.perf_counter()
+            answer = await other.Cancel(pb.CancelRequest(request_id=uuid.uuid4().hex, tenant_id=TENANT,
+                                                         session_id=session_id), timeout=self.timeout_s)
+            if not answer.cancelled:
+                return Outcome(False, detail="Cancel answered cancelled=false")
+        if kind in TERMINAL:
+            reason = reply.event.final.reason if kind == "final" else reply.event.error.reason
+            return Outcome(kind == "final" and reason == "cancelled", _since_ms(self.sent), reason)
+        if kind in ("approval_required", "tool_call"):
+            return Outcome(False, detail=f"the run went on to {kind}")
+        return None
+
+
+class ApproveThroughOther(CrossReplicaStep):
+    """The turn's approval is answered through the other replica; the tool's result must follow."""
+
+    end_without_outcome = "the stream ended without a tool result"
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s, self.sent = timeout_s, 0.0
+
+    async def on_event(self, kind: str, reply: pb.RunResponse, session_id: str,
+                       other: pb_grpc.AgentServiceStub) -> Outcome | None:
+        if kind == "approval_required":
+            self.sent = time.perf_counter()
+            answer = await other.SubmitApproval(pb.SubmitApprovalRequest(
+                request_id=uuid.uuid4().hex, tenant_id=TENANT, session_id=session_id,
+                approval_id=reply.event.approval_required.approval_id,
+                decision=pb.APPROVAL_DECISION_APPROVE_ONCE, approver="bench"), timeout=self.timeout_s)
+            if not answer.accepted:
+                return Outcome(False, detail="SubmitApproval answered accepted=false")
+        elif kind == "tool_result":
+            result = reply.event.tool_result
+            return Outcome(bool(self.sent), _since_ms(self.sent),
+                           "" if self.sent else f"a tool result without an approval: "
+                                                f"{result.status} {result.output[:200]!r}")
+        elif kind in TERMINAL:
+            return Outcome(False, detail=f"the run ended ({kind}) before its tool result")
+        return None
 
 
 async def cross_replica_cancels(mesh: LaunchedMesh, runs: int, concurrency: int = 16,
                                 timeout_s: float = 60.0) -> dict[str, Any]:
     async with agents(mesh) as a:
-        outcomes = await _bounded(concurrency, [_cancel_one(a, i, timeout_s) for i in range(runs)])
-    delays = [o.delay_ms for o in outcomes if o.stopped]
-    failures = [o.reason for o in outcomes if not o.stopped]
-    return {"runs": runs, "stopped": len(delays), "failures": failures[:10],
+        outcomes = await _bounded(concurrency, [_cross_replica_run(a, i, timeout_s, CancelThroughOther(timeout_s))
+                                                for i in range(runs)])
+    delays = [o.delay_ms for o in outcomes if o.ok]
+    return {"runs": runs, "stopped": len(delays), "failures": [o.detail for o in outcomes if not o.ok][:10],
             **{f"delay_ms_{k}": v for k, v in percentiles(delays).items()}}
-
-
-# -- approvals --------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ApprovalOutcome:
-    unblocked: bool
-    delay_ms: float
-    detail: str
-
-
-async def _approve_one(a: Agents, index: int, timeout_s: float) -> ApprovalOutcome:
-    owner = index % len(a.replicas)
-    session_id = await new_session(a.any)
-    call = a.replicas[owner].Run(run_request(session_id), timeout=timeout_s)
-    sent = 0.0
-    try:
-        async for reply in call:
-            kind = body_of(reply.event)
-            if kind == "approval_required":
-                sent = time.perf_counter()
-                answer = await a.other(owner).SubmitApproval(pb.SubmitApprovalRequest(
-                    request_id=uuid.uuid4().hex, tenant_id=TENANT, session_id=session_id,
-                    approval_id=reply.event.approval_required.approval_id,
-                    decision=pb.APPROVAL_DECISION_APPROVE_ONCE, approver="bench"), timeout=timeout_s)
-                if not answer.accepted:
-                    return ApprovalOutcome(False, 0.0, "SubmitApproval answered accepted=false")
-            elif kind == "tool_result":
-                result = reply.event.tool_result
-                return ApprovalOutcome(bool(sent), (time.perf_counter() - sent) * 1000 if sent else 0.0,
-                                       "" if sent else f"a tool result without an approval: "
-                                                       f"{result.status} {result.output[:200]!r}")
-            elif kind in TERMINAL:
-                return ApprovalOutcome(False, 0.0, f"the run ended ({kind}) before its tool result")
-    except grpc.aio.AioRpcError as exc:
-        return ApprovalOutcome(False, 0.0, f"{exc.code().name}: {exc.details()}")
-    finally:
-        call.cancel()
-    return ApprovalOutcome(False, 0.0, "the stream ended without a tool result")
 
 
 async def cross_replica_approvals(mesh: LaunchedMesh, runs: int, concurrency: int = 16,
                                   timeout_s: float = 60.0) -> dict[str, Any]:
     async with agents(mesh) as a:
-        outcomes = await _bounded(concurrency, [_approve_one(a, i, timeout_s) for i in range(runs)])
-    delays = [o.delay_ms for o in outcomes if o.unblocked]
+        outcomes = await _bounded(concurrency, [_cross_replica_run(a, i, timeout_s, ApproveThroughOther(timeout_s))
+                                                for i in range(runs)])
+    delays = [o.delay_ms for o in outcomes if o.ok]
     return {"runs": runs, "unblocked": len(delays), "approvals_lost": runs - len(delays),
-            "failures": [o.detail for o in outcomes if not o.unblocked][:10],
+            "failures": [o.detail for o in outcomes if not o.ok][:10],
             **{f"delay_ms_{k}": v for k, v in percentiles(delays).items()}}
 
 
