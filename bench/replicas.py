@@ -158,6 +158,10 @@ class Outcome:
 class CrossReplicaStep:
     """What one cross-replica run does with its events: None goes on, an Outcome ends the run."""
 
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.sent = 0.0  # when the other replica was asked
+
     async def on_event(self, kind: str, reply: pb.RunResponse, session_id: str,
                        other: pb_grpc.AgentServiceStub) -> Outcome | None:
         raise NotImplementedError
@@ -191,9 +195,6 @@ class CancelThroughOther(CrossReplicaStep):
 
     end_without_outcome = "the stream ended without a terminal event"
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s, self.sent = timeout_s, 0.0
-
     async def on_event(self, kind: str, reply: pb.RunResponse, session_id: str,
                        other: pb_grpc.AgentServiceStub) -> Outcome | None:
         if kind == "turn_started" and not self.sent:
@@ -214,9 +215,6 @@ class ApproveThroughOther(CrossReplicaStep):
     """The turn's approval is answered through the other replica; the tool's result must follow."""
 
     end_without_outcome = "the stream ended without a tool result"
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s, self.sent = timeout_s, 0.0
 
     async def on_event(self, kind: str, reply: pb.RunResponse, session_id: str,
                        other: pb_grpc.AgentServiceStub) -> Outcome | None:
