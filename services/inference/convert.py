@@ -36,7 +36,7 @@ def generate_call(request: pb.GenerateRequest) -> GenerateCall:
     spec = GenerateSpec(prompt=request.prompt, prompt_tokens=tuple(request.prompt_tokens),
                         session_id=session_key(request.tenant_id, request.session_id),
                         priority=_PRIORITY[request.priority],
-                        request_id=request.request_id, tenant_id=request.tenant_id)
+                        request_id=request.request_id, tenant_id=request.tenant_id, n=request.n or 1)
     return GenerateCall(spec, sampling_request(request), model=request.model,
                         require_cached_session=request.require_cached_session, skip_cache=request.skip_cache,
                         semantic_cache=request.semantic_cache)
@@ -45,7 +45,7 @@ def generate_call(request: pb.GenerateRequest) -> GenerateCall:
 def generate_response(delta: Delta, node_id: str, model: str = "") -> pb.GenerateResponse:
     reply = pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids, node_id=node_id,
                                 cached=delta.cached, merged=delta.merged, logprobs=delta.logprobs,
-                                token_pieces=delta.pieces)
+                                token_pieces=delta.pieces, index=delta.index)
     for alternatives in delta.top_logprobs:
         reply.top_logprobs.add(token_ids=[t for t, _, _ in alternatives], logprobs=[lp for _, lp, _ in alternatives],
                                pieces=[piece for _, _, piece in alternatives])

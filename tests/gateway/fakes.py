@@ -218,7 +218,9 @@ class ScriptedGenerator:
     async def generate(self, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         self.requests.append(params)
         words = self.text.split(" ")
-        for i, word in enumerate(words):
+        # Several choices interleave word by word, as a node's parallel sequences do.
+        steps = [(i, word, choice) for i, word in enumerate(words) for choice in range(params.n)]
+        for i, word, choice in steps:
             last = i == len(words) - 1
             text = word if i == 0 else " " + word
             # One token per word; with logprobs, word i has log-probability -i/10 and rivals "<i>a", "<i>b".
@@ -228,7 +230,7 @@ class ScriptedGenerator:
             yield GenerationChunk(text=text, finish_reason="stop" if last else None,
                                   prompt_tokens=len(params.prompt) // 4 if last else 0,
                                   generated_tokens=len(words) if last else 0,
-                                  model=self.answered_by if last else "", tokens=tokens)
+                                  model=self.answered_by if last else "", tokens=tokens, index=choice)
 
     async def list_models(self) -> list[str]:
         return list(self.models)

@@ -112,7 +112,7 @@ async def test_bad_requests_name_the_parameter(mesh: Mesh):
         for kwargs, param in [
             (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
             (dict(messages=[{"role": "user", "content": "x"}], temperature=5), "temperature"),
-            (dict(messages=[{"role": "user", "content": "x"}], n=2), "n"),
+            (dict(messages=[{"role": "user", "content": "x"}], n=9), "n"),
             (dict(messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL],
                   tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice.function.name"),
         ]:
@@ -159,3 +159,56 @@ async def test_real_inference_through_the_balancer(model_path, keys, authenticat
     assert call.function.name == "get_weather"
     arguments = json.loads(call.function.arguments)
     assert "city" in arguments and set(arguments) <= {"city", "days"}  # days is optional
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_choices_come_back_each_with_its_index(mesh: Mesh, stream: bool):
+    async with client_for(mesh) as client:
+        kwargs = dict(model="gemma-3-270m", n=3, messages=[{"role": "user", "content": "Say hi"}])
+        if stream:
+            chunks = [c async for c in await client.chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kwargs)]
+            texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks
+                                if c.choices and c.choices[0].index == i) for i in range(3)}
+            finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            usage = chunks[-1].usage
+        else:
+            reply = await client.chat.completions.create(**kwargs)
+            texts = {c.index: c.message.content for c in reply.choices}
+            finishes = [c.finish_reason for c in reply.choices]
+            usage = reply.usage
+        completion = await client.completions.create(model="gemma-3-270m", prompt="Once", n=2)
+    assert texts == {0: "Hello from llmesh", 1: "Hello from llmesh", 2: "Hello from llmesh"}
+    assert finishes == ["stop"] * 3
+    assert usage.completion_tokens == 9, "each choice's tokens count; the prompt counts once"
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert mesh.generator.requests[0].n == 3
+
+
+@pytest.mark.model
+@pytest.mark.slow
+async def test_n_choices_on_the_real_node_prefill_the_prompt_once(model_path, keys, authenticator):
+    from prometheus_client import REGISTRY
+
+    from services.inference.config import Settings as InferenceSettings
+    from services.inference.server import build_app as build_inference
+
+    def counted(name: str) -> float:
+        return sum(s.value for metric in REGISTRY.collect() if metric.name == name
+                   for s in metric.samples if s.name == name + "_total")
+
+    node_settings = InferenceSettings(port=0, model_path=str(model_path), n_ctx=1024, n_seq_max=4, n_gpu_layers=0)
+    async with running_service(build_inference(node_settings), node_settings) as node:
+        app = build_app(Settings(port=0, inference_nodes=(f"127.0.0.1:{node.port}",)), authenticator=authenticator)
+        async with running_gateway(app) as url:
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=keys.acme, max_retries=0) as client:
+                before = (counted("llmesh_inference_prompt_tokens"), counted("llmesh_inference_cached_tokens"))
+                reply = await client.chat.completions.create(
+                    model="gemma-3-270m", n=3, max_tokens=8, temperature=1.0, seed=3,
+                    messages=[{"role": "user", "content": "Name three things that are blue."}])
+                after = (counted("llmesh_inference_prompt_tokens"), counted("llmesh_inference_cached_tokens"))
+    prompt = reply.usage.prompt_tokens
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.message.content for c in reply.choices)
+    prompted, cached = after[0] - before[0], after[1] - before[1]
+    assert prompted == 3 * prompt and prompted - cached == prompt + 2, "one prefill, then one token per fork"

@@ -8,6 +8,7 @@ check exactly that with short prompts and a few tokens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -145,6 +146,22 @@ async def test_a_grammar_the_model_would_not_follow_still_holds(engine, sampling
                                                   **sampling))
     assert last.finish_reason is FinishReason.STOP
     assert len(text) == 5 and text.startswith("zq") and text[2].isdigit() and text.endswith("zq"), text
+
+
+async def test_choices_forked_from_one_prefill_decode_like_a_request_of_their_own(engine):
+    prompt = "The three primary colours are red, yellow and"
+    alone = await run(engine, greedy(prompt, max_tokens=6))
+    deltas = [d async for d in engine.submit(dataclasses.replace(greedy(prompt, max_tokens=6), n=3))]
+    choices = {i: [d for d in deltas if d.index == i] for i in range(3)}
+    for index, choice in choices.items():
+        assert [t for d in choice for t in d.token_ids] == alone[1], f"choice {index} decodes as one request alone"
+        assert choice[-1].finish_reason is not None
+    usages = [choice[-1].usage for choice in choices.values()]
+    assert [u.cached_tokens for u in usages[1:]] == [usages[0].prompt_tokens - 1] * 2, "one prefill, two forks"
+    sampled = [d async for d in engine.submit(dataclasses.replace(
+        greedy(prompt, max_tokens=8, temperature=1.0, seed=11), n=3))]
+    texts = {i: "".join(d.text for d in sampled if d.index == i) for i in range(3)}
+    assert len(set(texts.values())) > 1, f"seeds 11, 12 and 13 all sampled {texts}"
 
 
 async def test_sampling_with_a_seed_is_reproducible(engine):

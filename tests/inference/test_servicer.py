@@ -62,6 +62,18 @@ async def test_logprobs_come_with_each_token_its_bytes_and_the_likeliest_tokens(
     assert all(not r.top_logprobs and len(r.token_pieces) == 1 for r in plain)
 
 
+async def test_n_choices_prefill_the_prompt_once_and_stream_each_with_its_index(stub):
+    prompt = "a prompt of some length " * 4
+    replies = await collect(stub, gen_request(prompt, max_tokens=5, n=2))
+    by_choice = {i: [r for r in replies if r.index == i] for i in (0, 1)}
+    assert all(len(choice) == 5 for choice in by_choice.values())
+    first, second = (choice[-1].usage for choice in by_choice.values())
+    assert first.prompt_tokens == second.prompt_tokens == len(prompt) + 1
+    # The second choice copied the first one's cells of all but the prompt's last token.
+    assert first.cached_tokens == 0 and second.cached_tokens == first.prompt_tokens - 1
+    assert all(choice[-1].finish_reason == pb.FINISH_REASON_LENGTH for choice in by_choice.values())
+
+
 async def test_session_follow_up_reports_cached_tokens(stub):
     first = await collect(stub, gen_request("turn one ", session_id="s"))
     text = "turn one " + "".join(r.text for r in first) + " next"
@@ -85,6 +97,8 @@ async def test_session_follow_up_reports_cached_tokens(stub):
     (pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(max_tokens=1, top_p=1.5)), "sampling.top_p"),
     (gen_request(logprobs=True, top_logprobs=21), "top_logprobs"),
     (gen_request(top_logprobs=2), "top_logprobs"),
+    (gen_request(n=3), "n"),  # more choices than the node's 2 sequences
+    (gen_request(n=2, session_id="s"), "n"),
 ])
 async def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
     with pytest.raises(grpc.aio.AioRpcError) as caught:

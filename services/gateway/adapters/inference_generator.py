@@ -36,7 +36,7 @@ def to_generate_request(params: GenerationParams) -> inference_pb2.GenerateReque
     return inference_pb2.GenerateRequest(request_id=params.request_id, model=params.model, prompt=params.prompt,
                                          sampling=sampling, priority=inference_pb2.PRIORITY_INTERACTIVE,
                                          tenant_id=params.tenant_id, logprobs=params.logprobs,
-                                         top_logprobs=params.top_logprobs)
+                                         top_logprobs=params.top_logprobs, n=params.n)
 
 
 def to_chunk(reply: inference_pb2.GenerateResponse) -> GenerationChunk:
@@ -47,7 +47,8 @@ def to_chunk(reply: inference_pb2.GenerateResponse) -> GenerationChunk:
                    for i, (piece, logprob) in enumerate(zip(reply.token_pieces, reply.logprobs, strict=False)))
     return GenerationChunk(text=reply.text, finish_reason=_FINISH.get(reply.finish_reason),
                            prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
-                           generated_tokens=usage.generated_tokens, model=reply.model, tokens=tokens)
+                           generated_tokens=usage.generated_tokens, model=reply.model, tokens=tokens,
+                           index=reply.index)
 
 
 class InferenceGenerator:

@@ -10,7 +10,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.common import errors
@@ -34,6 +34,8 @@ from services.inference.client.grammar import check_schema, schema_grammar
 DEFAULT_MAX_TOKENS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+# Choices per request: each decodes in a sequence of its own on the node, after one shared prefill.
+MAX_CHOICES = 8
 MAX_MAX_TOKENS = 8192
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}
 # response_format json_object: any JSON object.
@@ -67,7 +69,8 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     errors.require(isinstance(model, str), "model", "must be a string")
     n = body.get("n")
     n = 1 if n is None else n
-    errors.require(n == 1 and isinstance(n, int) and not isinstance(n, bool), "n", "only n=1 is supported")
+    errors.require(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES, "n",
+                   f"must be an integer between 1 and {MAX_CHOICES}")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
@@ -92,7 +95,7 @@ def _common_params(body: Any, *, stop_default: tuple[str, ...] = ()) -> tuple[Ge
     params = GenerationParams(
         prompt="", model=model, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 0.0, 1.0),
-        stop=tuple(stop) + stop_default, seed=seed)
+        stop=tuple(stop) + stop_default, seed=seed, n=n)
     return params, model, stream, bool(options.get("include_usage", False))
 
 
@@ -233,11 +236,13 @@ def answered_model(plan: CompletionPlan, last: GenerationChunk | None) -> str:
     return (last.model if last is not None and last.model else "") or plan.model or "default"
 
 
-def _usage(last: GenerationChunk | None) -> dict[str, Any]:
-    prompt = last.prompt_tokens if last else 0
-    generated = last.generated_tokens if last else 0
+def _usage(lasts: list[GenerationChunk | None]) -> dict[str, Any]:
+    """One prompt (prefilled once, whatever n is), the generated tokens of every choice."""
+    first = lasts[0] if lasts else None
+    prompt = first.prompt_tokens if first else 0
+    generated = sum(last.generated_tokens for last in lasts if last)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last else 0}}
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens if first else 0}}
 
 
 def _tool_call(name: str, arguments: str) -> dict[str, Any]:
@@ -245,117 +250,145 @@ def _tool_call(name: str, arguments: str) -> dict[str, Any]:
             "function": {"name": name, "arguments": arguments}}
 
 
+@dataclass
+class _Choice:
+    """One choice of an answer as it arrives."""
+    texts: list[str] = field(default_factory=list)
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    last: GenerationChunk | None = None
+    # Streaming: output that may be a tool call is held back until it is known not to be one.
+    held: list[str] = field(default_factory=list)
+    holding: bool = False
+    offset: int = 0
+
+    @property
+    def finish(self) -> str:
+        return _FINISH.get(self.last.finish_reason if self.last else None, "stop")
+
+
 class OpenAICompat:
     def __init__(self, generator: TextGenerator, catalog: ModelCatalog | None = None) -> None:
         self.generator = generator
         self.catalog = catalog or ModelCatalog(generator)
 
-    async def _run(self, plan: CompletionPlan,
-                   request_id: str) -> tuple[str, GenerationChunk | None, list[TokenLogprob]]:
+    async def _run(self, plan: CompletionPlan, request_id: str) -> list[_Choice]:
         await self.catalog.require(plan.model)
-        texts: list[str] = []
-        tokens: list[TokenLogprob] = []
-        last = None
+        choices = [_Choice() for _ in range(plan.params.n)]
         async for chunk in self.generator.generate(replace(plan.params, request_id=request_id)):
-            texts.append(chunk.text)
-            tokens.extend(chunk.tokens)
-            last = chunk
-        return "".join(texts), last, tokens
+            choice = choices[chunk.index]
+            choice.texts.append(chunk.text)
+            choice.tokens.extend(chunk.tokens)
+            choice.last = chunk
+        return choices
+
+    @staticmethod
+    def _model(plan: CompletionPlan, choices: list[_Choice]) -> str:
+        return answered_model(plan, next((c.last for c in choices if c.last and c.last.model), None))
 
     async def chat(self, plan: CompletionPlan) -> dict[str, Any]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
-        text, last, tokens = await self._run(plan, response_id)
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        finish = _FINISH.get(last.finish_reason if last else None, "stop")
-        call = parse_tool_call(text, list(plan.tools)) if plan.tool_mode != "none" else None
-        if call is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(*call)]}
-            finish = "tool_calls"
+        choices = await self._run(plan, response_id)
+        answers = []
+        for index, choice in enumerate(choices):
+            text = "".join(choice.texts)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish = choice.finish
+            call = parse_tool_call(text, list(plan.tools)) if plan.tool_mode != "none" else None
+            if call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(*call)]}
+                finish = "tool_calls"
+            answers.append({"index": index, "message": message, "finish_reason": finish,
+                            "logprobs": chat_logprobs(choice.tokens) if plan.params.logprobs else None})
         return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
-                "model": answered_model(plan, last), "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                             "logprobs": chat_logprobs(tokens) if plan.params.logprobs else None}],
-                "usage": _usage(last)}
+                "model": self._model(plan, choices), "system_fingerprint": None, "choices": answers,
+                "usage": _usage([c.last for c in choices])}
 
     async def chat_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
-        last: GenerationChunk | None = None
+        choices = [_Choice(holding=plan.tool_mode != "none") for _ in range(plan.params.n)]
 
-        def chunk(delta: dict[str, Any], finish: str | None = None,
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
                   tokens: list[TokenLogprob] | None = None) -> dict[str, Any]:
             logprobs = chat_logprobs(tokens) if plan.params.logprobs and tokens is not None else None
             return {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                    "model": answered_model(plan, last), "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+                    "model": self._model(plan, choices), "system_fingerprint": None,
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
         await self.catalog.require(plan.model)
-        yield chunk({"role": "assistant", "content": ""})
-        # Output that may be a tool call is held back until it is known not to be one.
-        held, holding = [], plan.tool_mode != "none"
-        # Tokens whose text has not gone out yet (held back, or still inside the node's stop-string check).
-        tokens: list[TokenLogprob] = []
+        for index in range(len(choices)):
+            yield chunk(index, {"role": "assistant", "content": ""})
         async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
-            last = piece
-            tokens.extend(piece.tokens)
-            if holding:
-                held.append(piece.text)
-                so_far = "".join(held).lstrip()
+            index, choice = piece.index, choices[piece.index]
+            choice.last = piece
+            # Tokens whose text has not gone out yet (held back, or inside the node's stop-string check).
+            choice.tokens.extend(piece.tokens)
+            if choice.holding:
+                choice.held.append(piece.text)
+                so_far = "".join(choice.held).lstrip()
                 if so_far and not so_far.startswith("{"):
-                    holding = False
-                    yield chunk({"content": "".join(held)}, tokens=tokens)
-                    held, tokens = [], []
+                    choice.holding = False
+                    yield chunk(index, {"content": "".join(choice.held)}, tokens=choice.tokens)
+                    choice.held, choice.tokens = [], []
             elif piece.text:
-                yield chunk({"content": piece.text}, tokens=tokens)
-                tokens = []
-        finish = _FINISH.get(last.finish_reason if last else None, "stop")
-        if held:
-            text = "".join(held)
-            call = parse_tool_call(text, list(plan.tools))
-            if call is not None:
-                yield chunk({"tool_calls": [{"index": 0, **_tool_call(*call)}]})
-                finish = "tool_calls"
-            else:
-                yield chunk({"content": text}, tokens=tokens)
-        elif tokens:
-            yield chunk({"content": ""}, tokens=tokens)
-        yield chunk({}, finish)
+                yield chunk(index, {"content": piece.text}, tokens=choice.tokens)
+                choice.tokens = []
+            if piece.finish_reason is not None:
+                for last_chunk in self._end_choice(plan, index, choice, chunk):
+                    yield last_chunk
         if plan.include_usage:
             yield {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                   "model": answered_model(plan, last), "choices": [], "usage": _usage(last)}
+                   "model": self._model(plan, choices), "choices": [], "usage": _usage([c.last for c in choices])}
+
+    @staticmethod
+    def _end_choice(plan: CompletionPlan, index: int, choice: _Choice, chunk: Any) -> list[dict[str, Any]]:
+        finish = choice.finish
+        chunks = []
+        if choice.held:
+            text = "".join(choice.held)
+            call = parse_tool_call(text, list(plan.tools))
+            if call is not None:
+                chunks.append(chunk(index, {"tool_calls": [{"index": 0, **_tool_call(*call)}]}))
+                finish = "tool_calls"
+            else:
+                chunks.append(chunk(index, {"content": text}, tokens=choice.tokens))
+        elif choice.tokens:
+            chunks.append(chunk(index, {"content": ""}, tokens=choice.tokens))
+        chunks.append(chunk(index, {}, finish))
+        return chunks
 
     async def completion(self, plan: CompletionPlan) -> dict[str, Any]:
         response_id = "cmpl-" + secrets.token_hex(12)
-        text, last, tokens = await self._run(plan, response_id)
+        choices = await self._run(plan, response_id)
         return {"id": response_id, "object": "text_completion", "created": int(time.time()),
-                "model": answered_model(plan, last),
-                "choices": [{"index": 0, "text": text,
-                             "finish_reason": _FINISH.get(last.finish_reason if last else None),
-                             "logprobs": completion_logprobs(tokens) if plan.params.logprobs else None}],
-                "usage": _usage(last)}
+                "model": self._model(plan, choices),
+                "choices": [{"index": index, "text": "".join(choice.texts),
+                             "finish_reason": _FINISH.get(choice.last.finish_reason if choice.last else None),
+                             "logprobs": completion_logprobs(choice.tokens) if plan.params.logprobs else None}
+                            for index, choice in enumerate(choices)],
+                "usage": _usage([c.last for c in choices])}
 
     async def completion_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:
         response_id = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
-        last = None
-        offset = 0
-        tokens: list[TokenLogprob] = []
+        choices = [_Choice() for _ in range(plan.params.n)]
         await self.catalog.require(plan.model)
         async for piece in self.generator.generate(replace(plan.params, request_id=response_id)):
-            last = piece
-            tokens.extend(piece.tokens)
+            choice = choices[piece.index]
+            choice.last = piece
+            choice.tokens.extend(piece.tokens)
             finish = _FINISH.get(piece.finish_reason) if piece.finish_reason else None
             if piece.text or finish:
-                logprobs = completion_logprobs(tokens, offset) if plan.params.logprobs else None
-                offset += sum(len(_token_text(t.piece)) for t in tokens)
-                tokens = []
+                logprobs = completion_logprobs(choice.tokens, choice.offset) if plan.params.logprobs else None
+                choice.offset += sum(len(_token_text(t.piece)) for t in choice.tokens)
+                choice.tokens = []
                 yield {"id": response_id, "object": "text_completion", "created": created,
                        "model": answered_model(plan, piece),
-                       "choices": [{"index": 0, "text": piece.text, "finish_reason": finish,
+                       "choices": [{"index": piece.index, "text": piece.text, "finish_reason": finish,
                                     "logprobs": logprobs}]}
         if plan.include_usage:
             yield {"id": response_id, "object": "text_completion", "created": created,
-                   "model": answered_model(plan, last), "choices": [], "usage": _usage(last)}
+                   "model": self._model(plan, choices), "choices": [], "usage": _usage([c.last for c in choices])}
 
     async def models(self) -> dict[str, Any]:
         names = await self.generator.list_models()

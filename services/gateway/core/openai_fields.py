@@ -103,7 +103,7 @@ FIELDS: dict[str, tuple[Rule | None, Rule | None]] = {
     "max_completion_tokens": chat(OK),
     "temperature": both(OK),
     "top_p": both(OK),
-    "n": both(honoured("must be 1")),
+    "n": both(honoured("1-8 choices, decoded in parallel after one prefill of the prompt")),
     "stop": both(OK),
     "seed": both(OK),
     "stream": both(OK),

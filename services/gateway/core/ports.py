@@ -29,6 +29,8 @@ class GenerationParams:
     # Each generated token's log-probability, and this many likeliest tokens per step.
     logprobs: bool = False
     top_logprobs: int = 0
+    # Choices decoded from one prefill of the prompt.
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class GenerationChunk:
     model: str = ""
     # With logprobs: the tokens this chunk's generation step produced.
     tokens: tuple[TokenLogprob, ...] = ()
+    # The choice (of GenerationParams.n) this chunk belongs to.
+    index: int = 0
 
 
 class TextGenerator(Protocol):

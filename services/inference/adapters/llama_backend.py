@@ -329,6 +329,10 @@ class LlamaBackend:
 
     # -- KV cache ---------------------------------------------------------
 
+    def seq_copy(self, src_seq_id: int, seq_id: int, upto: int) -> None:
+        # In the unified cache the cells gain seq_id beside src_seq_id: no memory is copied.
+        ll.llama_memory_seq_cp(self._mem, src_seq_id, seq_id, 0, upto)
+
     def seq_truncate(self, seq_id: int, keep: int) -> None:
         if not ll.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
             # A partial removal can fail on caches that cannot cut a sequence;

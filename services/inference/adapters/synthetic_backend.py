@@ -151,6 +151,11 @@ class SyntheticBackend:
     def seq_truncate(self, seq_id: int, keep: int) -> None:
         del self._history[seq_id][keep:]
 
+    def seq_copy(self, src_seq_id: int, seq_id: int, upto: int) -> None:
+        if self._history[seq_id]:
+            raise RuntimeError(f"seq {seq_id}: copy into a sequence that holds cells")
+        self._history[seq_id] = list(self._history[src_seq_id][:upto])
+
     def seq_save(self, seq_id: int) -> bytes:
         return bytes(b for t in self._history[seq_id] for b in t.to_bytes(2, "little"))
 

@@ -48,6 +48,9 @@ class Backend(Protocol):
     def seq_truncate(self, seq_id: int, keep: int) -> None:
         """Drop every cell of ``seq_id`` at position >= keep (keep=0 clears it)."""
 
+    def seq_copy(self, src_seq_id: int, seq_id: int, upto: int) -> None:
+        """Give ``seq_id`` (empty) the cells of ``src_seq_id`` at positions < upto, shared, not duplicated."""
+
     def seq_save(self, seq_id: int) -> bytes: ...
 
     def seq_restore(self, seq_id: int, state: bytes) -> bool: ...

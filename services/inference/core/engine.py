@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
+import functools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from services.inference.core.plan import OpKind, StepPlan, StepResult
 from services.inference.core.priorities import PriorityPolicy, count_by_class
 from services.inference.core.scheduler import Request, Scheduler
 from services.inference.core.types import (
+    MAX_CHOICES,
     MAX_TOP_LOGPROBS,
     Delta,
     FinishReason,
@@ -73,6 +77,8 @@ def execute(backend: Backend, plan: StepPlan) -> StepResult:
             result.saved[op.session_id] = backend.seq_save(op.seq_id)
         elif op.kind is OpKind.RESTORE:
             result.restored[op.key] = backend.seq_restore(op.seq_id, op.state)
+        elif op.kind is OpKind.COPY:
+            backend.seq_copy(op.src_seq_id, op.seq_id, op.keep)
     if plan.entries:
         start = time.perf_counter()
         result.sampled = backend.decode(plan.entries)
@@ -81,14 +87,32 @@ def execute(backend: Backend, plan: StepPlan) -> StepResult:
     return result
 
 
-class RequestHandle:
-    """The asyncio end of one generation: iterate deltas, cancel when the client leaves."""
+def choice_spec(spec: GenerateSpec, index: int) -> GenerateSpec:
+    """Choice ``index`` of ``spec``: seed + index, so sampled choices differ and each one repeats."""
+    if spec.n == 1:
+        return spec
+    seed = spec.sampling.seed
+    if seed is None:
+        seed = secrets.randbits(31)
+    sampling = dataclasses.replace(spec.sampling, seed=(seed + index) % 2**32)
+    return dataclasses.replace(spec, sampling=sampling, n=1)
 
-    def __init__(self, engine: Engine, key: int) -> None:
+
+class RequestHandle:
+    """The asyncio end of one generation: iterate deltas, cancel when the client leaves.
+
+    A request for n choices is n scheduler requests (``keys``) feeding one
+    queue, each delta marked with its choice's index; it is done when every
+    choice has finished.
+    """
+
+    def __init__(self, engine: Engine, key: int, num_choices: int = 1) -> None:
         self._engine = engine
         self.key = key
+        self.keys = [key] + [next_key() for _ in range(num_choices - 1)]
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.done = False
+        self._unfinished = num_choices
 
     def __aiter__(self) -> RequestHandle:
         return self
@@ -101,13 +125,15 @@ class RequestHandle:
             self.done = True
             raise delta.error
         if delta.finish_reason is not None:
-            self.done = True
+            self._unfinished -= 1
+            self.done = self._unfinished == 0
         return delta
 
     def cancel(self) -> None:
         if not self.done:
             self.done = True
-            self._engine.cancel(self.key)
+            for key in self.keys:
+                self._engine.cancel(key)
 
     def promote(self, priority: Priority) -> None:
         """Queue this request in a better class if it is still waiting (a more urgent request joined it)."""
@@ -176,18 +202,18 @@ class Engine:
         require(sampling.logprobs or not sampling.top_logprobs, "top_logprobs", "needs logprobs")
         if require_session and not spec.session_id:
             raise InvalidArgument("session_id: required when the session must be cached", field="session_id")
+        require(1 <= spec.n <= min(MAX_CHOICES, self.backend.n_seq_max), "n",
+                f"must be within [1, {min(MAX_CHOICES, self.backend.n_seq_max)}] on this node")
+        require(spec.n == 1 or not spec.session_id, "n", "several choices cannot extend one session")
         self.backend.check_sampling(sampling)
         loop = asyncio.get_running_loop()
-        handle = RequestHandle(self, next_key())
-
-        def sink(delta: Delta) -> None:
-            try:
-                loop.call_soon_threadsafe(handle.queue.put_nowait, delta)
-            except RuntimeError:
-                pass  # the caller's event loop is gone, and the caller with it
-
-        request = Request(key=handle.key, spec=spec, sink=sink, arrival=time.monotonic(),
-                          require_session=require_session)
+        handle = RequestHandle(self, next_key(), spec.n)
+        arrival = time.monotonic()
+        requests: list[Request] = []
+        for index, key in enumerate(handle.keys):
+            requests.append(Request(key=key, spec=choice_spec(spec, index), sink=self._sink(loop, handle, index),
+                                    arrival=arrival, require_session=require_session,
+                                    parent=requests[0] if requests else None))
         with self._cond:
             # Requests still in the inbox will first take the sequences that were idle.
             queued = self._num_waiting + max(0, self._inbox_adds - self._num_idle_sequences)
@@ -201,11 +227,22 @@ class Engine:
                 raise ResourceExhausted(
                     f"{class_queued} {spec.priority.name.lower()} requests are already waiting on this node",
                     reason="CLASS_QUEUE_FULL", retry_after_ms=250)
-            self._inbox_adds += 1
-            self._inbox_adds_by_class[spec.priority] += 1
-            self._inbox.append(lambda: self.scheduler.add(request))
+            self._inbox_adds += len(requests)
+            self._inbox_adds_by_class[spec.priority] += len(requests)
+            self._inbox.extend(functools.partial(self.scheduler.add, r) for r in requests)
             self._cond.notify()
         return handle
+
+    @staticmethod
+    def _sink(loop: asyncio.AbstractEventLoop, handle: RequestHandle, index: int) -> Callable[[Delta], None]:
+        def sink(delta: Delta) -> None:
+            try:
+                loop.call_soon_threadsafe(handle.queue.put_nowait,
+                                          dataclasses.replace(delta, index=index) if index else delta)
+            except RuntimeError:
+                pass  # the caller's event loop is gone, and the caller with it
+
+        return sink
 
     def cancel(self, key: int) -> None:
         self._post(lambda: self.scheduler.cancel(key))

@@ -27,7 +27,8 @@ class Submitter(Protocol):
 
 
 def is_deterministic(spec: GenerateSpec) -> bool:
-    return spec.sampling.temperature <= 0.0 or spec.sampling.seed is not None
+    """One answer that repeats: what the caches and merging may share (several choices are not)."""
+    return spec.n == 1 and (spec.sampling.temperature <= 0.0 or spec.sampling.seed is not None)
 
 
 # A prompt with more than one user turn is a conversation, never answered from the semantic cache.

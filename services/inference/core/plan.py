@@ -13,6 +13,7 @@ class OpKind(enum.Enum):
     TRUNCATE = "truncate"  # drop cells of seq_id at positions >= keep
     SAVE = "save"  # save seq_id's state under session_id
     RESTORE = "restore"  # load state into seq_id for request key
+    COPY = "copy"  # share src_seq_id's cells at positions < keep with seq_id (which holds none)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class KVOp:
     session_id: str = ""
     state: bytes = b""
     params: SamplingParams | None = None
+    src_seq_id: int = -1
 
 
 @dataclass

@@ -69,6 +69,8 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     text: StreamText | None = None
+    #: Another choice of the same request, whose prefilled prompt this one copies instead of prefilling.
+    parent: Request | None = None
 
 
 class Admission(enum.Enum):
@@ -190,6 +192,9 @@ class Scheduler:
             return Admission.FAILED
         prompt = request.prompt
         session_id = request.spec.session_id
+        parent = request.parent
+        if parent is not None and parent.phase in (Phase.WAITING, Phase.RESTORING, Phase.PREFILL):
+            return Admission.SKIP  # its prompt is not in cells yet
         slot = self.table.resident(session_id) if session_id else None
         if slot is not None and slot.busy_key is not None:
             return Admission.SKIP
@@ -202,6 +207,8 @@ class Scheduler:
                     return Admission.BLOCKED
                 self._evict(victim, ops)
                 slot = victim
+            if parent is not None and parent.slot is not None and parent in self.running:
+                self._fork(parent.slot, slot, prompt, ops)
             saved = self.table.saved.get(session_id) if session_id else None
             if saved is not None:
                 if slot.tokens:
@@ -235,8 +242,19 @@ class Scheduler:
         self.running.append(request)
         return Admission.ADMITTED
 
+    def _fork(self, source: Slot, slot: Slot, prompt: list[int], ops: list[KVOp]) -> None:
+        """``slot`` takes ``source``'s cells of the prompt but its last token (whose logits give a first token)."""
+        if slot.tokens:
+            ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=0))
+            self.table.clear_free(slot)
+        upto = len(prompt) - 1
+        ops.append(KVOp(OpKind.COPY, seq_id=slot.seq_id, src_seq_id=source.seq_id, keep=upto))
+        slot.tokens = list(prompt[:upto])
+
     def _resolve_prompt(self, request: Request) -> list[int]:
         spec = request.spec
+        if request.parent is not None and request.parent.prompt is not None:
+            return list(request.parent.prompt)
         if spec.session_id and request.require_session and not self.table.knows(spec.session_id):
             raise NotFound(f"session_id: session {spec.session_id!r} holds no cache on this node",
                            field="session_id")

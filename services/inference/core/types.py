@@ -44,6 +44,8 @@ class SamplingParams:
 
 
 MAX_TOP_LOGPROBS = 20
+#: Most choices one request may ask for (each takes a sequence of its own).
+MAX_CHOICES = 8
 #: The most likely tokens of one step, most likely first: (token id, log-probability).
 Alternatives = tuple[tuple[int, float], ...]
 
@@ -74,6 +76,8 @@ class GenerateSpec:
     request_id: str = ""
     #: Cached and merged answers are shared within a tenant only.
     tenant_id: str = ""
+    #: Choices decoded in parallel after one prefill of the prompt (the others copy its KV cells).
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class Delta:
     pieces: tuple[bytes, ...] = ()
     #: (token id, log-probability, bytes) of each step's likeliest tokens, most likely first.
     top_logprobs: tuple[tuple[tuple[int, float, bytes], ...], ...] = ()
+    #: Which of the request's n choices this delta belongs to.
+    index: int = 0
     #: Replayed from the response cache; no engine was involved.
     cached: bool = False
     #: Shared with an identical request that was already decoding.
