@@ -135,6 +135,8 @@ class Router:
         """
         spec = self.cascades.get(request.model)
         if spec is not None:
+            # The small model's answer is judged as one text: several choices would be judged as one.
+            errors.require(request.n <= 1, "n", f"cascade {request.model!r} answers with one choice")
             async with contextlib.aclosing(self._cascade(request, spec, session_id, timeout)) as stream:
                 async for reply in stream:
                     yield reply

@@ -154,6 +154,11 @@ async def test_a_cascade_keeps_a_confident_small_answer():
             assert (replies[-1].model, replies[-1].node_id) == ("small", "small-node")
             assert not any(r.logprobs for r in replies), "log-probabilities only when the caller asked"
             assert escalations("kept") - before == 1
+            several = request("cascade")
+            several.n = 2
+            with pytest.raises(errors.InvalidArgument) as info:
+                await collect(balancer, several)
+            assert info.value.field == "n"
 
 
 async def test_a_cascade_escalates_a_forced_low_confidence_answer_to_the_large_model():
