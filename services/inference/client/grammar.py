@@ -42,6 +42,11 @@ ANNOTATIONS = frozenset({
 SUPPORTED_KEYWORDS = ENFORCED | ANNOTATIONS
 FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
 TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
+# A grammar spells each bound out (a length of N is N nested rules), so a caller's bounds are bounded:
+# larger ones would make a grammar a node takes long to parse, or cannot.
+MAX_LENGTH_BOUND = 1024
+MAX_ITEMS_BOUND = 64
+MAX_PROPERTIES = 128
 # Keywords whose value is a map of subschemas, a list of subschemas, or one subschema.
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("oneOf", "anyOf", "allOf", "prefixItems")
@@ -78,6 +83,9 @@ def schema_problems(schema: Any, path: str = "") -> Iterator[tuple[str, str]]:
             if not isinstance(value, dict):
                 yield where, "must be an object of schemas"
                 continue
+            if key == "properties" and len(value) > MAX_PROPERTIES:
+                yield where, f"at most {MAX_PROPERTIES} properties"
+                continue
             for name, sub in value.items():
                 yield from schema_problems(sub, f"{where}.{name}")
         elif key in _SCHEMA_LISTS:
@@ -107,8 +115,9 @@ def _value_problems(key: str, value: Any, where: str) -> Iterator[tuple[str, str
         if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
             yield where, "must be a list of property names"
     elif key in ("minItems", "maxItems", "minLength", "maxLength"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            yield where, "must be a non-negative integer"
+        bound = MAX_LENGTH_BOUND if key.endswith("Length") else MAX_ITEMS_BOUND
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= bound:
+            yield where, f"must be an integer between 0 and {bound}"
     elif key == "enum":
         if not isinstance(value, list) or not value:
             yield where, "must be a non-empty list"
@@ -150,6 +159,8 @@ def relax_schema(schema: Any) -> Any:
     relaxed: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):
+            if key == "properties" and len(value) > MAX_PROPERTIES:
+                continue  # only guides: the grammar leaves the members open
             relaxed[key] = {name: relax_schema(sub) for name, sub in value.items()}
         elif key in _SCHEMA_LISTS and isinstance(value, list) and value:
             relaxed[key] = [relax_schema(sub) for sub in value]

@@ -21,6 +21,10 @@ def parses(text: str) -> bool:
     ({"anyOf": [{"type": "string"}, {"not": {}}]}, "rf.anyOf[1].not"),
     ({"type": "decimal"}, "rf.type"),
     ({"type": "object", "properties": {"p": {"$ref": "#/$defs/Missing"}}}, "rf"),
+    # Each bound is spelled out in the grammar: a hostile one would make a grammar no node can parse.
+    ({"type": "string", "maxLength": 10_000_000}, "rf.maxLength"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 100_000}, "rf.minItems"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(129)}}, "rf.properties"),
 ])
 def test_an_unenforceable_schema_is_refused_naming_the_json_path(schema, path):
     with pytest.raises(InvalidArgument) as caught:
@@ -34,6 +38,7 @@ def test_annotations_are_allowed_and_relax_keeps_only_what_is_enforced():
     relaxed = relax_schema({"type": "integer", "minimum": 3, "title": "n",
                             "properties": {"x": {"type": "string", "format": "email", "maxLength": 4}}})
     assert relaxed == {"type": "integer", "properties": {"x": {"type": "string", "maxLength": 4}}}
+    assert relax_schema({"type": "string", "maxLength": 10_000_000}) == {"type": "string"}, "the default bound applies"
 
 
 def test_strings_and_arrays_without_bounds_are_bounded_and_control_characters_refused():
