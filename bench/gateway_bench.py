@@ -5,9 +5,13 @@ measure the translation layer (HTTP parse, JSON <-> proto, gRPC hop, framing),
 not a model. `json_schema_valid_rate` is the exception: structured-output
 requests (the twenty schemas of tests/gateway/schemas.py, cycled) through the
 official `openai` SDK to a real node on the bundled model, each answer parsed
-and validated with `jsonschema` (goal 1.0). Writes bench/results/gateway.json.
+and validated with `jsonschema` (goal 1.0). So is `responses_followup_ttft_ratio`:
+on the bundled model with a real store, the time to the first output token of
+turn 5 of a `/v1/responses` chain (`previous_response_id`, the session's KV
+cache reused) over that of the same input sent cold as a new chain, measured
+side by side (goal <= 0.15). Writes bench/results/gateway.json.
 
-    python bench/gateway_bench.py [--requests 400] [--concurrency 8] [--schema-requests 100]
+    python bench/gateway_bench.py [--requests 400] [--concurrency 8] [--schema-requests 100] [--chains 4]
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import asyncio
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,6 +104,69 @@ async def structured_outputs(key: str, auth: ApiKeyAuthenticator, requests: int)
             "note": "bundled model on CPU, temperature 0.7 with a seed per request, 4 at a time"}
 
 
+# A long system prompt, as agent sessions have: the part of a chain's prompt its follow-ups need not prefill again.
+RESPONSES_INSTRUCTIONS = "You are a careful assistant. " + " ".join(
+    f"Rule {i}: answer briefly, stay on the topic of the conversation, and never invent facts." for i in range(60))
+RESPONSES_TURNS = ("Name a fruit.", "Name another one.", "Which is sweeter?", "Name a vegetable.", "Say goodbye.")
+
+
+async def _first_token_s(client: openai.AsyncOpenAI, **kwargs) -> tuple[float, object]:
+    """Seconds from the request to its first output text, and the finished response."""
+    start = time.perf_counter()
+    first = None
+    final = None
+    async for event in await client.responses.create(stream=True, **kwargs):
+        if event.type == "response.output_text.delta" and first is None:
+            first = time.perf_counter() - start
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    return (first if first is not None else time.perf_counter() - start), final
+
+
+async def responses_followup(key: str, auth: ApiKeyAuthenticator, chains: int, data_dir: Path) -> dict:
+    """Turn 5 of a Responses chain against the same input sent cold, each chain then its cold twin."""
+    from services.store.config import Settings as StoreSettings
+    from services.store.server import build_app as build_store
+
+    node_settings = InferenceSettings(port=0, model_path=str(ensure_model()), n_ctx=4096, n_seq_max=4, n_gpu_layers=0)
+    store_settings = StoreSettings(port=0, data_dir=str(data_dir), sqlite_synchronous="NORMAL")
+    followups: list[float] = []
+    colds: list[float] = []
+    cached: list[int] = []
+    inputs: list[int] = []
+    same = 0
+    common = dict(model="gemma-3-270m", instructions=RESPONSES_INSTRUCTIONS, temperature=0, max_output_tokens=16)
+    async with running_service(build_inference(node_settings), node_settings) as node, \
+            running_service(build_store(store_settings), store_settings) as store:
+        app = build_app(Settings(port=0, inference_nodes=(f"127.0.0.1:{node.port}",),
+                                 store_target=f"127.0.0.1:{store.port}"), authenticator=auth)
+        async with running_gateway(app) as url:
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
+                for chain in range(chains):
+                    previous = None
+                    history: list[dict] = []
+                    for turn, text in enumerate(RESPONSES_TURNS):
+                        text = f"{text} (chain {chain})" if turn == 0 else text
+                        ttft, response = await _first_token_s(client, input=text, previous_response_id=previous,
+                                                              **common)
+                        history += [{"role": "user", "content": text},
+                                    {"role": "assistant", "content": response.output_text}]
+                        previous = response.id
+                    followups.append(ttft)
+                    cached.append(response.usage.input_tokens_details.cached_tokens)
+                    inputs.append(response.usage.input_tokens)
+                    cold_ttft, cold = await _first_token_s(client, input=history[:-1], **common)
+                    colds.append(cold_ttft)
+                    same += cold.output_text == response.output_text
+    ratio = statistics.median(followups) / statistics.median(colds)
+    return {"responses_followup_ttft_ratio": round(ratio, 4), "goal": 0.15, "goal_met": ratio <= 0.15,
+            "chains": chains, "turn5_ttft_ms_p50": round(statistics.median(followups) * 1000, 1),
+            "cold_ttft_ms_p50": round(statistics.median(colds) * 1000, 1),
+            "turn5_input_tokens_p50": statistics.median(inputs), "turn5_cached_tokens_p50": statistics.median(cached),
+            "turn5_same_answer_as_cold": f"{same}/{chains}",
+            "note": "bundled model on CPU, one at a time; each chain's turn 5 then the same input as a new chain"}
+
+
 async def main(args: argparse.Namespace) -> dict:
     key, record = generate_api_key("bench")
     auth = ApiKeyAuthenticator(ApiKeyStore([record]), FailedAttemptLimiter())
@@ -155,6 +223,10 @@ async def main(args: argparse.Namespace) -> dict:
     if args.schema_requests:
         results["structured_outputs"] = await structured_outputs(key, auth, args.schema_requests)
         results["json_schema_valid_rate"] = results["structured_outputs"]["json_schema_valid_rate"]
+    if args.chains:
+        with tempfile.TemporaryDirectory(prefix="bench-responses-") as data_dir:
+            results["responses"] = await responses_followup(key, auth, args.chains, Path(data_dir))
+        results["responses_followup_ttft_ratio"] = results["responses"]["responses_followup_ttft_ratio"]
     # What the slow KDF costs when a key is first seen, and what the cache saves afterwards.
     fresh = ApiKeyAuthenticator(ApiKeyStore([record]), FailedAttemptLimiter())
     start = time.perf_counter()
@@ -182,6 +254,8 @@ if __name__ == "__main__":
     parser.add_argument("--stream-events", type=int, default=50)
     parser.add_argument("--schema-requests", type=int, default=100,
                         help="structured-output requests on the bundled model (0 skips them)")
+    parser.add_argument("--chains", type=int, default=4,
+                        help="five-turn /v1/responses chains on the bundled model, each against a cold twin (0 skips)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gateway.json"))
     args = parser.parse_args()
     output = asyncio.run(main(args))

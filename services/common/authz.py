@@ -75,6 +75,10 @@ TABLE: Mapping[str, frozenset[str]] = {
     _STORE + "NoteApprovalAudit": frozenset({POLICY}),
     _STORE + "ListApprovals": frozenset({POLICY}),
     _STORE + "WatchApprovals": frozenset({POLICY}),
+    # /v1/responses keeps each response chain as a session of the caller's tenant (docs/openai.md).
+    **{_STORE + method: frozenset({ORCHESTRATOR, GATEWAY}) for method in (
+        "CreateSession", "AppendMessages", "ListMessages", "AppendEvents", "ReadEvents", "WatchEvents",
+        "AcquireSessionLock", "ReleaseSessionLock")},
     # Session controls carry a run's cancel and approval answers between orchestrator replicas.
     _STORE + "PostSessionControl": frozenset({ORCHESTRATOR}),
     _STORE + "WatchSessionControls": frozenset({ORCHESTRATOR}),

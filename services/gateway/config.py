@@ -20,6 +20,9 @@ class Settings(ServerSettings):
     tools_target: str = ""
     # gRPC target of the policy service.
     policy_target: str = ""
+    # gRPC target of the store service: /v1/responses keeps its response chains there
+    # (empty: /v1/responses answers 503).
+    store_target: str = ""
     # Inference nodes for the OpenAI endpoints, through the client-side load
     # balancer (host:port or dns:host:port); empty falls back to inference_target.
     inference_nodes: tuple[str, ...] = ()
@@ -36,4 +39,5 @@ class Settings(ServerSettings):
     @property
     def backend_targets(self) -> dict[str, str]:
         return {"orchestrator": self.orchestrator_target, "inference": self.inference_target,
-                "tools": self.tools_target, "policy": self.policy_target}
+                "tools": self.tools_target, "policy": self.policy_target,
+                "store": self.store_target}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -12,15 +13,20 @@ from services.common import errors
 from services.gateway.core.json_body import loads_body
 from services.gateway.core.openai_compat import CompletionPlan, OpenAICompat, dumps, plan_chat, plan_completion
 from services.gateway.core.openai_embeddings import OpenAIEmbeddings, plan_embedding
+from services.gateway.core.openai_responses import OpenAIResponses, plan_response
 from services.gateway.core.ports import EmbeddingSource
 from services.gateway.http_api import forwarded_metadata, read_body
 from services.gateway.http_errors import error_payload, openai_error_response
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class OpenAIRoutes:
     def __init__(self, compat: OpenAICompat | None, max_body_bytes: int) -> None:
         self.compat = compat
         self.max_body_bytes = max_body_bytes
+        # /v1/responses: set at start-up when both an inference backend and the store are configured.
+        self.responses: OpenAIResponses | None = None
 
     async def _body(self, request: Request) -> Any:
         raw = await read_body(request, self.max_body_bytes)
@@ -49,6 +55,73 @@ class OpenAIRoutes:
             principal = getattr(request.state, "principal", None)
             result = await OpenAIEmbeddings(source, compat.catalog).create(
                 plan, tenant_id=principal.tenant_id if principal else "", metadata=tuple(forwarded_metadata(request)))
+        except errors.DomainError as exc:
+            return openai_error_response(exc)
+        return JSONResponse(result)
+
+    def _responses(self) -> OpenAIResponses:
+        if self.responses is None:
+            raise errors.Unavailable("/v1/responses needs the store (setting store_target) and an inference backend",
+                                     reason="BACKEND_NOT_CONFIGURED", metadata={"backend": "store"})
+        return self.responses
+
+    async def create_response(self, request: Request) -> Response:
+        try:
+            responses = self._responses()
+            plan = plan_response(await self._body(request))
+            principal = getattr(request.state, "principal", None)
+            events = responses.create(plan, tenant_id=principal.tenant_id if principal else "",
+                                      metadata=tuple(forwarded_metadata(request)))
+            # The first event (response.created) is pulled now: a bad chain or an unreachable store is an HTTP error.
+            first = await anext(events)
+            if plan.stream:
+                return StreamingResponse(_response_sse(first, events), media_type="text/event-stream",
+                                         headers=_SSE_HEADERS)
+            if plan.background:
+                await events.aclose()
+                return JSONResponse(first["response"])
+            last = first
+            async for event in events:
+                last = event
+        except errors.DomainError as exc:
+            return openai_error_response(exc)
+        return JSONResponse(last["response"])
+
+    async def retrieve_response(self, request: Request) -> Response:
+        try:
+            responses = self._responses()
+            response_id = request.path_params["response_id"]
+            query = _query(request, ("stream", "starting_after", "include"))
+            stream = _query_bool(query, "stream")
+            after = _query_int(query, "starting_after", 0, 2**31)
+            errors.require(after is None or stream, "starting_after", "is only allowed with stream=true")
+            if not stream:
+                return JSONResponse(await responses.retrieve(response_id))
+            events = responses.replay(response_id, after)
+            first = await anext(events, None)
+        except errors.DomainError as exc:
+            return openai_error_response(exc)
+        return StreamingResponse(_response_sse(first, events), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    async def cancel_response(self, request: Request) -> Response:
+        try:
+            return JSONResponse(await self._responses().cancel(request.path_params["response_id"]))
+        except errors.DomainError as exc:
+            return openai_error_response(exc)
+
+    async def delete_response(self, request: Request) -> Response:
+        try:
+            return JSONResponse(await self._responses().delete(request.path_params["response_id"]))
+        except errors.DomainError as exc:
+            return openai_error_response(exc)
+
+    async def response_input_items(self, request: Request) -> Response:
+        try:
+            query = _query(request, ("limit", "order", "after", "include"))
+            limit = _query_int(query, "limit", 1, 100)
+            result = await self._responses().input_items(
+                request.path_params["response_id"], limit=20 if limit is None else limit,
+                order=query.get("order", "desc"), after=query.get("after"))
         except errors.DomainError as exc:
             return openai_error_response(exc)
         return JSONResponse(result)
@@ -89,3 +162,41 @@ async def _sse(first: dict[str, Any], chunks: AsyncGenerator[dict[str, Any], Non
         yield f"data: {dumps(error_payload(exc))}\n\n".encode()
     finally:
         await chunks.aclose()
+
+
+def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters, refusing unknown ones and any ``include`` (nothing extra can be included yet)."""
+    query = dict(request.query_params)
+    for name in query:
+        errors.require(name in known, name, "unknown query parameter")
+    errors.require(not query.get("include"), "include", "nothing extra can be included yet")
+    return query
+
+
+def _query_bool(query: dict[str, str], name: str) -> bool:
+    value = query.get(name, "false").lower()
+    errors.require(value in ("true", "false"), name, "must be true or false")
+    return value == "true"
+
+
+def _query_int(query: dict[str, str], name: str, low: int, high: int) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    errors.require(value.isdigit() and low <= int(value) <= high, name, f"must be an integer between {low} and {high}")
+    return int(value)
+
+
+async def _response_sse(first: dict[str, Any] | None,
+                        events: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
+    """Responses stream events as SSE, each named by its type (``event:``), as the API frames them."""
+    try:
+        if first is not None:
+            yield f"event: {first['type']}\ndata: {dumps(first)}\n\n".encode()
+            async for event in events:
+                yield f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
+    except errors.DomainError as exc:
+        error = json.loads(bytes(openai_error_response(exc).body))["error"]
+        yield f"event: error\ndata: {dumps({'type': 'error', **error})}\n\n".encode()
+    finally:
+        await events.aclose()

@@ -30,9 +30,11 @@ from services.common.settings import load_settings
 from services.common.telemetry import configure_tracing
 from services.gateway.adapters.grpc_backend import GrpcBackends
 from services.gateway.adapters.inference_generator import InferenceGenerator
+from services.gateway.adapters.store_responses import StoreResponseLog
 from services.gateway.auth_middleware import ApiKeyMiddleware
 from services.gateway.config import Settings
 from services.gateway.core.openai_compat import OpenAICompat
+from services.gateway.core.openai_responses import OpenAIResponses
 from services.gateway.core.ports import TextGenerator
 from services.gateway.http_api import GenericRestApi
 from services.gateway.openai_routes import OpenAIRoutes
@@ -55,6 +57,15 @@ OPENAI_PATHS = {
     "/v1/models": {"get": {"operationId": "OpenAI_ListModels", "tags": ["OpenAI"], "responses": _OPENAI_OK}},
     "/v1/embeddings": {"post": {"operationId": "OpenAI_Embeddings", "tags": ["OpenAI"],
                                 "requestBody": _OPENAI_BODY, "responses": _OPENAI_OK}},
+    "/v1/responses": {"post": {"operationId": "OpenAI_CreateResponse", "tags": ["OpenAI"],
+                               "requestBody": _OPENAI_BODY, "responses": _OPENAI_OK}},
+    "/v1/responses/{response_id}": {
+        "get": {"operationId": "OpenAI_RetrieveResponse", "tags": ["OpenAI"], "responses": _OPENAI_OK},
+        "delete": {"operationId": "OpenAI_DeleteResponse", "tags": ["OpenAI"], "responses": _OPENAI_OK}},
+    "/v1/responses/{response_id}/cancel": {"post": {"operationId": "OpenAI_CancelResponse", "tags": ["OpenAI"],
+                                                    "responses": _OPENAI_OK}},
+    "/v1/responses/{response_id}/input_items": {"get": {"operationId": "OpenAI_ListResponseInputItems",
+                                                        "tags": ["OpenAI"], "responses": _OPENAI_OK}},
 }
 
 
@@ -98,10 +109,16 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
         elif source is None and settings.inference_target:
             source = InferenceGenerator.for_channel(backends.channel("inference"), settings.default_models)
         openai.compat = OpenAICompat(source) if source is not None else None
+        if source is not None and openai.compat is not None and settings.store_target:
+            store_channel = backends.channel("store")
+            openai.responses = OpenAIResponses(source, lambda: StoreResponseLog(store_channel),
+                                               require_model=openai.compat.catalog.require)
         refusals.start()
         try:
             yield
         finally:
+            if openai.responses is not None:
+                await openai.responses.close()
             await refusals.close()
             if balancer is not None:
                 await balancer.close()
@@ -121,6 +138,11 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
             HttpRoute("/v1/completions", openai.completions, methods=["POST"]),
             HttpRoute("/v1/models", openai.models, methods=["GET"]),
             HttpRoute("/v1/embeddings", openai.embeddings, methods=["POST"]),
+            HttpRoute("/v1/responses", openai.create_response, methods=["POST"]),
+            HttpRoute("/v1/responses/{response_id}", openai.retrieve_response, methods=["GET"]),
+            HttpRoute("/v1/responses/{response_id}", openai.delete_response, methods=["DELETE"]),
+            HttpRoute("/v1/responses/{response_id}/cancel", openai.cancel_response, methods=["POST"]),
+            HttpRoute("/v1/responses/{response_id}/input_items", openai.response_input_items, methods=["GET"]),
             HttpRoute("/{path:path}", GenericRestApi(route_table, backends, settings.max_body_bytes).handle,
                       methods=_ANY_METHOD),
         ],

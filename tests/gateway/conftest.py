@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter, generate_api_key
@@ -12,6 +14,8 @@ from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from services.gateway.config import Settings
 from services.gateway.server import build_app, running_gateway
+from services.store.config import Settings as StoreSettings
+from services.store.server import build_app as build_store
 from tests.gateway.fakes import FakeAgentApp, FakeAgentService, ScriptedGenerator
 from tests.support.mesh import TEST_SCRYPT_N
 
@@ -59,3 +63,29 @@ async def mesh(keys: Keys, authenticator: ApiKeyAuthenticator) -> AsyncIterator[
         app = build_app(settings, authenticator=authenticator, generator=generator)
         async with running_gateway(app) as url:
             yield Mesh(url, agent_app.service, generator, keys)
+
+
+@dataclass
+class ResponsesMesh:
+    """The gateway with a real store service (for /v1/responses) and a scripted generator; no orchestrator."""
+    url: str
+    generator: ScriptedGenerator
+    keys: Keys
+
+    def client(self, key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key or self.keys.acme, max_retries=0)
+
+    def http(self, key: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=20,
+                                 headers={"Authorization": f"Bearer {key or self.keys.acme}"})
+
+
+@pytest.fixture
+async def rmesh(tmp_path: Path, keys: Keys, authenticator: ApiKeyAuthenticator) -> AsyncIterator[ResponsesMesh]:
+    generator = ScriptedGenerator()
+    store_settings = StoreSettings(port=0, data_dir=str(tmp_path / "store"), sqlite_synchronous="NORMAL")
+    async with running_service(build_store(store_settings), store_settings) as store:
+        app = build_app(Settings(port=0, store_target=f"127.0.0.1:{store.port}"), authenticator=authenticator,
+                        generator=generator)
+        async with running_gateway(app) as url:
+            yield ResponsesMesh(url, generator, keys)

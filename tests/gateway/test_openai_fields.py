@@ -22,7 +22,7 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.shared_params import function_definition, response_format_json_schema
 
 from services.common import errors
-from services.gateway.core.openai_fields import FIELDS, check_fields, markdown_table
+from services.gateway.core.openai_fields import FIELDS, check_fields, markdown_table, responses_markdown_table
 from services.gateway.http_errors import openai_error_response
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
@@ -302,3 +302,11 @@ def test_the_docs_table_is_the_rule_table():
     assert found, "docs/gateway.md lacks the <!-- openai-fields --> table"
     assert found.group(1) == markdown_table(), (
         "the OpenAI request fields table is stale: paste the output of python -m services.gateway.core.openai_fields")
+
+
+def test_the_docs_responses_table_is_the_rule_table():
+    found = re.search(r"<!-- responses-fields -->\n(.*?)<!-- /responses-fields -->", DOC.read_text(), re.S)
+    assert found, "docs/gateway.md lacks the <!-- responses-fields --> table"
+    assert found.group(1) == responses_markdown_table(), (
+        "the /v1/responses fields table is stale: paste the output of "
+        "python -m services.gateway.core.openai_fields --responses")

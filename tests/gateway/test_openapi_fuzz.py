@@ -6,6 +6,7 @@ about how the translation layer handles input, not about the services.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 
 import httpx
@@ -23,6 +24,8 @@ from services.common.runtime import running_service
 from services.common.settings import ServerSettings
 from services.gateway.config import Settings
 from services.gateway.server import build_app, running_gateway
+from services.store.config import Settings as StoreSettings
+from services.store.server import build_app as build_store
 from tests.gateway.conftest import TEST_SCRYPT_N
 from tests.gateway.fakes import EmptyReplyApp, ScriptedGenerator
 
@@ -50,20 +53,29 @@ class GatewayThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            backend = EmptyReplyApp(SERVICES.values())
-            async with running_service(backend, ServerSettings(port=0)) as svc:
-                target = f"127.0.0.1:{svc.port}"
-                auth = ApiKeyAuthenticator(self.key_store, FailedAttemptLimiter(max_failures=10_000))
-                app = build_app(Settings(port=0, **{f"{name}_target": target for name in SERVICES}),
-                                authenticator=auth, generator=ScriptedGenerator())
-                async with running_gateway(app) as url:
-                    self.url = url
-                    self._ready.set()
-                    await self._stop.wait()
-                auth.close()
+            with tempfile.TemporaryDirectory(prefix="fuzz-store-") as data_dir:
+                await self._serve(data_dir)
         except BaseException as exc:  # surfaced to the test thread
             self.error = exc
             self._ready.set()
+
+    async def _serve(self, data_dir: str) -> None:
+        assert self._stop is not None
+        backend = EmptyReplyApp(SERVICES.values())
+        # /v1/responses keeps its chains in a real store (an empty reply is no store).
+        store_settings = StoreSettings(port=0, data_dir=data_dir, sqlite_synchronous="OFF")
+        async with running_service(backend, ServerSettings(port=0)) as svc, \
+                running_service(build_store(store_settings), store_settings) as store:
+            target = f"127.0.0.1:{svc.port}"
+            auth = ApiKeyAuthenticator(self.key_store, FailedAttemptLimiter(max_failures=10_000))
+            app = build_app(Settings(port=0, store_target=f"127.0.0.1:{store.port}",
+                                     **{f"{name}_target": target for name in SERVICES}),
+                            authenticator=auth, generator=ScriptedGenerator())
+            async with running_gateway(app) as url:
+                self.url = url
+                self._ready.set()
+                await self._stop.wait()
+            auth.close()
 
     def __enter__(self) -> GatewayThread:
         self._thread.start()

@@ -150,7 +150,7 @@ async def _start_gateway(stack: contextlib.AsyncExitStack, targets: dict[str, st
     stack.callback(authenticator.close)
     app = build_app(GatewaySettings(port=0, orchestrator_target=targets["orchestrator"],
                                     inference_target=targets.get("inference", ""), tools_target=targets["tools"],
-                                    policy_target=targets["policy"]),
+                                    policy_target=targets["policy"], store_target=targets["store"]),
                     authenticator=authenticator)
     url = await stack.enter_async_context(running_gateway(app))
     return url, api_key

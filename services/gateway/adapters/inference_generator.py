@@ -36,7 +36,7 @@ def to_generate_request(params: GenerationParams) -> inference_pb2.GenerateReque
     return inference_pb2.GenerateRequest(request_id=params.request_id, model=params.model, prompt=params.prompt,
                                          sampling=sampling, priority=inference_pb2.PRIORITY_INTERACTIVE,
                                          tenant_id=params.tenant_id, logprobs=params.logprobs,
-                                         top_logprobs=params.top_logprobs, n=params.n)
+                                         session_id=params.session_id, top_logprobs=params.top_logprobs, n=params.n)
 
 
 def to_chunk(reply: inference_pb2.GenerateResponse) -> GenerationChunk:

@@ -20,8 +20,9 @@ from typing import Any, Literal, NoReturn
 
 from services.common import errors
 
-Endpoint = Literal["chat", "completion"]
-ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+Endpoint = Literal["chat", "completion", "responses"]
+ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                                  "responses": "/v1/responses"}
 # Roles the planners accept; a role-limited rule judges only messages with one of them.
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Longest field name echoed back in an error.
@@ -162,23 +163,100 @@ FIELDS: dict[str, tuple[Rule | None, Rule | None]] = {
     "function_call": chat(refused("deprecated; use tool_choice")),
 }
 
-def _children() -> dict[str, dict[str, tuple[Rule | None, Rule | None]]]:
-    """Parent pattern ("" for the body) -> {key: rules}; keys match whole, so a key "a.b" is never a path."""
-    children: dict[str, dict[str, tuple[Rule | None, Rule | None]]] = {}
-    for path, rules in FIELDS.items():
+NOT_STORED_PROMPTS = "stored prompts are not supported; send the instructions and input"
+# Field path -> rule, for /v1/responses (create).
+RESPONSES_FIELDS: dict[str, Rule] = {
+    "model": OK,
+    "input": honoured("a string, or a list of message, function_call and function_call_output items"),
+    "input[].type": honoured("`message`, `function_call` or `function_call_output`"),
+    "input[].id": honoured("ignored on input: the stored item gets an id of its own"),
+    "input[].status": OK,
+    "input[].role": honoured("`user`, `system`, `developer` or `assistant`"),
+    "input[].content": OK,
+    "input[].content[].type": honoured("`input_text` (`output_text` on assistant messages)"),
+    "input[].content[].text": OK,
+    "input[].content[].annotations": only([], reason="annotations are not shown to the model"),
+    "input[].content[].image_url": refused("images are not supported"),
+    "input[].content[].file_id": refused("files are not supported"),
+    "input[].content[].file_data": refused("files are not supported"),
+    "input[].call_id": OK,
+    "input[].name": OK,
+    "input[].arguments": OK,
+    "input[].output": OK,
+    "instructions": honoured("this response's system message; not carried to follow-ups"),
+    "previous_response_id": honoured("continues that response's chain (and its KV cache)"),
+    "store": OK,
+    "stream": OK,
+    "stream_options": OK,
+    "stream_options.include_obfuscation": only(False, reason="stream events carry no obfuscation padding"),
+    "background": honoured("runs on after the request; needs store"),
+    "max_output_tokens": OK,
+    "temperature": OK,
+    "top_p": OK,
+    "tools": OK,
+    "tools[].type": honoured("`function`"),
+    "tools[].name": OK,
+    "tools[].description": OK,
+    "tools[].parameters": OK,
+    "tools[].strict": honoured("strict (the default) tools decode under a grammar of their schema"),
+    "tool_choice": OK,
+    "tool_choice.type": only("function", reason="only a function can be named"),
+    "tool_choice.name": OK,
+    "parallel_tool_calls": only(True, False, reason="an answer carries at most one tool call, which both values "
+                                                   "allow"),
+    "text": OK,
+    "text.format": OK,
+    "text.format.type": honoured("`text`, `json_object` or `json_schema`"),
+    "text.format.name": OK,
+    "text.format.schema": OK,
+    "text.format.description": honoured("shown to the model beside the schema"),
+    "text.format.strict": honoured("the answer decodes under the schema either way"),
+    "text.verbosity": only("medium", reason="the answer's length is not steered beyond max_output_tokens"),
+    "metadata": honoured("up to 16 string pairs, stored and echoed"),
+    "truncation": only("disabled", reason="the input is never cut: a chain longer than the context is refused"),
+    "include": only([], reason="nothing extra can be included yet"),
+    "reasoning": only({}, reason="the served models do not reason"),
+    "top_logprobs": only(0, reason="log probabilities are returned on chat and completions, not here yet"),
+    "max_tool_calls": refused("tool calls are the client's to run: each response carries at most one"),
+    "conversation": refused("conversations are not supported; chain responses with previous_response_id"),
+    "prompt": refused(NOT_STORED_PROMPTS),
+    "prompt_cache_key": refused(CACHE),
+    "prompt_cache_retention": refused(CACHE),
+    "prompt_cache_options": refused(CACHE),
+    "service_tier": only("auto", "default", reason="there is one service tier"),
+    "user": refused(END_USER),
+    "safety_identifier": refused(END_USER),
+    "context_management": refused("context is not compacted here; chains are kept whole"),
+    "background_options": refused("background responses take no options"),
+    "moderation": refused("moderation is not run"),
+}
+
+
+def _tables() -> dict[str, dict[str, Rule | None]]:
+    tables: dict[str, dict[str, Rule | None]] = {
+        "chat": {path: rules[0] for path, rules in FIELDS.items()},
+        "completion": {path: rules[1] for path, rules in FIELDS.items()}}
+    tables["responses"] = dict(RESPONSES_FIELDS)
+    return tables
+
+
+def _children(table: dict[str, Rule | None]) -> dict[str, dict[str, Rule | None]]:
+    """Parent pattern ("" for the body) -> {key: rule}; keys match whole, so a key "a.b" is never a path."""
+    children: dict[str, dict[str, Rule | None]] = {}
+    for path, rule in table.items():
         parent, _, key = path.rpartition(".")
-        children.setdefault(parent, {})[key] = rules
+        children.setdefault(parent, {})[key] = rule
     return children
 
 
-_CHILDREN = _children()
+_CHILDREN = {endpoint: _children(table) for endpoint, table in _tables().items()}
 _EMPTY: tuple[Any, ...] = ("", [], {})
 
 
 def check_fields(body: Any, endpoint: Endpoint) -> None:
     """Raise InvalidArgument (``field`` = the path) for the first field the gateway would not honour.
 
-    ``endpoint`` is "chat" or "completion". A body that is not an object is left
+    ``endpoint`` is "chat", "completion" or "responses". A body that is not an object is left
     to the planner, as are nested values that are not the objects or lists the
     API defines.
     """
@@ -189,22 +267,22 @@ def check_fields(body: Any, endpoint: Endpoint) -> None:
 
 
 def _check_object(obj: dict[str, Any], pattern: str, path: str, endpoint: Endpoint) -> None:
-    children = _CHILDREN[pattern]
+    every = _CHILDREN[endpoint]
+    children = every[pattern]
     role = obj.get("role") if pattern == "messages[]" else None
     for key, value in obj.items():
         name = str(key) if len(str(key)) <= MAX_NAME_CHARS else str(key)[:MAX_NAME_CHARS] + "..."
         field = f"{path}.{name}" if path else name
-        rules = children.get(key)
-        if rules is None:
+        if key not in children:
             _fail(field, "unknown field", "UNKNOWN_FIELD")
-        rule = rules[0] if endpoint == "chat" else rules[1]
+        rule = children[key]
         if rule is None:
             _fail(field, f"not a field of {ENDPOINT_PATHS[endpoint]}", "UNKNOWN_FIELD")
         _apply(rule, value, field, role)
         key_pattern = f"{pattern}.{key}" if pattern else key
-        if isinstance(value, dict) and key_pattern in _CHILDREN:
+        if isinstance(value, dict) and key_pattern in every:
             _check_object(value, key_pattern, field, endpoint)
-        elif isinstance(value, list) and key_pattern + "[]" in _CHILDREN:
+        elif isinstance(value, list) and key_pattern + "[]" in every:
             for i, item in enumerate(value):
                 if isinstance(item, dict):
                     _check_object(item, key_pattern + "[]", f"{field}[{i}]", endpoint)
@@ -258,5 +336,15 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def responses_markdown_table() -> str:
+    """The /v1/responses table of docs/gateway.md."""
+    rows = ["| field | rule | why |", "| --- | --- | --- |"]
+    for path, rule in RESPONSES_FIELDS.items():
+        rows.append(f"| `{path}` | {_cell(rule)} | {rule.reason} |")
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
-    print(markdown_table(), end="")
+    import sys
+
+    print(responses_markdown_table() if sys.argv[1:] == ["--responses"] else markdown_table(), end="")

@@ -6,9 +6,9 @@ tests pass fakes.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class GenerationParams:
     top_logprobs: int = 0
     # Choices decoded from one prefill of the prompt.
     n: int = 1
+    # Session whose KV cache the prompt extends on the node (a stored response chain); empty: none.
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,62 @@ class EmbeddingSource(Protocol):
 
     async def embed(self, params: EmbeddingParams) -> EmbeddingResult:
         """Vectors of ``params.inputs`` from the node's own model."""
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One conversation item of a response chain, as the store keeps it (a message of the chain's session)."""
+    # user, assistant, system or tool (the store's roles).
+    role: str
+    content: str
+    # The response whose input or output this item is, the item as the API shows it, and whether it was input.
+    response_id: str
+    item: dict[str, Any]
+    is_input: bool
+    # What the model saw or said, exactly: the prompt renders it (an output's raw text keeps the KV prefix).
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChainLock:
+    acquired: bool
+    fencing_token: int = 0
+
+
+class ResponseLog(Protocol):
+    """Where /v1/responses keeps its chains: a session per chain in the store, scoped to the caller's tenant.
+
+    Items are the chain's messages; events are response snapshots, stream events of
+    background responses and cancel requests, numbered by the store.
+    """
+
+    async def create_chain(self, chain_id: str) -> None:
+        """A new chain (ALREADY_EXISTS if the id is taken)."""
+
+    async def lock(self, chain_id: str, owner: str, lease_ms: int) -> ChainLock:
+        """Take or renew the chain's write lock; not acquired while another owner's lease lasts."""
+
+    async def unlock(self, chain_id: str, owner: str) -> None:
+        """Give the lock back (nothing if ``owner`` does not hold it)."""
+
+    async def append_items(self, chain_id: str, items: Sequence[StoredItem], fencing_token: int = 0) -> None:
+        """Add items at the end of the chain, refused if the fencing token is stale."""
+
+    async def list_items(self, chain_id: str) -> list[StoredItem]:
+        """Every item of the chain, in order (NOT_FOUND for an unknown chain)."""
+
+    async def append_events(self, chain_id: str, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Store events (kind, payload) with no drop; their seqs."""
+
+    async def read_events(self, chain_id: str, after_seq: int = 0) -> list[StoredEvent]:
+        """Stored events after ``after_seq``, in order (NOT_FOUND for an unknown chain)."""
+
+    def watch_events(self, chain_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
+        """Events after ``after_seq``: the stored ones, then new ones as they are appended."""
