@@ -67,8 +67,9 @@ class OpenAIRoutes:
 
     async def create_response(self, request: Request) -> Response:
         try:
-            responses = self._responses()
+            # The body is checked first: a bad field is a 400 whatever the backends.
             plan = plan_response(await self._body(request))
+            responses = self._responses()
             principal = getattr(request.state, "principal", None)
             events = responses.create(plan, tenant_id=principal.tenant_id if principal else "",
                                       metadata=tuple(forwarded_metadata(request)))
@@ -105,6 +106,8 @@ class OpenAIRoutes:
 
     async def cancel_response(self, request: Request) -> Response:
         try:
+            raw = await read_body(request, self.max_body_bytes)
+            errors.require(not raw.strip(), "body", "cancel takes no body")
             return JSONResponse(await self._responses().cancel(request.path_params["response_id"]))
         except errors.DomainError as exc:
             return openai_error_response(exc)

@@ -41,7 +41,8 @@ def session_to_pb(session: AgentSession) -> pb.Session:
 
 
 _TASK_STATES = {"QUEUED": pb.TASK_STATE_QUEUED, "RUNNING": pb.TASK_STATE_RUNNING,
-                "SUCCEEDED": pb.TASK_STATE_SUCCEEDED, "FAILED": pb.TASK_STATE_FAILED}
+                "SUCCEEDED": pb.TASK_STATE_SUCCEEDED, "FAILED": pb.TASK_STATE_FAILED,
+                "CANCELLED": pb.TASK_STATE_CANCELLED}
 
 
 def task_to_pb(task: TaskView) -> pb.Task:

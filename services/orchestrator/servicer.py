@@ -71,6 +71,11 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):
                                              options=convert.run_options(request.options))
         return pb.EnqueueTaskResponse(task=convert.task_to_pb(task))
 
+    async def CancelTask(self, request: pb.CancelTaskRequest, context) -> pb.CancelTaskResponse:
+        task, was_running = await self._orch.cancel_task(request.tenant_id, request.task_id, request.reason,
+                                                         request_id=request.request_id)
+        return pb.CancelTaskResponse(task=convert.task_to_pb(task), was_running=was_running)
+
     async def GetTask(self, request: pb.GetTaskRequest, context) -> pb.GetTaskResponse:
         return pb.GetTaskResponse(task=convert.task_to_pb(await self._orch.get_task(request.tenant_id,
                                                                                    request.task_id)))

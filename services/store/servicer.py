@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 from llmesh.store.v1 import store_pb2 as pb
@@ -95,6 +96,10 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     async def GetTask(self, request: pb.GetTaskRequest, context):
         return pb.GetTaskResponse(task=convert.task_pb(await self.core.get_task(request.tenant_id, request.task_id)))
+
+    async def CancelTask(self, request: pb.CancelTaskRequest, context):
+        record, previous = await self.core.cancel_task(request.tenant_id, request.task_id, request.reason)
+        return pb.CancelTaskResponse(task=convert.task_pb(record), previous_state=cast(pb.TaskState, int(previous)))
 
     async def AcquireSessionLock(self, request: pb.AcquireSessionLockRequest, context):
         result = await self.core.acquire_session_lock(request.tenant_id, request.session_id, request.owner_id,

@@ -263,6 +263,41 @@ class StoreContract:
         stored = await store.get_task(tenant_id=TENANT, task_id=high.task_id)
         assert (stored.state, stored.worker_id) == ("LEASED", "w1")
 
+    async def test_a_cancelled_task_is_never_claimed_and_its_holder_loses_the_lease(self, store: StorePort):
+        queue = a_queue()
+        queued = await enqueue(store, queue)
+        cancelled, previous = await store.cancel_task(tenant_id=TENANT, task_id=queued.task_id, reason="not needed")
+        assert (previous, cancelled.state, cancelled.last_error) == ("READY", "CANCELLED", "not needed")
+        assert await claim(store, queue) == [], "a cancelled task is never handed out"
+        again, previous = await store.cancel_task(tenant_id=TENANT, task_id=queued.task_id, reason="twice")
+        assert (previous, again.state, again.last_error) == ("CANCELLED", "CANCELLED", "not needed")
+
+        await enqueue(store, queue)
+        (held,) = await claim(store, queue)
+        _, previous = await store.cancel_task(tenant_id=TENANT, task_id=held.task_id, reason="stop")
+        assert previous == "LEASED"
+        for call in (store.heartbeat_task(task_id=held.task_id, lease_token=held.lease_token, lease_ms=1000),
+                     store.ack_task(task_id=held.task_id, lease_token=held.lease_token, result_json="{}"),
+                     store.fail_task(task_id=held.task_id, lease_token=held.lease_token, error="x", permanent=False)):
+            with pytest.raises(FailedPrecondition) as err:
+                await call
+            assert err.value.reason == "LEASE_LOST"
+        assert (await store.get_task(tenant_id=TENANT, task_id=held.task_id)).state == "CANCELLED"
+
+    async def test_only_the_tenants_unfinished_tasks_can_be_cancelled(self, store: StorePort):
+        queue = a_queue()
+        task = await enqueue(store, queue)
+        with pytest.raises(NotFound):
+            await store.cancel_task(tenant_id=OTHER_TENANT, task_id=task.task_id, reason="")
+        with pytest.raises(NotFound):
+            await store.cancel_task(tenant_id=TENANT, task_id="no-such-task", reason="")
+        (held,) = await claim(store, queue)
+        await store.ack_task(task_id=held.task_id, lease_token=held.lease_token, result_json="{}")
+        with pytest.raises(FailedPrecondition) as err:
+            await store.cancel_task(tenant_id=TENANT, task_id=held.task_id, reason="")
+        assert (err.value.reason, err.value.field) == ("TASK_ENDED", "task_id")
+        assert (await store.get_task(tenant_id=TENANT, task_id=held.task_id)).state == "DONE"
+
     async def test_claims_with_a_bad_lease_or_size_are_refused(self, store: StorePort):
         queue = a_queue()
         with pytest.raises(InvalidArgument):

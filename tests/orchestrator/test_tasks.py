@@ -124,3 +124,56 @@ async def test_killed_worker_task_is_completed_by_another_never_by_two():
     finals = [e for e in events if e.type in ("final", "error")]
     assert len(finals) == 1 and finals[0].body["text"] == "done by b"
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_queued_task_cancelled_before_any_worker_is_free_never_runs():
+    rig = make_rig(["should not run"], max_workers=1, task_idle_wait_s=0.05)
+    session = await rig.session()
+    task = await rig.orchestrator.enqueue_task(request_id="q", tenant_id="acme", session_id=session.session_id,
+                                               user_message="later", options={})
+    cancelled, was_running = await rig.orchestrator.cancel_task("acme", task.task_id, "changed my mind")
+    assert (cancelled.state, cancelled.error, was_running) == ("CANCELLED", "changed my mind", False)
+    rig.orchestrator.start()
+    try:
+        await asyncio.sleep(0.3)  # several claim rounds
+    finally:
+        await rig.orchestrator.close()
+    assert rig.inference.requests == [] and (await rig.orchestrator.get_task("acme", task.task_id)).state == "CANCELLED"
+    again, _ = await rig.orchestrator.cancel_task("acme", task.task_id)
+    assert again.state == "CANCELLED", "a repeated cancel answers the same"
+
+
+async def test_a_running_task_is_cancelled_through_another_replica_and_only_its_run_stops():
+    shared = MemoryStore()
+    stuck = Gate("never")
+    rig_a = make_rig(inference=ScriptedInference([stuck, "next turn"]), store=shared, max_workers=1,
+                     task_idle_wait_s=0.05, replica_id="replica-a")
+    rig_b = make_rig(store=shared, replica_id="replica-b")
+    rig_a.orchestrator.start()
+    rig_b.orchestrator.start()
+    try:
+        assert await rig_a.orchestrator.wait_ready()
+        session = await rig_a.session()
+        task = await rig_a.orchestrator.enqueue_task(request_id="r", tenant_id="acme",
+                                                     session_id=session.session_id, user_message="work", options={})
+        await asyncio.wait_for(stuck.reached.wait(), 10)
+        cancelled, was_running = await rig_b.orchestrator.cancel_task("acme", task.task_id)
+        assert was_running and cancelled.state == "CANCELLED"
+
+        async def run_ended() -> bool:
+            events = await shared.read_events(tenant_id="acme", session_id=session.session_id, after_seq=0)
+            return any(e.type == "final" for e in events)
+
+        assert await wait_until(run_ended, 10), "the task's run did not stop"
+        events = await shared.read_events(tenant_id="acme", session_id=session.session_id, after_seq=0)
+        final = [e for e in events if e.type == "final"][-1]
+        assert final.body["reason"] == "cancelled" and final.run_id == f"task-{task.task_id}-1"
+        assert (await rig_a.orchestrator.get_task("acme", task.task_id)).state == "CANCELLED"
+        # The session is free for its next turn.
+        run = await rig_a.orchestrator.runs.start(request_id="n", tenant_id="acme", session_id=session.session_id,
+                                                  user_message="next")
+        await asyncio.wait_for(run.done.wait(), 10)
+        assert run.result.text == "next turn"
+    finally:
+        await rig_a.orchestrator.close()
+        await rig_b.orchestrator.close()

@@ -163,6 +163,12 @@ class GrpcStore:
             reply = await self._c.GetTask(store_pb2.GetTaskRequest(tenant_id=tenant_id, task_id=task_id))
         return _task(reply.task)
 
+    async def cancel_task(self, *, tenant_id, task_id, reason) -> tuple[TaskRecord, str]:
+        with domain_errors("store"):
+            reply = await self._c.CancelTask(store_pb2.CancelTaskRequest(
+                request_id=f"{task_id}:cancel", tenant_id=tenant_id, task_id=task_id, reason=reason))
+        return _task(reply.task), store_pb2.TaskState.Name(reply.previous_state).removeprefix("TASK_STATE_")
+
     async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> SessionLockGrant:
         with domain_errors("store"):
             reply = await self._c.AcquireSessionLock(store_pb2.AcquireSessionLockRequest(

@@ -340,6 +340,18 @@ class MemoryStore:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
         return task.record
 
+    async def cancel_task(self, *, tenant_id, task_id, reason) -> tuple[TaskRecord, str]:
+        record = await self.get_task(tenant_id=tenant_id, task_id=task_id)
+        previous = record.state
+        if previous in ("DONE", "DEAD"):
+            raise FailedPrecondition(f"task {task_id!r} has already ended ({previous})", reason="TASK_ENDED",
+                                     field="task_id")
+        task = self._tasks[task_id]
+        if previous != "CANCELLED":
+            task.record = replace(record, state="CANCELLED", lease_token="", last_error=reason)
+            self._leased.discard(task_id)
+        return task.record, previous
+
     # ---- session locks -------------------------------------------------------------------------
     async def acquire_session_lock(self, *, tenant_id, session_id, owner_id, lease_ms) -> SessionLockGrant:
         _require_id(tenant_id, "tenant_id")

@@ -181,6 +181,17 @@ class Orchestrator:
     async def get_task(self, tenant_id: str, task_id: str) -> TaskView:
         return await self.tasks.get(tenant_id, task_id)
 
+    async def cancel_task(self, tenant_id: str, task_id: str, reason: str = "",
+                          request_id: str = "") -> tuple[TaskView, bool]:
+        """Cancel a background task: a queued one never runs; a running one's run is stopped wherever it
+        runs. (The task now, whether it had started.)"""
+        task, run_id = await self.tasks.cancel(tenant_id, task_id, reason)
+        if run_id:
+            # The store voided the worker's lease already; this stops the run now rather than at its next
+            # heartbeat. A run that has not started yet finds its lease gone at its first heartbeat.
+            await self.cancel(tenant_id, task.session_id, run_id, request_id=request_id)
+        return task, bool(run_id)
+
     async def cancel(self, tenant_id: str, session_id: str, run_id: str = "", request_id: str = "") -> bool:
         """Stop the session's turn wherever it runs.
 

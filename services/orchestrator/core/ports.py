@@ -234,6 +234,9 @@ class StorePort(Protocol):
 
     async def get_task(self, *, tenant_id: str, task_id: str) -> TaskRecord: ...
 
+    async def cancel_task(self, *, tenant_id: str, task_id: str, reason: str) -> tuple[TaskRecord, str]:
+        """Cancel a READY or LEASED task: (the task now, the state it was in); TASK_ENDED if it finished."""
+
     async def acquire_session_lock(self, *, tenant_id: str, session_id: str, owner_id: str,
                                    lease_ms: int) -> SessionLockGrant: ...
 

@@ -139,7 +139,7 @@ class RunManager:
 
     async def start(self, *, request_id: str, tenant_id: str, session_id: str, user_message: str,
                     max_steps: int = 0, max_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
-                    priority: int = 0, tool_choice: str = "") -> ActiveRun:
+                    priority: int = 0, tool_choice: str = "", run_id: str = "") -> ActiveRun:
         self._check_options(user_message, max_steps, max_tokens, temperature, tool_choice)
         key = f"{tenant_id}:{request_id}" if request_id else ""
         if key and key in self._by_request:
@@ -147,7 +147,7 @@ class RunManager:
         session = await self.sessions.get(tenant_id, session_id)
         handoff = await self._make_way(session_id)
         self._admit(tenant_id, session.model)
-        spec = RunSpec(tenant_id=tenant_id, session_id=session_id, run_id=uuid.uuid4().hex,
+        spec = RunSpec(tenant_id=tenant_id, session_id=session_id, run_id=run_id or uuid.uuid4().hex,
                        user_message=user_message, model=session.model,
                        max_steps=max_steps or self._limits.default_max_steps,
                        max_tokens=max_tokens or self._limits.default_max_tokens, temperature=temperature,

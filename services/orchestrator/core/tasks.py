@@ -66,14 +66,19 @@ class TaskClassLimits:
             require(task_class in CLASSES and wait_s >= 0, f"task_max_wait_ms_{task_class}", "must be >= 0")
         require(self.batch_reserved_workers >= 0, "task_batch_reserved_workers", "must be >= 0")
 
-_STATES = {"READY": "QUEUED", "LEASED": "RUNNING", "DONE": "SUCCEEDED", "DEAD": "FAILED"}
+_STATES = {"READY": "QUEUED", "LEASED": "RUNNING", "DONE": "SUCCEEDED", "DEAD": "FAILED", "CANCELLED": "CANCELLED"}
+
+
+def task_run_id(task_id: str, attempt: int) -> str:
+    """The run id of a task's attempt: CancelTask stops exactly that run, not another turn of its session."""
+    return f"task-{task_id}-{attempt}"
 
 
 @dataclass(frozen=True)
 class TaskView:
     task_id: str
     session_id: str
-    # QUEUED, RUNNING, SUCCEEDED or FAILED.
+    # QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED.
     state: str
     attempts: int
     result_text: str
@@ -113,6 +118,8 @@ class TaskQueue:
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task] = []
         self.num_busy = 0
+        # Tasks cancelled through this replica since start.
+        self.num_cancelled = 0
 
     async def enqueue(self, *, request_id: str, tenant_id: str, session_id: str, user_message: str,
                       options: dict) -> TaskView:
@@ -138,6 +145,15 @@ class TaskQueue:
         if record.tenant_id != tenant_id:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
         return view(record)
+
+    async def cancel(self, tenant_id: str, task_id: str, reason: str) -> tuple[TaskView, str]:
+        """Cancel the tenant's task in the store: (its view, the run id to stop, empty if it had not started)."""
+        require(bool(tenant_id.strip()), "tenant_id", "must not be empty")
+        require(bool(task_id.strip()), "task_id", "must not be empty")
+        record, previous = await self._store.cancel_task(tenant_id=tenant_id, task_id=task_id,
+                                                          reason=reason or "cancelled by request")
+        self.num_cancelled += previous != "CANCELLED"
+        return view(record), task_run_id(task_id, record.attempts) if previous == "LEASED" else ""
 
     def start(self) -> None:
         for i in range(self.max_workers):
@@ -215,7 +231,8 @@ class TaskQueue:
         options = payload.get("options", {})
         try:
             run = await self._runs.start(
-                request_id=f"task:{task.task_id}:{task.attempts}", tenant_id=payload["tenant_id"],
+                request_id=f"task:{task.task_id}:{task.attempts}", run_id=task_run_id(task.task_id, task.attempts),
+                tenant_id=payload["tenant_id"],
                 session_id=payload["session_id"], user_message=payload["user_message"],
                 max_steps=int(options.get("max_steps", 0)), max_tokens=int(options.get("max_tokens", 0)),
                 temperature=float(options.get("temperature", 0.0)), seed=options.get("seed"),
@@ -262,4 +279,5 @@ class TaskQueue:
             await self._store.fail_task(task_id=task.task_id, lease_token=task.lease_token, error=error,
                                         permanent=permanent)
         except DomainError:
-            log.warning("could not fail task; its lease will expire", extra={"task_id": task.task_id})
+            log.warning("could not fail task: it was cancelled, or its lease will expire",
+                        extra={"task_id": task.task_id})

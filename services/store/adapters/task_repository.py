@@ -146,6 +146,28 @@ class TaskRepository:
 
         return await self.db.write(work, WritePriority.URGENT)
 
+    async def cancel_task(self, tenant_id: str, task_id: str, reason: str,
+                          now_ms: int) -> tuple[TaskRecord, TaskState] | None:
+        """Cancel a READY or LEASED task of ``tenant_id``: (the task now, the state it was in); None if unknown."""
+        def work(s: Session) -> tuple[TaskRecord, TaskState] | None:
+            row = s.execute(select(TaskRow).where(TaskRow.task_id == task_id).with_for_update()).scalar_one_or_none()
+            if row is None or row.tenant_id != tenant_id:
+                return None
+            previous = TaskState(row.state)
+            if previous in (TaskState.DONE, TaskState.DEAD):
+                raise FailedPrecondition(f"task {task_id!r} has already ended ({previous.name})",
+                                         reason="TASK_ENDED", field="task_id")
+            if previous != TaskState.CANCELLED:
+                # The lease token is voided: the worker's next heartbeat, ack or fail finds its lease gone.
+                row.state = int(TaskState.CANCELLED)
+                row.lease_token = ""
+                row.lease_expire_ms = 0
+                row.last_error = reason
+                row.update_ms = now_ms
+            return task_record(row), previous
+
+        return await self.db.write(work, WritePriority.URGENT)
+
     async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord | None:
         async with self.db.reader() as s:
             row = await s.get(TaskRow, task_id)

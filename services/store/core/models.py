@@ -78,6 +78,7 @@ class TaskState(enum.IntEnum):
     LEASED = 2
     DONE = 3
     DEAD = 4
+    CANCELLED = 5
 
 
 @dataclass(frozen=True)

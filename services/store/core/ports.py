@@ -22,6 +22,7 @@ from services.store.core.models import (
     SessionControlRecord,
     SessionRecord,
     TaskRecord,
+    TaskState,
 )
 from services.store.core.task_policy import RetryPolicy
 
@@ -48,6 +49,9 @@ class StoreRepository(Protocol):
     async def fail_task(self, task_id: str, lease_token: str, error: str, permanent: bool, policy: RetryPolicy,
                         now_ms: int) -> TaskRecord: ...
     async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord | None: ...
+
+    async def cancel_task(self, tenant_id: str, task_id: str, reason: str,
+                          now_ms: int) -> tuple[TaskRecord, TaskState] | None: ...
     async def release_expired_leases(self, now_ms: int) -> int: ...
 
     async def acquire_lock(self, tenant_id: str, session_id: str, owner_id: str, lease_ms: int,

@@ -32,6 +32,7 @@ from services.store.core.models import (
     Page,
     SessionRecord,
     TaskRecord,
+    TaskState,
 )
 from services.store.core.paging import page_after
 from services.store.core.ports import StoreRepository
@@ -236,6 +237,16 @@ class StoreCore:
 
     async def get_task(self, tenant_id: str, task_id: str) -> TaskRecord:
         return await self._get_owned("task", tenant_id, task_id, self.repo.get_task)
+
+    async def cancel_task(self, tenant_id: str, task_id: str, reason: str) -> tuple[TaskRecord, TaskState]:
+        check.check_id(tenant_id, "tenant_id")
+        check.check_id(task_id, "task_id")
+        require(len(reason) <= 1024, "reason", "longer than 1024 characters")
+        check.check_text(reason, "reason")
+        result = await self.repo.cancel_task(tenant_id, task_id, reason or "cancelled by request", self.clock())
+        if result is None:
+            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
+        return result
 
     @staticmethod
     def _check_lease_ref(task_id: str, lease_token: str) -> None:
