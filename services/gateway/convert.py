@@ -117,12 +117,17 @@ def parse_json_body(body: bytes, message: Message, *, into_field: str = "") -> N
         assert field is not None and field.type == FD.TYPE_MESSAGE, "body field must be a message"
         target = getattr(message, field.name)
     errors.require(isinstance(payload, dict), "body", "expected a JSON object")
+    merge_json_object(payload, target)
+
+
+def merge_json_object(payload: dict[str, Any], target: Message, *, source: str = "body") -> None:
+    """Merge decoded JSON into ``target`` by the proto JSON mapping; failures name the field (else ``source``)."""
     try:
         json_format.ParseDict(payload, target, max_recursion_depth=MAX_JSON_DEPTH)
     except json_format.ParseError as exc:
         raise _invalid_from_parse_error(exc) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise errors.InvalidArgument(f"body: {exc}", field="body") from None
+        raise errors.InvalidArgument(f"{source}: {exc}", field=source) from None
 
 
 def _invalid_from_parse_error(exc: Exception) -> errors.InvalidArgument:

@@ -21,6 +21,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
+from starlette.routing import WebSocketRoute
 
 from services.common.auth import ApiKeyAuthenticator, ApiKeyStore, FailedAttemptLimiter
 from services.common.clients import make_channel, service_identity
@@ -41,6 +42,7 @@ from services.gateway.openai_routes import OpenAIRoutes
 from services.gateway.openapi import build_openapi
 from services.gateway.routes import Route, load_routes
 from services.gateway.tracing_middleware import HttpServerSpanMiddleware
+from services.gateway.websocket import SessionSockets
 
 log = logging.getLogger("llmesh.gateway")
 
@@ -143,32 +145,45 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
             HttpRoute("/v1/responses/{response_id}", openai.delete_response, methods=["DELETE"]),
             HttpRoute("/v1/responses/{response_id}/cancel", openai.cancel_response, methods=["POST"]),
             HttpRoute("/v1/responses/{response_id}/input_items", openai.response_input_items, methods=["GET"]),
+            WebSocketRoute("/v1/sessions/{session_id}/ws", SessionSockets(backends, settings.ws_send_queue).endpoint),
             HttpRoute("/{path:path}", GenericRestApi(route_table, backends, settings.max_body_bytes).handle,
                       methods=_ANY_METHOD),
         ],
         # Tracing outermost: refused requests (401/429) are traced too.
-        middleware=[Middleware(HttpServerSpanMiddleware), Middleware(ApiKeyMiddleware, authenticator=authenticator,
-                                                                    refusals=refusals)],
+        middleware=[Middleware(HttpServerSpanMiddleware),
+                    Middleware(ApiKeyMiddleware, authenticator=authenticator, refusals=refusals,
+                               ws_auth_timeout_s=settings.ws_auth_timeout_s)],
         lifespan=lifespan,
     )
     app.state.backends = backends
     return app
 
 
+def websocket_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's WebSocket settings: protocol pings find dead peers; messages are as large as a REST body."""
+    return {"ws_ping_interval": settings.ws_ping_interval_s or None,
+            "ws_ping_timeout": settings.ws_ping_timeout_s or None,
+            "ws_max_size": settings.max_body_bytes}
+
+
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                          lifespan="on", timeout_graceful_shutdown=int(settings.grace_s) or 1)
+                          lifespan="on", timeout_graceful_shutdown=int(settings.grace_s) or 1,
+                          **websocket_options(settings))
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(app: Any, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """For tests and benchmarks: serve ``app`` in this event loop; yields the base URL."""
+async def running_gateway(app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> AsyncIterator[str]:
+    """For tests and benchmarks: serve ``app`` in this event loop; yields the base URL.
+
+    ``options`` go to uvicorn.Config (e.g. ``websocket_options(settings)``).
+    """
     # IPPROTO_TCP named explicitly: asyncio turns Nagle off (TCP_NODELAY) only for sockets that say so.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                          timeout_graceful_shutdown=1))
+                                          timeout_graceful_shutdown=1, **options))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         # Start-up only: wait briefly for the listener (uvicorn offers no event for it).

@@ -42,6 +42,8 @@ class Settings(ServerSettings):
     task_max_attempts: int = 5
     task_backoff_base_ms: int = 1_000
     task_backoff_max_ms: int = 300_000
+    # Attempts of a webhook delivery before it becomes a dead letter.
+    webhook_max_attempts: int = 8
     # How often expired task leases are swept back to the queue.
     lease_sweep_interval_ms: int = 500
     # Retention: rows older than this move to the *_archive tables; 0 keeps them.

@@ -9,6 +9,7 @@ from llmesh.store.v1 import store_pb2
 from services.store.core.models import (
     ApprovalRecord,
     AuditRecord,
+    DeliveryRecord,
     EventRecord,
     LockResult,
     MessageRecord,
@@ -17,6 +18,7 @@ from services.store.core.models import (
     SessionControlRecord,
     SessionRecord,
     TaskRecord,
+    WebhookRecord,
 )
 
 
@@ -92,3 +94,22 @@ def control_pb(r: SessionControlRecord) -> store_pb2.SessionControl:
     return store_pb2.SessionControl(tenant_id=r.tenant_id, session_id=r.session_id, seq=r.seq, kind=r.kind,
                                     run_id=r.run_id, payload_json=r.payload_json,
                                     create_time=timestamp(r.create_ms))
+
+
+def webhook_pb(r: WebhookRecord, *, with_secret: bool = False) -> store_pb2.Webhook:
+    return store_pb2.Webhook(tenant_id=r.tenant_id, webhook_id=r.webhook_id, url=r.url, event_types=list(r.event_types),
+                             secret=r.secret if with_secret else "", create_time=timestamp(r.create_ms))
+
+
+def webhook_record(w: store_pb2.Webhook) -> WebhookRecord:
+    return WebhookRecord(w.tenant_id, w.webhook_id, w.url, tuple(w.event_types), w.secret, 0, 0)
+
+
+def delivery_pb(r: DeliveryRecord) -> store_pb2.Delivery:
+    return store_pb2.Delivery(
+        delivery_id=r.delivery_id, tenant_id=r.tenant_id, webhook_id=r.webhook_id, url=r.url,
+        destination=r.destination, session_id=r.session_id, event_type=r.event_type, body=r.body,
+        state=cast(store_pb2.DeliveryState, int(r.state)), attempts=r.attempts, max_attempts=r.max_attempts,
+        next_attempt_time=timestamp(r.next_attempt_ms), last_error=r.last_error, last_status=r.last_status,
+        create_time=timestamp(r.create_ms), delivered_time=timestamp(r.delivered_ms), claim_token=r.claim_token,
+        secret=r.secret)

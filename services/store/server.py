@@ -61,7 +61,7 @@ class App:
         watch_feeds(feed_hub)
         writer.start()
         self.core = StoreCore(repo, writer, hub, CoreOptions(
-            default_max_attempts=s.task_max_attempts,
+            default_max_attempts=s.task_max_attempts, webhook_max_attempts=s.webhook_max_attempts,
             retry=RetryPolicy(s.task_backoff_base_ms, s.task_backoff_max_ms)), feed_hub=feed_hub)
         self.maintenance = Maintenance(repo, MaintenanceOptions(
             lease_sweep_interval_s=s.lease_sweep_interval_ms / 1000, event_retention_days=s.event_retention_days,

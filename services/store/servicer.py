@@ -9,8 +9,9 @@ from llmesh.store.v1 import store_pb2 as pb
 from llmesh.store.v1 import store_pb2_grpc
 
 from services.common.auth import principal_var
+from services.common.errors import require
 from services.store import convert
-from services.store.core.models import NewSession
+from services.store.core.models import DeliveryState, NewSession
 from services.store.core.store import StoreCore
 
 
@@ -100,6 +101,50 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def CancelTask(self, request: pb.CancelTaskRequest, context):
         record, previous = await self.core.cancel_task(request.tenant_id, request.task_id, request.reason)
         return pb.CancelTaskResponse(task=convert.task_pb(record), previous_state=cast(pb.TaskState, int(previous)))
+
+    # -- webhooks ----------------------------------------------------------------
+
+    async def CreateWebhook(self, request: pb.CreateWebhookRequest, context):
+        record = await self.core.webhooks.create(convert.webhook_record(request.webhook))
+        return pb.CreateWebhookResponse(webhook=convert.webhook_pb(record))
+
+    async def ListWebhooks(self, request: pb.ListWebhooksRequest, context):
+        page = await self.core.webhooks.list_webhooks(request.tenant_id, request.page_size, request.page_token)
+        return pb.ListWebhooksResponse(webhooks=[convert.webhook_pb(r) for r in page.items],
+                                       next_page_token=page.next_page_token)
+
+    async def DeleteWebhook(self, request: pb.DeleteWebhookRequest, context):
+        return pb.DeleteWebhookResponse(num_dropped=await self.core.webhooks.delete(request.tenant_id,
+                                                                                   request.webhook_id))
+
+    async def ClaimDeliveries(self, request: pb.ClaimDeliveriesRequest, context):
+        claimed = await self.core.webhooks.claim(request.worker_id, request.max_deliveries, request.lease_ms,
+                                                 list(request.exclude_destinations))
+        return pb.ClaimDeliveriesResponse(deliveries=[convert.delivery_pb(d) for d in claimed])
+
+    async def FinishDelivery(self, request: pb.FinishDeliveryRequest, context):
+        require(request.outcome in (pb.DELIVERY_OUTCOME_DELIVERED, pb.DELIVERY_OUTCOME_RETRY), "outcome",
+                "must be DELIVERED or RETRY")
+        record = await self.core.webhooks.finish(
+            request.delivery_id, request.claim_token, request.outcome == pb.DELIVERY_OUTCOME_DELIVERED,
+            request.error, request.http_status, request.retry_after_ms)
+        return pb.FinishDeliveryResponse(delivery=convert.delivery_pb(record))
+
+    async def ListDeliveries(self, request: pb.ListDeliveriesRequest, context):
+        require(request.state != pb.DELIVERY_STATE_UNSPECIFIED, "state", "must name a delivery state")
+        page = await self.core.webhooks.list_deliveries(request.tenant_id, DeliveryState(int(request.state)),
+                                                        request.page_size, request.page_token)
+        return pb.ListDeliveriesResponse(deliveries=[convert.delivery_pb(d) for d in page.items],
+                                         next_page_token=page.next_page_token)
+
+    async def ReplayDeliveries(self, request: pb.ReplayDeliveriesRequest, context):
+        return pb.ReplayDeliveriesResponse(num_replayed=await self.core.webhooks.replay(
+            request.tenant_id, list(request.delivery_ids)))
+
+    async def GetOutboxStats(self, request: pb.GetOutboxStatsRequest, context):
+        return pb.GetOutboxStatsResponse(destinations=[
+            pb.DestinationStats(destination=d, pending=n, oldest_pending_age_s=age, dead=dead)
+            for d, n, age, dead in await self.core.webhooks.stats()])
 
     async def AcquireSessionLock(self, request: pb.AcquireSessionLockRequest, context):
         result = await self.core.acquire_session_lock(request.tenant_id, request.session_id, request.owner_id,

@@ -37,13 +37,21 @@ class FakeSession:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     run_task: asyncio.Task | None = None
     done_run_ids: set[str] = field(default_factory=set)
+    # Approvals a run waits for, by approval_id: SubmitApproval sets the decision.
+    waiting: dict[str, asyncio.Future] = field(default_factory=dict)
 
 
 class FakeAgentService(orchestrator_pb2_grpc.AgentServiceServicer):
-    """Each run emits TURN_STARTED, one TOKEN per word of the message, FINAL; ``step_s`` apart."""
+    """Each run emits TURN_STARTED, one TOKEN per word of the message, FINAL; ``step_s`` apart.
 
-    def __init__(self, step_s: float = 0.01) -> None:
+    With ``approval_prefix`` set, a word that starts with it is a tool call
+    that needs approval: APPROVAL_REQUIRED, then (once SubmitApproval decides)
+    TOOL_RESULT, OK when approved and DENIED otherwise.
+    """
+
+    def __init__(self, step_s: float = 0.01, approval_prefix: str = "") -> None:
         self.step_s = step_s
+        self.approval_prefix = approval_prefix
         self.sessions: dict[str, FakeSession] = {}
         self.calls: list[tuple[str, object]] = []
         self.approvals: list[pb.SubmitApprovalRequest] = []
@@ -90,11 +98,29 @@ class FakeAgentService(orchestrator_pb2_grpc.AgentServiceServicer):
                                turn_started=pb.TurnStarted(user_message=message, model=state.session.model))
             for word in message.split():
                 await asyncio.sleep(self.step_s)
+                if self.approval_prefix and word.startswith(self.approval_prefix):
+                    await self._ask_approval(state, run_id, word[len(self.approval_prefix):])
+                    continue
                 await self._append(state, run_id, pb.EVENT_TYPE_TOKEN, token=pb.TokenDelta(text=word + " "))
             await self._append(state, run_id, pb.EVENT_TYPE_FINAL,
                                final=pb.Final(text=message, reason="stop", usage=pb.Usage(num_model_calls=1)))
         except asyncio.CancelledError:
             await self._append(state, run_id, pb.EVENT_TYPE_FINAL, final=pb.Final(reason="cancelled"))
+
+    async def _ask_approval(self, state: FakeSession, run_id: str, tool: str) -> None:
+        call_id, approval_id = f"call{next(self._ids)}", f"ap{next(self._ids)}"
+        decided = asyncio.get_running_loop().create_future()
+        state.waiting[approval_id] = decided
+        await self._append(state, run_id, pb.EVENT_TYPE_APPROVAL_REQUIRED, approval_required=pb.ApprovalRequired(
+            tool_call_id=call_id, approval_id=approval_id, name=tool, arguments_json="{}", justification="asks"))
+        try:
+            decision = await decided
+        finally:
+            state.waiting.pop(approval_id, None)
+        approved = decision in (pb.APPROVAL_DECISION_APPROVE_ONCE, pb.APPROVAL_DECISION_APPROVE_SESSION)
+        await self._append(state, run_id, pb.EVENT_TYPE_TOOL_RESULT, tool_result=pb.ToolResultEvent(
+            tool_call_id=call_id, name=tool, status="TOOL_STATUS_OK" if approved else "TOOL_STATUS_DENIED",
+            output=f"ran {tool}" if approved else ""))
 
     async def _follow(self, state: FakeSession, after_seq: int) -> AsyncIterator[pb.AgentEvent]:
         """Stored events after ``after_seq``, then live ones, until the run that is current ends."""
@@ -140,9 +166,12 @@ class FakeAgentService(orchestrator_pb2_grpc.AgentServiceServicer):
 
     async def SubmitApproval(self, request, context):
         self.calls.append(("SubmitApproval", request))
-        self._session(request.tenant_id, request.session_id)
+        state = self._session(request.tenant_id, request.session_id)
         errors.require(request.decision != pb.APPROVAL_DECISION_UNSPECIFIED, "decision", "must be set")
         self.approvals.append(request)
+        waiting = state.waiting.get(request.approval_id)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(request.decision)
         return pb.SubmitApprovalResponse(accepted=True)
 
 

@@ -21,4 +21,4 @@ async def test_migrate_twice_stays_at_head(database: Database) -> None:
     await database.migrate()  # a restart migrates again: must be harmless
     async with database.read_engine.connect() as conn:
         versions = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0002"]
+    assert versions == ["0003"]

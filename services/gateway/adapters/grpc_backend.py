@@ -11,6 +11,8 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
 
 from services.common import errors
 from services.common.clients import make_channel
@@ -39,25 +41,35 @@ class GrpcBackends:
         return channel
 
     async def unary(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]) -> Any:
-        call = self.channel(route.backend).unary_unary(
-            route.grpc_path, request_serializer=type(request).SerializeToString,
-            response_deserializer=route.response_class().FromString)
+        return await self.call(route.backend, route.method, request, metadata)
+
+    def stream(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]) -> AsyncGenerator[Any, None]:
+        """Messages of a server stream; leaving the loop early cancels the call."""
+        return self.open_stream(route.backend, route.method, request, metadata)
+
+    async def call(self, backend: str, method: MethodDescriptor, request: Any,
+                   metadata: Sequence[tuple[str, str]] = ()) -> Any:
+        """One unary call of ``method`` (by its descriptor) on ``backend``."""
+        call = self.channel(backend).unary_unary(
+            _grpc_path(method), request_serializer=type(request).SerializeToString,
+            response_deserializer=message_factory.GetMessageClass(method.output_type).FromString)
         try:
             return await call(request, metadata=tuple(metadata), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise domain_error_from_rpc(err, service=route.backend) from None
+            raise domain_error_from_rpc(err, service=backend) from None
 
-    async def stream(self, route: Route, request: Any, metadata: Sequence[tuple[str, str]]
-                     ) -> AsyncGenerator[Any, None]:
-        """Messages of a server stream; leaving the loop early cancels the call."""
-        call = self.channel(route.backend).unary_stream(
-            route.grpc_path, request_serializer=type(request).SerializeToString,
-            response_deserializer=route.response_class().FromString)(request, metadata=tuple(metadata))
+    async def open_stream(self, backend: str, method: MethodDescriptor, request: Any,
+                          metadata: Sequence[tuple[str, str]] = ()) -> AsyncGenerator[Any, None]:
+        """Messages of a server-streaming call of ``method``; leaving the loop early cancels the call."""
+        call = self.channel(backend).unary_stream(
+            _grpc_path(method), request_serializer=type(request).SerializeToString,
+            response_deserializer=message_factory.GetMessageClass(method.output_type).FromString,
+        )(request, metadata=tuple(metadata))
         try:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as err:
-            raise domain_error_from_rpc(err, service=route.backend) from None
+            raise domain_error_from_rpc(err, service=backend) from None
         finally:
             call.cancel()
 
@@ -65,3 +77,7 @@ class GrpcBackends:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _grpc_path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"

@@ -8,7 +8,9 @@ from services.common.errors import AlreadyExists, DomainError, FailedPreconditio
 from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import event_record, message_record, session_record
 from services.store.adapters.tables import ArchivedEventRow, EventRow, MessageRow, SessionLockRow, SessionRow
+from services.store.adapters.webhook_repository import event_data, outbox_rows
 from services.store.core.models import (
+    WEBHOOK_TYPE_OF_EVENT,
     EventAppend,
     EventRecord,
     MessageRecord,
@@ -215,6 +217,7 @@ class SessionRepository:
                 results.append(seqs)
             if rows:
                 s.execute(insert(EventRow), rows)
+                self._queue_webhooks(s, rows, now_ms)
                 # Bulk UPDATE by primary key (one executemany) of the sessions that advanced.
                 s.execute(update(SessionRow), [
                     dict(tenant_id=t, session_id=sid, last_event_seq=seq, update_ms=now_ms)
@@ -222,6 +225,18 @@ class SessionRepository:
             return results
 
         return await self.db.write(work)
+
+    @staticmethod
+    def _queue_webhooks(s: Session, rows: list[dict], now_ms: int) -> None:
+        """Outbox rows for the events webhooks are told of, in the transaction that stores them."""
+        by_tenant: dict[str, list[tuple[str, str, dict]]] = {}
+        for row in rows:
+            kind = WEBHOOK_TYPE_OF_EVENT.get(row["type"])
+            if kind is not None:
+                by_tenant.setdefault(row["tenant_id"], []).append(
+                    (kind, row["session_id"], event_data(row["seq"], row["type"], row["payload"])))
+        for tenant_id, events in by_tenant.items():
+            outbox_rows(s, tenant_id, events, now_ms)
 
     @staticmethod
     def _known_keys(s: Session, appends: list[EventAppend]) -> dict[tuple[str, str, str], int]:

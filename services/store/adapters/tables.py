@@ -191,3 +191,50 @@ class SessionControlRow(Base):
         Index("ix_store_session_controls_session", "tenant_id", "session_id", "seq"),
         Index("ix_store_session_controls_age", "create_ms"),
     )
+
+
+class WebhookRow(Base):
+    __tablename__ = "store_webhooks"
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    # Space-separated event types ("run.final task.dead").
+    event_types: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(256))
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+# An autoincrementing BIGINT on PostgreSQL; SQLite autoincrements only an INTEGER primary key (64-bit anyway).
+_SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DeliveryRow(Base):
+    """The outbox: one row per event and webhook, written in the event's own transaction."""
+    __tablename__ = "store_deliveries"
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(ID)
+    webhook_id: Mapped[str] = mapped_column(ID)
+    url: Mapped[str] = mapped_column(Text)
+    destination: Mapped[str] = mapped_column(String(512))
+    session_id: Mapped[str] = mapped_column(ID)
+    event_type: Mapped[str] = mapped_column(String(32))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[int] = mapped_column(SmallInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_ms: Mapped[int] = mapped_column(BigInteger)
+    claim_token: Mapped[str] = mapped_column(String(64), default="")
+    claim_expire_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    worker_id: Mapped[str] = mapped_column(ID, default="")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    last_status: Mapped[int] = mapped_column(Integer, default=0)
+    create_ms: Mapped[int] = mapped_column(BigInteger)
+    delivered_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    __table_args__ = (
+        UniqueConstraint("delivery_id", name="uq_store_deliveries_id"),
+        Index("ix_store_deliveries_due", "state", "next_attempt_ms"),
+        Index("ix_store_deliveries_order", "webhook_id", "session_id", "seq"),
+        Index("ix_store_deliveries_tenant", "tenant_id", "state", "seq"),
+    )

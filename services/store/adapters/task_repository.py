@@ -1,6 +1,7 @@
 """Task queue, session locks and the audit chain in SQL."""
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast
@@ -14,6 +15,7 @@ from services.store.adapters.database import Database, WritePriority
 from services.store.adapters.records import audit_record, task_record
 from services.store.adapters.session_repository import move_rows
 from services.store.adapters.tables import ArchivedAuditRow, AuditHeadRow, AuditRow, SessionLockRow, TaskRow
+from services.store.adapters.webhook_repository import outbox_rows, task_data
 from services.store.core.models import AuditRecord, LockResult, NewTask, TaskRecord, TaskState
 from services.store.core.task_policy import RetryPolicy
 
@@ -29,6 +31,19 @@ def _rowcount(result: Result[Any]) -> int:
 def _lease_lost(task_id: str) -> FailedPrecondition:
     return FailedPrecondition(f"task {task_id!r}: lease token does not hold the current lease",
                               reason="LEASE_LOST", field="lease_token")
+
+
+def _queue_task_webhook(s: Session, row: TaskRow, now_ms: int) -> None:
+    """An outbox row for a task that ended done or dead, in the transaction that ends it."""
+    kind = {int(TaskState.DONE): "task.done", int(TaskState.DEAD): "task.dead"}.get(row.state)
+    if kind is None:
+        return
+    try:
+        session_id = str(json.loads(row.payload_json or "{}").get("session_id", ""))
+    except (ValueError, AttributeError):
+        session_id = ""
+    data = task_data(row.task_id, TaskState(row.state).name, row.result_json, row.last_error)
+    outbox_rows(s, row.tenant_id, [(kind, session_id or row.task_id, data)], now_ms)
 
 
 class TaskRepository:
@@ -124,6 +139,7 @@ class TaskRepository:
             row.result_json = result_json
             row.lease_expire_ms = 0
             row.update_ms = now_ms
+            _queue_task_webhook(s, row, now_ms)
             return task_record(row)
 
         return await self.db.write(work, WritePriority.URGENT)
@@ -142,6 +158,7 @@ class TaskRepository:
             row.last_error = error
             row.lease_expire_ms = 0
             row.update_ms = now_ms
+            _queue_task_webhook(s, row, now_ms)
             return task_record(row)
 
         return await self.db.write(work, WritePriority.URGENT)
@@ -179,6 +196,8 @@ class TaskRepository:
         """Sweeper: expired leases count as a failed attempt; the token is voided."""
         expired = (TaskRow.state == int(TaskState.LEASED), TaskRow.lease_expire_ms < now_ms)
         def work(s: Session) -> int:
+            dying = list(s.execute(select(TaskRow).where(*expired, TaskRow.attempts >= TaskRow.max_attempts))
+                         .scalars())
             dead = s.execute(
                 update(TaskRow).where(*expired, TaskRow.attempts >= TaskRow.max_attempts)
                 .values(state=int(TaskState.DEAD), lease_token="", last_error="lease expired", update_ms=now_ms)
@@ -188,6 +207,9 @@ class TaskRepository:
                 .values(state=int(TaskState.READY), lease_token="", worker_id="", run_after_ms=now_ms,
                         last_error="lease expired", update_ms=now_ms)
                 .execution_options(synchronize_session=False))
+            for row in dying:
+                s.refresh(row)
+                _queue_task_webhook(s, row, now_ms)
             return _rowcount(dead) + _rowcount(ready)
 
         return await self.db.write(work, WritePriority.BACKGROUND)

@@ -110,6 +110,54 @@ class TaskRecord:
     create_ms: int
 
 
+class DeliveryState(enum.IntEnum):
+    # Values match the proto enum so conversion is a cast.
+    PENDING = 1
+    CLAIMED = 2
+    DELIVERED = 3
+    DEAD = 4
+
+
+# Event types a webhook may subscribe to, and the stored event types that make them.
+WEBHOOK_EVENT_TYPES = ("run.final", "run.error", "approval.required", "task.done", "task.dead")
+WEBHOOK_TYPE_OF_EVENT = {"final": "run.final", "error": "run.error", "approval_required": "approval.required"}
+
+
+@dataclass(frozen=True)
+class WebhookRecord:
+    tenant_id: str
+    webhook_id: str
+    url: str
+    event_types: tuple[str, ...]
+    secret: str
+    max_attempts: int
+    create_ms: int
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    delivery_id: str
+    tenant_id: str
+    webhook_id: str
+    url: str
+    destination: str
+    session_id: str
+    event_type: str
+    body: bytes
+    state: DeliveryState
+    attempts: int
+    max_attempts: int
+    next_attempt_ms: int
+    last_error: str
+    last_status: int
+    create_ms: int
+    delivered_ms: int
+    seq: int
+    claim_token: str = ""
+    # The webhook's signing secret, on claims only.
+    secret: str = ""
+
+
 @dataclass(frozen=True)
 class LockResult:
     acquired: bool

@@ -10,6 +10,8 @@ from services.store.core.models import (
     ApprovalRecord,
     ApprovalState,
     AuditRecord,
+    DeliveryRecord,
+    DeliveryState,
     EventAppend,
     EventRecord,
     LockResult,
@@ -23,6 +25,7 @@ from services.store.core.models import (
     SessionRecord,
     TaskRecord,
     TaskState,
+    WebhookRecord,
 )
 from services.store.core.task_policy import RetryPolicy
 
@@ -52,6 +55,18 @@ class StoreRepository(Protocol):
 
     async def cancel_task(self, tenant_id: str, task_id: str, reason: str,
                           now_ms: int) -> tuple[TaskRecord, TaskState] | None: ...
+
+    async def create_webhook(self, record: WebhookRecord) -> WebhookRecord: ...
+    async def list_webhooks(self, tenant_id: str, after: str, limit: int) -> list[WebhookRecord]: ...
+    async def delete_webhook(self, tenant_id: str, webhook_id: str) -> int | None: ...
+    async def claim_deliveries(self, worker_id: str, max_deliveries: int, lease_ms: int, exclude: Sequence[str],
+                               now_ms: int) -> list[DeliveryRecord]: ...
+    async def finish_delivery(self, delivery_id: str, claim_token: str, delivered: bool, error: str,
+                              http_status: int, retry_after_ms: int, now_ms: int) -> DeliveryRecord: ...
+    async def list_deliveries(self, tenant_id: str, state: DeliveryState, after: int,
+                              limit: int) -> list[DeliveryRecord]: ...
+    async def replay_deliveries(self, tenant_id: str, delivery_ids: Sequence[str], now_ms: int) -> int: ...
+    async def outbox_stats(self, now_ms: int) -> list[tuple[str, int, float, int]]: ...
     async def release_expired_leases(self, now_ms: int) -> int: ...
 
     async def acquire_lock(self, tenant_id: str, session_id: str, owner_id: str, lease_ms: int,

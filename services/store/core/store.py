@@ -39,6 +39,7 @@ from services.store.core.ports import StoreRepository
 from services.store.core.session_controls import SessionControlBoard
 from services.store.core.task_policy import RetryPolicy
 from services.store.core.watch_hub import WatchHub
+from services.store.core.webhooks import WebhookBook
 
 Clock = Callable[[], int]
 Row = TypeVar("Row")
@@ -55,6 +56,8 @@ def wall_clock_ms() -> int:
 class CoreOptions:
     default_max_attempts: int = 5
     retry: RetryPolicy = RetryPolicy()
+    # Attempts of a webhook delivery before it is a dead letter.
+    webhook_max_attempts: int = 8
 
 
 class StoreCore:
@@ -70,6 +73,7 @@ class StoreCore:
         self.clock = clock
         self.approvals = ApprovalRegistry(repo, self.feed_hub, clock)
         self.controls = SessionControlBoard(repo, self.feed_hub, clock)
+        self.webhooks = WebhookBook(repo, clock, options.webhook_max_attempts)
         # Process-local first: contenders for one session's lock queue here
         # instead of all racing on the same database row.
         self._local_locks: dict[tuple[str, str], asyncio.Lock] = {}
