@@ -156,6 +156,7 @@ def build_app(settings: Settings, *, authenticator: ApiKeyAuthenticator | None =
         lifespan=lifespan,
     )
     app.state.backends = backends
+    app.state.openai = openai
     return app
 
 

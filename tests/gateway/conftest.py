@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -71,6 +72,12 @@ class ResponsesMesh:
     url: str
     generator: ScriptedGenerator
     keys: Keys
+    app: Any = None
+
+    @property
+    def responses(self) -> Any:
+        """The gateway's /v1/responses service (its running background responses)."""
+        return self.app.state.openai.responses
 
     def client(self, key: str | None = None) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key or self.keys.acme, max_retries=0)
@@ -88,4 +95,4 @@ async def rmesh(tmp_path: Path, keys: Keys, authenticator: ApiKeyAuthenticator) 
         app = build_app(Settings(port=0, store_target=f"127.0.0.1:{store.port}"), authenticator=authenticator,
                         generator=generator)
         async with running_gateway(app) as url:
-            yield ResponsesMesh(url, generator, keys)
+            yield ResponsesMesh(url, generator, keys, app)

@@ -218,3 +218,28 @@ async def test_two_follow_ups_of_one_response_at_once_both_complete_one_in_a_for
     assert len(sessions) == 2 and rmesh.generator.requests[0].session_id in sessions
     for request in rmesh.generator.requests[1:]:
         assert ("left" in request.prompt) != ("right" in request.prompt)
+
+
+async def test_a_response_whose_runner_is_gone_ends_failed_when_read(rmesh: ResponsesMesh, monkeypatch):
+    from services.gateway.core import openai_responses
+
+    async def vanish(self) -> None:  # the replica dies: nothing is recorded, the lock is not given back
+        self.queue.put_nowait(None)
+
+    monkeypatch.setattr(openai_responses, "LOCK_LEASE_MS", 300)
+    monkeypatch.setattr(openai_responses._Runner, "_finish", vanish)
+    rmesh.generator.__class__ = SlowGenerator
+    rmesh.generator.pause_s = 0.05  # type: ignore[attr-defined]
+    rmesh.generator.text = " ".join(f"w{i}" for i in range(400))
+    async with rmesh.client() as client:
+        created = await client.responses.create(input="count", background=True)
+        await asyncio.sleep(0.3)
+        assert (await client.responses.retrieve(created.id)).status == "in_progress", "its runner holds the chain"
+        for task in list(rmesh.responses._background):
+            task.cancel()
+        await asyncio.sleep(0.5)  # the lease runs out
+        stream = await client.responses.retrieve(created.id, stream=True)
+        events = [event async for event in stream]
+        again = await client.responses.retrieve(created.id)
+    assert events[-1].type == "response.failed" and again.status == "failed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))

@@ -38,9 +38,10 @@ log = logging.getLogger("llmesh.gateway")
 
 _ID = re.compile(r"resp_([0-9a-f]{24})[0-9a-f]{16}")
 CHAIN_PREFIX = "responses-"
-# A runner renews its chain lock this often; a dead runner's lock lapses after LOCK_LEASE_MS.
+# A runner renews its chain lock every third of this; a dead runner's lock lapses after it.
 LOCK_LEASE_MS = 30_000
-LOCK_RENEW_S = 10.0
+# A reader that finds a response unfinished and its chain's lock free holds the lock this long to end it.
+REAP_LEASE_MS = 10_000
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed", "response.cancelled"})
 # Stream events of a background response are flushed to the store in batches this far apart.
@@ -453,13 +454,46 @@ class OpenAIResponses:
 
     async def retrieve(self, response_id: str) -> dict[str, Any]:
         chain = chain_of(response_id, "response_id")
-        return await self._snapshot(self.log_for(), chain, response_id, "response_id")
+        return await self._current(self.log_for(), chain, response_id)
+
+    async def _current(self, store: ResponseLog, chain: str, response_id: str) -> dict[str, Any]:
+        """The response as stored; one left unfinished by a runner that is gone is recorded failed first.
+
+        A runner holds its chain's lock and renews it while it runs: a lock anyone may take means the
+        replica that ran the response stopped (its lease ran out), and nothing will ever finish it.
+        """
+        snapshot = await self._snapshot(store, chain, response_id, "response_id")
+        if snapshot["status"] in TERMINAL:
+            return snapshot
+        probe = "reaper-" + secrets.token_hex(6)
+        if not (await store.lock(chain, probe, REAP_LEASE_MS)).acquired:
+            return snapshot
+        try:
+            # Read again under the lock: the runner may have finished just before its lease ran out.
+            snapshot = await self._snapshot(store, chain, response_id, "response_id")
+            if snapshot["status"] in TERMINAL:
+                return snapshot
+            failed = {**snapshot, "status": "failed",
+                      "error": {"code": "server_error", "message": "the gateway replica that ran this response "
+                                                                  "stopped before it ended"}}
+            ended: list[tuple[str, dict[str, Any]]] = [("response", {"response_id": response_id,
+                                                                     "response": failed})]
+            if snapshot.get("background"):
+                numbers = [e.payload["event"]["sequence_number"] for e in await store.read_events(chain)
+                           if e.kind == "response.stream" and e.payload.get("response_id") == response_id]
+                end = {"type": "response.failed", "sequence_number": max(numbers, default=-1) + 1,
+                       "response": failed}
+                ended.insert(0, ("response.stream", {"response_id": response_id, "event": end}))
+            await store.append_events(chain, ended)
+            return failed
+        finally:
+            await store.unlock(chain, probe)
 
     async def replay(self, response_id: str, starting_after: int | None) -> AsyncGenerator[dict[str, Any], None]:
         """A background response's stream events after ``starting_after``, then the rest as they come."""
         store = self.log_for()
         chain = chain_of(response_id, "response_id")
-        snapshot = await self._snapshot(store, chain, response_id, "response_id")
+        snapshot = await self._current(store, chain, response_id)
         errors.require(bool(snapshot.get("background")), "stream",
                        "only background responses keep their stream events; retrieve this one without stream")
         after = -1 if starting_after is None else starting_after
@@ -498,7 +532,7 @@ class OpenAIResponses:
     async def cancel(self, response_id: str) -> dict[str, Any]:
         store = self.log_for()
         chain = chain_of(response_id, "response_id")
-        snapshot = await self._snapshot(store, chain, response_id, "response_id")
+        snapshot = await self._current(store, chain, response_id)
         errors.require(bool(snapshot.get("background")), "response_id", "only background responses can be cancelled")
         if snapshot["status"] in TERMINAL:
             return snapshot
@@ -578,6 +612,7 @@ class _Runner:
             self._emit("response.created", response=turn.snapshot())
             if self.plan.background:
                 turn.status = "in_progress"
+                await self._snapshot()
             self._emit("response.in_progress", response=turn.snapshot())
             self._generation = asyncio.create_task(self._generate())
             if self.plan.background:
@@ -637,7 +672,7 @@ class _Runner:
 
     async def _renew_lock(self) -> None:
         while True:
-            await asyncio.sleep(LOCK_RENEW_S)
+            await asyncio.sleep(LOCK_LEASE_MS / 3000)
             try:
                 renewed = (await self.store.lock(self.turn.chain, self.lock_owner, LOCK_LEASE_MS)).acquired
             except errors.DomainError as exc:
