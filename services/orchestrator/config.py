@@ -69,3 +69,24 @@ class Settings(ServerSettings):
     retry_base_ms: int = 50
     # Name of this replica in task claims and locks; empty = a random one.
     replica_id: str = ""
+    # Webhook delivery (docs/webhooks.md): concurrent senders on this replica
+    # (0: this replica sends none; they run only with a store_target).
+    webhook_workers: int = 4
+    # Lease of a claimed delivery; longer than webhook_timeout_s, or a slow send is sent twice.
+    webhook_lease_ms: int = 30_000
+    # Sends to one destination (scheme://host:port) at once on this replica; a
+    # destination at its cap is skipped by claims, so it never delays the others.
+    webhook_max_per_destination: int = 2
+    # Whole-request limit of one delivery POST.
+    webhook_timeout_s: float = 5.0
+    # Retry delay: equal-jitter exponential backoff from the base, capped at the
+    # max; a longer Retry-After of the receiver wins (up to an hour).
+    webhook_backoff_base_ms: int = 500
+    webhook_backoff_max_ms: int = 60_000
+    # How long an idle sender waits before claiming again.
+    webhook_idle_wait_s: float = 0.2
+    # Seconds between refreshes of the outbox gauges (pending, oldest age) from the store; 0: never.
+    webhook_stats_interval_s: float = 5.0
+    # Allow webhook URLs whose host resolves to private, loopback, link-local
+    # or other non-public addresses (tests, private networks).
+    webhook_allow_private: bool = False

@@ -10,6 +10,7 @@ from services.orchestrator.core import events as ev
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.sessions import AgentSession
 from services.orchestrator.core.tasks import TaskView
+from services.orchestrator.core.webhooks import DeliveryRecord, WebhookRecord
 
 _BODY_FIELD = {ev.TURN_STARTED: "turn_started", ev.TOKEN: "token", ev.TOOL_CALL: "tool_call",
                ev.APPROVAL_REQUIRED: "approval_required", ev.TOOL_RESULT: "tool_result",
@@ -49,6 +50,19 @@ def task_to_pb(task: TaskView) -> pb.Task:
     return pb.Task(task_id=task.task_id, session_id=task.session_id, state=_TASK_STATES[task.state],
                    attempts=task.attempts, result_text=task.result_text, error=task.error,
                    create_time=timestamp(task.create_time))
+
+
+def webhook_to_pb(webhook: WebhookRecord) -> pb.Webhook:
+    """A subscription as clients see it: never its secret."""
+    return pb.Webhook(webhook_id=webhook.webhook_id, url=webhook.url, event_types=list(webhook.event_types),
+                      create_time=timestamp(webhook.create_time))
+
+
+def dead_delivery_to_pb(delivery: DeliveryRecord) -> pb.DeadDelivery:
+    return pb.DeadDelivery(delivery_id=delivery.delivery_id, webhook_id=delivery.webhook_id, url=delivery.url,
+                           session_id=delivery.session_id, event_type=delivery.event_type,
+                           attempts=delivery.attempts, last_error=delivery.last_error,
+                           last_status=delivery.last_status, create_time=timestamp(delivery.create_time))
 
 
 def run_options(options: pb.RunOptions) -> dict:

@@ -12,6 +12,7 @@ from services.orchestrator.core import events as ev
 from services.orchestrator.core.events import AgentEvent
 from services.orchestrator.core.signals import Signals
 from services.orchestrator.core.tasks import TaskQueue
+from services.orchestrator.core.webhooks import DeliverySignals, DestinationStats
 
 EVENTS = Counter("llmesh_orchestrator_events_total", "Events published to run streams.", ["type"])
 ACTIVE_RUNS = Gauge("llmesh_orchestrator_active_runs", "Runs started here and not yet final.")
@@ -83,3 +84,52 @@ REGISTRY.register(_CLAIMED)
 
 def watch_tasks(queue: TaskQueue) -> None:
     _CLAIMED.queues.add(queue)
+
+
+WEBHOOK_ATTEMPTS = Counter("llmesh_orchestrator_webhook_attempts_total",
+                           "Webhook delivery attempts made here, by destination (scheme://host:port).",
+                           ["destination"])
+WEBHOOK_FAILURES = Counter("llmesh_orchestrator_webhook_failures_total",
+                           "Webhook delivery attempts that failed, by destination and kind (timeout, network, "
+                           "http: a non-2xx answer, refused: the host resolves to a non-public address, "
+                           "error: anything else).",
+                           ["destination", "kind"])
+WEBHOOK_DEAD = Counter("llmesh_orchestrator_webhook_dead_letters_total",
+                       "Webhook deliveries dead-lettered after an attempt here, by destination.", ["destination"])
+WEBHOOK_PENDING = Gauge("llmesh_orchestrator_webhook_pending",
+                        "Undelivered webhook deliveries in the store's outbox (mesh-wide, the same on every "
+                        "replica), by destination.", ["destination"])
+WEBHOOK_OLDEST_AGE = Gauge("llmesh_orchestrator_webhook_oldest_pending_age_seconds",
+                           "Age of the oldest undelivered webhook delivery (mesh-wide), by destination.",
+                           ["destination"])
+WEBHOOK_DEAD_ROWS = Gauge("llmesh_orchestrator_webhook_dead",
+                          "Dead-lettered webhook deliveries in the store (mesh-wide), by destination.",
+                          ["destination"])
+_STATS_GAUGES = (WEBHOOK_PENDING, WEBHOOK_OLDEST_AGE, WEBHOOK_DEAD_ROWS)
+_stats_destinations: set[str] = set()
+
+
+def observe_outbox_stats(stats: list[DestinationStats]) -> None:
+    """Set the outbox gauges; destinations no longer in the stats are removed."""
+    seen = set()
+    for row in stats:
+        seen.add(row.destination)
+        WEBHOOK_PENDING.labels(row.destination).set(row.pending)
+        WEBHOOK_OLDEST_AGE.labels(row.destination).set(row.oldest_pending_age_s)
+        WEBHOOK_DEAD_ROWS.labels(row.destination).set(row.dead)
+    for gone in _stats_destinations - seen:
+        for gauge in _STATS_GAUGES:
+            try:
+                gauge.remove(gone)
+            except KeyError:
+                pass
+    _stats_destinations.clear()
+    _stats_destinations.update(seen)
+
+
+def webhook_signals() -> DeliverySignals:
+    """The delivery worker's hooks, pointed at these metrics."""
+    return DeliverySignals(attempt=lambda destination: WEBHOOK_ATTEMPTS.labels(destination).inc(),
+                           failure=lambda destination, kind: WEBHOOK_FAILURES.labels(destination, kind).inc(),
+                           dead=lambda destination: WEBHOOK_DEAD.labels(destination).inc(),
+                           stats=observe_outbox_stats)

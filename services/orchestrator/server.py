@@ -22,12 +22,14 @@ from services.orchestrator.adapters.grpc_inference import GrpcInference
 from services.orchestrator.adapters.grpc_policy import GrpcPolicy
 from services.orchestrator.adapters.grpc_store import GrpcStore
 from services.orchestrator.adapters.grpc_tools import GrpcTools
+from services.orchestrator.adapters.grpc_webhooks import GrpcWebhooks, HttpxSender
 from services.orchestrator.adapters.memory_store import MemoryStore
 from services.orchestrator.config import Settings
 from services.orchestrator.core.orchestrator import Orchestrator, OrchestratorConfig
 from services.orchestrator.core.retry import RetryPolicy
 from services.orchestrator.core.runs import RunLimits
 from services.orchestrator.core.tasks import TaskClassLimits
+from services.orchestrator.core.webhooks import DeliveryConfig, DeliveryWorker, WebhookRegistry
 from services.orchestrator.servicer import AgentServicer
 
 SERVICE_NAME = "llmesh.orchestrator.v1.AgentService"
@@ -56,18 +58,30 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         tenant_policies=parse_tenant_policies(settings.tenant_policies))
 
 
+def delivery_config(settings: Settings) -> DeliveryConfig:
+    return DeliveryConfig(
+        workers=settings.webhook_workers, lease_ms=settings.webhook_lease_ms,
+        max_per_destination=settings.webhook_max_per_destination, timeout_s=settings.webhook_timeout_s,
+        backoff_base_ms=settings.webhook_backoff_base_ms, backoff_max_ms=settings.webhook_backoff_max_ms,
+        idle_wait_s=settings.webhook_idle_wait_s, stats_interval_s=settings.webhook_stats_interval_s,
+        allow_private=settings.webhook_allow_private)
+
+
 class App:
     service_names = (SERVICE_NAME,)
 
     def __init__(self, settings: Settings, *, store: Any = None, inference: Any = None, tools: Any = None,
-                 policy: Any = None) -> None:
+                 policy: Any = None, webhooks: Any = None, webhook_sender: Any = None) -> None:
         self.settings = settings
-        self._ports = {"store": store, "inference": inference, "tools": tools, "policy": policy}
+        self._ports = {"store": store, "inference": inference, "tools": tools, "policy": policy,
+                       "webhooks": webhooks, "webhook_sender": webhook_sender}
         self._channels: list[grpc.aio.Channel] = []
         self.servicer = AgentServicer()
         self.orchestrator: Orchestrator | None = None
         self._balancer: Any = None
         self._identity: Identity | None = None
+        self.webhooks: WebhookRegistry | None = None
+        self.deliveries: DeliveryWorker | None = None
 
     @property
     def identity(self) -> Identity:
@@ -88,13 +102,18 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        config = delivery_config(s)  # checked before anything starts
+        store_channel = self._channel("store", s.store_target) if s.store_target else None
         store = self._ports["store"]
         if store is None:
-            if s.store_target:
-                store = GrpcStore.for_channel(self._channel("store", s.store_target))
+            if store_channel is not None:
+                store = GrpcStore.for_channel(store_channel)
             else:
                 log.warning("no store_target: sessions, events and tasks live in this process only")
                 store = MemoryStore()
+        webhook_store = self._ports["webhooks"]
+        if webhook_store is None and store_channel is not None:
+            webhook_store = GrpcWebhooks.for_channel(store_channel)
         inference = self._ports["inference"] or await self._inference_client()
         tools = self._ports["tools"] or GrpcTools.for_channel(self._channel("tools", s.tools_target),
                                                                 role=s.tool_role)
@@ -107,7 +126,15 @@ class App:
         if not await self.orchestrator.wait_ready():
             log.warning("session control watch not live yet: Cancel and SubmitApproval from other replicas "
                         "reach runs here once it is")
-        self.servicer.bind(self.orchestrator)
+        self.webhooks = WebhookRegistry(webhook_store, allow_private=s.webhook_allow_private)
+        if webhook_store is not None and config.workers > 0:
+            self.deliveries = DeliveryWorker(webhook_store, self._ports["webhook_sender"] or HttpxSender(),
+                                             worker_id=self.orchestrator.replica_id, config=config,
+                                             signals=metrics.webhook_signals())
+            self.deliveries.start()
+        elif webhook_store is None:
+            log.info("no store_target: webhooks are off (their RPCs answer FAILED_PRECONDITION)")
+        self.servicer.bind(self.orchestrator, self.webhooks)
 
     @property
     def inference_balancer(self) -> Any:
@@ -125,6 +152,11 @@ class App:
         return GrpcInference(self._balancer)
 
     async def close(self) -> None:
+        if self.deliveries is not None:
+            await self.deliveries.close()
+            if self._ports["webhook_sender"] is None:
+                await self.deliveries.sender.aclose()
+            self.deliveries = None
         if self.orchestrator is not None:
             await self.orchestrator.close()
         if self._balancer is not None:

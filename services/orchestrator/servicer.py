@@ -10,6 +10,7 @@ from llmesh.orchestrator.v1 import orchestrator_pb2_grpc
 from services.common.errors import Unavailable
 from services.orchestrator import convert
 from services.orchestrator.core.orchestrator import Orchestrator
+from services.orchestrator.core.webhooks import WebhookRegistry
 
 
 class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):
@@ -17,15 +18,23 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):
 
     def __init__(self) -> None:
         self._bound: Orchestrator | None = None
+        self._webhooks_bound: WebhookRegistry | None = None
 
-    def bind(self, orchestrator: Orchestrator) -> None:
+    def bind(self, orchestrator: Orchestrator, webhooks: WebhookRegistry | None = None) -> None:
         self._bound = orchestrator
+        self._webhooks_bound = webhooks or WebhookRegistry(None)
 
     @property
     def _orch(self) -> Orchestrator:
         if self._bound is None:
             raise Unavailable("orchestrator is starting", reason="NOT_READY")
         return self._bound
+
+    @property
+    def _webhooks(self) -> WebhookRegistry:
+        if self._webhooks_bound is None:
+            raise Unavailable("orchestrator is starting", reason="NOT_READY")
+        return self._webhooks_bound
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         session = await self._orch.sessions.create(
@@ -79,3 +88,27 @@ class AgentServicer(orchestrator_pb2_grpc.AgentServiceServicer):
     async def GetTask(self, request: pb.GetTaskRequest, context) -> pb.GetTaskResponse:
         return pb.GetTaskResponse(task=convert.task_to_pb(await self._orch.get_task(request.tenant_id,
                                                                                    request.task_id)))
+
+    async def CreateWebhook(self, request: pb.CreateWebhookRequest, context) -> pb.CreateWebhookResponse:
+        created = await self._webhooks.create(request_id=request.request_id, tenant_id=request.tenant_id,
+                                              url=request.url, event_types=list(request.event_types),
+                                              secret=request.secret)
+        return pb.CreateWebhookResponse(webhook=convert.webhook_to_pb(created.webhook), secret=created.secret)
+
+    async def ListWebhooks(self, request: pb.ListWebhooksRequest, context) -> pb.ListWebhooksResponse:
+        webhooks, token = await self._webhooks.list_webhooks(request.tenant_id, request.page_size, request.page_token)
+        return pb.ListWebhooksResponse(webhooks=[convert.webhook_to_pb(w) for w in webhooks], next_page_token=token)
+
+    async def DeleteWebhook(self, request: pb.DeleteWebhookRequest, context) -> pb.DeleteWebhookResponse:
+        return pb.DeleteWebhookResponse(num_dropped=await self._webhooks.delete(request.tenant_id,
+                                                                                request.webhook_id))
+
+    async def ListDeadDeliveries(self, request: pb.ListDeadDeliveriesRequest,
+                                 context) -> pb.ListDeadDeliveriesResponse:
+        deliveries, token = await self._webhooks.list_dead(request.tenant_id, request.page_size, request.page_token)
+        return pb.ListDeadDeliveriesResponse(deliveries=[convert.dead_delivery_to_pb(d) for d in deliveries],
+                                             next_page_token=token)
+
+    async def ReplayDeliveries(self, request: pb.ReplayDeliveriesRequest, context) -> pb.ReplayDeliveriesResponse:
+        return pb.ReplayDeliveriesResponse(num_replayed=await self._webhooks.replay(request.tenant_id,
+                                                                                    list(request.delivery_ids)))

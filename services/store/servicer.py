@@ -106,7 +106,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     async def CreateWebhook(self, request: pb.CreateWebhookRequest, context):
         record = await self.core.webhooks.create(convert.webhook_record(request.webhook))
-        return pb.CreateWebhookResponse(webhook=convert.webhook_pb(record))
+        # The secret goes back to its creator (a retried create learns the stored one), never in listings.
+        return pb.CreateWebhookResponse(webhook=convert.webhook_pb(record, with_secret=True))
 
     async def ListWebhooks(self, request: pb.ListWebhooksRequest, context):
         page = await self.core.webhooks.list_webhooks(request.tenant_id, request.page_size, request.page_token)

@@ -131,14 +131,19 @@ class WebhookRepository:
 
     async def claim_deliveries(self, worker_id: str, max_deliveries: int, lease_ms: int,
                                exclude: Sequence[str], now_ms: int) -> list[DeliveryRecord]:
+        due = or_(and_(DeliveryRow.state == int(DeliveryState.PENDING), DeliveryRow.next_attempt_ms <= now_ms),
+                  and_(DeliveryRow.state == int(DeliveryState.CLAIMED), DeliveryRow.claim_expire_ms < now_ms))
+        # Idle workers poll: a read on a reader connection answers "nothing due" without taking the writer.
+        async with self.db.reader() as reader:
+            if (await reader.execute(select(DeliveryRow.seq).where(due).limit(1))).first() is None:
+                return []
+
         def work(s: Session) -> list[DeliveryRecord]:
             earlier = aliased(DeliveryRow)
             waiting_behind = exists().where(earlier.tenant_id == DeliveryRow.tenant_id,
                                             earlier.webhook_id == DeliveryRow.webhook_id,
                                             earlier.session_id == DeliveryRow.session_id,
                                             earlier.seq < DeliveryRow.seq, earlier.state.in_(_OPEN))
-            due = or_(and_(DeliveryRow.state == int(DeliveryState.PENDING), DeliveryRow.next_attempt_ms <= now_ms),
-                      and_(DeliveryRow.state == int(DeliveryState.CLAIMED), DeliveryRow.claim_expire_ms < now_ms))
             query = select(DeliveryRow.seq).where(due, ~waiting_behind)
             if exclude:
                 query = query.where(DeliveryRow.destination.not_in(list(exclude)))
