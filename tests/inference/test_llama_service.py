@@ -10,6 +10,7 @@ from llmesh.inference.v1 import inference_pb2_grpc
 
 from services.common.interceptors import error_info
 from services.common.runtime import running_service
+from services.inference.client.grammar import schema_grammar
 from services.inference.config import Settings
 from services.inference.server import build_app
 from tests.support.auth import service_channel
@@ -90,3 +91,44 @@ async def test_a_full_queue_answers_resource_exhausted_on_the_real_model(model_p
             assert error_info(caught.value).reason == "QUEUE_FULL"
             running.cancel()
             waiting.cancel()
+
+
+BIG_GRAMMAR = schema_grammar({"type": "object", "properties": {
+    f"field_{i}": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 40}, "kind": {"enum": [f"k{j}" for j in range(20)]},
+        "size": {"type": "integer"}}, "required": ["name", "kind"]}, "maxItems": 8} for i in range(40)}},
+    max_string_chars=64, max_items=8)
+
+
+async def test_stopping_a_node_under_load_never_reads_freed_weights(model_path):
+    """Calls that tokenize or check a grammar on the event loop keep coming while the node stops: each either
+    runs before the weights are freed or is refused; none reaches freed memory (which would kill the process)."""
+    settings = Settings(port=0, backend="llama", model_path=str(model_path), n_ctx=512, n_seq_max=2,
+                        n_threads=2, n_gpu_layers=0)
+    app = build_app(settings)
+    outcomes: dict[str, int] = {}
+    stop = asyncio.Event()
+
+    async def storm(stub) -> None:
+        # A large grammar: checking it on the event loop takes a while (the window in which the weights went).
+        grammar = pb.SamplingParams(max_tokens=2, grammar=BIG_GRAMMAR)
+        while not stop.is_set():
+            try:
+                await stub.Tokenize(pb.TokenizeRequest(text="hello there " * 20))
+                async for _ in stub.Generate(pb.GenerateRequest(prompt="Yes or no?", sampling=grammar)):
+                    pass
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+            except grpc.aio.AioRpcError as err:
+                outcomes[err.code().name] = outcomes.get(err.code().name, 0) + 1
+                await asyncio.sleep(0.01)
+
+    async with running_service(app, settings) as svc:
+        async with service_channel(svc.address, "orchestrator") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            storms = [asyncio.create_task(storm(stub)) for _ in range(4)]
+            await asyncio.sleep(1.0)
+            await app.close()  # while the storm goes on
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*storms, return_exceptions=True)
+    assert outcomes.get("ok", 0) > 0 and outcomes.get("UNAVAILABLE", 0) > 0, outcomes

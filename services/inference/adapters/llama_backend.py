@@ -6,14 +6,16 @@ Loading, the context's parameters and the vocabulary are ``llama_model``'s.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp as ll
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapters.llama_model import LlamaVocab, create_context, load_model, put_tokens
 from services.inference.core.types import BatchEntry, SamplingParams, TokenLogprob
 
@@ -88,6 +90,9 @@ class LlamaBackend:
         self._candidates["id"] = token_ids
         # sampler key -> how many likeliest alternatives to report (0: only the sampled token's logprob).
         self._wants_logprobs: dict[int, int] = {}
+        # Held by the calls other threads make (tokenizing, checking a grammar on the event loop) and by
+        # close: the weights are never freed under a call that reads them.
+        self._shared_calls = threading.Lock()
         # Keys whose sampling is a plain argmax (see _is_plain_greedy).
         self._greedy: set[int] = set()
         self._logprobs: dict[int, TokenLogprob] = {}
@@ -100,14 +105,23 @@ class LlamaBackend:
 
     # -- vocabulary -------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _open_model(self) -> Iterator[None]:
+        with self._shared_calls:
+            if self._model is None:
+                raise Unavailable("the inference engine is stopping", reason="ENGINE_STOPPED")
+            yield
+
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        return self._vocab.tokenize(text, add_special, parse_special)
+        with self._open_model():
+            return self._vocab.tokenize(text, add_special, parse_special)
 
     def token_piece(self, token: int) -> bytes:
         return self._vocab.token_piece(token)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._vocab.detokenize(tokens)
+        with self._open_model():
+            return self._vocab.detokenize(tokens)
 
     def is_eog(self, token: int) -> bool:
         return self._vocab.is_eog(token)
@@ -146,7 +160,8 @@ class LlamaBackend:
 
     def check_sampling(self, params: SamplingParams) -> None:
         if params.grammar:
-            ll.llama_sampler_free(self._build_grammar(params))
+            with self._open_model():
+                ll.llama_sampler_free(self._build_grammar(params))
 
     @staticmethod
     def _is_plain_greedy(params: SamplingParams) -> bool:
@@ -355,12 +370,14 @@ class LlamaBackend:
         return ll.llama_model_n_layer(self._model)
 
     def close(self) -> None:
-        for key in list(self._samplers):
-            self.close_sampler(key)
-        if self._ctx:
-            ll.llama_batch_free(self._batch)
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            ll.llama_model_free(self._model)
-            self._model = None
+        """Free the handles: after the engine thread stopped, and once no other thread is inside a call."""
+        with self._shared_calls:
+            for key in list(self._samplers):
+                self.close_sampler(key)
+            if self._ctx:
+                ll.llama_batch_free(self._batch)
+                ll.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                ll.llama_model_free(self._model)
+                self._model = None
