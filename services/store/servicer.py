@@ -120,7 +120,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     async def ClaimDeliveries(self, request: pb.ClaimDeliveriesRequest, context):
         claimed = await self.core.webhooks.claim(request.worker_id, request.max_deliveries, request.lease_ms,
-                                                 list(request.exclude_destinations))
+                                                 list(request.exclude_destinations), request.max_per_destination)
         return pb.ClaimDeliveriesResponse(deliveries=[convert.delivery_pb(d) for d in claimed])
 
     async def FinishDelivery(self, request: pb.FinishDeliveryRequest, context):

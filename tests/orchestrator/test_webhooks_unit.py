@@ -117,8 +117,10 @@ class FakeWebhookStore:
     def state(self, delivery_id: str) -> str:
         return next(r.state for r in self.rows if r.record.delivery_id == delivery_id)
 
-    async def claim_deliveries(self, *, worker_id, max_deliveries, lease_ms, exclude_destinations):
+    async def claim_deliveries(self, *, worker_id, max_deliveries, lease_ms, exclude_destinations,
+                               max_per_destination=0):
         self.claims.append(list(exclude_destinations))
+        taken: dict[str, int] = {}
         now = time.monotonic()
         open_ = {"PENDING", "CLAIMED"}
         out = []
@@ -128,6 +130,9 @@ class FakeWebhookStore:
                          and o.record.session_id == row.record.session_id for o in self.rows)
             if not due or behind or row.record.destination in exclude_destinations:
                 continue
+            if max_per_destination and taken.get(row.record.destination, 0) >= max_per_destination:
+                continue
+            taken[row.record.destination] = taken.get(row.record.destination, 0) + 1
             row.state = "CLAIMED"
             row.claim_expire = now + lease_ms / 1000
             row.record = replace(row.record, attempts=row.record.attempts + 1, claim_token=f"tok-{row.seq}-{now}",

@@ -72,11 +72,12 @@ class GrpcWebhooks:
         return reply.num_dropped
 
     async def claim_deliveries(self, *, worker_id: str, max_deliveries: int, lease_ms: int,
-                               exclude_destinations: Sequence[str]) -> list[DeliveryRecord]:
+                               exclude_destinations: Sequence[str],
+                               max_per_destination: int = 0) -> list[DeliveryRecord]:
         with domain_errors("store"):
             reply = await self._c.ClaimDeliveries(store_pb2.ClaimDeliveriesRequest(
                 request_id=uuid.uuid4().hex, worker_id=worker_id, max_deliveries=max_deliveries, lease_ms=lease_ms,
-                exclude_destinations=list(exclude_destinations)))
+                exclude_destinations=list(exclude_destinations), max_per_destination=max_per_destination))
         return [_delivery(d) for d in reply.deliveries]
 
     async def finish_delivery(self, *, delivery_id: str, claim_token: str, delivered: bool, error: str,

@@ -28,6 +28,7 @@ lease.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email.utils
 import hashlib
@@ -131,7 +132,8 @@ class WebhookStorePort(Protocol):
     async def delete_webhook(self, *, tenant_id: str, webhook_id: str) -> int: ...
 
     async def claim_deliveries(self, *, worker_id: str, max_deliveries: int, lease_ms: int,
-                               exclude_destinations: Sequence[str]) -> list[DeliveryRecord]: ...
+                               exclude_destinations: Sequence[str],
+                               max_per_destination: int = 0) -> list[DeliveryRecord]: ...
 
     async def finish_delivery(self, *, delivery_id: str, claim_token: str, delivered: bool, error: str,
                               http_status: int, retry_after_ms: int) -> DeliveryRecord: ...
@@ -527,6 +529,8 @@ class DeliveryWorker:
         self._guard = None if config.allow_private else _DestinationGuard(resolve, clock)
         #: Sends in flight here, by destination.
         self.in_flight: dict[str, int] = {}
+        # Claimed in one batch, waiting for a free sender (counted in flight already).
+        self._ready: collections.deque[DeliveryRecord] = collections.deque()
         self._claim_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         # Bumped on anything that may make a claim find work: skips repeated empty claims in one idle wait.
@@ -563,17 +567,24 @@ class DeliveryWorker:
         return sorted(d for d, n in self.in_flight.items() if n >= cap)
 
     async def claim_one(self) -> DeliveryRecord | None:
-        """Claim one due delivery to a destination with room, counted in flight until ``release``."""
+        """One due delivery to a destination with room, counted in flight until ``release``.
+
+        A claim asks for as many deliveries as there are free senders, at most one per destination, so
+        a destination below its cap never goes over it; the others wait here for a sender.
+        """
         async with self._claim_lock:
+            if self._ready:
+                return self._ready.popleft()
             if self._empty is not None and self._empty[0] == self._generation \
                     and self._clock() - self._empty[1] < self.config.idle_wait_s:
                 # Another sender found nothing a moment ago, and nothing happened here since.
                 return None
             generation = self._generation
             try:
+                room = max(1, self.config.workers - sum(self.in_flight.values()))
                 claimed = await self._store.claim_deliveries(
-                    worker_id=self.worker_id, max_deliveries=1, lease_ms=self.config.lease_ms,
-                    exclude_destinations=self.excluded_destinations())
+                    worker_id=self.worker_id, max_deliveries=room, lease_ms=self.config.lease_ms,
+                    exclude_destinations=self.excluded_destinations(), max_per_destination=1)
             except DomainError as exc:
                 # Unavailable, or a store without webhooks (UNIMPLEMENTED): found empty, told now and then.
                 if self._clock() - self._claim_warned >= CLAIM_WARNING_INTERVAL_S:
@@ -584,9 +595,10 @@ class DeliveryWorker:
                 self._empty = (generation, self._clock())
                 return None
             self._empty = None
-            delivery = claimed[0]
-            self.in_flight[delivery.destination] = self.in_flight.get(delivery.destination, 0) + 1
-            return delivery
+            for delivery in claimed:
+                self.in_flight[delivery.destination] = self.in_flight.get(delivery.destination, 0) + 1
+            self._ready.extend(claimed[1:])
+            return claimed[0]
 
     def release(self, delivery: DeliveryRecord) -> None:
         left = self.in_flight.get(delivery.destination, 0) - 1

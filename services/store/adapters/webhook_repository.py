@@ -130,7 +130,8 @@ class WebhookRepository:
         return await self.db.write(work)
 
     async def claim_deliveries(self, worker_id: str, max_deliveries: int, lease_ms: int,
-                               exclude: Sequence[str], now_ms: int) -> list[DeliveryRecord]:
+                               exclude: Sequence[str], now_ms: int,
+                               max_per_destination: int = 0) -> list[DeliveryRecord]:
         due = or_(and_(DeliveryRow.state == int(DeliveryState.PENDING), DeliveryRow.next_attempt_ms <= now_ms),
                   and_(DeliveryRow.state == int(DeliveryState.CLAIMED), DeliveryRow.claim_expire_ms < now_ms))
         # Idle workers poll: a read on a reader connection answers "nothing due" without taking the writer.
@@ -144,12 +145,23 @@ class WebhookRepository:
                                             earlier.webhook_id == DeliveryRow.webhook_id,
                                             earlier.session_id == DeliveryRow.session_id,
                                             earlier.seq < DeliveryRow.seq, earlier.state.in_(_OPEN))
-            query = select(DeliveryRow.seq).where(due, ~waiting_behind)
+            query = select(DeliveryRow.seq, DeliveryRow.destination).where(due, ~waiting_behind)
             if exclude:
                 query = query.where(DeliveryRow.destination.not_in(list(exclude)))
+            # With a per-destination limit, look further so that busy destinations do not fill the batch.
+            window = max_deliveries * 8 + 16 if max_per_destination else max_deliveries
             # SKIP LOCKED: concurrent claimers on PostgreSQL take disjoint rows (SQLite has one writer anyway).
-            seqs = list(s.execute(query.order_by(DeliveryRow.seq).limit(max_deliveries)
-                                  .with_for_update(skip_locked=True)).scalars())
+            candidates = s.execute(query.order_by(DeliveryRow.seq).limit(window)
+                                   .with_for_update(skip_locked=True)).all()
+            seqs: list[int] = []
+            taken: dict[str, int] = {}
+            for seq, destination in candidates:
+                if max_per_destination and taken.get(destination, 0) >= max_per_destination:
+                    continue
+                taken[destination] = taken.get(destination, 0) + 1
+                seqs.append(seq)
+                if len(seqs) >= max_deliveries:
+                    break
             if not seqs:
                 return []
             token = uuid.uuid4().hex

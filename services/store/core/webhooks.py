@@ -61,13 +61,16 @@ class WebhookBook:
             raise NotFound(f"webhook {webhook_id!r} not found", reason="WEBHOOK_NOT_FOUND")
         return dropped
 
-    async def claim(self, worker_id: str, max_deliveries: int, lease_ms: int,
-                    exclude: Sequence[str]) -> list[DeliveryRecord]:
+    async def claim(self, worker_id: str, max_deliveries: int, lease_ms: int, exclude: Sequence[str],
+                    max_per_destination: int = 0) -> list[DeliveryRecord]:
         check.check_id(worker_id, "worker_id")
         require(0 < max_deliveries <= check.MAX_CLAIM, "max_deliveries", f"must be between 1 and {check.MAX_CLAIM}")
         check.check_lease_ms(lease_ms)
         require(len(exclude) <= MAX_EXCLUDED, "exclude_destinations", f"at most {MAX_EXCLUDED}")
-        return await self.repo.claim_deliveries(worker_id, max_deliveries, lease_ms, list(exclude), self.clock())
+        require(0 <= max_per_destination <= check.MAX_CLAIM, "max_per_destination",
+                f"must be between 0 and {check.MAX_CLAIM}")
+        return await self.repo.claim_deliveries(worker_id, max_deliveries, lease_ms, list(exclude), self.clock(),
+                                                max_per_destination)
 
     async def finish(self, delivery_id: str, claim_token: str, delivered: bool, error: str, http_status: int,
                      retry_after_ms: int) -> DeliveryRecord:
