@@ -132,7 +132,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         return pb.FinishDeliveryResponse(delivery=convert.delivery_pb(record))
 
     async def ListDeliveries(self, request: pb.ListDeliveriesRequest, context):
-        require(request.state != pb.DELIVERY_STATE_UNSPECIFIED, "state", "must name a delivery state")
+        require(int(request.state) in {int(s) for s in DeliveryState}, "state",
+                "must be PENDING, CLAIMED, DELIVERED or DEAD")
         page = await self.core.webhooks.list_deliveries(request.tenant_id, DeliveryState(int(request.state)),
                                                         request.page_size, request.page_token)
         return pb.ListDeliveriesResponse(deliveries=[convert.delivery_pb(d) for d in page.items],
