@@ -52,6 +52,8 @@ class Settings(ServerSettings):
     audit_retention_days: float = 0.0
     # Approvals opened longer ago than this are deleted (a pending one only once expired); 0 keeps them.
     approval_retention_days: float = 7.0
+    # Webhook deliveries delivered longer ago than this are deleted (pending and dead ones stay); 0 keeps them.
+    delivery_retention_days: float = 7.0
     # Session controls (cancel requests, approval answers for a run) older than this are deleted; 0 keeps them.
     session_control_retention_s: float = 3_600.0
     # How often the archiver runs.

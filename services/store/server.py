@@ -67,7 +67,8 @@ class App:
             lease_sweep_interval_s=s.lease_sweep_interval_ms / 1000, event_retention_days=s.event_retention_days,
             audit_retention_days=s.audit_retention_days, retention_interval_s=s.retention_interval_s,
             retention_batch_rows=s.retention_batch_rows, approval_retention_days=s.approval_retention_days,
-            session_control_retention_s=s.session_control_retention_s), wall_clock_ms)
+            session_control_retention_s=s.session_control_retention_s,
+            delivery_retention_days=s.delivery_retention_days), wall_clock_ms)
         self.maintenance.start()
         self.poller = ReplicaCommitPoller(hub, repo.last_event_seqs, s.watch_recheck_ms / 1000)
         self.poller.start()

@@ -181,3 +181,26 @@ async def test_concurrent_claimers_never_share_a_delivery(stub) -> None:
     batches = await asyncio.gather(*(claim(stub, worker=f"w{i}", n=5) for i in range(8)))
     ids = [d.delivery_id for batch in batches for d in batch]
     assert len(ids) == len(set(ids)) == 40
+
+
+async def test_retention_deletes_old_delivered_rows_only(repo) -> None:
+    from services.store.adapters.webhook_repository import outbox_rows
+    from services.store.core.models import DeliveryState, WebhookRecord
+
+    await repo.create_webhook(WebhookRecord("acme", "w1", HOOK, ("run.final",), SECRET, 1, 1))
+
+    def queue(s):
+        return outbox_rows(s, "acme", [("run.final", f"s{i}", {"i": i}) for i in range(4)], 100)
+
+    await repo.db.write(queue)
+    claimed = await repo.claim_deliveries("w", 10, 10_000, [], 200)
+    assert len(claimed) == 4
+    for delivery, (delivered, at) in zip(claimed, [(True, 300), (True, 300), (True, 5_000), (False, 300)],
+                                         strict=True):
+        await repo.finish_delivery(delivery.delivery_id, delivery.claim_token, delivered, "boom", 500, 0, at)
+    assert await repo.delete_delivered(1_000, 1) == 1
+    assert await repo.delete_delivered(1_000, 10) == 1
+    assert await repo.delete_delivered(1_000, 10) == 0
+    left = await repo.list_deliveries("acme", DeliveryState.DELIVERED, 0, 10)
+    assert [d.delivered_ms for d in left] == [5_000]
+    assert len(await repo.list_deliveries("acme", DeliveryState.DEAD, 0, 10)) == 1

@@ -224,6 +224,20 @@ class WebhookRepository:
 
         return await self.db.write(work)
 
+    async def delete_delivered(self, cutoff_ms: int, max_rows: int) -> int:
+        """Retention: delivered rows delivered before ``cutoff_ms`` go (pending and dead ones stay)."""
+        def work(s: Session) -> int:
+            query = (select(DeliveryRow.seq).where(DeliveryRow.state == int(DeliveryState.DELIVERED),
+                                                   DeliveryRow.delivered_ms < cutoff_ms)
+                     .order_by(DeliveryRow.seq).limit(max_rows).with_for_update(skip_locked=True))
+            seqs = list(s.execute(query).scalars())
+            if seqs:
+                s.execute(delete(DeliveryRow).where(DeliveryRow.seq.in_(seqs))
+                          .execution_options(synchronize_session=False))
+            return len(seqs)
+
+        return await self.db.write(work, WritePriority.BACKGROUND)
+
     async def outbox_stats(self, now_ms: int) -> list[tuple[str, int, float, int]]:
         """(destination, pending, age in seconds of the oldest pending, dead) per destination."""
         async with self.db.reader() as s:

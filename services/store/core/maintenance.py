@@ -27,11 +27,13 @@ class MaintenanceOptions:
     retention_batch_rows: int = 1_000
     approval_retention_days: float = 0.0
     session_control_retention_s: float = 0.0
+    delivery_retention_days: float = 0.0
 
     @property
     def retains(self) -> bool:
         return any(age > 0 for age in (self.event_retention_days, self.audit_retention_days,
-                                       self.approval_retention_days, self.session_control_retention_s))
+                                       self.approval_retention_days, self.session_control_retention_s,
+                                       self.delivery_retention_days))
 
 
 class Maintenance:
@@ -76,6 +78,7 @@ class Maintenance:
             (int(options.audit_retention_days * DAY_MS), self.repo.archive_audit),
             (int(options.approval_retention_days * DAY_MS), delete_approvals),
             (int(options.session_control_retention_s * 1000), self.repo.delete_old_session_controls),
+            (int(options.delivery_retention_days * DAY_MS), self.repo.delete_delivered),
         ]
         for age_ms, job in jobs:
             if age_ms <= 0:
