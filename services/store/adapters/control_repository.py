@@ -6,12 +6,12 @@ instead of racing it into the unique constraint.
 """
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.common.errors import NotFound
 from services.store.adapters.counters import counter_values, lock_counter, set_counter
-from services.store.adapters.database import Database, WritePriority
+from services.store.adapters.database import Database, WritePriority, delete_batch
 from services.store.adapters.records import control_record
 from services.store.adapters.tables import SessionControlRow, SessionRow
 from services.store.core.feeds import APPROVALS_FEED, CONTROLS_FEED, FEED_CHANNEL
@@ -68,16 +68,7 @@ class ControlRepository:
             return [control_record(r) for r in (await s.execute(query)).scalars()]
 
     async def delete_old_session_controls(self, cutoff_ms: int, max_rows: int) -> int:
-        def work(s: Session) -> int:
-            query = (select(SessionControlRow.seq).where(SessionControlRow.create_ms < cutoff_ms)
-                     .order_by(SessionControlRow.seq).limit(max_rows).with_for_update(skip_locked=True))
-            seqs = list(s.execute(query).scalars())
-            if seqs:
-                s.execute(delete(SessionControlRow).where(SessionControlRow.seq.in_(seqs))
-                          .execution_options(synchronize_session=False))
-            return len(seqs)
-
-        return await self.db.write(work, WritePriority.BACKGROUND)
+        return await delete_batch(self.db, SessionControlRow.seq, [SessionControlRow.create_ms < cutoff_ms], max_rows)
 
     async def feed_heads(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """The counter of each feed key ``("", feed)`` asked for (the poller of the feed hub reads these)."""

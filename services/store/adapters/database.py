@@ -26,12 +26,12 @@ import contextlib
 import enum
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, delete, event, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -281,3 +281,16 @@ def storage_failure(exc: OperationalError) -> DomainError | None:
     if sqlite_name.startswith("SQLITE_IOERR"):
         return Unavailable(f"the store's disk failed a write ({sqlite_name})", reason="STORAGE_IO_ERROR")
     return None
+
+
+async def delete_batch(db: Database, key: Any, conditions: Sequence[Any], max_rows: int) -> int:
+    """Retention: delete up to ``max_rows`` rows matching ``conditions``, lowest ``key`` (an integer
+    primary key column) first, in one background transaction; how many went."""
+    def work(s: Session) -> int:
+        query = select(key).where(*conditions).order_by(key).limit(max_rows).with_for_update(skip_locked=True)
+        keys = list(s.execute(query).scalars())
+        if keys:
+            s.execute(delete(key.class_).where(key.in_(keys)).execution_options(synchronize_session=False))
+        return len(keys)
+
+    return await db.write(work, WritePriority.BACKGROUND)

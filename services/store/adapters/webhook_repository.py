@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from services.common.errors import FailedPrecondition, NotFound
-from services.store.adapters.database import Database, WritePriority
+from services.store.adapters.database import Database, WritePriority, delete_batch
 from services.store.adapters.tables import DeliveryRow, WebhookRow
 from services.store.core.models import DeliveryRecord, DeliveryState, WebhookRecord
 
@@ -226,17 +226,8 @@ class WebhookRepository:
 
     async def delete_delivered(self, cutoff_ms: int, max_rows: int) -> int:
         """Retention: delivered rows delivered before ``cutoff_ms`` go (pending and dead ones stay)."""
-        def work(s: Session) -> int:
-            query = (select(DeliveryRow.seq).where(DeliveryRow.state == int(DeliveryState.DELIVERED),
-                                                   DeliveryRow.delivered_ms < cutoff_ms)
-                     .order_by(DeliveryRow.seq).limit(max_rows).with_for_update(skip_locked=True))
-            seqs = list(s.execute(query).scalars())
-            if seqs:
-                s.execute(delete(DeliveryRow).where(DeliveryRow.seq.in_(seqs))
-                          .execution_options(synchronize_session=False))
-            return len(seqs)
-
-        return await self.db.write(work, WritePriority.BACKGROUND)
+        return await delete_batch(self.db, DeliveryRow.seq, [DeliveryRow.state == int(DeliveryState.DELIVERED),
+                                                             DeliveryRow.delivered_ms < cutoff_ms], max_rows)
 
     async def outbox_stats(self, now_ms: int) -> list[tuple[str, int, float, int]]:
         """(destination, pending, age in seconds of the oldest pending, dead) per destination."""
