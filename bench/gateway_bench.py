@@ -123,8 +123,13 @@ async def _first_token_s(client: openai.AsyncOpenAI, **kwargs) -> tuple[float, o
     return (first if first is not None else time.perf_counter() - start), final
 
 
-async def responses_followup(key: str, auth: ApiKeyAuthenticator, chains: int, data_dir: Path) -> dict:
-    """Turn 5 of a Responses chain against the same input sent cold, each chain then its cold twin."""
+async def responses_followup(key: str, cold_key: str, auth: ApiKeyAuthenticator, chains: int,
+                             data_dir: Path) -> dict:
+    """Turn 5 of a Responses chain against the same input sent cold, each chain then its cold twin.
+
+    The twin is sent by another tenant (``cold_key``): a node shares a prefix's cells only
+    within a tenant, so the same tenant's new chain would not be cold.
+    """
     from services.store.config import Settings as StoreSettings
     from services.store.server import build_app as build_store
 
@@ -141,7 +146,8 @@ async def responses_followup(key: str, auth: ApiKeyAuthenticator, chains: int, d
         app = build_app(Settings(port=0, inference_nodes=(f"127.0.0.1:{node.port}",),
                                  store_target=f"127.0.0.1:{store.port}"), authenticator=auth)
         async with running_gateway(app) as url:
-            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client, \
+                    openai.AsyncOpenAI(base_url=url + "/v1", api_key=cold_key, max_retries=0) as cold_client:
                 for chain in range(chains):
                     previous = None
                     history: list[dict] = []
@@ -155,7 +161,7 @@ async def responses_followup(key: str, auth: ApiKeyAuthenticator, chains: int, d
                     followups.append(ttft)
                     cached.append(response.usage.input_tokens_details.cached_tokens)
                     inputs.append(response.usage.input_tokens)
-                    cold_ttft, cold = await _first_token_s(client, input=history[:-1], **common)
+                    cold_ttft, cold = await _first_token_s(cold_client, input=history[:-1], **common)
                     colds.append(cold_ttft)
                     same += cold.output_text == response.output_text
     ratio = statistics.median(followups) / statistics.median(colds)
@@ -169,7 +175,8 @@ async def responses_followup(key: str, auth: ApiKeyAuthenticator, chains: int, d
 
 async def main(args: argparse.Namespace) -> dict:
     key, record = generate_api_key("bench")
-    auth = ApiKeyAuthenticator(ApiKeyStore([record]), FailedAttemptLimiter())
+    cold_key, cold_record = generate_api_key("bench-cold")
+    auth = ApiKeyAuthenticator(ApiKeyStore([record, cold_record]), FailedAttemptLimiter())
     agent = FakeAgentApp()
     agent.service.step_s = 0.0
     results: dict = {}
@@ -225,7 +232,8 @@ async def main(args: argparse.Namespace) -> dict:
         results["json_schema_valid_rate"] = results["structured_outputs"]["json_schema_valid_rate"]
     if args.chains:
         with tempfile.TemporaryDirectory(prefix="bench-responses-") as data_dir:
-            results["responses"] = await responses_followup(key, auth, args.chains, Path(data_dir))
+            results["responses"] = await responses_followup(key, cold_key, auth, args.chains,
+                                                              Path(data_dir))
         results["responses_followup_ttft_ratio"] = results["responses"]["responses_followup_ttft_ratio"]
     # What the slow KDF costs when a key is first seen, and what the cache saves afterwards.
     fresh = ApiKeyAuthenticator(ApiKeyStore([record]), FailedAttemptLimiter())

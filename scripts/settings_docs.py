@@ -54,7 +54,7 @@ def _groups(cls: type) -> list[Row]:
         comment: list[str] = []
         index = start - 1
         while index >= 0 and lines[index].strip().startswith("#"):
-            comment.insert(0, lines[index].strip().lstrip("#").strip())
+            comment.insert(0, lines[index].strip().lstrip("#").removeprefix(":").strip())
             index -= 1
         trailing = lines[node.end_lineno - 1].split("#", 1)[1].strip() if "#" in lines[node.end_lineno - 1] \
             and not lines[node.end_lineno - 1].strip().startswith("#") and _outside_string(

@@ -32,6 +32,9 @@ class Settings(ServerSettings):
     n_threads: int = 0
     #: Round each step's logits rows up to a multiple of this; 0: 4 on CPU, 1 on GPU.
     output_rows_multiple: int = 0
+    #: llama.cpp's extra CPU weight layouts (repacked, AMX): "auto" (off where the CPU advertises AMX,
+    #: whose tiles crash some virtual machines with SIGILL), "on" or "off".
+    cpu_extra_buffers: str = "auto"
     #: Layers on the GPU; -1 sizes them from free memory, 0 forces the CPU.
     n_gpu_layers: int = -1
     #: Engines (one per GPU); 0 means one per usable device.
@@ -49,6 +52,13 @@ class Settings(ServerSettings):
     prefill_min_tokens: int = 4
     #: When a request reaches an idle engine, wait this long for a burst to start together (0: never).
     admission_window_ms: float = 5.0
+    #: Tokens per block of the prefix index: a new sequence (session or not) shares the KV cells of
+    #: the longest prefix another sequence of its tenant holds, in whole blocks and more; 0: never.
+    prefix_block_tokens: int = 32
+    #: Characters per text block of the prefix summary in GetLoad (for prefix-aware routing); 0: none.
+    prefix_block_chars: int = 256
+    #: Most block hashes in that summary.
+    prefix_summary_max: int = 256
     #: Memory for saved states of evicted sessions.
     saved_state_max_mb: int = 256
     #: Default max_tokens when a request carries no sampling parameters.

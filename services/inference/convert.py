@@ -71,6 +71,8 @@ def load_response(load: LoadReport, node_id: str) -> pb.GetLoadResponse:
         kv_usage=load.kv_usage,
         tokens_per_second=load.tokens_per_second,
         num_sessions=load.num_sessions,
+        kv_cells_saved=load.kv_cells_saved,
+        prefix_summary=pb.PrefixSummary(block_chars=load.prefix_block_chars, block_hashes=load.prefix_blocks),
     )
 
 

@@ -31,6 +31,11 @@ CACHE_ENTRIES = Gauge("llmesh_inference_response_cache_entries", "Answers held i
 SEMANTIC_LOOKUPS = Counter("llmesh_inference_semantic_cache_lookups_total",
                            "Semantic cache lookups of opted-in single-turn requests.", ["result"])
 SEMANTIC_HIT_RATIO = Gauge("llmesh_inference_semantic_cache_hit_ratio", "Semantic cache hits / lookups since start.")
+PREFIX_HITS = Counter("llmesh_inference_prefix_hits_total",
+                      "New sequences that took the KV cells of a prefix another sequence holds.", ["engine"])
+PREFIX_SHARED_TOKENS = Counter("llmesh_inference_prefix_shared_tokens_total",
+                               "Prompt tokens taken from another sequence's cells instead of prefilled.", ["engine"])
+KV_CELLS_SAVED = Gauge("llmesh_inference_kv_cells_saved", "KV cells that prefix sharing saves now.", ["engine"])
 FINISHED = Counter("llmesh_inference_requests_total", "Finished requests by reason.", ["engine", "reason"])
 
 
@@ -54,7 +59,12 @@ class PrometheusObserver(EngineObserver):
         GENERATED_TOKENS.labels(self.engine).inc(usage.generated_tokens)
         FINISHED.labels(self.engine, reason.value).inc()
 
+    def on_prefix_shared(self, num_tokens: int) -> None:
+        PREFIX_HITS.labels(self.engine).inc()
+        PREFIX_SHARED_TOKENS.labels(self.engine).inc(num_tokens)
+
     def on_load(self, load: LoadReport) -> None:
+        KV_CELLS_SAVED.labels(self.engine).set(load.kv_cells_saved)
         RUNNING.labels(self.engine).set(load.num_running)
         WAITING.labels(self.engine).set(load.queue_depth)
         KV_USAGE.labels(self.engine).set(load.kv_usage)

@@ -41,6 +41,9 @@ COMPUTE_BUFFER_BYTES = 256 << 20
 def engine_config(settings: Settings) -> EngineConfig:
     if settings.admission_window_ms < 0:
         raise InvalidArgument("admission_window_ms: must be >= 0 (0: no wait)", field="admission_window_ms")
+    for name in ("prefix_block_tokens", "prefix_block_chars", "prefix_summary_max"):
+        if getattr(settings, name) < 0:
+            raise InvalidArgument(f"{name}: must be >= 0 (0: off)", field=name)
     return EngineConfig(
         max_queue=settings.max_queue,
         prefill_slowdown=settings.prefill_slowdown,
@@ -49,6 +52,9 @@ def engine_config(settings: Settings) -> EngineConfig:
         saved_state_max_bytes=settings.saved_state_max_mb << 20,
         priorities=priority_policy(settings),
         admission_window_ms=settings.admission_window_ms,
+        prefix_block_tokens=settings.prefix_block_tokens,
+        prefix_block_chars=settings.prefix_block_chars,
+        prefix_summary_max=settings.prefix_summary_max,
     )
 
 
@@ -161,10 +167,14 @@ def build_backends(settings: Settings) -> list[Backend]:
         raise InvalidArgument(f"backend: expected 'llama' or 'synthetic', got {settings.backend!r}", field="backend")
     from services.gemma.model_cache import ensure_model
     from services.inference.adapters.llama_backend import LlamaBackend
+    from services.inference.adapters.llama_model import EXTRA_BUFFER_CHOICES
 
     if settings.output_rows_multiple < 0:
         raise InvalidArgument("output_rows_multiple: must be >= 0 (0: 4 on CPU, 1 on GPU)",
                               field="output_rows_multiple")
+    if settings.cpu_extra_buffers not in EXTRA_BUFFER_CHOICES:
+        raise InvalidArgument(f"cpu_extra_buffers: one of {', '.join(EXTRA_BUFFER_CHOICES)}, "
+                              f"got {settings.cpu_extra_buffers!r}", field="cpu_extra_buffers")
     model_path = settings.model_path or str(ensure_model())
     backends: list[Backend] = []
     for placement in placements(settings, model_path):
@@ -175,7 +185,8 @@ def build_backends(settings: Settings) -> list[Backend]:
                                      n_gpu_layers=placement.n_gpu_layers, device_index=placement.device_index,
                                      device=placement.device, model_name=settings.model_name,
                                      output_rows_multiple=settings.output_rows_multiple or (
-                                         CPU_OUTPUT_ROWS_MULTIPLE if placement.n_gpu_layers == 0 else 1)))
+                                         CPU_OUTPUT_ROWS_MULTIPLE if placement.n_gpu_layers == 0 else 1),
+                                     extra_buffers=settings.cpu_extra_buffers))
     return backends
 
 

@@ -51,8 +51,9 @@ def fresh_engines(model_path):
         fresh.backend.close()
 
 
-def greedy(prompt: str, max_tokens: int = 8, session: str = "", **kw) -> GenerateSpec:
-    return GenerateSpec(prompt=prompt, session_id=session, sampling=SamplingParams(max_tokens=max_tokens, **kw))
+def greedy(prompt: str, max_tokens: int = 8, session: str = "", tenant: str = "", **kw) -> GenerateSpec:
+    return GenerateSpec(prompt=prompt, session_id=session, tenant_id=tenant,
+                        sampling=SamplingParams(max_tokens=max_tokens, **kw))
 
 
 async def run(engine: Engine, spec: GenerateSpec) -> tuple[str, list[int], object]:
@@ -91,7 +92,8 @@ async def test_follow_up_turn_reuses_the_cache_and_matches_a_cold_run(engine):
     first_text, _, _ = await run(engine, greedy(first_prompt, session="follow-up"))
     follow_up = first_prompt + first_text + "\nQuestion: and three plus three?\nAnswer:"
     warm_text, warm_tokens, warm = await run(engine, greedy(follow_up, session="follow-up"))
-    cold_text, cold_tokens, cold = await run(engine, greedy(follow_up, session="cold"))
+    # Another tenant's session shares nothing, so this one really starts cold.
+    cold_text, cold_tokens, cold = await run(engine, greedy(follow_up, session="cold", tenant="elsewhere"))
     await release_all(engine, "follow-up", "cold")
     assert warm.usage.cached_tokens > 10
     assert cold.usage.cached_tokens < warm.usage.cached_tokens
@@ -106,10 +108,52 @@ async def test_evicted_session_is_restored_from_saved_state(engine):
     assert "evicted" in engine.scheduler.table.saved
     follow_up = prompt + text + " Next,"
     restored_text, restored_tokens, restored = await run(engine, greedy(follow_up, session="evicted"))
-    _, cold_tokens, _ = await run(engine, greedy(follow_up))
+    _, cold_tokens, _ = await run(engine, greedy(follow_up, tenant="elsewhere"))
     await release_all(engine, "evicted", *(f"other-{i}" for i in range(NUM_SEQ)))
     assert restored.usage.cached_tokens >= len(engine.backend.tokenize(prompt, True, True))
     assert restored_tokens == cold_tokens
+
+
+SYSTEM = ("You are the assistant of a hardware store. Answer in one short sentence, politely, "
+          "and name the aisle when you know it. ") * 3
+
+
+def shared_prefix(engine: Engine, *prompts: str) -> int:
+    token_lists = [engine.backend.tokenize(p, True, True) for p in prompts]
+    n = 0
+    while all(len(t) > n for t in token_lists) and len({t[n] for t in token_lists}) == 1:
+        n += 1
+    return n
+
+
+async def test_a_new_session_shares_another_sessions_prefix_and_decodes_like_a_cold_run(fresh_engines):
+    warm_engine, cold_engine = fresh_engines(), fresh_engines()
+    first = SYSTEM + "Question: where are the hammers?\nAnswer:"
+    second = SYSTEM + "Question: do you sell blue paint?\nAnswer:"
+    await run(warm_engine, greedy(first, session="a"))
+    _, tokens, last = await run(warm_engine, greedy(second, session="b"))
+    _, cold_tokens, cold = await run(cold_engine, greedy(second, session="b"))
+    shared = shared_prefix(warm_engine, first, second)
+    assert shared > 50
+    assert last.usage.cached_tokens >= shared and cold.usage.cached_tokens == 0
+    assert tokens == cold_tokens
+    assert warm_engine.load().kv_cells_saved >= shared
+
+
+async def test_evicting_one_of_two_sessions_sharing_a_prefix_leaves_the_other_intact(fresh_engines):
+    engine, cold_engine = fresh_engines(), fresh_engines()
+    prompts = {s: SYSTEM + f"Question: what does {s} cost?\nAnswer:" for s in ("glue", "nails")}
+    texts = {s: (await run(engine, greedy(p, session=s)))[0] for s, p in prompts.items()}
+    await run(engine, greedy("An unrelated third conversation begins", max_tokens=2, session="third"))
+    await run(engine, greedy("A fourth one takes the last sequence", max_tokens=2, session="fourth"))
+    table = engine.scheduler.table
+    assert "glue" in table.saved and table.resident("nails") is not None
+    for session in ("nails", "glue"):  # the survivor of the shared cells, then the restored one
+        follow_up = prompts[session] + texts[session] + "\nQuestion: and how much for ten?\nAnswer:"
+        _, tokens, last = await run(engine, greedy(follow_up, session=session))
+        _, cold_tokens, _ = await run(cold_engine, greedy(follow_up, tenant="cold"))
+        assert last.usage.cached_tokens > len(engine.backend.tokenize(prompts[session], True, True))
+        assert tokens == cold_tokens
 
 
 async def test_cancelling_a_stream_frees_its_sequence(engine):

@@ -45,6 +45,7 @@ class LlamaBackend:
         device: str = "cpu",
         model_name: str = "",
         output_rows_multiple: int = 1,
+        extra_buffers: str = "auto",
     ) -> None:
         if output_rows_multiple < 1:
             raise InvalidArgument("output_rows_multiple: must be >= 1", field="output_rows_multiple")
@@ -60,7 +61,8 @@ class LlamaBackend:
         self.n_gpu_layers = n_gpu_layers
         # The llama.cpp handles are None once closed.
         self._model: ll.llama_model_p | None = load_model(model_path, n_gpu_layers=n_gpu_layers,
-                                                         device_index=device_index)
+                                                         device_index=device_index,
+                                                         extra_buffers=extra_buffers)
         self._vocab = LlamaVocab(self._model)
         # One more sequence than the scheduler gets: scratch rows that pad the
         # logits rows of a step go there (see _pad_outputs). A context without

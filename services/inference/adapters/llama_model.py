@@ -44,11 +44,45 @@ def thread_count(n_threads: int) -> int:
     return n_threads if n_threads > 0 else max(1, os.cpu_count() or 1)
 
 
-def load_model(model_path: str | Path, *, n_gpu_layers: int = 0, device_index: int = -1) -> ll.llama_model_p:
+# CPU flags of the AMX tile unit, whose kernels llama.cpp picks as an extra weight buffer when the build has them.
+_AMX_FLAGS = ("amx_tile", "amx_int8")
+EXTRA_BUFFER_CHOICES = ("auto", "on", "off")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def use_extra_buffers(choice: str, flags: set[str] | None = None) -> bool:
+    """Whether weights may go to llama.cpp's extra CPU buffer types (repacked and AMX layouts).
+
+    "auto" turns them off on a CPU that advertises AMX: a native build then
+    multiplies with AMX tiles, and a virtual machine that shows AMX without
+    handling its tile state kills the process with SIGILL on the first
+    prompt of more than a few tokens (seen on Firecracker guests). Elsewhere
+    the repacked layouts stay on; "on" and "off" force the choice.
+    """
+    if choice not in EXTRA_BUFFER_CHOICES:
+        raise ValueError(f"cpu_extra_buffers: one of {', '.join(EXTRA_BUFFER_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    return not any(flag in (cpu_flags() if flags is None else flags) for flag in _AMX_FLAGS)
+
+
+def load_model(model_path: str | Path, *, n_gpu_layers: int = 0, device_index: int = -1,
+               extra_buffers: str = "auto") -> ll.llama_model_p:
     """The GGUF's weights, offloading ``n_gpu_layers`` (all on ``device_index`` when >= 0)."""
     init_backend_once()
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
+    params.use_extra_bufts = use_extra_buffers(extra_buffers)
     if device_index >= 0:
         # One engine per device: keep the whole model on this one.
         params.split_mode = ll.LLAMA_SPLIT_MODE_NONE

@@ -23,8 +23,10 @@ from typing import Any
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable, require
 from services.inference.core.backend import Backend
 from services.inference.core.budget import PrefillBudget
+from services.inference.core.kv_slots import DEFAULT_BLOCK_TOKENS
 from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import OpKind, StepPlan, StepResult
+from services.inference.core.prefixes import DEFAULT_BLOCK_CHARS
 from services.inference.core.priorities import PriorityPolicy, count_by_class
 from services.inference.core.scheduler import Request, Scheduler
 from services.inference.core.types import (
@@ -60,6 +62,11 @@ class EngineConfig:
     priorities: PriorityPolicy | None = None
     #: When a request reaches an idle engine, wait this long for others to start with it (0: never).
     admission_window_ms: float = 5.0
+    #: Tokens per block of the prefix index; a new sequence shares another's cells from one block on (0: never).
+    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS
+    #: Characters per text block, and most hashes, of the prefix summary GetLoad reports to routers.
+    prefix_block_chars: int = DEFAULT_BLOCK_CHARS
+    prefix_summary_max: int = 256
 
 
 def execute(backend: Backend, plan: StepPlan) -> StepResult:
@@ -152,7 +159,9 @@ class Engine:
                                min_tokens=self.config.prefill_min_tokens, max_tokens=backend.max_batch_tokens)
         self.scheduler = Scheduler(backend, backend.n_seq_max, backend.n_ctx, backend.max_batch_tokens,
                                    budget=budget, saved_max_bytes=self.config.saved_state_max_bytes,
-                                   observer=self.observer, priorities=self.config.priorities)
+                                   observer=self.observer, priorities=self.config.priorities,
+                                   block_tokens=self.config.prefix_block_tokens)
+        self.scheduler.table.block_chars = self.config.prefix_block_chars
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         # Requests in the inbox not yet handed to the scheduler, and the
@@ -361,6 +370,9 @@ class Engine:
             kv_total_cells=table.num_cells,
             tokens_per_second=rate,
             num_sessions=table.num_sessions,
+            kv_cells_saved=table.held_cells - table.used_cells,
+            prefix_blocks=tuple(table.prefix_summary(self.config.prefix_summary_max)),
+            prefix_block_chars=table.block_chars,
         )
 
     def _abort_all(self) -> None:

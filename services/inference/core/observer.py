@@ -19,6 +19,10 @@ class EngineObserver:
     def on_finish(self, usage: Usage, reason: FinishReason) -> None:
         return None
 
+    def on_prefix_shared(self, num_tokens: int) -> None:
+        """A new sequence took ``num_tokens`` prompt cells another sequence holds."""
+        return None
+
     def on_load(self, load: LoadReport) -> None:
         return None
 

@@ -50,6 +50,9 @@ class EnginePool:
             kv_total_cells=total_cells,
             tokens_per_second=sum(load.tokens_per_second for load in loads),
             num_sessions=sum(load.num_sessions for load in loads),
+            kv_cells_saved=sum(load.kv_cells_saved for load in loads),
+            prefix_blocks=tuple(dict.fromkeys(h for load in loads for h in load.prefix_blocks)),
+            prefix_block_chars=loads[0].prefix_block_chars,
         )
 
     def start(self) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from services.common.errors import DomainError, InvalidArgument, NotFound
 from services.inference.core.budget import PrefillBudget
-from services.inference.core.kv_slots import Eviction, KVSlotTable, Slot
+from services.inference.core.kv_slots import DEFAULT_BLOCK_TOKENS, Eviction, KVSlotTable, Slot
 from services.inference.core.observer import EngineObserver
 from services.inference.core.plan import KVOp, OpKind, StepPlan, StepResult
 from services.inference.core.priorities import PriorityPolicy, count_by_class
@@ -92,11 +92,12 @@ class Scheduler:
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         priorities: PriorityPolicy | None = None,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         self.vocab = vocab
         self.n_ctx = vocab.n_ctx
         self.max_batch_tokens = max_batch_tokens
-        self.table = KVSlotTable(num_sequences, num_cells, saved_max_bytes)
+        self.table = KVSlotTable(num_sequences, num_cells, saved_max_bytes, block_tokens=block_tokens)
         self.budget = budget or PrefillBudget(max_tokens=max_batch_tokens)
         self.observer = observer or EngineObserver()
         self.clock = clock
@@ -198,36 +199,35 @@ class Scheduler:
         slot = self.table.resident(session_id) if session_id else None
         if slot is not None and slot.busy_key is not None:
             return Admission.SKIP
+        tenant_id = request.spec.tenant_id
         restoring = False
         if slot is None:
-            slot = self.table.pick_free(prompt)
+            slot = self.table.pick_free(prompt, tenant_id)
             if slot is None:
                 victim = self.table.lru_idle_session(exclude=session_id)
                 if victim is None:
                     return Admission.BLOCKED
                 self._evict(victim, ops)
                 slot = victim
-            if parent is not None and parent.slot is not None and parent in self.running:
-                self._fork(parent.slot, slot, prompt, ops)
             saved = self.table.saved.get(session_id) if session_id else None
             if saved is not None:
-                if slot.tokens:
-                    ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=0))
-                    self.table.clear_free(slot)
+                self._truncate(slot, 0, ops)
                 # The whole saved state lands before it is cut to the shared prefix.
                 keep_guess = min(common_prefix_len(saved.tokens, prompt), len(prompt) - 1)
                 if not self._reclaim_cells(len(saved.tokens) + len(prompt) - keep_guess, ops, protect=slot):
                     return Admission.BLOCKED
                 self.table.take_saved(session_id)
                 ops.append(KVOp(OpKind.RESTORE, seq_id=slot.seq_id, key=request.key, state=saved.state))
-                slot.tokens = list(saved.tokens)
+                self.table.adopt(slot, tenant_id, request.spec.prompt)
+                self.table.append(slot, saved.tokens)
                 slot.prompt_text, slot.prompt_tokens = saved.prompt_text, list(saved.prompt_tokens)
                 restoring = True
         # Keep at least the last prompt token to decode: its logits give the first token.
-        keep = min(common_prefix_len(slot.tokens, prompt), len(prompt) - 1)
-        if keep < len(slot.tokens):
-            ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=keep))
-            del slot.tokens[keep:]
+        keep = min(self.table.reusable_prefix(slot, prompt, tenant_id), len(prompt) - 1)
+        if not restoring:
+            keep = self._share_prefix(request, slot, prompt, keep, ops)
+        self._truncate(slot, keep, ops)
+        self.table.adopt(slot, tenant_id, request.spec.prompt)
         if not self._reclaim_cells(len(prompt) - keep, ops, protect=slot):
             # Put the sequence back as it is (its prefix stays useful) and wait.
             return Admission.BLOCKED
@@ -242,14 +242,39 @@ class Scheduler:
         self.running.append(request)
         return Admission.ADMITTED
 
-    def _fork(self, source: Slot, slot: Slot, prompt: list[int], ops: list[KVOp]) -> None:
-        """``slot`` takes ``source``'s cells of the prompt but its last token (whose logits give a first token)."""
-        if slot.tokens:
-            ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=0))
-            self.table.clear_free(slot)
-        upto = len(prompt) - 1
-        ops.append(KVOp(OpKind.COPY, seq_id=slot.seq_id, src_seq_id=source.seq_id, keep=upto))
-        slot.tokens = list(prompt[:upto])
+    def _share_prefix(self, request: Request, slot: Slot, prompt: list[int], keep: int, ops: list[KVOp]) -> int:
+        """Give ``slot`` the cells of a longer prefix another sequence holds; returns the tokens now cached.
+
+        Another choice of the same request copies its parent's whole prompt
+        but the last token (whose logits give a first token). Otherwise the
+        prefix index names the sequence of the same tenant holding the longest
+        prefix of ``prompt``: a session's system prompt and tools, a finished
+        request's prompt. Sharing copies no memory (``llama_memory_seq_cp`` in
+        the unified cache) and is worth it as soon as it beats ``slot``'s own cells.
+        """
+        parent = request.parent
+        source: Slot | None
+        if parent is not None and parent.slot is not None and parent in self.running:
+            source, shared = parent.slot, len(prompt) - 1
+        else:
+            # A sequence being restored has no cells yet (the restore may still fail).
+            pending = {r.slot.seq_id for r in self.running if r.phase is Phase.RESTORING and r.slot is not None}
+            source, shared = self.table.longest_holder(prompt, request.spec.tenant_id,
+                                                       exclude={slot.seq_id, *pending})
+            shared = min(shared, len(prompt) - 1)
+        if source is None or shared <= keep:
+            return keep
+        self._truncate(slot, 0, ops)
+        ops.append(KVOp(OpKind.COPY, seq_id=slot.seq_id, src_seq_id=source.seq_id, keep=shared))
+        self.table.share(source, slot, shared)
+        self.observer.on_prefix_shared(shared)
+        return shared
+
+    def _truncate(self, slot: Slot, keep: int, ops: list[KVOp]) -> None:
+        """Drop ``slot``'s cells from position ``keep`` on, in the table and (by an op) in the model."""
+        if keep < len(slot.tokens):
+            ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=keep))
+            self.table.truncate(slot, keep)
 
     def _resolve_prompt(self, request: Request) -> list[int]:
         spec = request.spec
@@ -289,7 +314,8 @@ class Scheduler:
             stale = [s for s in self.table.slots
                      if s is not protect and s.busy_key is None and not s.session_id and s.tokens]
             if stale:
-                slot = max(stale, key=lambda s: len(s.tokens))
+                # The one whose cells no other sequence shares frees the most.
+                slot = max(stale, key=lambda s: (self.table.exclusive_cells(s), len(s.tokens)))
                 ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=0))
                 self.table.clear_free(slot)
                 continue
@@ -335,13 +361,13 @@ class Scheduler:
             if not ok:
                 # Fall back to a full prefill in a clean sequence.
                 self._pending_ops.append(KVOp(OpKind.TRUNCATE, seq_id=request.slot.seq_id, keep=0))
-                request.slot.tokens = []
+                self.table.truncate(request.slot, 0)
                 request.num_cached = request.num_prefilled = 0
             request.phase = Phase.PREFILL
         for entry in plan.entries:
             request = self._by_key.get(entry.sampler_key) if entry.sampler_key is not None else None
             slot = self.table.slots[entry.seq_id]
-            slot.tokens.extend(entry.tokens)
+            self.table.append(slot, entry.tokens)
             if request is None:
                 owner = self._by_key.get(slot.busy_key) if slot.busy_key is not None else None
                 if owner is not None and owner.phase is Phase.PREFILL:
@@ -392,7 +418,7 @@ class Scheduler:
             if request.phase is Phase.RESTORING:
                 # Restore not applied yet: the cells are in an unknown state.
                 self._pending_ops.append(KVOp(OpKind.TRUNCATE, seq_id=slot.seq_id, keep=0))
-                slot.tokens = []
+                self.table.truncate(slot, 0)
             if slot.session_id and request.prompt is not None:
                 slot.prompt_text = request.spec.prompt if not request.spec.prompt_tokens else ""
                 slot.prompt_tokens = list(request.prompt) if slot.prompt_text else []

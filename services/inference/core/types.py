@@ -122,6 +122,11 @@ class LoadReport:
     kv_total_cells: int
     tokens_per_second: float
     num_sessions: int
+    #: Cells that sharing saves: what the sequences hold minus the distinct cells in use.
+    kv_cells_saved: int = 0
+    #: Text block hashes of the prompts whose cells the node holds (see ``prefixes``), and the block width.
+    prefix_blocks: tuple[int, ...] = ()
+    prefix_block_chars: int = 0
 
     @property
     def kv_usage(self) -> float:
