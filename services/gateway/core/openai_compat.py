@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.common import errors
+from services.gateway.core.best_of import rank_best
 from services.gateway.core.chat_format import (
     ANSWER_MAX_ARRAY_ITEMS,
     ANSWER_MAX_STRING_CHARS,
@@ -34,7 +35,8 @@ from services.inference.client.grammar import check_schema, schema_grammar
 DEFAULT_MAX_TOKENS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
-# Choices per request: each decodes in a sequence of its own on the node, after one shared prefill.
+# Choices (and best_of candidates) per request: each decodes in a sequence of its own on the node, after one
+# shared prefill.
 MAX_CHOICES = 8
 MAX_MAX_TOKENS = 8192
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}
@@ -52,6 +54,8 @@ class CompletionPlan:
     tools: tuple[ToolSpec, ...] = ()
     # "none", "auto" or "required" (a named tool is narrowed into ``tools``).
     tool_mode: str = "none"
+    # Completions: candidates decoded; above params.n, the params.n likeliest come back (best_of).
+    best_of: int = 1
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -180,6 +184,19 @@ def _completion_logprobs(body: dict) -> dict[str, Any]:
     return {"logprobs": top is not None, "top_logprobs": top or 0}
 
 
+def _best_of(body: dict, n: int, stream: bool) -> int:
+    """How many candidates decode for the ``n`` choices returned (OpenAI's default: n)."""
+    best_of = body.get("best_of")
+    if best_of is None:
+        return n
+    errors.require(isinstance(best_of, int) and not isinstance(best_of, bool) and 1 <= best_of <= MAX_CHOICES,
+                   "best_of", f"must be an integer between 1 and {MAX_CHOICES}")
+    errors.require(best_of >= n, "best_of", f"must be at least n ({n})")
+    errors.require(best_of == 1 or not stream, "best_of",
+                   "must be 1 with stream: true (candidates are ranked once they are all done)")
+    return best_of
+
+
 def _token_text(piece: bytes) -> str:
     # A token may hold part of a UTF-8 character: its exact bytes travel beside the text.
     return piece.decode("utf-8", errors="replace")
@@ -228,7 +245,7 @@ def plan_completion(body: Any) -> CompletionPlan:
     grammar = "" if answer is None else schema_grammar(answer, max_string_chars=ANSWER_MAX_STRING_CHARS,
                                                         max_items=ANSWER_MAX_ARRAY_ITEMS)
     return CompletionPlan(replace(params, prompt=prompt, grammar=grammar, **_completion_logprobs(body)), model,
-                          stream, include_usage)
+                          stream, include_usage, best_of=_best_of(body, params.n, stream))
 
 
 def answered_model(plan: CompletionPlan, last: GenerationChunk | None) -> str:
@@ -272,13 +289,24 @@ class OpenAICompat:
         self.catalog = catalog or ModelCatalog(generator)
 
     async def _run(self, plan: CompletionPlan, request_id: str) -> list[_Choice]:
+        """Every choice the node decoded: with best_of, all the candidates (with logprobs, to rank them by)."""
         await self.catalog.require(plan.model)
-        choices = [_Choice() for _ in range(plan.params.n)]
-        async for chunk in self.generator.generate(replace(plan.params, request_id=request_id)):
-            choice = choices[chunk.index]
-            choice.texts.append(chunk.text)
-            choice.tokens.extend(chunk.tokens)
-            choice.last = chunk
+        ranked = plan.best_of > plan.params.n
+        params = replace(plan.params, n=plan.best_of, logprobs=True) if ranked else plan.params
+        choices = [_Choice() for _ in range(params.n)]
+        try:
+            async for chunk in self.generator.generate(replace(params, request_id=request_id)):
+                choice = choices[chunk.index]
+                choice.texts.append(chunk.text)
+                choice.tokens.extend(chunk.tokens)
+                choice.last = chunk
+        except errors.InvalidArgument as exc:
+            # The node's n was the client's best_of (a node caps it at its own sequences).
+            if ranked and exc.field == "n":
+                raise errors.InvalidArgument("best_of: " + exc.message.removeprefix("n: "), reason=exc.reason,
+                                             field="best_of", metadata={**exc.metadata, "field": "best_of"},
+                                             retry_after_ms=exc.retry_after_ms) from None
+            raise
         return choices
 
     @staticmethod
@@ -360,12 +388,16 @@ class OpenAICompat:
     async def completion(self, plan: CompletionPlan) -> dict[str, Any]:
         response_id = "cmpl-" + secrets.token_hex(12)
         choices = await self._run(plan, response_id)
+        kept = choices
+        if plan.best_of > plan.params.n:
+            # The n likeliest candidates, best first; usage still counts every candidate's tokens.
+            kept = [choices[i] for i in rank_best([c.tokens for c in choices], plan.params.n)]
         return {"id": response_id, "object": "text_completion", "created": int(time.time()),
                 "model": self._model(plan, choices),
                 "choices": [{"index": index, "text": "".join(choice.texts),
                              "finish_reason": _FINISH.get(choice.last.finish_reason if choice.last else None),
                              "logprobs": completion_logprobs(choice.tokens) if plan.params.logprobs else None}
-                            for index, choice in enumerate(choices)],
+                            for index, choice in enumerate(kept)],
                 "usage": _usage([c.last for c in choices])}
 
     async def completion_stream(self, plan: CompletionPlan) -> AsyncGenerator[dict[str, Any], None]:

@@ -142,7 +142,8 @@ FIELDS: dict[str, tuple[Rule | None, Rule | None]] = {
     "frequency_penalty": both(only(0, reason=PENALTIES)),
     "logit_bias": both(only({}, reason="token biases are not applied yet")),
     "echo": completion(only(False, reason="the prompt is not echoed back")),
-    "best_of": completion(only(1, reason="one completion is generated per request")),
+    "best_of": completion(honoured("1-8 candidates decoded after one prefill; the n with the highest log-probability "
+                                   "per token come back, and usage counts them all; not with stream")),
     "suffix": completion(refused("insertion (text after the completion) is not supported")),
     "user": both(refused(END_USER)),
     "safety_identifier": chat(refused(END_USER)),
