@@ -36,6 +36,20 @@ SLOWDOWN = 3.0
 WORDS_PER_TURN = 40
 
 
+async def timed_generate(balancer: Balancer, request: inference_pb2.GenerateRequest
+                         ) -> tuple[float, inference_pb2.GenerateResponse]:
+    """Stream ``request`` through ``balancer``: ms to its first token, and its last reply (with usage)."""
+    started = time.perf_counter()
+    first_at = None
+    last = None
+    async for reply in balancer.generate(request):
+        if first_at is None and reply.token_ids:
+            first_at = time.perf_counter()
+        last = reply
+    assert first_at is not None and last is not None
+    return (first_at - started) * 1000, last
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -67,15 +81,8 @@ async def run_strategy(strategy: str, num_sessions: int, num_turns: int, seed: i
                     request = inference_pb2.GenerateRequest(
                         prompt=history, session_id=session_id,
                         sampling=inference_pb2.SamplingParams(max_tokens=NODE.max_tokens))
-                    started = time.perf_counter()
-                    first_at = None
-                    last = None
-                    async for reply in balancer.generate(request):
-                        if first_at is None and reply.token_ids:
-                            first_at = time.perf_counter()
-                        last = reply
-                    assert first_at is not None and last is not None
-                    ttfts_ms.append((first_at - started) * 1000)
+                    ttft_ms, last = await timed_generate(balancer, request)
+                    ttfts_ms.append(ttft_ms)
                     # A hit: the turn ran on the node that served the previous
                     # turn, the one holding this session's whole KV cache.
                     if turn:

@@ -20,6 +20,12 @@ keep reaching the replica that holds its cached context and live events. It
 is locality only: any replica serves any call, and a call without the header
 goes to a random healthy replica.
 
+With ``inference_lb_policy`` set to a hashing policy, inference calls are
+spread the same way by the ``prefix_header`` a client sends (a key of its
+prompt's first text block, ``services.inference.client.core.picker.prefix_key``),
+so prompts that start alike reach the node that caches that start. Off by
+default: it replaces least-request balancing for every inference call.
+
 Envoy is the mesh's edge: it routes only the client APIs, the orchestrator
 (``AgentService``) and inference (``InferenceService``). The store, policy
 and tools are the services' own and get no cluster, route or REST mapping
@@ -69,10 +75,11 @@ EXPOSED: dict[str, str] = {"inference": INFERENCE_SERVICE, "orchestrator": AGENT
 TYPE_PREFIX = "type.googleapis.com/"
 # gRPC statuses worth another host while nothing reached the client yet.
 RETRY_ON = "unavailable,resource-exhausted,cancelled,connect-failure,refused-stream,reset"
-#: Load balancing policies the orchestrator cluster may use; the hashing ones
-#: hash ``session_header``.
+#: Load balancing policies a cluster may use; the hashing ones hash
+#: ``session_header`` (orchestrator) or ``prefix_header`` (inference).
 HASH_POLICIES = ("RING_HASH", "MAGLEV")
 ORCHESTRATOR_LB_POLICIES = (*HASH_POLICIES, "LEAST_REQUEST")
+INFERENCE_LB_POLICIES = ORCHESTRATOR_LB_POLICIES
 # HTTP/2 header names are lowercase tokens; pseudo-headers (":path") are not a session.
 _HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9!#$%&'*+.^_`|~-]*$")
 
@@ -92,6 +99,14 @@ class EnvoySettings:
     orchestrator_lb_policy: str = "RING_HASH"
     # Header (gRPC metadata) naming the session of an orchestrator call; its value is hashed.
     session_header: str = "x-llmesh-session"
+    # How Envoy picks an inference node: LEAST_REQUEST (two choices on active
+    # requests), or RING_HASH / MAGLEV, a consistent hash of prefix_header, so
+    # prompts that start alike reach the node caching that start (calls
+    # without the header go to a random node).
+    inference_lb_policy: str = "LEAST_REQUEST"
+    # Header (gRPC metadata) carrying an inference call's prefix key: the hex
+    # of its tenant's first text-block hash (docs/inference-client.md).
+    prefix_header: str = "x-llmesh-prefix"
     # Folder of the mesh's TLS files as Envoy sees them (ca.pem and the
     # tls_name certificate, e.g. envoy.pem and envoy-key.pem); empty serves and
     # calls in plaintext.
@@ -133,6 +148,10 @@ class EnvoySettings:
                 f"must be one of {', '.join(ORCHESTRATOR_LB_POLICIES)}")
         require(self.orchestrator_lb_policy not in HASH_POLICIES or bool(_HEADER_NAME.match(self.session_header)),
                 "session_header", "must be a lowercase HTTP header name (a hashing orchestrator_lb_policy needs one)")
+        require(self.inference_lb_policy in INFERENCE_LB_POLICIES, "inference_lb_policy",
+                f"must be one of {', '.join(INFERENCE_LB_POLICIES)}")
+        require(self.inference_lb_policy not in HASH_POLICIES or bool(_HEADER_NAME.match(self.prefix_header)),
+                "prefix_header", "must be a lowercase HTTP header name (a hashing inference_lb_policy needs one)")
         require(bool(self.tls_name) and "/" not in self.tls_name, "tls_name", "must be a file name stem")
         require(not self.downstream_client_cert or bool(self.tls_dir), "downstream_client_cert",
                 "needs tls_dir")
@@ -189,7 +208,7 @@ def _cluster(name: str, targets: Sequence[str], health_service: str, balancer: B
         "name": name,
         "type": kind,
         "connect_timeout": "1s",
-        **_lb_policy(envoy.orchestrator_lb_policy if name == "orchestrator" else "LEAST_REQUEST"),
+        **_lb_policy(envoy.orchestrator_lb_policy if name == "orchestrator" else envoy.inference_lb_policy),
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -307,11 +326,14 @@ def _route(service: str, cluster: str, balancer: BalancerSettings, envoy: EnvoyS
             },
         },
     }
-    if cluster == "orchestrator" and envoy.orchestrator_lb_policy in HASH_POLICIES:
+    hashed = {"orchestrator": (envoy.orchestrator_lb_policy, envoy.session_header),
+              "inference": (envoy.inference_lb_policy, envoy.prefix_header)}
+    policy, header = hashed[cluster]
+    if policy in HASH_POLICIES:
         # Only the header: a call without it gets no hash, and the hashing balancer then
-        # picks a random healthy replica. (Hashing ":path" instead would send every call
-        # of one RPC method to one replica.)
-        route["route"]["hash_policy"] = [{"header": {"header_name": envoy.session_header}, "terminal": True}]
+        # picks a random healthy host. (Hashing ":path" instead would send every call
+        # of one RPC method to one host.)
+        route["route"]["hash_policy"] = [{"header": {"header_name": header}, "terminal": True}]
     return route
 
 

@@ -124,6 +124,36 @@ def test_inference_keeps_least_request_and_no_session_hash(descriptor: bytes) ->
     assert not routes_by_cluster(bootstrap)["inference"].hash_policy, "the balancer's own affinity decides there"
 
 
+def test_inference_can_hash_the_prefix_header_onto_a_node(descriptor: bytes) -> None:
+    bootstrap = load(render_yaml(BALANCER, EnvoySettings(inference_lb_policy="RING_HASH"), descriptor))
+    inference = cluster(bootstrap, "inference")
+    assert inference.lb_policy == cluster_pb2.Cluster.RING_HASH
+    assert inference.ring_hash_lb_config.minimum_ring_size.value >= 1024
+    routes = routes_by_cluster(bootstrap)
+    (policy,) = routes["inference"].hash_policy
+    assert policy.header.header_name == "x-llmesh-prefix" and policy.terminal
+    assert routes["inference"].retry_policy.retry_host_predicate[0].name == \
+        "envoy.retry_host_predicates.previous_hosts"
+    # The orchestrator keeps its own session hash.
+    assert routes["orchestrator"].hash_policy[0].header.header_name == "x-llmesh-session"
+    maglev = load(render_yaml(BALANCER, EnvoySettings(inference_lb_policy="MAGLEV", prefix_header="x-prefix"),
+                              descriptor))
+    assert cluster(maglev, "inference").lb_policy == cluster_pb2.Cluster.MAGLEV
+    assert routes_by_cluster(maglev)["inference"].hash_policy[0].header.header_name == "x-prefix"
+
+
+def test_prefix_key_is_the_first_block_hash_of_the_tenant() -> None:
+    from services.inference.client.core.picker import prefix_key
+    from services.inference.core.prefixes import text_prefix_hashes
+
+    prompt = "system: answer in French. " * 20
+    key = prefix_key("acme", prompt)
+    assert key == f"{text_prefix_hashes('acme', prompt)[0]:016x}" and len(key) == 16
+    assert prefix_key("acme", prompt + "user: bonjour") == key, "only the first block counts"
+    assert prefix_key("globex", prompt) != key
+    assert prefix_key("acme", prompt[:100]) == "", "shorter than a block"
+
+
 def test_maglev_least_request_and_another_header(descriptor: bytes) -> None:
     maglev = load(render_yaml(BALANCER, EnvoySettings(orchestrator_lb_policy="MAGLEV", session_header="x-session"),
                               descriptor))
@@ -180,6 +210,8 @@ def test_dns_nodes_make_a_strict_dns_cluster(descriptor: bytes) -> None:
     (BALANCER, {"session_header": ""}, "session_header"),
     (BALANCER, {"session_header": "X-Llmesh-Session"}, "session_header"),
     (BALANCER, {"session_header": ":path"}, "session_header"),
+    (BALANCER, {"inference_lb_policy": "RANDOM"}, "inference_lb_policy"),
+    (BALANCER, {"inference_lb_policy": "MAGLEV", "prefix_header": "X-Prefix"}, "prefix_header"),
 ])
 def test_bad_settings_name_the_field(descriptor: bytes, balancer: BalancerSettings, envoy: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as raised:

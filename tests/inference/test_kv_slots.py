@@ -6,8 +6,8 @@ from services.inference.core.kv_slots import KVSlotTable, SavedSession
 
 def test_free_slot_with_longest_shared_prefix_is_preferred():
     table = KVSlotTable(num_sequences=3, num_cells=100)
-    table.slots[0].tokens = [1, 2, 9]
-    table.slots[1].tokens = [1, 2, 3, 4]
+    table.append(table.slots[0], [1, 2, 9])
+    table.append(table.slots[1], [1, 2, 3, 4])
     assert table.pick_free([1, 2, 3, 5]).seq_id == 1
 
 
@@ -16,7 +16,7 @@ def test_sessions_keep_their_slot_and_lru_idle_one_is_evicted():
     for seq, (session, t) in enumerate([("a", 1.0), ("b", 2.0)]):
         slot = table.slots[seq]
         table.bind(slot, key=seq + 1, session_id=session, now=t)
-        slot.tokens = [seq] * 10
+        table.append(slot, [seq] * 10)
         table.release(slot, now=t)
     assert table.resident("a").seq_id == 0
     assert table.pick_free([1]) is None
@@ -52,7 +52,7 @@ def test_the_saved_budget_counts_token_lists_and_text_not_only_the_state():
     for session in "abcdef":
         slot = table.slots[0]
         table.bind(slot, key=1, session_id=session, now=0)
-        slot.tokens = list(range(1000))
+        table.append(slot, list(range(1000)))
         table.release(slot, now=0)
         eviction = table.evict(slot)
         table.store_saved(replace(eviction, prompt_text="x" * 3000, prompt_tokens=list(range(1000))), b"s" * 2000)

@@ -8,7 +8,8 @@
     await balancer.close()
 
 A request goes to a healthy, non-ejected node chosen by the Picker (session
-affinity, then power of two choices on cost). A call that fails before its
+affinity, then the node holding its prompt's prefix, then power of two
+choices on cost). A call that fails before its
 first streamed message is retried on a node not yet tried; once a message
 reached the caller the failure is the caller's, since replaying would
 duplicate tokens. With no usable node the call fails at once with
@@ -33,7 +34,7 @@ from services.common import errors
 from services.common.identity import Identity
 from services.inference.client.config import BalancerSettings
 from services.inference.client.core.node_state import EjectionPolicy, Health, NodeState
-from services.inference.client.core.picker import NoNodeAvailable, Picker, PickerConfig
+from services.inference.client.core.picker import NoNodeAvailable, Picker, PickerConfig, PrefixQuery
 from services.inference.client.discovery import Resolver, has_dns_entries, resolve_dns, resolve_entries
 from services.inference.client.node_link import NodeLink
 from services.inference.client.router import Router, remaining_s
@@ -84,7 +85,8 @@ class Balancer:
             kv_weight=settings.kv_weight, affinity_max_queue_depth=settings.affinity_max_queue_depth,
             affinity_max_kv_usage=settings.affinity_max_kv_usage,
             affinity_latency_ratio=settings.affinity_latency_ratio,
-            prefix_affinity_chars=settings.prefix_affinity_chars, affinity_table_size=settings.affinity_table_size,
+            prefix_affinity_chars=settings.prefix_affinity_chars, prefix_routed_max=settings.prefix_routed_max,
+            prefix_routed_ttl_s=settings.prefix_routed_ttl_s, affinity_table_size=settings.affinity_table_size,
         ), rng=rng)
         self._links: dict[str, NodeLink] = {}
         self._refresh_task: asyncio.Task[None] | None = None
@@ -156,9 +158,10 @@ class Balancer:
         return self._picker.holder_of("session:" + session_id)
 
     # -- choosing ---------------------------------------------------------
-    def _choose(self, key: str | None, exclude: set[str], model: str = "") -> NodeLink:
+    def _choose(self, key: str | None, exclude: set[str], model: str = "",
+                prefix: PrefixQuery | None = None) -> NodeLink:
         try:
-            pick = self._picker.choose(self.nodes, self._clock(), key, exclude, model)
+            pick = self._picker.choose(self.nodes, self._clock(), key, exclude, model, prefix)
         except NoNodeAvailable:
             NO_NODE.inc()
             serving = f" serving model {model!r}" if model else ""
@@ -169,9 +172,13 @@ class Balancer:
         pick.node.num_picked += 1
         return self._links[pick.node.address]
 
-    def pick(self, session_id: str | None = None, prompt: str = "") -> PickedNode:
-        """A node for a call made directly on its stub; prefer ``unary``, which also counts outcomes."""
-        link = self._choose(self._picker.affinity_key(session_id, prompt), set())
+    def pick(self, session_id: str | None = None, prompt: str = "", *, tenant_id: str = "") -> PickedNode:
+        """A node for a call made directly on its stub; prefer ``unary``, which also counts outcomes.
+
+        ``prompt`` and ``tenant_id`` (the request's) let a new session go where its prefix is cached.
+        """
+        link = self._choose(self._picker.affinity_key(session_id), set(),
+                            prefix=self._picker.prefix_query(tenant_id, prompt))
         return PickedNode(link.address, link.inference, link.state)
 
     def _record_failure(self, link: NodeLink, err: grpc.aio.AioRpcError) -> None:
@@ -185,10 +192,10 @@ class Balancer:
 
     # -- calls --------------------------------------------------------------
     def _next_link(self, key: str | None, tried: set[str], last: errors.DomainError | None,
-                   model: str = "") -> NodeLink:
+                   model: str = "", prefix: PrefixQuery | None = None) -> NodeLink:
         """The next node to try; with none left, the last node's error (or UNAVAILABLE)."""
         try:
-            link = self._choose(key, tried, model)
+            link = self._choose(key, tried, model, prefix)
         except errors.Unavailable:
             if last is not None:
                 raise last from None
@@ -197,15 +204,20 @@ class Balancer:
         return link
 
     async def unary(self, method: str, request: Any, *, session_id: str | None = None,
-                    timeout: float | None = None) -> Any:
-        """Call a unary InferenceService method (Tokenize, CountTokens, ...) with retries elsewhere."""
-        key = self._picker.affinity_key(session_id, getattr(request, "prompt", "") or "")
+                    timeout: float | None = None, tenant_id: str | None = None) -> Any:
+        """Call a unary InferenceService method (Tokenize, CountTokens, ...) with retries elsewhere.
+
+        ``tenant_id`` defaults to the request's own: prefix hashes are per tenant.
+        """
+        key = self._picker.affinity_key(session_id)
+        tenant = getattr(request, "tenant_id", "") if tenant_id is None else tenant_id
+        prefix = self._picker.prefix_query(tenant or "", getattr(request, "prompt", "") or "")
         deadline = None if timeout is None else self._clock() + timeout
         tried: set[str] = set()
         last: errors.DomainError | None = None
         model = getattr(request, "model", "")
         for _attempt in range(self.settings.max_attempts):
-            link = self._next_link(key, tried, last, model)
+            link = self._next_link(key, tried, last, model, prefix)
             link.state.num_inflight += 1
             try:
                 reply = await getattr(link.inference, method)(request, timeout=self._remaining(deadline))
@@ -242,12 +254,14 @@ class Balancer:
                                  timeout: float | None) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """Stream from the best node serving ``request.model``, retrying elsewhere until the first message."""
         session = request.session_id if session_id is None else session_id
-        key = self._picker.affinity_key(session, request.prompt)
+        key = self._picker.affinity_key(session)
+        # Token-id prompts leave request.prompt empty: no prefix routing for them.
+        prefix = self._picker.prefix_query(request.tenant_id, request.prompt)
         deadline = None if timeout is None else self._clock() + timeout
         tried: set[str] = set()
         last: errors.DomainError | None = None
         for _attempt in range(self.settings.max_attempts):
-            link = self._next_link(key, tried, last, request.model)
+            link = self._next_link(key, tried, last, request.model, prefix)
             num_streamed = 0
             failed: grpc.aio.AioRpcError | None = None
             async with contextlib.aclosing(self._stream_from(link, request, deadline)) as stream:

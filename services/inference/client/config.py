@@ -50,9 +50,16 @@ class BalancerSettings:
     affinity_max_queue_depth: int = 4
     affinity_max_kv_usage: float = 0.95
     affinity_latency_ratio: float = 4.0
-    # Without a session id, prompts sharing this many leading characters
-    # share a node (prefix cache); 0 disables prefix affinity.
+    # Prefix-aware routing: a request without a session holder goes to the
+    # node holding the longest leading text of its prompt (its prefix cache).
+    # This is the text block width assumed until a node reports its own;
+    # 0 disables prefix routing.
     prefix_affinity_chars: int = 256
+    # Prefix hashes remembered per node as sent there by this client (least
+    # recently sent go first), and for how long each counts as held there
+    # before the node's own GetLoad summary has to confirm it.
+    prefix_routed_max: int = 1024
+    prefix_routed_ttl_s: float = 5.0
     # Sessions remembered for KV affinity (least recently used go first).
     affinity_table_size: int = 100_000
     # Consecutive failures that eject a node, and the ejection time, which
@@ -106,6 +113,8 @@ class BalancerSettings:
         require(self.affinity_latency_ratio >= 1.0, "affinity_latency_ratio", "must be >= 1")
         require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
         require(self.prefix_affinity_chars >= 0, "prefix_affinity_chars", "must be >= 0")
+        require(self.prefix_routed_max >= 1, "prefix_routed_max", "must be >= 1")
+        require(self.prefix_routed_ttl_s >= 0, "prefix_routed_ttl_s", "must be >= 0")
         for entry in self.nodes:
             require(_valid_entry(entry), "nodes", f"{entry!r} is not host:port or dns:host:port")
         # Refused here, naming the setting, rather than on the first request.

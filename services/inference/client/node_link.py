@@ -146,6 +146,8 @@ class NodeLink:
                                                         timeout=self.settings.load_interval_s * 2)
                     self.state.set_load(LoadReport(queue_depth=reply.queue_depth, num_running=reply.num_running,
                                                    kv_usage=reply.kv_usage, num_sequences=reply.num_sequences))
+                    summary = reply.prefix_summary
+                    self.state.set_prefix_summary(summary.block_chars, summary.block_hashes)
                     self.state.node_id = reply.node_id
                     self.load_polled.set()
                 except grpc.aio.AioRpcError as err:

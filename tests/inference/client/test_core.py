@@ -206,6 +206,16 @@ def test_busy_node_keeps_its_sessions_until_its_queue_is_clearly_longer() -> Non
     assert picker.choose(nodes, 0.0, "session:s").node.address == "a:1"
 
 
+def test_session_stays_on_a_node_whose_cache_is_full_of_reusable_cells() -> None:
+    nodes = make_nodes("a:1", "b:1")
+    picker = make_picker(affinity_max_kv_usage=0.95)
+    picker.remember("session:s", "a:1")
+    nodes["a:1"].set_load(LoadReport(num_running=1, num_sequences=4, kv_usage=0.99))
+    assert picker.choose(nodes, 0.0, "session:s").reason == "affinity", "nothing waits: the cells are reusable"
+    nodes["a:1"].set_load(LoadReport(queue_depth=1, num_running=4, num_sequences=4, kv_usage=0.99))
+    assert picker.choose(nodes, 0.0, "session:s").node.address == "b:1", "full of work, b has room"
+
+
 def test_session_moves_when_its_node_goes_down() -> None:
     nodes = make_nodes("a:1", "b:1")
     picker = make_picker()
@@ -215,11 +225,17 @@ def test_session_moves_when_its_node_goes_down() -> None:
     assert picker.holder_of("session:s") == "b:1"
 
 
-def test_prefix_affinity_groups_long_shared_prompts_only() -> None:
+def test_prefix_routing_groups_long_shared_prompts_only() -> None:
+    nodes = make_nodes("a:1", "b:1", "c:1")
     picker = make_picker(prefix_affinity_chars=8)
-    assert picker.affinity_key(None, "system: be brief. user: hi") == picker.affinity_key(None, "system: be terse")
-    assert picker.affinity_key(None, "short") is None
-    assert picker.affinity_key("s", "system: be brief") == "session:s"
+    first = picker.choose(nodes, 0.0, prefix=picker.prefix_query("", "system: be brief. user: hi"))
+    # Same first 8-character block: the node the first one went to, before any poll.
+    again = [picker.choose(nodes, 0.0, prefix=picker.prefix_query("", "system: be terse")) for _ in range(10)]
+    assert {(p.node.address, p.reason) for p in again} == {(first.node.address, "prefix")}
+    short = [picker.choose(nodes, 0.0, prefix=picker.prefix_query("", "short")) for _ in range(10)]
+    assert {p.reason for p in short} == {"p2c"}, "no full block: nothing to match"
+    assert picker.affinity_key("s") == "session:s" and picker.affinity_key(None) is None
+    assert make_picker(prefix_affinity_chars=0).prefix_query("", "system: be brief") is None
 
 
 def test_affinity_table_is_bounded() -> None:

@@ -7,6 +7,8 @@ so it is tested without sockets.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -67,6 +69,14 @@ class NodeState:
     # Model names the node serves (from ListModels) -> their context size;
     # None until listed (or for a node without ListModels).
     models: dict[str, int] | None = None
+    # The text prefixes the node holds KV cells for, as its last GetLoad
+    # summarized them (chain hashes of prefix_block_chars-wide blocks; 0: the
+    # node reports none, e.g. it predates summaries).
+    prefix_blocks: frozenset[int] = frozenset()
+    prefix_block_chars: int = 0
+    # Prefix hashes this client sent here lately -> when: what the node will
+    # hold before its next poll says so (oldest first, bounded by the caller).
+    routed_prefixes: OrderedDict[int, float] = field(default_factory=OrderedDict)
     ttft_ms: Ewma = field(init=False)
     itl_ms: Ewma = field(init=False)
 
@@ -80,6 +90,23 @@ class NodeState:
 
     def set_load(self, report: LoadReport) -> None:
         self.load = report
+
+    def set_prefix_summary(self, block_chars: int, block_hashes: Iterable[int]) -> None:
+        """The prefixes the node reported holding.
+
+        Routed entries stay: were they hashed with another width, they match
+        nothing (each hash covers its width's blocks) and expire.
+        """
+        self.prefix_block_chars = block_chars
+        self.prefix_blocks = frozenset(block_hashes)
+
+    def note_routed(self, block_hashes: Sequence[int], now: float, max_entries: int) -> None:
+        """A request with these prefix hashes was sent here: until a poll shows them, expect them here."""
+        for block_hash in block_hashes:
+            self.routed_prefixes[block_hash] = now
+            self.routed_prefixes.move_to_end(block_hash)
+        while len(self.routed_prefixes) > max_entries:
+            self.routed_prefixes.popitem(last=False)
 
     def record_ttft(self, ms: float) -> None:
         self.ttft_ms.add(ms)
@@ -112,6 +139,23 @@ class NodeState:
 
     def is_available(self, now: float) -> bool:
         return self.health is Health.SERVING and not self.is_ejected(now)
+
+    def prefix_depth(self, block_hashes: Sequence[int], now: float, routed_ttl_s: float) -> int:
+        """Leading blocks of a request the node holds (reported) or was sent within ``routed_ttl_s`` (0: none)."""
+        self._expire_routed(now - routed_ttl_s)
+        for depth in range(len(block_hashes), 0, -1):
+            block_hash = block_hashes[depth - 1]
+            if block_hash in self.prefix_blocks or block_hash in self.routed_prefixes:
+                return depth
+        return 0
+
+    def _expire_routed(self, before: float) -> None:
+        # Entries are kept in routing order, so the stale ones are at the front.
+        while self.routed_prefixes:
+            oldest = next(iter(self.routed_prefixes.values()))
+            if oldest >= before:
+                return
+            self.routed_prefixes.popitem(last=False)
 
     def serves(self, model: str) -> bool:
         """Whether a request for ``model`` may go here; "" is every node's default model.

@@ -1,4 +1,4 @@
-"""Choosing a node: filter, affinity, then power of two choices on cost.
+"""Choosing a node: filter, session affinity, prefix, then power of two choices on cost.
 
 Cost estimates how long a new request would wait for its first token on a
 node: its latency (EWMA of TTFT plus weighted inter-token latency) times the
@@ -6,17 +6,21 @@ requests ahead of it plus one, inflated by KV use. Two random candidates are
 compared and the cheaper wins, which keeps load spread (unlike always taking
 the global minimum, which herds every client onto the same node between
 load polls) while starving slow or busy nodes.
+
+Before that, a request whose text starts like a prompt some node holds KV
+cells for goes to that node: it prefills only the rest, which cuts its time
+to first token by the shared part's prefill.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import statistics
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.inference.client.core.node_state import NodeState
+from services.inference.core.prefixes import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, text_prefix_hashes
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,13 @@ class PickerConfig:
     affinity_max_queue_depth: int = 4
     affinity_max_kv_usage: float = 0.95
     affinity_latency_ratio: float = 4.0
+    # Text block width assumed for a node that has not reported one; 0 turns prefix routing off.
     prefix_affinity_chars: int = 256
+    # Leading blocks hashed per request (the nodes summarize as many).
+    prefix_max_blocks: int = DEFAULT_MAX_BLOCKS
+    # Prefix hashes remembered per node as sent there, and for how long a poll may take to confirm them.
+    prefix_routed_max: int = 1024
+    prefix_routed_ttl_s: float = 5.0
     affinity_table_size: int = 100_000
 
 
@@ -55,8 +65,39 @@ class Typical:
 @dataclass(frozen=True)
 class Pick:
     node: NodeState
-    # Why this node: "affinity", "p2c", "only", "round_robin".
+    # Why this node: "affinity", "prefix", "p2c", "only", "round_robin".
     reason: str
+
+
+@dataclass
+class PrefixQuery:
+    """A request's text as prefix routing sees it: its tenant's chain hashes, per block width.
+
+    Nodes may report different widths, and a retry asks again, so each
+    width is hashed once per request.
+    """
+
+    tenant_id: str
+    text: str
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    _by_width: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def hashes(self, block_chars: int) -> list[int]:
+        found = self._by_width.get(block_chars)
+        if found is None:
+            found = text_prefix_hashes(self.tenant_id, self.text, block_chars, self.max_blocks)
+            self._by_width[block_chars] = found
+        return found
+
+
+def prefix_key(tenant_id: str, prompt: str, block_chars: int = DEFAULT_BLOCK_CHARS) -> str:
+    """The hex of the first text-block hash of ``prompt`` for ``tenant_id`` ("" under one block).
+
+    For a proxy that balances by a consistent hash of a header (Envoy's
+    ``prefix_header``): prompts that start alike get the same key.
+    """
+    hashes = text_prefix_hashes(tenant_id, prompt, block_chars, max_blocks=1)
+    return f"{hashes[0]:016x}" if hashes else ""
 
 
 class Picker:
@@ -67,13 +108,18 @@ class Picker:
         self._rr_counter = 0
 
     # -- affinity ---------------------------------------------------------
-    def affinity_key(self, session_id: str | None, prompt: str = "") -> str | None:
-        if session_id:
-            return "session:" + session_id
-        width = self.config.prefix_affinity_chars
-        if width and len(prompt) >= width:
-            return "prefix:" + hashlib.blake2b(prompt[:width].encode(), digest_size=12).hexdigest()
-        return None
+    def affinity_key(self, session_id: str | None) -> str | None:
+        return "session:" + session_id if session_id else None
+
+    def prefix_query(self, tenant_id: str, prompt: str) -> PrefixQuery | None:
+        """What prefix routing needs of a request; None with routing off or no text (token ids are not hashed)."""
+        if not self.config.prefix_affinity_chars or not prompt:
+            return None
+        return PrefixQuery(tenant_id, prompt, self.config.prefix_max_blocks)
+
+    def block_chars(self, node: NodeState) -> int:
+        """The text block width ``node`` hashes prompts with: its own once reported, else the assumed one."""
+        return node.prefix_block_chars or self.config.prefix_affinity_chars
 
     def holder_of(self, key: str) -> str | None:
         return self._affinity.get(key)
@@ -115,8 +161,11 @@ class Picker:
                 if addr not in exclude and n.is_available(now) and n.serves(model)]
 
     def choose(self, nodes: Mapping[str, NodeState], now: float, key: str | None = None,
-               exclude: Collection[str] = (), model: str = "") -> Pick:
-        """Pick a node serving ``model`` for a request with affinity ``key``; records the choice for ``key``."""
+               exclude: Collection[str] = (), model: str = "", prefix: PrefixQuery | None = None) -> Pick:
+        """Pick a node serving ``model`` for a request with affinity ``key`` and text ``prefix``.
+
+        Records the choice for ``key``, and the prefix as held there until the node's polls tell.
+        """
         pool = self.candidates(nodes, now, exclude, model)
         if not pool:
             raise NoNodeAvailable("no healthy inference node is available"
@@ -126,8 +175,11 @@ class Picker:
             self._rr_counter += 1
             return Pick(node, "round_robin")
         fallback = self._fallback(nodes.values())
-        pick = self._sticky(pool, key, fallback) or self._two_choices(pool, fallback)
+        pick = (self._sticky(pool, key, fallback) or self._by_prefix(pool, prefix, now, fallback)
+                or self._two_choices(pool, fallback))
         self.remember(key, pick.node.address)
+        if prefix is not None:
+            pick.node.note_routed(prefix.hashes(self.block_chars(pick.node)), now, self.config.prefix_routed_max)
         return pick
 
     def _sticky(self, pool: list[NodeState], key: str | None, fallback: Typical) -> Pick | None:
@@ -137,8 +189,26 @@ class Picker:
             return None
         return Pick(holder, "affinity")
 
+    def _by_prefix(self, pool: list[NodeState], prefix: PrefixQuery | None, now: float,
+                   fallback: Typical) -> Pick | None:
+        """The node holding the longest leading text of the request (cheapest among equals), unless overloaded."""
+        if prefix is None:
+            return None
+        best: NodeState | None = None
+        best_rank = (0, 0.0)
+        for node in pool:
+            width = self.block_chars(node)
+            depth = node.prefix_depth(prefix.hashes(width), now, self.config.prefix_routed_ttl_s)
+            # Nodes may hash with different widths: characters matched is what compares.
+            rank = (-depth * width, self.cost(node, fallback))
+            if depth and (best is None or rank < best_rank):
+                best, best_rank = node, rank
+        if best is None or self.is_overloaded(best, pool, fallback):
+            return None
+        return Pick(best, "prefix")
+
     def is_overloaded(self, holder: NodeState, pool: list[NodeState], fallback: Typical) -> bool:
-        """Whether a session should leave ``holder`` despite its KV cache there."""
+        """Whether a request should leave ``holder`` despite its KV cache there (a session's or a prefix's)."""
         cfg = self.config
         # Waiting for a free sequence is what overload means on a node; moving
         # pays a full prefill elsewhere, so it is worth it only where the queue
@@ -150,7 +220,7 @@ class Picker:
         if shortest_other is not None and (
                 estimated_queue(holder) - shortest_other >= cfg.affinity_max_queue_depth):
             return True
-        if holder.load.kv_usage >= cfg.affinity_max_kv_usage:
+        if self._kv_exhausted(holder, others):
             return True
         # Load was judged above; here only a node that decodes far slower than
         # its peers (throttling, a noisy neighbour) loses its sessions. The
@@ -163,6 +233,18 @@ class Picker:
             return bool(others) and holder_itl > cfg.affinity_latency_ratio * fastest
         latencies = [self.latency_ms(n, fallback) for n in others]
         return bool(latencies) and self.latency_ms(holder, fallback) > cfg.affinity_latency_ratio * min(latencies)
+
+    def _kv_exhausted(self, holder: NodeState, others: list[NodeState]) -> bool:
+        """Whether ``holder``'s KV cache is full of work while another node has room.
+
+        A node's KV use counts the cells it keeps for reuse (idle sessions,
+        finished prompts) too, so a caching node runs full in steady state and
+        frees them on demand; only with requests waiting there are the cells
+        taken by running work.
+        """
+        limit = self.config.affinity_max_kv_usage
+        return (holder.load.kv_usage >= limit and estimated_queue(holder) > 0
+                and any(n.load.kv_usage < limit for n in others))
 
     def _two_choices(self, pool: list[NodeState], fallback: Typical) -> Pick:
         if len(pool) == 1:
