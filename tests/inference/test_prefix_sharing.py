@@ -195,28 +195,3 @@ def test_text_hashes_are_stable_chains_scoped_by_tenant():
     longer = text_prefix_hashes("t", "a" * 300 + "c" * 300, block_chars=100)
     assert deepest_match(longer, set(hashes)) == 3
     assert summarize([hashes, longer], limit=4) == [hashes[0], hashes[1], hashes[2], hashes[3]]
-
-
-def test_a_burst_with_one_prefix_prefills_it_once_and_the_others_wait_for_its_cells():
-    scheduler, backend = make(n_seq=4)
-    outs = [submit(scheduler, PREFIX + f"question {i}?", session=f"s{i}") for i in range(4)]
-    drive(scheduler, backend)
-    prefix_tokens = 1 + len(PREFIX)
-    prefilled = sum(len(e.tokens) for call in backend.decode_calls for e in call if len(e.tokens) > 1)
-    suffixes = sum(len(f"question {i}?") for i in range(4))
-    # The prefix once, then each prompt's own part (and the first token after the shared ones).
-    assert prefilled <= prefix_tokens + suffixes + 4
-    assert [out.last.usage.cached_tokens >= prefix_tokens for out in outs] == [False, True, True, True]
-    assert [out.text for out in outs] == [cold_text(PREFIX + f"question {i}?") for i in range(4)]
-    assert_table_matches_backend(scheduler, backend)
-
-
-def test_another_tenants_prefill_holds_nobody_back():
-    scheduler, backend = make(n_seq=4)
-    first = submit(scheduler, PREFIX + "one", tenant="acme")
-    other = submit(scheduler, PREFIX + "two", tenant="globex")
-    plan = scheduler.plan()
-    assert {e.seq_id for e in plan.entries} == {0, 1}  # both prefill in the first step
-    scheduler.apply(plan, execute(backend, plan))
-    drive(scheduler, backend)
-    assert first.last.usage.cached_tokens == 0 and other.last.usage.cached_tokens == 0

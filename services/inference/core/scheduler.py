@@ -199,8 +199,6 @@ class Scheduler:
         slot = self.table.resident(session_id) if session_id else None
         if slot is not None and slot.busy_key is not None:
             return Admission.SKIP
-        if slot is None and session_id not in self.table.saved and self._prefix_in_flight(request, prompt):
-            return Admission.SKIP
         tenant_id = request.spec.tenant_id
         restoring = False
         if slot is None:
@@ -243,28 +241,6 @@ class Scheduler:
         self.waiting.remove(request)
         self.running.append(request)
         return Admission.ADMITTED
-
-    def _prefix_in_flight(self, request: Request, prompt: list[int]) -> bool:
-        """Whether a request of the same tenant is prefilling a longer prefix of ``prompt`` than any sequence
-        holds now, by a block or more.
-
-        Agent sessions of a burst start with the same system prompt and tools.
-        Admitted together, each would prefill that prefix beside the others and
-        keep its own copy; waiting until the first one's cells land costs about
-        the time its own prefill of the prefix would have taken, and then it
-        prefills only its own part.
-        """
-        block = self.table.index.block_tokens
-        if not block:
-            return False
-        tenant_id = request.spec.tenant_id
-        coming = max((common_prefix_len(r.prompt, prompt) for r in self.running
-                      if r.phase is Phase.PREFILL and r.prompt is not None and r.spec.tenant_id == tenant_id),
-                     default=0)
-        if coming < block:
-            return False
-        _, held = self.table.longest_holder(prompt, tenant_id)
-        return coming >= held + block
 
     def _share_prefix(self, request: Request, slot: Slot, prompt: list[int], keep: int, ops: list[KVOp]) -> int:
         """Give ``slot`` the cells of a longer prefix another sequence holds; returns the tokens now cached.
